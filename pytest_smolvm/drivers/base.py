@@ -1,0 +1,71 @@
+"""The backend seam: what the VM handle needs from a VMM driver.
+
+A driver turns (config, image, working directory) into a running :class:`Machine`. The VM
+handle owns everything above that line (agent protocol, transcripts, cleanup order); a
+driver owns disks in its format, the VMM process, and how the control stream is reached.
+Every driver runs through ``tests/integration/test_conformance.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from ..config import VMConfig
+from ..images import Image
+
+
+@dataclasses.dataclass(frozen=True)
+class Accel:
+    """The accelerator a driver will use, and why it was chosen (shown in the pytest header)."""
+
+    name: str
+    reason: str
+
+
+def guest_flags(config: VMConfig, accel: Accel) -> list[str]:
+    """Kernel command-line flags read by the guest's init (pure; used by every driver)."""
+    flags = []
+    aslr = config.aslr if config.aslr is not None else accel.name != "tcg"
+    if not aslr:
+        flags.append("smolvm.aslr=0")
+    if config.network != "none":
+        flags.append("smolvm.net=1")
+    return flags
+
+
+@runtime_checkable
+class Machine(Protocol):
+    """A running VMM process with a guest inside."""
+
+    pid: int
+    accel: Accel
+    console_path: Path
+    disk_path: Path
+
+    def connect(self, timeout: float) -> socket.socket:
+        """Return a connected stream to the guest agent's control port."""
+
+    def alive(self) -> bool:
+        """True while the VMM process runs."""
+
+    def exit_status(self) -> int | None:
+        """The VMM's exit status once it has exited, else None."""
+
+    def kill(self) -> None:
+        """Stop the VMM and reap it. Idempotent; never raises for an already-dead VMM."""
+
+    def diagnostics(self) -> str:
+        """The VMM's own stderr (tail), for error messages."""
+
+
+@runtime_checkable
+class Driver(Protocol):
+    """Creates machines. ``name`` is what ``--smolvm-backend`` selects."""
+
+    name: str
+
+    def launch(self, config: VMConfig, image: Image, workdir: Path) -> Machine:
+        """Prepare the VM's disk in ``workdir`` and start the VMM; cleans up after itself on failure."""

@@ -1,0 +1,1 @@
+"""Exec channels into the guest: the framed protocol, the guest agent and the host client."""

@@ -1,0 +1,60 @@
+"""Host capability probes: accelerators, binaries. Nothing here starts a VM."""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+
+def qemu_binary() -> str | None:
+    """Path of the QEMU system emulator for this host's architecture, if installed."""
+    arch = platform.machine()
+    name = {"x86_64": "qemu-system-x86_64", "amd64": "qemu-system-x86_64",
+            "arm64": "qemu-system-aarch64", "aarch64": "qemu-system-aarch64"}.get(arch, "qemu-system-x86_64")
+    return shutil.which(name)
+
+
+@functools.lru_cache(maxsize=None)
+def qemu_version(binary: str) -> str:
+    """First line of ``qemu --version`` (used to key cached probe verdicts)."""
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.splitlines()[0].strip() if out else "unknown"
+
+
+def kvm_device_status() -> tuple[bool, str]:
+    """Whether /dev/kvm can be opened, and a description of what it is."""
+    dev = Path("/dev/kvm")
+    if not dev.exists():
+        return False, "/dev/kvm does not exist (no KVM module loaded, or not Linux)"
+    if not os.access(dev, os.R_OK | os.W_OK):
+        return False, "/dev/kvm exists but is not read/writable by this user (add the user to group 'kvm')"
+    if Path("/sys/module/kvm_pvm").exists():
+        return True, "/dev/kvm is provided by kvm_pvm (nested PVM, not hardware virtualisation)"
+    return True, "/dev/kvm is available"
+
+
+def is_macos() -> bool:
+    return platform.system() == "Darwin"
+
+
+@functools.lru_cache(maxsize=1)
+def host_tsc_khz() -> int | None:
+    """Host TSC frequency in kHz (the guest's TSC runs at the host's under TCG)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("cpu MHz"):
+                return int(float(line.split(":", 1)[1]) * 1000)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def kernel_release() -> str:
+    return platform.release()

@@ -1,0 +1,248 @@
+"""Build an image base from Debian packages: kernel ELF, virtio modules, busybox, ext4 rootfs.
+
+Needs root (mmdebstrap's default mode), the Debian tools named in :data:`TOOLS` and access
+to the Debian archive through the host's own apt sources. The result is published
+atomically under ``<cache>/images/<name>/<digest>`` and never modified afterwards.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from ..errors import ImageError
+from .recipe import BOOT_MODULES, NET_MODULES, Recipe
+from .store import Image, images_dir, resolve
+
+TOOLS = {
+    "mmdebstrap": "mmdebstrap",
+    "mkfs.ext4": "e2fsprogs",
+    "apt-get": "apt",
+    "dpkg-deb": "dpkg",
+    "lz4": "lz4",
+}
+BUSYBOX = Path("/bin/busybox")
+LZ4_MAGIC = b"\x02\x21\x4c\x18"
+
+Progress = Callable[[str], None]
+
+
+def _default_progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def missing_tools() -> list[str]:
+    """Debian packages the builder needs that are not installed."""
+    missing = [pkg for tool, pkg in TOOLS.items() if shutil.which(tool) is None]
+    if not BUSYBOX.exists():
+        missing.append("busybox-static")
+    return missing
+
+
+def _run(argv: list[str], what: str, progress: Progress | None = None, **kw: object) -> str:
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)  # type: ignore[call-overload]
+    lines: list[str] = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line.rstrip())
+        if progress is not None and line.strip():
+            progress(f"    {line.rstrip()}")
+    if proc.wait() != 0:
+        tail = "\n".join(lines[-25:])
+        raise ImageError(f"{what} failed (exit {proc.returncode}): {' '.join(argv)}\n{tail}")
+    return "\n".join(lines)
+
+
+def host_apt_sources(suite: str) -> list[str]:
+    """The host's apt source files that mention ``suite`` (passed to mmdebstrap as mirrors)."""
+    env = os.environ.get("SMOLVM_APT_SOURCES")
+    if env:
+        return [p for p in env.split(os.pathsep) if p]
+    found = []
+    for path in ["/etc/apt/sources.list", *sorted(glob.glob("/etc/apt/sources.list.d/*"))]:
+        if not path.endswith((".list", ".sources")):
+            continue
+        try:
+            text = Path(path).read_text()
+        except OSError:
+            continue
+        lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+        if any(suite in ln.split() or f" {suite}" in ln for ln in lines):
+            found.append(path)
+    return found
+
+
+def _host_acquire_options() -> list[str]:
+    """``Acquire::`` settings of the host's apt (proxies, validity checks), for mmdebstrap."""
+    opts = []
+    for path in sorted(glob.glob("/etc/apt/apt.conf.d/*")):
+        try:
+            for line in Path(path).read_text().splitlines():
+                if line.strip().startswith("Acquire::"):
+                    opts.append(line.strip())
+        except OSError:
+            continue
+    return opts
+
+
+def _extract_elf(vmlinuz: Path, target: Path) -> None:
+    """Debian's bzImage is LZ4-compressed; the ELF inside boots directly via PVH."""
+    blob = vmlinuz.read_bytes()
+    at = blob.find(LZ4_MAGIC)
+    if at < 0:
+        raise ImageError(f"no LZ4 stream in {vmlinuz}; cannot extract the kernel ELF")
+    proc = subprocess.run(["lz4", "-dc"], input=blob[at:], capture_output=True)
+    # lz4 complains about the bzImage trailer after the stream; the ELF is what matters.
+    if not proc.stdout.startswith(b"\x7fELF"):
+        raise ImageError(f"decompressing {vmlinuz} did not give an ELF kernel: {proc.stderr.decode()[-500:]}")
+    target.write_bytes(proc.stdout)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def build(recipe: Recipe, *, force: bool = False, progress: Progress = _default_progress) -> Image:
+    """Build ``recipe`` into the cache unless an identical build exists; return the image."""
+    missing = missing_tools()
+    if missing:
+        raise ImageError(
+            f"the image builder needs Debian packages that are not installed: {', '.join(missing)}; "
+            f"install them with: apt-get install -y {' '.join(missing)}"
+        )
+    if os.geteuid() != 0:
+        raise ImageError("building an image needs root (mmdebstrap root mode and device nodes); "
+                         "run: sudo python -m pytest_smolvm image build")
+    digest = recipe.digest()
+    name_dir = images_dir() / recipe.name
+    final = name_dir / digest
+    name_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with FileLock(str(name_dir / ".build.lock"), timeout=3600):
+            if final.is_dir() and not force:
+                progress(f"image {recipe.name!r} ({digest}) is already built at {final}")
+            else:
+                _build_into(recipe, final, progress)
+            _point_current(name_dir, digest)
+    except Timeout as exc:
+        raise ImageError(f"another build of image {recipe.name!r} holds {exc.lock_file} for over an hour") from exc
+    return resolve(str(final)) if recipe.name != "default" else resolve("default")
+
+
+def _point_current(name_dir: Path, digest: str) -> None:
+    tmp = name_dir / f".current.{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(digest)
+    os.replace(tmp, name_dir / "current")
+
+
+def _build_into(recipe: Recipe, final: Path, progress: Progress) -> None:
+    started = time.monotonic()
+    steps = 5
+
+    def step(i: int, msg: str) -> None:
+        progress(f"[{i}/{steps}] {msg} (+{time.monotonic() - started:.1f}s)")
+
+    work = Path(tempfile.mkdtemp(prefix=".build-", dir=final.parent))
+    try:
+        out = work / "out"
+        out.mkdir()
+        step(1, f"downloading kernel package {recipe.kernel_package}")
+        deps = _run(["apt-cache", "depends", "--important", recipe.kernel_package], "apt-cache depends")
+        concrete = next((ln.split(":", 1)[1].strip() for ln in deps.splitlines()
+                         if ln.strip().startswith("Depends:") and "linux-image-" in ln), None)
+        if concrete is None:
+            raise ImageError(f"cannot resolve {recipe.kernel_package} to a kernel package; "
+                             f"run 'apt-get update' first (apt-cache said: {deps[-300:]})")
+        dl = work / "dl"
+        dl.mkdir()
+        _run(["apt-get", "download", concrete], "apt-get download", cwd=dl)
+        debs = list(dl.glob("*.deb"))
+        kroot = work / "kernel"
+        _run(["dpkg-deb", "-x", str(debs[0]), str(kroot)], "dpkg-deb -x")
+        step(2, f"extracting the kernel ELF and modules from {debs[0].name}")
+        vmlinuz = next(kroot.glob("boot/vmlinuz-*"))
+        release = vmlinuz.name.removeprefix("vmlinuz-")
+        _extract_elf(vmlinuz, out / "vmlinux")
+        (out / "modules").mkdir()
+        for mod in BOOT_MODULES + NET_MODULES:
+            hits = list(kroot.glob(f"lib/modules/{release}/kernel/**/{mod}.ko"))
+            if not hits:
+                raise ImageError(f"kernel {release} has no module {mod}.ko")
+            shutil.copyfile(hits[0], out / "modules" / f"{mod}.ko")
+        shutil.copyfile(BUSYBOX, out / "busybox")
+        step(3, f"building the {recipe.suite} rootfs with mmdebstrap ({', '.join(recipe.packages)})")
+        sources = host_apt_sources(recipe.suite)
+        if not sources:
+            raise ImageError(f"no apt source on this host mentions suite {recipe.suite!r}; "
+                             f"point SMOLVM_APT_SOURCES at a sources file for it")
+        optfile = work / "apt-acquire.conf"
+        optfile.write_text("".join(f"{o}\n" for o in _host_acquire_options()))
+        root = work / "root"
+        _run(["mmdebstrap", "--variant=minbase", f"--include={','.join(recipe.packages)}",
+              f"--aptopt={optfile}", "--format=directory", recipe.suite, str(root), *sources],
+             "mmdebstrap", progress)
+        _customise_rootfs(root, out)
+        step(4, f"writing the ext4 rootfs ({recipe.rootfs_mib} MiB, sparse)")
+        _run(["mkfs.ext4", "-q", "-F", "-L", "smolvm-root", "-d", str(root),
+              str(out / "rootfs.ext4"), f"{recipe.rootfs_mib}M"], "mkfs.ext4")
+        shutil.rmtree(root)
+        step(5, "publishing")
+        files = {}
+        for f in sorted(p for p in out.rglob("*") if p.is_file()):
+            rel = str(f.relative_to(out))
+            files[rel] = {"size": f.stat().st_size, "sha256": _sha256(f)}
+        manifest = {
+            "name": recipe.name, "digest": recipe.digest(), "recipe": recipe.to_json(),
+            "kernel_package": concrete, "kernel_release": release, "rootfs_mib": recipe.rootfs_mib,
+            "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": files,
+        }
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        try:
+            os.rename(out, final)
+        except OSError:
+            if not (final / "manifest.json").exists():  # not a lost race: a real failure
+                raise
+        progress(f"built image {recipe.name!r} ({recipe.digest()}) at {final} "
+                 f"in {time.monotonic() - started:.1f}s")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _customise_rootfs(root: Path, out: Path) -> None:
+    (root / "etc/hostname").write_text("smolvm\n")
+    (root / "etc/machine-id").write_text("")
+    pub = root / "etc/ssh/ssh_host_ed25519_key.pub"
+    if pub.exists():
+        shutil.copyfile(pub, out / "ssh_host_ed25519_key.pub")
+    (root / "run").mkdir(exist_ok=True)
+
+
+def verify(path: Path) -> list[str]:
+    """Full check of an image directory against its manifest's hashes; returns problems."""
+    problems = []
+    manifest = json.loads((path / "manifest.json").read_text())
+    for rel, meta in manifest["files"].items():
+        f = path / rel
+        if not f.exists():
+            problems.append(f"missing {rel}")
+        elif _sha256(f) != meta["sha256"]:
+            problems.append(f"{rel} does not match its sha256")
+    return problems

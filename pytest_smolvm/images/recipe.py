@@ -1,0 +1,128 @@
+"""Image recipes and their content digests (pure).
+
+An image has two layers:
+
+- the **base** (kernel ELF, virtio modules, busybox, ext4 rootfs) built from Debian packages
+  by :mod:`pytest_smolvm.images.build`; its digest covers the recipe below, so changing the
+  package list, suite or builder logic gives a new base;
+- the **boot layer**, an initramfs holding the init scripts and the guest agent, derived from
+  the base in milliseconds whenever the agent changes (:mod:`pytest_smolvm.images.initramfs`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from importlib import resources
+from typing import Final
+
+BUILDER_VERSION: Final = 1
+
+#: Modules the initramfs loads, in dependency order (all are modules in Debian's cloud kernel).
+BOOT_MODULES: Final = ("virtio_ring", "virtio", "virtio_mmio", "virtio_blk", "virtio_console")
+#: Loaded only when the VM has a NIC (``smolvm.net=1`` on the kernel command line).
+NET_MODULES: Final = ("failover", "net_failover", "virtio_net")
+
+DEFAULT_PACKAGES: Final = (
+    "python3", "openssh-server", "iproute2", "e2fsprogs", "procps", "ca-certificates",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """What goes into an image's base layer."""
+
+    name: str = "default"
+    suite: str = "bookworm"
+    kernel_package: str = "linux-image-cloud-amd64"
+    packages: tuple[str, ...] = DEFAULT_PACKAGES
+    rootfs_mib: int = 1024
+
+    def digest(self) -> str:
+        blob = json.dumps(
+            {"builder": BUILDER_VERSION, **dataclasses.asdict(self), "name": None},
+            sort_keys=True,
+        ).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def to_json(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> Recipe:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in fields}
+        if "packages" in kwargs:
+            kwargs["packages"] = tuple(kwargs["packages"])  # type: ignore[arg-type]
+        return cls(**kwargs)  # type: ignore[arg-type]
+
+
+STAGE1_INIT: Final = r"""#!/bin/sh
+# smolvm stage 1 (initramfs, busybox): load virtio, mount the root disk, prepare the new root
+# and hand over. Everything runs as busybox applets: under TCG each dynamically linked
+# program costs 60-100 ms to start, a static applet a few.
+mount -t devtmpfs dev /dev
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+read up _ < /proc/uptime; echo "smolvm-init: stage 1 at ${up}s"
+cmdline=" $(cat /proc/cmdline) "
+case "$cmdline" in *" smolvm.canary=1 "*) echo "SMOLVM-CANARY-OK"; poweroff -f ;; esac
+for m in __MODULES__; do
+  insmod /lib/modules/$m.ko || echo "smolvm-init: insmod $m failed"
+done
+case "$cmdline" in *" smolvm.net=1 "*)
+  for m in __NET_MODULES__; do insmod /lib/modules/$m.ko || echo "smolvm-init: insmod $m failed"; done ;;
+esac
+i=0
+while [ ! -b /dev/vda ]; do
+  i=$((i+1))
+  if [ $i -gt 1000 ]; then echo "smolvm-init: no root disk /dev/vda"; poweroff -f; fi
+  sleep 0.01
+done
+read up _ < /proc/uptime; echo "smolvm-init: modules loaded at ${up}s"
+mount -t ext4 -o noatime /dev/vda /newroot || { echo "smolvm-init: cannot mount /dev/vda"; poweroff -f; }
+mount -t tmpfs -o mode=0755,size=16m run /newroot/run
+mkdir -p /newroot/run/smolvm
+cp /smolvm/* /bin/busybox /newroot/run/smolvm/
+mount --move /dev /newroot/dev
+mkdir -p /newroot/dev/pts /newroot/dev/shm
+mount -t devpts -o mode=620,ptmxmode=666 devpts /newroot/dev/pts
+mount -t tmpfs -o mode=1777 shm /newroot/dev/shm
+mount --move /proc /newroot/proc
+mount --move /sys /newroot/sys
+echo smolvm > /newroot/proc/sys/kernel/hostname
+case "$cmdline" in *" smolvm.aslr=0 "*) echo 0 > /newroot/proc/sys/kernel/randomize_va_space ;; esac
+exec switch_root /newroot /run/smolvm/busybox sh /run/smolvm/init.sh
+"""
+
+# PID 1 in the real root is busybox sh: while it waits for the agent it reaps every orphan,
+# so the agent never has to (and never races its own children's exit statuses).
+STAGE2_INIT: Final = r"""read up _ < /proc/uptime; echo "smolvm-init: stage 2 at ${up}s"
+/usr/bin/python3 -S -u /run/smolvm/agent.py
+echo "smolvm-init: agent exited with status $?"
+echo o > /proc/sysrq-trigger
+"""
+
+
+def agent_sources() -> dict[str, bytes]:
+    """The guest-side files of the boot layer, by their name in the guest."""
+    pkg = resources.files("pytest_smolvm.guest")
+    return {
+        "agent.py": pkg.joinpath("agent.py").read_bytes(),
+        "protocol.py": pkg.joinpath("protocol.py").read_bytes(),
+        "init.sh": STAGE2_INIT.encode(),
+    }
+
+
+def stage1_init() -> bytes:
+    return (STAGE1_INIT.replace("__MODULES__", " ".join(BOOT_MODULES))
+            .replace("__NET_MODULES__", " ".join(NET_MODULES)).encode())
+
+
+def boot_digest() -> str:
+    """Digest of everything in the boot layer that does not come from the base."""
+    h = hashlib.sha256(stage1_init())
+    for name, data in sorted(agent_sources().items()):
+        h.update(name.encode() + b"\0" + data)
+    return h.hexdigest()[:16]

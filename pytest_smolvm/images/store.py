@@ -1,0 +1,149 @@
+"""Find a built image in the cache and check it is whole (no building here)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from pathlib import Path
+
+from ..errors import ImageError
+from ..paths import cache_dir
+from .initramfs import build_initramfs
+from .recipe import Recipe, boot_digest
+
+BUILD_HINT = "python -m pytest_smolvm image build"
+EXT4_MAGIC_OFFSET = 1080
+
+
+@dataclasses.dataclass(frozen=True)
+class Image:
+    """A resolved, verified guest image."""
+
+    name: str
+    path: Path
+    kernel: Path
+    initrd: Path
+    rootfs: Path
+    rootfs_mib: int
+    digest: str
+    kernel_release: str
+    ssh_host_key_pub: str
+
+    @property
+    def id(self) -> str:
+        """Identity of everything the guest boots: base digest + boot-layer digest."""
+        return f"{self.digest}-{self.initrd.stem.removeprefix('boot-')}"
+
+
+def images_dir() -> Path:
+    return cache_dir() / "images"
+
+
+def _hint(name: str) -> str:
+    return BUILD_HINT if name == "default" else f"{BUILD_HINT} --name {name}"
+
+
+def resolve(name_or_path: str) -> Image:
+    """Return the image called ``name_or_path`` (a built name or an image directory)."""
+    looks_like_path = os.sep in name_or_path or name_or_path.startswith(".")
+    if looks_like_path:
+        path = Path(name_or_path).expanduser().resolve()
+        if not (path / "manifest.json").is_file():
+            raise ImageError(
+                f"image path {name_or_path!r} is not an image directory (no manifest.json); "
+                f"build one with: {BUILD_HINT} --name NAME, then use the name"
+            )
+        return _load(path, name_or_path)
+    name = name_or_path
+    if name == "default":
+        path = images_dir() / name / Recipe().digest()
+        if not path.is_dir():
+            older = _current(name)
+            extra = f" (an older build is at {older}, from a different recipe)" if older else ""
+            raise ImageError(
+                f"guest image 'default' is not built for this version of pytest-smolvm{extra}; "
+                f"build it (needs root, mmdebstrap and network access to the Debian archive) with: "
+                f"{BUILD_HINT}"
+            )
+        return _load(path, name)
+    current = _current(name)
+    if current is None:
+        raise ImageError(f"no guest image named {name!r} in {images_dir()}; build it with: {_hint(name)}")
+    return _load(current, name)
+
+
+def _current(name: str) -> Path | None:
+    link = images_dir() / name / "current"
+    try:
+        return link.resolve(strict=True)
+    except OSError:
+        return None
+
+
+def _load(path: Path, name: str) -> Image:
+    st = (path / "manifest.json").stat() if (path / "manifest.json").exists() else None
+    return _load_cached(path, name, st.st_mtime_ns if st else 0)
+
+
+@functools.lru_cache(maxsize=32)
+def _load_cached(path: Path, name: str, _mtime: int) -> Image:
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ImageError(f"image {name!r} at {path} has an unreadable manifest ({exc}); "
+                         f"rebuild it with: {_hint(name)} --force") from exc
+    for fname, meta in manifest.get("files", {}).items():
+        f = path / fname
+        try:
+            size = f.stat().st_size
+        except OSError:
+            raise ImageError(f"image {name!r} is missing {f}; rebuild it with: {_hint(name)} --force") from None
+        if size != meta["size"]:
+            raise ImageError(f"image {name!r} file {f} has {size} bytes, expected {meta['size']} "
+                             f"(corrupt); rebuild it with: {_hint(name)} --force")
+    with open(path / "vmlinux", "rb") as f:
+        if f.read(4) != b"\x7fELF":
+            raise ImageError(f"image {name!r} kernel {path / 'vmlinux'} is not an ELF file (corrupt); "
+                             f"rebuild it with: {_hint(name)} --force")
+    with open(path / "rootfs.ext4", "rb") as f:
+        f.seek(EXT4_MAGIC_OFFSET)
+        if f.read(2) != b"\x53\xef":
+            raise ImageError(f"image {name!r} rootfs {path / 'rootfs.ext4'} has no ext4 superblock "
+                             f"(corrupt); rebuild it with: {_hint(name)} --force")
+    initrd = path / f"boot-{boot_digest()}.cpio"
+    if not initrd.exists():
+        try:
+            build_initramfs(path, initrd)
+        except OSError as exc:
+            raise ImageError(f"cannot write the boot layer of image {name!r} at {initrd}: {exc}") from exc
+    return Image(
+        name=name,
+        path=path,
+        kernel=path / "vmlinux",
+        initrd=initrd,
+        rootfs=path / "rootfs.ext4",
+        rootfs_mib=int(manifest["rootfs_mib"]),
+        digest=str(manifest["digest"]),
+        kernel_release=str(manifest.get("kernel_release", "")),
+        ssh_host_key_pub=(path / "ssh_host_ed25519_key.pub").read_text().strip()
+        if (path / "ssh_host_ed25519_key.pub").exists() else "",
+    )
+
+
+def list_images() -> list[tuple[str, Path, dict[str, object]]]:
+    """Every built image: (name, path, manifest)."""
+    out = []
+    root = images_dir()
+    if not root.is_dir():
+        return out
+    for name_dir in sorted(root.iterdir()):
+        for build in sorted(name_dir.iterdir()):
+            if build.name == "current" or not (build / "manifest.json").is_file():
+                continue
+            try:
+                out.append((name_dir.name, build, json.loads((build / "manifest.json").read_text())))
+            except (OSError, ValueError):
+                out.append((name_dir.name, build, {"error": "unreadable manifest"}))
+    return out

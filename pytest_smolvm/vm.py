@@ -1,0 +1,432 @@
+"""The VM handle: boot, run commands, move files, tear down. Usable without pytest."""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import json
+import os
+import secrets
+import shlex
+import shutil
+import threading
+import time
+import weakref
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from . import images
+from .config import VMConfig
+from .drivers import Accel, Driver, Machine, default_driver
+from .errors import (
+    BootError,
+    CommandFailed,
+    CommandTimeout,
+    ConfigError,
+    GuestDied,
+    GuestFileError,
+    NetworkError,
+    ProtocolError,
+    SmolVMError,
+)
+from .guest.channel import Channel, ChannelClosed, ReplyTimeout
+from .paths import cache_dir, runtime_dir
+
+#: Extra seconds the host waits past a command's timeout for the agent's (killed) reply.
+REPLY_GRACE = 10.0
+DEFAULT_GET_LIMIT = 256 * 1024 * 1024
+TRANSCRIPT_HEAD = 1024
+
+_live: weakref.WeakSet[SmolVM] = weakref.WeakSet()
+_run_id_lock = threading.Lock()
+_run_id: str | None = None
+
+
+def current_run_id() -> str:
+    """The id stamped on every resource this process creates (``SMOLVM_RUN_ID`` or random)."""
+    global _run_id
+    with _run_id_lock:
+        if _run_id is None:
+            _run_id = os.environ.get("SMOLVM_RUN_ID") or secrets.token_hex(4)
+        return _run_id
+
+
+def set_run_id(run_id: str) -> None:
+    """Use ``run_id`` for resources created from now on (the pytest plugin shares one per run)."""
+    global _run_id
+    with _run_id_lock:
+        _run_id = run_id
+
+
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+    """What ``run()`` returns. ``stdout``/``stderr`` are decoded UTF-8 (errors replaced);
+    the raw bytes are in ``stdout_bytes``/``stderr_bytes``. A negative ``exit_code`` means the
+    process was killed by that signal (as with :mod:`subprocess`)."""
+
+    command: str
+    exit_code: int
+    stdout: str
+    stderr: str
+    duration: float
+    stdout_bytes: bytes = b""
+    stderr_bytes: bytes = b""
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+    @property
+    def truncated(self) -> bool:
+        """True if either stream went over ``max_output`` and was cut."""
+        return self.stdout_truncated or self.stderr_truncated
+
+
+@dataclasses.dataclass(frozen=True)
+class TranscriptEntry:
+    """One ``run()`` call as shown in a failing test's report."""
+
+    command: str
+    outcome: str
+    duration: float
+    stdout_head: str
+    stderr_head: str
+
+    def render(self) -> str:
+        lines = [f"$ {self.command}    [{self.outcome}, {self.duration * 1000:.0f} ms]"]
+        for label, head in (("stdout", self.stdout_head), ("stderr", self.stderr_head)):
+            if head:
+                lines.append(f"  {label}: " + head.replace("\n", "\n          ").rstrip())
+        return "\n".join(lines)
+
+
+@dataclasses.dataclass
+class NetworkState:
+    """``vm.network``: the policy in force and the egress attempts it dropped."""
+
+    policy: str
+    allow: tuple[str, ...] = ()
+    denied: list[tuple[str, int, str]] = dataclasses.field(default_factory=list)
+
+
+class SmolVM:
+    """One microVM. Use as a context manager, or call :meth:`start` and :meth:`close`.
+
+    >>> with SmolVM(VMConfig(memory_mib=256)) as vm:   # doctest: +SKIP
+    ...     vm.run("echo hi").stdout
+    'hi\\n'
+    """
+
+    _counter = 0
+
+    def __init__(self, config: VMConfig | None = None, *, driver: Driver | None = None,
+                 name: str | None = None) -> None:
+        self.config = config or VMConfig()
+        self._driver = driver
+        SmolVM._counter += 1
+        self.name = name or f"vm{SmolVM._counter}-{secrets.token_hex(2)}"
+        self.run_id = current_run_id()
+        self.workdir = runtime_dir() / self.run_id / self.name
+        self.transcript: list[TranscriptEntry] = []
+        self.network = NetworkState(self.config.network, self.config.allow)
+        self.image: images.Image | None = None
+        self.boot_time: float | None = None
+        self.disk_path: Path | None = None
+        self._machine: Machine | None = None
+        self._channel: Channel | None = None
+        self._console_cache: str | None = None
+        self._state = "new"
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def __repr__(self) -> str:
+        return f"<SmolVM {self.name} {self._state} {self.config.describe()}>"
+
+    def __enter__(self) -> SmolVM:
+        if self._state == "new":
+            self.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    @property
+    def accel(self) -> Accel | None:
+        """The accelerator in use (and why it was chosen)."""
+        return self._machine.accel if self._machine else None
+
+    @property
+    def alive(self) -> bool:
+        return self._state == "running" and self._machine is not None and self._machine.alive()
+
+    def start(self) -> SmolVM:
+        """Boot the VM and wait for its agent. On any failure nothing is left behind."""
+        if self._state != "new":
+            raise SmolVMError(f"{self.name} was already started (state {self._state})")
+        self._state = "starting"
+        t0 = time.monotonic()
+        try:
+            if self.config.network != "none":
+                raise NetworkError(
+                    f"network={self.config.network!r} is not available in this version of "
+                    f"pytest-smolvm (only 'none'); the guest would have no network")
+            self.image = images.resolve(self.config.image)
+            driver = self._driver or default_driver(self.config)
+            self.workdir.mkdir(parents=True, exist_ok=False)
+            (self.workdir / "owner.json").write_text(json.dumps(
+                {"pid": os.getpid(), "run_id": self.run_id, "vm": self.name, "started": time.time()}))
+            _live.add(self)
+            self._machine = driver.launch(self.config, self.image, self.workdir)
+            self.disk_path = self._machine.disk_path
+            sock = self._machine.connect(timeout=10.0)
+            self._channel = Channel(sock, self._machine.alive, max_body=2 * self.config.max_output + 4096)
+            self._handshake(t0)
+            self._setup()
+        except BaseException:
+            self._state = "failed"
+            self._teardown()
+            raise
+        self._state = "running"
+        self.boot_time = time.monotonic() - t0
+        return self
+
+    def _handshake(self, t0: float) -> None:
+        assert self._channel is not None
+        remaining = self.config.boot_timeout - (time.monotonic() - t0)
+        try:
+            self._channel.call({"op": "hello"}, timeout=max(remaining, 1.0))
+        except ReplyTimeout:
+            raise BootError(f"{self.name}: the guest agent did not answer within "
+                            f"{self.config.boot_timeout:.0f}s (accel {self.accel.name if self.accel else '?'})",
+                            self._console_tail()) from None
+        except (ChannelClosed, ProtocolError) as exc:
+            raise BootError(f"{self.name}: the VM stopped while booting ({exc}); "
+                            f"VMM status {self._machine.exit_status() if self._machine else '?'}; "
+                            f"{self._machine.diagnostics() if self._machine else ''}",
+                            self._console_tail()) from None
+
+    def _setup(self) -> None:
+        assert self.image is not None
+        req: dict[str, Any] = {"op": "setup", "time_ns": time.time_ns(),
+                               "hostname": f"smolvm-{self.name}"}
+        if self.config.disk_size_mib and self.config.disk_size_mib > self.image.rootfs_mib:
+            req["grow_root"] = True
+        reply, _ = self._call(req, secrets.token_bytes(64), timeout=60.0, what="guest setup")
+        if "error" in reply:
+            raise BootError(f"{self.name}: guest setup failed: {reply['error']}", self._console_tail())
+        resize = reply.get("resize")
+        if resize and resize.get("exit_code"):
+            raise BootError(f"{self.name}: growing the root filesystem to "
+                            f"{self.config.disk_size_mib} MiB failed: {resize.get('output')}")
+
+    def close(self) -> None:
+        """Stop the VM and remove everything it created. Idempotent."""
+        with self._lock:
+            if self._state in ("closed", "new"):
+                self._state = "closed"
+                return
+            self._state = "closed"
+            self._teardown()
+
+    def _teardown(self) -> None:
+        # Order matters: channel first (no call may wait on a dying VM), then the VMM, then
+        # files. Each step runs even if an earlier one failed.
+        if self._channel is not None:
+            self._channel.close()
+        if self._machine is not None:
+            self._machine.kill()
+            self._console_cache = self._read_console()
+        if self.config.retain_disk_on_delete and self.disk_path and self.disk_path.is_relative_to(self.workdir) \
+                and self.disk_path.exists():
+            keep = cache_dir() / "retained" / f"{self.run_id}-{self.name}{self.disk_path.suffix}"
+            keep.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(self.disk_path), keep)
+            self.disk_path = keep
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        try:
+            self.workdir.parent.rmdir()  # the run directory, once its last VM is gone
+        except OSError:
+            pass
+        _live.discard(self)
+
+    # ------------------------------------------------------------------ console
+
+    def _read_console(self) -> str:
+        if self._machine is None:
+            return ""
+        try:
+            return self._machine.console_path.read_text(errors="replace")
+        except OSError:
+            return self._console_cache or ""
+
+    @property
+    def console_log(self) -> str:
+        """Everything the guest printed on its serial console so far."""
+        if self._console_cache is not None and self._state == "closed":
+            return self._console_cache
+        return self._read_console()
+
+    def _console_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.console_log.splitlines()[-lines:])
+
+    # ------------------------------------------------------------------ calls
+
+    def _call(self, header: dict[str, Any], body: bytes = b"", *, timeout: float, what: str,
+              max_body: int | None = None) -> tuple[dict[str, Any], bytes]:
+        if self._channel is None or self._state not in ("starting", "running"):
+            raise SmolVMError(f"{self.name} is not running (state {self._state}); cannot {what}")
+        try:
+            return self._channel.call(header, body, timeout=timeout, max_body=max_body)
+        except ChannelClosed as exc:
+            status = self._machine.exit_status() if self._machine else None
+            if self._machine is not None and status is None:
+                self._machine.kill()
+                status = self._machine.exit_status()
+            self._state = "dead"
+            raise GuestDied(f"{self.name}: the guest stopped during {what} ({exc}; VMM exit status "
+                            f"{status}) - it panicked, powered off or the VMM crashed",
+                            self._console_tail()) from None
+
+    def run(
+        self,
+        command: str | Sequence[str],
+        *,
+        timeout: float | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        input: bytes | str | None = None,
+        check: bool = False,
+        max_output: int | None = None,
+    ) -> RunResult:
+        """Run ``command`` in the guest: a string goes to ``/bin/sh -c``, a list is an argv.
+
+        Returns when the command's own process exits. ``timeout`` (default: the config's)
+        kills its whole process group and raises :class:`CommandTimeout`. ``env`` is added
+        to the config's env for this call only and never written to the guest's disk.
+        """
+        if isinstance(command, str):
+            argv, shown = ["/bin/sh", "-c", command], command
+        elif isinstance(command, Sequence) and command and all(isinstance(a, str) for a in command):
+            argv, shown = list(command), shlex.join(command)
+        else:
+            raise ConfigError(f"invalid command {command!r}: expected a shell string or a non-empty list of str")
+        limit = self.config.timeout if timeout is None else timeout
+        if not (isinstance(limit, (int, float)) and limit > 0):
+            raise ConfigError(f"invalid timeout={timeout!r} for run({shown!r}): expected seconds > 0")
+        cap = self.config.max_output if max_output is None else max_output
+        if not (isinstance(cap, int) and cap > 0):
+            raise ConfigError(f"invalid max_output={max_output!r} for run({shown!r}): expected bytes > 0")
+        merged_env = dict(self.config.env)
+        if env:
+            from .config import check_field
+
+            merged_env.update(check_field("env", env))
+        data = input.encode() if isinstance(input, str) else bytes(input or b"")
+        req = {"op": "exec", "argv": argv, "env": merged_env, "cwd": cwd, "timeout": float(limit),
+               "max_output": cap}
+        t0 = time.monotonic()
+        try:
+            reply, body = self._call(req, data, timeout=float(limit) + REPLY_GRACE,
+                                     what=f"run({shown!r})", max_body=2 * cap + 4096)
+        except ReplyTimeout:
+            self._record(shown, "no reply", time.monotonic() - t0, b"", b"")
+            raise CommandTimeout(
+                f"{self.name}: run({shown!r}) timed out after {limit:g}s and the guest agent did not "
+                f"confirm the kill within {REPLY_GRACE:g}s more (the guest may be overloaded)",
+                command=shown, timeout=float(limit)) from None
+        except GuestDied:
+            self._record(shown, "guest died", time.monotonic() - t0, b"", b"")
+            raise
+        if reply.get("op") == "error":
+            self._record(shown, "agent error", time.monotonic() - t0, b"", b"")
+            raise SmolVMError(f"{self.name}: the guest agent could not run {shown!r}: {reply.get('error')}")
+        split = int(reply.get("stdout_len", 0))
+        out_b, err_b = body[:split], body[split:]
+        duration = time.monotonic() - t0
+        if reply.get("timed_out"):
+            self._record(shown, f"timeout after {limit:g}s", duration, out_b, err_b)
+            raise CommandTimeout(
+                f"{self.name}: run({shown!r}) timed out after {limit:g}s; its process group was killed",
+                command=shown, timeout=float(limit),
+                stdout=out_b.decode(errors="replace"), stderr=err_b.decode(errors="replace"))
+        result = RunResult(
+            command=shown, exit_code=int(reply["exit_code"]),
+            stdout=out_b.decode(errors="replace"), stderr=err_b.decode(errors="replace"),
+            duration=duration, stdout_bytes=out_b, stderr_bytes=err_b,
+            stdout_truncated=bool(reply.get("stdout_truncated")),
+            stderr_truncated=bool(reply.get("stderr_truncated")),
+        )
+        self._record(shown, f"exit {result.exit_code}" + (", truncated" if result.truncated else ""),
+                     duration, out_b, err_b)
+        if check and result.exit_code != 0:
+            raise CommandFailed(result)
+        return result
+
+    def _record(self, shown: str, outcome: str, duration: float, out: bytes, err: bytes) -> None:
+        self.transcript.append(TranscriptEntry(
+            shown, outcome, duration,
+            out[:TRANSCRIPT_HEAD].decode(errors="replace"), err[:TRANSCRIPT_HEAD].decode(errors="replace")))
+
+    def put(self, src: bytes | bytearray | memoryview | os.PathLike[str], dest: str,
+            *, mode: int | None = None) -> None:
+        """Write ``src`` (bytes, or a local file given as a Path) to ``dest`` in the guest.
+
+        Parent directories are created. A ``str`` source is refused: it is ambiguous between
+        content and a path; pass ``Path(...)`` or ``text.encode()``.
+        """
+        if isinstance(src, str):
+            raise TypeError(f"put() takes bytes or a pathlib.Path, not str ({src[:40]!r}); "
+                            f"use Path(...) for a local file or .encode() for text")
+        if isinstance(src, (bytes, bytearray, memoryview)):
+            data = bytes(src)
+        else:
+            data = Path(src).read_bytes()
+        self._check_guest_path(dest, "put")
+        header: dict[str, Any] = {"op": "put", "path": dest}
+        if mode is not None:
+            header["mode"] = mode
+        reply, _ = self._call(header, data, timeout=60.0 + len(data) / 5e6, what=f"put({dest!r})")
+        if reply.get("op") == "error":
+            raise GuestFileError(int(reply.get("errno") or 0),
+                                 f"{self.name}: put({dest!r}) failed in the guest: {reply.get('error')}", dest)
+
+    def get(self, path: str, *, max_size: int = DEFAULT_GET_LIMIT) -> bytes:
+        """Read the guest file ``path`` (at most ``max_size`` bytes, else GuestFileError)."""
+        self._check_guest_path(path, "get")
+        reply, data = self._call({"op": "get", "path": path, "max": max_size}, timeout=120.0,
+                                 what=f"get({path!r})", max_body=max_size)
+        if reply.get("op") == "error":
+            raise GuestFileError(int(reply.get("errno") or 0),
+                                 f"{self.name}: get({path!r}) failed in the guest: {reply.get('error')}", path)
+        return data
+
+    @staticmethod
+    def _check_guest_path(path: object, what: str) -> None:
+        if not isinstance(path, str) or not path.startswith("/") or "\0" in path:
+            raise ConfigError(f"invalid guest path {path!r} for {what}(): expected an absolute path")
+
+    def ssh(self) -> Any:
+        """A paramiko SSHClient with the guest's host key pinned (networked policies only)."""
+        raise NetworkError(f"{self.name}: vm.ssh() needs network='isolated' or 'nat'; "
+                           f"this VM has network={self.config.network!r}")
+
+    def forward(self, guest_port: int) -> int:
+        """Forward a host port on 127.0.0.1 to ``guest_port``; returns the host port."""
+        raise NetworkError(f"{self.name}: vm.forward({guest_port}) needs network='isolated' or 'nat'; "
+                           f"this VM has network={self.config.network!r}")
+
+
+@atexit.register
+def _close_all() -> None:
+    """Last line of defence: no VM outlives the interpreter that started it."""
+    for vm in list(_live):
+        try:
+            vm.close()
+        except Exception:  # noqa: BLE001, S110 - best effort at exit
+            pass
