@@ -1,1 +1,43 @@
-"""pytest-smolvm."""
+"""pytest-smolvm: a hardware-isolated microVM per test.
+
+The engine (this package minus ``plugin``/``fixtures``/``markers``/``hookspecs``) never
+imports pytest and can be used from any script::
+
+    from pytest_smolvm import SmolVM, VMConfig
+
+    with SmolVM(VMConfig(vcpus=1, memory_mib=256)) as vm:
+        print(vm.run("uname -a").stdout)
+"""
+
+from .config import VMConfig
+from .errors import (
+    BootError,
+    CommandFailed,
+    CommandTimeout,
+    ConfigError,
+    GuestDied,
+    GuestError,
+    GuestFileError,
+    ImageError,
+    NetworkError,
+    ProtocolError,
+    SmolVMError,
+)
+from .vm import RunResult, SmolVM
+
+__all__ = [
+    "BootError",
+    "CommandFailed",
+    "CommandTimeout",
+    "ConfigError",
+    "GuestDied",
+    "GuestError",
+    "GuestFileError",
+    "ImageError",
+    "NetworkError",
+    "ProtocolError",
+    "RunResult",
+    "SmolVM",
+    "SmolVMError",
+    "VMConfig",
+]

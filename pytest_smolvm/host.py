@@ -58,3 +58,18 @@ def host_tsc_khz() -> int | None:
 
 def kernel_release() -> str:
     return platform.release()
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """Start time of ``pid`` in clock ticks since boot (tells a live owner from a reused pid)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def process_alive(pid: int, start_ticks: int | None) -> bool:
+    """True if ``pid`` runs and (when known) is the same process that started at ``start_ticks``."""
+    now = process_start_ticks(pid)
+    return now is not None and (start_ticks is None or now == start_ticks)

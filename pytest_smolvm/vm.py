@@ -32,6 +32,7 @@ from .errors import (
     SmolVMError,
 )
 from .guest.channel import Channel, ChannelClosed, ReplyTimeout
+from .host import process_start_ticks
 from .paths import cache_dir, runtime_dir
 
 #: Extra seconds the host waits past a command's timeout for the agent's (killed) reply.
@@ -162,6 +163,11 @@ class SmolVM:
         return self._machine.accel if self._machine else None
 
     @property
+    def pid(self) -> int | None:
+        """The VMM's process id."""
+        return self._machine.pid if self._machine else None
+
+    @property
     def alive(self) -> bool:
         return self._state == "running" and self._machine is not None and self._machine.alive()
 
@@ -180,7 +186,8 @@ class SmolVM:
             driver = self._driver or default_driver(self.config)
             self.workdir.mkdir(parents=True, exist_ok=False)
             (self.workdir / "owner.json").write_text(json.dumps(
-                {"pid": os.getpid(), "run_id": self.run_id, "vm": self.name, "started": time.time()}))
+                {"pid": os.getpid(), "pid_start": process_start_ticks(os.getpid()),
+                 "run_id": self.run_id, "vm": self.name, "started": time.time()}))
             _live.add(self)
             self._machine = driver.launch(self.config, self.image, self.workdir)
             self.disk_path = self._machine.disk_path
@@ -233,6 +240,21 @@ class SmolVM:
                 return
             self._state = "closed"
             self._teardown()
+
+    def detach(self) -> None:
+        """Leave the VM running for inspection and forget it (``--smolvm-keep-failed``).
+
+        Reach it with ``python -m pytest_smolvm shell WORKDIR``; remove it with
+        ``python -m pytest_smolvm reap --kept``.
+        """
+        with self._lock:
+            if self._state != "running":
+                raise SmolVMError(f"{self.name} is not running (state {self._state}); cannot detach")
+            if self._channel is not None:
+                self._channel.close()
+            (self.workdir / "kept").write_text(json.dumps({"pid": self.pid, "at": time.time()}))
+            self._state = "detached"
+            _live.discard(self)
 
     def _teardown(self) -> None:
         # Order matters: channel first (no call may wait on a dying VM), then the VMM, then

@@ -67,5 +67,8 @@ class Driver(Protocol):
 
     name: str
 
+    def select_accel(self, requested: str, image: Image) -> Accel:
+        """Resolve ``auto``/``kvm``/``hvf``/``tcg`` to what works here (raises ConfigError)."""
+
     def launch(self, config: VMConfig, image: Image, workdir: Path) -> Machine:
         """Prepare the VM's disk in ``workdir`` and start the VMM; cleans up after itself on failure."""

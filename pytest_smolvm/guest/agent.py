@@ -1,13 +1,15 @@
 """The resident guest agent: serves exec/put/get requests on the virtio-serial control port.
 
 Runs inside the guest as a child of the guest's PID 1 (a shell that reaps orphans), with the
-standard library only. It is copied into the initramfs next to ``protocol.py``.
+standard library only, copied into the initramfs next to ``protocol.py``. Its imports are
+C modules only: under TCG each pure-Python stdlib import (subprocess, selectors, threading,
+signal, json...) costs tens of milliseconds of boot time.
 
 Semantics the host relies on:
 - ``exec`` returns when the command's *own* process exits (noticed through a pidfd), not
   when its pipes close: background processes it started keep running and never hold up the
   reply. Their later output is read and discarded, so they never die of SIGPIPE.
-- On timeout the command's whole process group is killed with SIGKILL.
+- Each command runs in its own session; on timeout the whole process group gets SIGKILL.
 - Output is capped per stream at the requested ``max_output``; the rest is read and dropped
   (so the guest process is never blocked on a full pipe) and the reply says it was truncated.
 - ``env`` arrives over the channel and is only ever held in memory.
@@ -15,16 +17,16 @@ Semantics the host relies on:
 
 from __future__ import annotations
 
+import _thread
 import errno
 import os
-import selectors
-import signal
-import socket
-import subprocess
+import select
 import sys
-import threading
 import time
-from typing import Any
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 if __package__:
     from . import protocol
@@ -40,8 +42,14 @@ BASE_ENV = {
     "USER": "root",
     "LOGNAME": "root",
 }
+# Literal signal numbers (Linux, x86_64 and arm64): importing `signal` pulls in `enum`.
+SIGKILL, SIGPIPE, SIGXFSZ = 9, 13, 25
 RNDADDENTROPY = 0x40085203
 RNDRESEEDCRNG = 0x5207
+READ = select.POLLIN | select.POLLHUP | select.POLLERR
+CHUNK = 1 << 16
+
+_spawn_lock = _thread.allocate_lock()
 
 
 def log(msg: str) -> None:
@@ -51,7 +59,7 @@ def log(msg: str) -> None:
 
 def find_port() -> str:
     base = "/sys/class/virtio-ports"
-    for _ in range(500):
+    for _ in range(1000):
         try:
             for dev in sorted(os.listdir(base)):
                 with open(f"{base}/{dev}/name") as f:
@@ -68,9 +76,7 @@ class Channel:
 
     def __init__(self, path: str) -> None:
         self.fd = os.open(path, os.O_RDWR)
-        self.wlock = threading.Lock()
-        self.poller = selectors.DefaultSelector()
-        self.poller.register(self.fd, selectors.EVENT_READ)
+        self.wlock = _thread.allocate_lock()
 
     def read_exact(self, n: int) -> bytes:
         buf = bytearray()
@@ -88,29 +94,44 @@ class Channel:
             while data:
                 try:
                     n = os.write(self.fd, data)
-                except OSError as exc:
-                    if exc.errno in (errno.EAGAIN, errno.EINTR):
-                        time.sleep(0.001)
-                        continue
-                    raise
+                except (BlockingIOError, InterruptedError):
+                    time.sleep(0.001)
+                    continue
                 data = data[n:]
 
 
-def _read_capped(fd: int, buf: bytearray, cap: int) -> tuple[str, bool]:
-    """Read once from non-blocking fd into buf, keeping at most cap bytes.
+def which(name: str, path: str) -> str:
+    """Resolve ``name`` on the command's own PATH (not the agent's)."""
+    if "/" in name:
+        return name
+    for d in path.split(":"):
+        cand = f"{d or '.'}/{name}"
+        if os.access(cand, os.X_OK) and not os.path.isdir(cand):
+            return cand
+    raise FileNotFoundError(errno.ENOENT, "command not found", name)
 
-    Returns (state, truncated) with state "data", "eof" or "empty" (nothing to read now).
-    """
-    try:
-        chunk = os.read(fd, 1 << 16)
-    except BlockingIOError:
-        return "empty", False
-    if not chunk:
-        return "eof", False
-    room = cap - len(buf)
-    if room > 0:
-        buf += chunk[:room]
-    return "data", len(chunk) > room
+
+def spawn(argv: list[str], env: dict[str, str], cwd: str, fds: tuple[int, int, int]) -> int:
+    """posix_spawn (vfork-fast) in a new session. posix_spawn has no chdir in Python 3.11,
+    so spawns are serialised and the agent, which only uses absolute paths, changes its own
+    directory around each one."""
+    exe = which(argv[0], env.get("PATH", BASE_ENV["PATH"]))
+    actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(fds)]
+    with _spawn_lock:
+        os.chdir(cwd)
+        try:
+            return os.posix_spawn(exe, argv, env, file_actions=actions, setsid=True,
+                                  setsigdef=(SIGPIPE, SIGXFSZ))
+        finally:
+            os.chdir("/")
+
+
+def _close(*fds: int) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def do_exec(chan: Channel, req: dict[str, Any], stdin_data: bytes) -> None:
@@ -122,120 +143,120 @@ def do_exec(chan: Channel, req: dict[str, Any], stdin_data: bytes) -> None:
     timeout = req.get("timeout")
     cap = int(req.get("max_output", 16 << 20))
     start = time.monotonic()
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    in_r, in_w = os.pipe() if stdin_data else (os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC), -1)
     try:
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.PIPE if stdin_data else subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            cwd=cwd,
-            env=env,
-            start_new_session=True,
-            close_fds=True,
-        )
+        pid = spawn(argv, env, cwd, (in_r, out_w, err_w))
     except OSError as exc:
-        what = f"cwd {cwd}" if exc.filename == cwd and cwd not in argv[:1] else f"{argv[0]}"
-        msg = f"smolvm: cannot execute {what}: {exc.strerror}\n".encode()
-        code = 127 if exc.errno == errno.ENOENT else 126
-        chan.send({"op": "result", "id": rid, "exit_code": code, "stdout_len": 0,
-                   "duration": time.monotonic() - start}, msg)
+        _close(out_r, out_w, err_r, err_w, in_r, in_w)
+        where = f"cwd {cwd}" if exc.filename == cwd else str(argv[0])
+        msg = f"smolvm: cannot execute {where}: {exc.strerror}\n".encode()
+        chan.send({"op": "result", "id": rid, "exit_code": 127 if exc.errno == errno.ENOENT else 126,
+                   "stdout_len": 0, "duration": time.monotonic() - start}, msg)
         return
-    assert proc.stdout is not None and proc.stderr is not None
-    pidfd = os.pidfd_open(proc.pid)
-    sel = selectors.DefaultSelector()
-    out, err = bytearray(), bytearray()
-    streams = {proc.stdout.fileno(): out, proc.stderr.fileno(): err}
-    truncated = {proc.stdout.fileno(): False, proc.stderr.fileno(): False}
-    for fd in streams:
+    _close(out_w, err_w, in_r)
+    pidfd = os.pidfd_open(pid)
+    poller = select.poll()
+    bufs = {out_r: bytearray(), err_r: bytearray()}
+    truncated = {out_r: False, err_r: False}
+    live = {out_r, err_r}
+    for fd in live:
         os.set_blocking(fd, False)
-        sel.register(fd, selectors.EVENT_READ, "read")
-    sel.register(pidfd, selectors.EVENT_READ, "exit")
+        poller.register(fd, READ)
+    poller.register(pidfd, select.POLLIN)
     pending = memoryview(stdin_data)
-    if stdin_data:
-        assert proc.stdin is not None
-        os.set_blocking(proc.stdin.fileno(), False)
-        sel.register(proc.stdin.fileno(), selectors.EVENT_WRITE, "write")
+    if in_w >= 0:
+        os.set_blocking(in_w, False)
+        poller.register(in_w, select.POLLOUT | select.POLLERR)
+
+    def read_some(fd: int) -> str:
+        try:
+            chunk = os.read(fd, CHUNK)
+        except BlockingIOError:
+            return "empty"
+        if not chunk:
+            poller.unregister(fd)
+            live.discard(fd)
+            return "eof"
+        room = cap - len(bufs[fd])
+        if room > 0:
+            bufs[fd] += chunk[:room]
+        if len(chunk) > room:
+            truncated[fd] = True
+        return "data"
+
     deadline = start + float(timeout) if timeout else None
     timed_out = exited = False
     while not exited:
-        wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-        events = sel.select(wait)
+        wait = None if deadline is None else max(0.0, deadline - time.monotonic()) * 1000
+        events = poller.poll(wait)
         if not events and deadline is not None and time.monotonic() >= deadline:
             timed_out, deadline = True, None
             try:
-                os.killpg(proc.pid, signal.SIGKILL)
+                os.killpg(pid, SIGKILL)
             except ProcessLookupError:
                 pass
             continue
-        for key, _ in events:
-            fd = int(key.fd)
-            if key.data == "exit":
+        for fd, _ in events:
+            if fd == pidfd:
                 exited = True
-            elif key.data == "write":
+            elif fd == in_w:
                 try:
-                    n = os.write(fd, pending[: 1 << 16])
-                    pending = pending[n:]
+                    pending = pending[os.write(in_w, pending[:CHUNK]):]
                 except BlockingIOError:
                     continue
-                except BrokenPipeError:
+                except OSError:  # the command closed its stdin
                     pending = pending[:0]
                 if not pending:
-                    sel.unregister(fd)
-                    proc.stdin.close()  # type: ignore[union-attr]
-            else:
-                state, trunc = _read_capped(fd, streams[fd], cap)
-                truncated[fd] = truncated[fd] or trunc
-                if state == "eof":
-                    sel.unregister(fd)
-    # The command exited: take what is already in the pipes, without waiting for
-    # background children that may still hold them open.
-    # (Bounded: a background child that keeps writing must not hold up the reply.)
-    registered = {k.fd for k in sel.get_map().values() if k.data == "read"}
-    for fd, buf in streams.items():
-        for _ in range(1024 if fd in registered else 0):
-            state, trunc = _read_capped(fd, buf, cap)
-            truncated[fd] = truncated[fd] or trunc
-            if state == "eof":
-                sel.unregister(fd)
-            if state != "data":
+                    poller.unregister(in_w)
+                    _close(in_w)
+                    in_w = -1
+            elif fd in live:
+                read_some(fd)
+    # The command exited: take what is already in the pipes (bounded, since a background
+    # child that keeps writing must not hold up the reply).
+    for fd in (out_r, err_r):
+        for _ in range(1024):
+            if fd not in live or read_some(fd) != "data":
                 break
-    code = proc.wait()
-    for key in list(sel.get_map().values()):
-        if key.data != "read":
-            sel.unregister(key.fd)
-    os.close(pidfd)
-    if proc.stdin is not None and not proc.stdin.closed:
-        try:
-            proc.stdin.close()
-        except OSError:
-            pass
-    header = {
+    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    poller.unregister(pidfd)
+    _close(pidfd)
+    if in_w >= 0:
+        poller.unregister(in_w)
+        _close(in_w)
+    chan.send({
         "op": "result", "id": rid, "exit_code": code, "timed_out": timed_out,
-        "stdout_len": len(out), "stdout_truncated": truncated[proc.stdout.fileno()],
-        "stderr_truncated": truncated[proc.stderr.fileno()],
-        "duration": time.monotonic() - start,
-    }
-    chan.send(header, bytes(out) + bytes(err))
-    _discard_until_eof(sel, streams)
-    proc.stdout.close()
-    proc.stderr.close()
-
-
-def _discard_until_eof(sel: selectors.BaseSelector, streams: dict[int, bytearray]) -> None:
-    """Keep reading pipes that background children still hold, so they never get SIGPIPE."""
-    live = {k.fd for k in sel.get_map().values() if k.data == "read"}
+        "stdout_len": len(bufs[out_r]), "stdout_truncated": truncated[out_r],
+        "stderr_truncated": truncated[err_r], "duration": time.monotonic() - start,
+    }, bytes(bufs[out_r]) + bytes(bufs[err_r]))
+    # Pipes still held by background children: read and discard until they close, so
+    # those children never get SIGPIPE.
     while live:
-        for key, _ in sel.select():
-            if key.data != "read":
-                continue
+        for fd, _ in poller.poll():
             try:
-                chunk = os.read(int(key.fd), 1 << 16)
+                if not os.read(fd, CHUNK):
+                    poller.unregister(fd)
+                    live.discard(fd)
             except BlockingIOError:
-                continue
-            if not chunk:
-                sel.unregister(key.fd)
-                live.discard(int(key.fd))
-    sel.close()
+                pass
+    _close(out_r, err_r)
+
+
+def run_simple(argv: list[str]) -> tuple[int, str]:
+    """Run a helper to completion and return (exit code, combined output)."""
+    r, w = os.pipe()
+    null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        pid = spawn(argv, dict(BASE_ENV), "/", (null, w, w))
+    finally:
+        _close(w, null)
+    out = bytearray()
+    while chunk := os.read(r, CHUNK):
+        out += chunk
+    _close(r)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), out.decode(errors="replace")
 
 
 def do_put(req: dict[str, Any], body: bytes) -> dict[str, Any]:
@@ -243,7 +264,7 @@ def do_put(req: dict[str, Any], body: bytes) -> dict[str, Any]:
     parent = os.path.dirname(path)
     if parent:
         os.makedirs(parent, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, int(req.get("mode", 0o644)))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, int(req.get("mode", 0o644)))
     try:
         view = memoryview(body)
         while view:
@@ -275,28 +296,33 @@ def do_get(req: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
 
 def do_setup(req: dict[str, Any], seed: bytes) -> dict[str, Any]:
     """Make this guest unique and current: clock, RNG, hostname, root filesystem size."""
-    import fcntl
-    import struct
-
     if "time_ns" in req:
         time.clock_settime_ns(time.CLOCK_REALTIME, int(req["time_ns"]))
     if seed:
+        import _struct
+        import fcntl
+
         with open("/dev/urandom", "wb") as f:
             try:  # credit the entropy and force a reseed, so clones diverge at once
-                fcntl.ioctl(f, RNDADDENTROPY, struct.pack("ii", len(seed) * 8, len(seed)) + seed)
+                fcntl.ioctl(f, RNDADDENTROPY, _struct.pack("ii", len(seed) * 8, len(seed)) + seed)
                 fcntl.ioctl(f, RNDRESEEDCRNG)
             except OSError:
                 f.write(seed)
     if req.get("hostname"):
-        socket.sethostname(req["hostname"])
+        with open("/proc/sys/kernel/hostname", "w") as f:
+            f.write(req["hostname"])
         with open("/etc/hostname", "w") as f:
             f.write(req["hostname"] + "\n")
     reply: dict[str, Any] = {}
     if req.get("grow_root"):
-        res = subprocess.run(["resize2fs", req.get("root_device", "/dev/vda")],
-                             capture_output=True, text=True)
-        reply["resize"] = {"exit_code": res.returncode, "output": (res.stdout + res.stderr)[-2000:]}
+        code, output = run_simple(["resize2fs", req.get("root_device", "/dev/vda")])
+        reply["resize"] = {"exit_code": code, "output": output[-2000:]}
     return reply
+
+
+def _uptime() -> float:
+    with open("/proc/uptime") as f:
+        return float(f.read().split()[0])
 
 
 def handle(chan: Channel, req: dict[str, Any], body: bytes) -> None:
@@ -304,13 +330,11 @@ def handle(chan: Channel, req: dict[str, Any], body: bytes) -> None:
     op = req["op"]
     try:
         if op == "exec":
-            threading.Thread(target=_exec_guarded, args=(chan, req, body), daemon=True).start()
+            _thread.start_new_thread(_exec_guarded, (chan, req, body))
             return
         if op == "hello":
-            with open("/proc/uptime") as f:
-                uptime = float(f.read().split()[0])
             chan.send({"op": "hello", "id": rid, "version": protocol.PROTOCOL_VERSION,
-                       "uptime": uptime, "pid": os.getpid()})
+                       "uptime": _uptime(), "pid": os.getpid()})
         elif op == "ping":
             chan.send({"op": "pong", "id": rid})
         elif op == "put":
@@ -340,15 +364,11 @@ def _exec_guarded(chan: Channel, req: dict[str, Any], body: bytes) -> None:
         chan.send({"op": "error", "id": req.get("id"), "error": f"{type(exc).__name__}: {exc}"})
 
 
-def _uptime() -> float:
-    with open("/proc/uptime") as f:
-        return float(f.read().split()[0])
-
-
 def main() -> None:
     imported = _uptime()
     with open("/proc/self/stat") as f:
         started = int(f.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+    os.chdir("/")
     chan = Channel(find_port())
     log(f"ready at {_uptime():.2f}s (python started {started:.2f}s, imports done {imported:.2f}s)")
     while True:

@@ -198,6 +198,7 @@ def _build_into(recipe: Recipe, final: Path, progress: Progress) -> None:
               f"--aptopt={optfile}", "--format=directory", recipe.suite, str(root), *sources],
              "mmdebstrap", progress)
         _customise_rootfs(root, out)
+        guest_python = _guest_python(root)
         step(4, f"writing the ext4 rootfs ({recipe.rootfs_mib} MiB, sparse)")
         _run(["mkfs.ext4", "-q", "-F", "-L", "smolvm-root", "-d", str(root),
               str(out / "rootfs.ext4"), f"{recipe.rootfs_mib}M"], "mkfs.ext4")
@@ -210,6 +211,7 @@ def _build_into(recipe: Recipe, final: Path, progress: Progress) -> None:
         manifest = {
             "name": recipe.name, "digest": recipe.digest(), "recipe": recipe.to_json(),
             "kernel_package": concrete, "kernel_release": release, "rootfs_mib": recipe.rootfs_mib,
+            "guest_python": guest_python,
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": files,
         }
         (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -224,6 +226,16 @@ def _build_into(recipe: Recipe, final: Path, progress: Progress) -> None:
                  f"in {time.monotonic() - started:.1f}s")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _guest_python(root: Path) -> str | None:
+    """``3.11`` for a rootfs whose python3 is Python 3.11."""
+    try:
+        target = os.readlink(root / "usr/bin/python3")
+    except OSError:
+        return None
+    ver = target.rsplit("python", 1)[-1]
+    return ver if ver.replace(".", "").isdigit() else None
 
 
 def _customise_rootfs(root: Path, out: Path) -> None:

@@ -84,7 +84,8 @@ read up _ < /proc/uptime; echo "smolvm-init: modules loaded at ${up}s"
 mount -t ext4 -o noatime /dev/vda /newroot || { echo "smolvm-init: cannot mount /dev/vda"; poweroff -f; }
 mount -t tmpfs -o mode=0755,size=16m run /newroot/run
 mkdir -p /newroot/run/smolvm
-cp /smolvm/* /bin/busybox /newroot/run/smolvm/
+cp -r /smolvm/. /newroot/run/smolvm/
+cp /bin/busybox /newroot/run/smolvm/
 mount --move /dev /newroot/dev
 mkdir -p /newroot/dev/pts /newroot/dev/shm
 mount -t devpts -o mode=620,ptmxmode=666 devpts /newroot/dev/pts
@@ -99,7 +100,7 @@ exec switch_root /newroot /run/smolvm/busybox sh /run/smolvm/init.sh
 # PID 1 in the real root is busybox sh: while it waits for the agent it reaps every orphan,
 # so the agent never has to (and never races its own children's exit statuses).
 STAGE2_INIT: Final = r"""read up _ < /proc/uptime; echo "smolvm-init: stage 2 at ${up}s"
-/usr/bin/python3 -S -u /run/smolvm/agent.py
+/usr/bin/python3 -S -u -c "import sys; sys.path.insert(0, '/run/smolvm'); import agent; agent.main()"
 echo "smolvm-init: agent exited with status $?"
 echo o > /proc/sysrq-trigger
 """
@@ -121,8 +122,11 @@ def stage1_init() -> bytes:
 
 
 def boot_digest() -> str:
-    """Digest of everything in the boot layer that does not come from the base."""
-    h = hashlib.sha256(stage1_init())
+    """Digest of everything in the boot layer that does not come from the base (the Python
+    that precompiles the agent included)."""
+    import sys
+
+    h = hashlib.sha256(stage1_init() + sys.implementation.cache_tag.encode())
     for name, data in sorted(agent_sources().items()):
         h.update(name.encode() + b"\0" + data)
     return h.hexdigest()[:16]

@@ -115,7 +115,7 @@ def _load_cached(path: Path, name: str, _mtime: int) -> Image:
     initrd = path / f"boot-{boot_digest()}.cpio"
     if not initrd.exists():
         try:
-            build_initramfs(path, initrd)
+            build_initramfs(path, initrd, manifest.get("guest_python"))
         except OSError as exc:
             raise ImageError(f"cannot write the boot layer of image {name!r} at {initrd}: {exc}") from exc
     return Image(

@@ -1,0 +1,200 @@
+"""``python -m pytest_smolvm``: image build|list|prune, doctor, reap, shell. No pytest here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import host
+from .errors import SmolVMError
+
+
+def _cmd_image_build(args: argparse.Namespace) -> int:
+    from .images.build import build
+    from .images.recipe import DEFAULT_PACKAGES, Recipe
+
+    packages = DEFAULT_PACKAGES + tuple(p for p in (args.include or "").split(",") if p)
+    if args.name == "default" and args.include:
+        print("error: --include needs --name: the 'default' image is fixed by this version", file=sys.stderr)
+        return 2
+    recipe = Recipe(name=args.name, packages=packages, rootfs_mib=args.size_mib)
+    image = build(recipe, force=args.force)
+    print(f"{image.name}: {image.path}")
+    return 0
+
+
+def _cmd_image_list(args: argparse.Namespace) -> int:
+    from .images.build import verify
+    from .images.recipe import Recipe
+    from .images.store import list_images
+
+    current = Recipe().digest()
+    rows = list_images()
+    if not rows:
+        print("no images built; build one with: python -m pytest_smolvm image build")
+    for name, path, manifest in rows:
+        tag = " (current default)" if name == "default" and path.name == current else ""
+        status = ""
+        if args.verify and "files" in manifest:
+            problems = verify(path)
+            status = "  OK" if not problems else "  CORRUPT: " + "; ".join(problems)
+        print(f"{name:12} {path.name}  kernel {manifest.get('kernel_release', '?')}  "
+              f"built {manifest.get('built_at', '?')}  {path}{tag}{status}")
+    return 0
+
+
+def _cmd_image_prune(args: argparse.Namespace) -> int:
+    from .images.recipe import Recipe, boot_digest
+    from .images.store import list_images
+
+    keep_default = Recipe().digest()
+    removed = 0
+    for name, path, _ in list_images():
+        current = (path.parent / "current").resolve() if (path.parent / "current").exists() else None
+        if (name == "default" and path.name == keep_default) or path == current:
+            for cpio in path.glob("boot-*.cpio"):  # boot layers of older agents
+                if cpio.name != f"boot-{boot_digest()}.cpio":
+                    cpio.unlink()
+            continue
+        print(f"removing {path}")
+        if not args.dry_run:
+            shutil.rmtree(path)
+        removed += 1
+    print(f"{removed} image build(s) {'would be ' if args.dry_run else ''}removed")
+    return 0
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from .images import resolve
+    from .images.build import missing_tools
+
+    ok = True
+
+    def line(state: str, what: str, detail: str) -> None:
+        print(f"[{state:^4}] {what}: {detail}")
+
+    qemu = host.qemu_binary()
+    if qemu:
+        line("ok", "qemu", f"{qemu} ({host.qemu_version(qemu)})")
+    else:
+        ok = False
+        line("FAIL", "qemu", "qemu-system-x86_64 not found; fix: apt-get install -y qemu-system-x86 qemu-utils")
+    usable, why = host.kvm_device_status()
+    line("ok" if usable else "no", "/dev/kvm", why)
+    missing = missing_tools()
+    line("ok" if not missing else "no", "image builder tools",
+         "all present" if not missing else f"missing {', '.join(missing)}; fix: apt-get install -y {' '.join(missing)}")
+    try:
+        image = resolve("default")
+        line("ok", "image default", f"{image.path} (kernel {image.kernel_release})")
+    except SmolVMError as exc:
+        ok = False
+        line("FAIL", "image default", str(exc))
+        image = None
+    if qemu and image is not None:
+        from .drivers.qemu import QemuDriver
+
+        driver = QemuDriver(qemu)
+        if usable:
+            from .drivers.qemu import kvm_canary
+
+            works, reason = kvm_canary(qemu, image)
+            line("ok" if works else "no", "qemu + kvm", reason)
+        accel = driver.select_accel("auto", image)
+        line("ok", "qemu + accel auto", f"{accel.name}: {accel.reason}")
+    line("n/a" if not host.is_macos() else "?", "qemu + hvf",
+         "not applicable: HVF exists only on macOS" if not host.is_macos() else "untested")
+    fc = shutil.which("firecracker")
+    line("no", "firecracker", f"binary at {fc}, but this version has no Firecracker driver"
+         if fc else "binary not found on PATH (and no Firecracker driver in this version)")
+    return 0 if ok else 1
+
+
+def _cmd_reap(args: argparse.Namespace) -> int:
+    from .reaper import reap
+
+    items = reap(include_kept=args.kept, dry_run=args.dry_run)
+    for item in items:
+        print(f"{'would remove' if args.dry_run else 'removed'} {item.path} "
+              f"(run {item.run_id}, VMM pid {item.vmm_pid or '-'}: {item.reason})")
+    print(f"{len(items)} leftover VM(s) {'found' if args.dry_run else 'reaped'}")
+    return 0
+
+
+def _cmd_shell(args: argparse.Namespace) -> int:
+    """A line-at-a-time shell into a kept VM, through its control socket."""
+    import socket
+
+    from .guest.channel import Channel
+    from .reporting import sanitize
+
+    workdir = Path(args.workdir)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(str(workdir / "ctl.sock"))
+    except OSError as exc:
+        print(f"cannot connect to {workdir / 'ctl.sock'}: {exc}", file=sys.stderr)
+        return 1
+    chan = Channel(sock, lambda: True, max_body=64 << 20)
+    chan.call({"op": "hello"}, timeout=10)
+    print(f"connected to {workdir.name}; commands run with /bin/sh -c; Ctrl-D to leave")
+    while True:
+        try:
+            line = input("smolvm# ")
+        except EOFError:
+            print()
+            return 0
+        if not line.strip():
+            continue
+        reply, body = chan.call({"op": "exec", "argv": ["/bin/sh", "-c", line], "timeout": args.timeout,
+                                 "max_output": 16 << 20}, timeout=args.timeout + 10)
+        split = int(reply.get("stdout_len", 0))
+        sys.stdout.write(sanitize(body[:split].decode(errors="replace")))
+        sys.stdout.write(sanitize(body[split:].decode(errors="replace")))
+        if reply.get("exit_code"):
+            print(f"[exit {reply['exit_code']}]")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pytest_smolvm", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    img = sub.add_parser("image", help="build, list or prune guest images").add_subparsers(dest="sub", required=True)
+    b = img.add_parser("build", help="build a guest image from Debian packages (needs root)")
+    b.add_argument("--name", default="default", help="image name (default: default)")
+    b.add_argument("--include", help="extra Debian packages, comma-separated (with --name)")
+    b.add_argument("--size-mib", type=int, default=1024, help="rootfs size in MiB (default 1024)")
+    b.add_argument("--force", action="store_true", help="rebuild even if an identical build exists")
+    b.set_defaults(func=_cmd_image_build)
+    ls = img.add_parser("list", help="list built images")
+    ls.add_argument("--verify", action="store_true", help="check every file against its sha256")
+    ls.set_defaults(func=_cmd_image_list)
+    pr = img.add_parser("prune", help="remove image builds no recipe points at")
+    pr.add_argument("--dry-run", action="store_true")
+    pr.set_defaults(func=_cmd_image_prune)
+    sub.add_parser("doctor", help="what works on this host, and why not").set_defaults(func=_cmd_doctor)
+    r = sub.add_parser("reap", help="remove leftovers of dead runs (never a live run's)")
+    r.add_argument("--kept", action="store_true", help="also remove VMs kept by --smolvm-keep-failed")
+    r.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    r.set_defaults(func=_cmd_reap)
+    sh = sub.add_parser("shell", help="run commands in a VM kept by --smolvm-keep-failed")
+    sh.add_argument("workdir", help="the VM directory printed by pytest")
+    sh.add_argument("--timeout", type=float, default=300.0)
+    sh.set_defaults(func=_cmd_shell)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except SmolVMError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

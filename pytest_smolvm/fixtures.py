@@ -1,0 +1,90 @@
+"""The fixtures: ``smolvm``, ``smolvm_session``, ``smolvm_factory``, ``smolvm_config``."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from .config import VMConfig, config_from_layers
+from .errors import ConfigError
+from .vm import SmolVM
+
+
+def _plugin(config: pytest.Config) -> Any:
+    from .plugin import PLUGIN_NAME
+
+    return config.pluginmanager.get_plugin(PLUGIN_NAME)
+
+
+def apply_configure_hook(request: pytest.FixtureRequest, cfg: VMConfig) -> VMConfig:
+    """Merge what ``pytest_smolvm_configure`` implementations returned (first called wins)."""
+    results = request.config.hook.pytest_smolvm_configure(config=cfg, request=request)
+    merged: dict[str, Any] = {}
+    for res in results:
+        if not isinstance(res, VMConfig):
+            raise ConfigError(f"pytest_smolvm_configure returned {res!r}; expected a VMConfig or None")
+        for f in dataclasses.fields(VMConfig):
+            if getattr(res, f.name) != getattr(cfg, f.name):
+                merged.setdefault(f.name, getattr(res, f.name))
+    return cfg.replace(**merged) if merged else cfg
+
+
+@pytest.fixture
+def smolvm_config(request: pytest.FixtureRequest) -> VMConfig:
+    """The resolved VMConfig the ``smolvm`` fixture will boot (marker > CLI > env > ini).
+
+    Override it in a conftest to change what ``smolvm`` and ``smolvm_factory`` start.
+    """
+    cfg = _plugin(request.config).config_for_item(request.node)
+    return apply_configure_hook(request, cfg)
+
+
+@pytest.fixture
+def smolvm(smolvm_config: VMConfig, request: pytest.FixtureRequest) -> Iterator[SmolVM]:
+    """A fresh, booted VM with its own copy-on-write disk; destroyed after the test."""
+    plugin = _plugin(request.config)
+    vm = plugin.start_vm(request, smolvm_config)
+    yield vm
+    plugin.finish_vm(request, vm)
+
+
+@pytest.fixture
+def smolvm_factory(
+    smolvm_config: VMConfig, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., SmolVM]]:
+    """``smolvm_factory(**overrides)`` starts a VM from ``smolvm_config`` plus ``overrides``;
+    every VM it made is destroyed after the test."""
+    plugin = _plugin(request.config)
+    made: list[SmolVM] = []
+
+    def make(**overrides: Any) -> SmolVM:
+        base = {f.name: getattr(smolvm_config, f.name) for f in dataclasses.fields(VMConfig)}
+        cfg = config_from_layers([("smolvm_config", base),
+                                  (f"smolvm_factory() in {request.node.nodeid}", overrides)])
+        reason = plugin.ceiling_violation(cfg)
+        if reason:
+            pytest.skip(reason)
+        vm = plugin.start_vm(request, cfg)
+        made.append(vm)
+        return vm
+
+    yield make
+    for vm in reversed(made):
+        plugin.finish_vm(request, vm)
+
+
+@pytest.fixture(scope="session")
+def smolvm_session(request: pytest.FixtureRequest) -> Iterator[SmolVM]:
+    """One VM shared by every test of this session (of this xdist worker) that asks for it.
+
+    Built from options, environment and ini only (markers are per test and do not apply).
+    Tests share its disk and processes: use ``smolvm`` when isolation matters.
+    """
+    plugin = _plugin(request.config)
+    cfg = apply_configure_hook(request, plugin.session_config())
+    vm = plugin.start_vm(request, cfg)
+    yield vm
+    plugin.finish_vm(request, vm)

@@ -1,0 +1,212 @@
+"""pytest hooks of pytest-smolvm. Thin: the engine lives outside this module."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Generator
+from typing import Any
+
+import pytest
+
+from . import hookspecs
+from .config import VMConfig, config_from_layers
+from .drivers import Driver, default_driver
+from .errors import ConfigError, SmolVMError
+from .fixtures import smolvm, smolvm_config, smolvm_factory, smolvm_session
+from .markers import MARKER_DOC, marker_layers
+from .reporting import sanitize, tail
+from .settings import OPTIONS, exceeds_ceiling, network_ceiling, session_layers
+from .vm import SmolVM, current_run_id, set_run_id
+
+__all__ = ["smolvm", "smolvm_config", "smolvm_factory", "smolvm_session"]
+
+PLUGIN_NAME = "smolvm-state"
+VM_FIXTURES = frozenset({"smolvm", "smolvm_factory", "smolvm_config"})
+CONFIG_KEY = pytest.StashKey[VMConfig]()
+VMS_KEY = pytest.StashKey[list[tuple[SmolVM, int]]]()
+REPORTS_KEY = pytest.StashKey[dict[str, pytest.TestReport]]()
+CONSOLE_TAIL_LINES = 60
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("smolvm", "hardware-isolated microVMs (pytest-smolvm)")
+    for opt in OPTIONS:
+        group.addoption(opt.cli, dest=f"smolvm_{opt.field}", default=None, metavar="VALUE",
+                        help=f"{opt.help} [env {opt.env}, ini {opt.ini}]")
+        parser.addini(opt.ini, help=opt.help, default="")
+    group.addoption("--smolvm-keep-failed", action="store_true", default=None, dest="smolvm_keep_failed",
+                    help="keep a failed test's VM running and print how to reach it [ini smolvm_keep_failed]")
+    parser.addini("smolvm_keep_failed", type="bool", default=False,
+                  help="keep a failed test's VM running and print how to reach it")
+
+
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    pluginmanager.add_hookspecs(hookspecs)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", MARKER_DOC)
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None and "smolvm_run_id" in workerinput:
+        set_run_id(workerinput["smolvm_run_id"])
+    elif "SMOLVM_RUN_ID" not in os.environ:
+        set_run_id(secrets.token_hex(4))
+    try:
+        state = SmolVMPlugin(config)
+    except ConfigError as exc:
+        raise pytest.UsageError(f"pytest-smolvm: {exc}") from None
+    config.pluginmanager.register(state, PLUGIN_NAME)
+    if config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(_XdistHooks(), "smolvm-xdist")
+
+
+class _XdistHooks:
+    """Shares the controller's run id with its workers (resources of one run share a stamp)."""
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_configure_node(self, node: Any) -> None:
+        node.workerinput["smolvm_run_id"] = current_run_id()
+
+
+class SmolVMPlugin:
+    """Per-session state: resolved options, drivers, and the VMs tests are using."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        cli = {opt.field: config.getoption(f"smolvm_{opt.field}") for opt in OPTIONS}
+        ini = {opt.field: config.getini(opt.ini) for opt in OPTIONS}
+        self.layers = session_layers(cli, os.environ, ini)
+        self.ceiling = network_ceiling(self.layers)
+        keep = config.getoption("smolvm_keep_failed")
+        self.keep_failed = bool(keep if keep is not None else config.getini("smolvm_keep_failed"))
+        self.drivers: dict[str, Driver] = {}
+        self.kept: list[tuple[str, SmolVM]] = []
+        self.session_cfg = config_from_layers(self.layers)
+
+    # ------------------------------------------------------------- configs
+
+    def session_config(self) -> VMConfig:
+        return self.session_cfg
+
+    def config_for_item(self, item: pytest.Item) -> VMConfig:
+        if CONFIG_KEY not in item.stash:
+            item.stash[CONFIG_KEY] = config_from_layers(self.layers + marker_layers(item))
+        return item.stash[CONFIG_KEY]
+
+    def ceiling_violation(self, cfg: VMConfig) -> str | None:
+        return exceeds_ceiling(cfg.network, cfg.allow, self.ceiling)
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        # Every marker is parsed before any test runs, so a bad value stops the run with a
+        # usage error before a single VM has started.
+        for item in items:
+            uses_vm = bool(VM_FIXTURES & set(getattr(item, "fixturenames", ())))
+            if not uses_vm and item.get_closest_marker("smolvm") is None:
+                continue
+            try:
+                cfg = self.config_for_item(item)
+            except ConfigError as exc:
+                raise pytest.UsageError(f"pytest-smolvm: {item.nodeid}: {exc}") from None
+            reason = self.ceiling_violation(cfg)
+            if reason and uses_vm:
+                item.add_marker(pytest.mark.skip(reason=reason))
+
+    # ------------------------------------------------------------- VM lifecycle
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_smolvm_make_driver(self, config: VMConfig, pytestconfig: pytest.Config) -> Driver:
+        if config.backend not in self.drivers:
+            driver = default_driver(config)
+            if self.keep_failed and hasattr(driver, "die_with_parent"):
+                driver.die_with_parent = False  # a kept VM must outlive this process
+            self.drivers[config.backend] = driver
+        return self.drivers[config.backend]
+
+    def start_vm(self, request: pytest.FixtureRequest, cfg: VMConfig) -> SmolVM:
+        driver = self.config.hook.pytest_smolvm_make_driver(config=cfg, pytestconfig=self.config)
+        vm = SmolVM(cfg, driver=driver)
+        vm.start()
+        if request.scope == "function":
+            request.node.stash.setdefault(VMS_KEY, []).append((vm, 0))
+        try:
+            self.config.hook.pytest_smolvm_ready(vm=vm, request=request)
+        except BaseException:
+            vm.close()
+            raise
+        return vm
+
+    def finish_vm(self, request: pytest.FixtureRequest, vm: SmolVM) -> None:
+        if self.keep_failed and request.scope == "function" and _failed(request.node) and vm.alive:
+            vm.detach()
+            self.kept.append((request.node.nodeid, vm))
+            return
+        vm.close()
+
+    # ------------------------------------------------------------- reports
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_call(self, item: pytest.Item) -> Generator[None, None, None]:
+        session_vm = getattr(item, "funcargs", {}).get("smolvm_session")
+        if isinstance(session_vm, SmolVM):
+            item.stash.setdefault(VMS_KEY, []).append((session_vm, len(session_vm.transcript)))
+        return (yield)
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(
+        self, item: pytest.Item, call: pytest.CallInfo[None]
+    ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+        report = yield
+        item.stash.setdefault(REPORTS_KEY, {})[report.when] = report
+        if report.failed:
+            seen = set()
+            for vm, start in item.stash.get(VMS_KEY, []):
+                if vm.name in seen:
+                    continue
+                seen.add(vm.name)
+                entries = vm.transcript[start:]
+                if entries:
+                    report.sections.append((f"smolvm transcript {vm.name}", sanitize(
+                        "\n".join(e.render() for e in entries))))
+                console = vm.console_log
+                if console:
+                    report.sections.append((f"smolvm console {vm.name} (last {CONSOLE_TAIL_LINES} lines)",
+                                            sanitize(tail(console, CONSOLE_TAIL_LINES))))
+        return report
+
+    def pytest_report_header(self, config: pytest.Config) -> list[str]:
+        cfg = self.session_cfg
+        lines = [f"smolvm: run {current_run_id()}, defaults {cfg.describe()}"
+                 + (f", network ceiling {self.ceiling[0]} ({self.ceiling[1]})" if self.ceiling else "")]
+        try:
+            from .images import resolve
+
+            image = resolve(cfg.image)
+            driver = self.pytest_smolvm_make_driver(cfg, config)
+            accel = driver.select_accel(cfg.accel, image)
+            lines.append(f"smolvm: image {image.name} {image.id} (kernel {image.kernel_release}); "
+                         f"backend {driver.name}, accel {accel.name}: {accel.reason}")
+        except SmolVMError as exc:
+            lines.append(f"smolvm: not ready: {exc}")
+        return lines
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if not self.kept:
+            return
+        terminalreporter.section("smolvm: kept VMs of failed tests")
+        for nodeid, vm in self.kept:
+            terminalreporter.write_line(
+                f"{nodeid}: {vm.name} (pid {vm.pid}) still running. Shell: python -m pytest_smolvm "
+                f"shell {vm.workdir}   Remove: python -m pytest_smolvm reap --kept")
+
+    def pytest_sessionfinish(self) -> None:
+        for driver in self.drivers.values():
+            close = getattr(driver, "close", None)
+            if callable(close):
+                close()
+
+
+def _failed(item: pytest.Item) -> bool:
+    reports = item.stash.get(REPORTS_KEY, {})
+    return any(r.failed for r in reports.values())
