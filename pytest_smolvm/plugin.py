@@ -183,7 +183,7 @@ class SmolVMPlugin:
             from .images import resolve
 
             image = resolve(cfg.image)
-            driver = self.pytest_smolvm_make_driver(cfg, config)
+            driver = config.hook.pytest_smolvm_make_driver(config=cfg, pytestconfig=config)
             accel = driver.select_accel(cfg.accel, image)
             lines.append(f"smolvm: image {image.name} {image.id} (kernel {image.kernel_release}); "
                          f"backend {driver.name}, accel {accel.name}: {accel.reason}")

@@ -72,17 +72,21 @@ def find_port() -> str:
 
 
 class Channel:
-    """The guest end of the control port. Reads block; a host disconnect is waited out."""
+    """The guest end of the control port. Reads block; on the virtio port a host disconnect
+    reads as EOF and is waited out (``wait_on_eof``), since the host may reconnect."""
 
-    def __init__(self, path: str) -> None:
-        self.fd = os.open(path, os.O_RDWR)
+    def __init__(self, fd: int, *, wait_on_eof: bool = True) -> None:
+        self.fd = fd
+        self.wait_on_eof = wait_on_eof
         self.wlock = _thread.allocate_lock()
 
     def read_exact(self, n: int) -> bytes:
         buf = bytearray()
         while len(buf) < n:
             chunk = os.read(self.fd, n - len(buf))
-            if not chunk:  # host side not connected (or reconnecting): wait for it
+            if not chunk:
+                if not self.wait_on_eof:
+                    raise EOFError("control stream closed")
                 time.sleep(0.005)
                 continue
             buf += chunk
@@ -369,8 +373,13 @@ def main() -> None:
     with open("/proc/self/stat") as f:
         started = int(f.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
     os.chdir("/")
-    chan = Channel(find_port())
+    chan = Channel(os.open(find_port(), os.O_RDWR | os.O_CLOEXEC))
     log(f"ready at {_uptime():.2f}s (python started {started:.2f}s, imports done {imported:.2f}s)")
+    serve(chan)
+
+
+def serve(chan: Channel) -> None:
+    """Answer requests on ``chan`` forever."""
     while True:
         try:
             req, body = protocol.decode(chan.read_exact, MAX_REQUEST_BODY)

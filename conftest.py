@@ -1,0 +1,40 @@
+"""Shared test setup (tests/ and examples/).
+
+With ``SMOLVM_REQUIRE_VMS=1`` (set by ``.ci/run``), a skipped test under
+``tests/integration/`` or ``examples/`` is turned into a failure: CI must prove features
+in real VMs, never pass by skipping them. A test may opt out with
+``@pytest.mark.smolvm_optional(reason)`` (e.g. backends that need hardware this host lacks).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Generator
+from pathlib import Path
+
+import pytest
+
+pytest_plugins = ["pytester"]
+sys.path.insert(0, str(Path(__file__).parent / "tests"))  # tests/fake_driver.py
+REAL_VM_DIRS = {"integration", "examples"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "smolvm_optional(reason): may skip even under SMOLVM_REQUIRE_VMS=1")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if (
+        report.skipped
+        and os.environ.get("SMOLVM_REQUIRE_VMS") == "1"
+        and REAL_VM_DIRS & set(Path(str(item.fspath)).parts)
+        and item.get_closest_marker("smolvm_optional") is None
+    ):
+        report.outcome = "failed"
+        report.longrepr = f"real-VM test was skipped but SMOLVM_REQUIRE_VMS=1: {report.longrepr}"
+    return report
