@@ -175,13 +175,15 @@ class QemuDriver:
 
     name = "qemu"
 
-    def __init__(self, binary: str | None = None) -> None:
+    def __init__(self, binary: str | None = None, *, extra_cmdline: Sequence[str] = ()) -> None:
         found = binary or host.qemu_binary()
         if not found:
             raise ConfigError("backend 'qemu' needs qemu-system-x86_64; install it with: "
                               "apt-get install -y qemu-system-x86 qemu-utils")
         self.binary = found
         self._accel: dict[str, Accel] = {}
+        #: Appended to the guest kernel command line (debugging: e.g. ``loglevel=7``).
+        self.extra_cmdline = tuple(extra_cmdline)
         #: Kill QEMU when the thread that launched it exits (off only for --smolvm-keep-failed).
         self.die_with_parent = True
 
@@ -215,7 +217,8 @@ class QemuDriver:
         argv = qemu_argv(
             binary=self.binary, accel=accel.name, vcpus=config.vcpus, memory_mib=config.memory_mib,
             kernel=image.kernel, initrd=image.initrd,
-            cmdline=kernel_cmdline(accel.name, host.host_tsc_khz(), guest_flags(config, accel), config.vcpus),
+            cmdline=kernel_cmdline(accel.name, host.host_tsc_khz(),
+                                   [*guest_flags(config, accel), *self.extra_cmdline], config.vcpus),
             console=workdir / "console.log", control=workdir / "ctl.sock", disk=disk, disk_format=fmt,
         )
         with open(workdir / "qemu.log", "wb") as log:
