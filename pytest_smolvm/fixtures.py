@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 
@@ -12,11 +12,17 @@ from .config import VMConfig, config_from_layers
 from .errors import ConfigError
 from .vm import SmolVM
 
+if TYPE_CHECKING:
+    from .plugin import SmolVMPlugin
 
-def _plugin(config: pytest.Config) -> Any:
+
+def _plugin(config: pytest.Config) -> SmolVMPlugin:
     from .plugin import PLUGIN_NAME
 
-    return config.pluginmanager.get_plugin(PLUGIN_NAME)
+    plugin = config.pluginmanager.get_plugin(PLUGIN_NAME)
+    if plugin is None:  # pragma: no cover - registered in pytest_configure
+        raise RuntimeError("pytest-smolvm plugin state is not registered")
+    return cast("SmolVMPlugin", plugin)
 
 
 def apply_configure_hook(request: pytest.FixtureRequest, cfg: VMConfig) -> VMConfig:

@@ -18,7 +18,7 @@ def qemu_binary() -> str | None:
     return shutil.which(name)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def qemu_version(binary: str) -> str:
     """First line of ``qemu --version`` (used to key cached probe verdicts)."""
     try:

@@ -405,10 +405,7 @@ class SmolVM:
         if isinstance(src, str):
             raise TypeError(f"put() takes bytes or a pathlib.Path, not str ({src[:40]!r}); "
                             f"use Path(...) for a local file or .encode() for text")
-        if isinstance(src, (bytes, bytearray, memoryview)):
-            data = bytes(src)
-        else:
-            data = Path(src).read_bytes()
+        data = bytes(src) if isinstance(src, (bytes, bytearray, memoryview)) else Path(src).read_bytes()
         self._check_guest_path(dest, "put")
         header: dict[str, Any] = {"op": "put", "path": dest}
         if mode is not None:
@@ -450,5 +447,5 @@ def _close_all() -> None:
     for vm in list(_live):
         try:
             vm.close()
-        except Exception:  # noqa: BLE001, S110 - best effort at exit
+        except Exception:
             pass

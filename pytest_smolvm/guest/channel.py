@@ -67,7 +67,7 @@ class Channel:
                 self.sock.settimeout(wait)
                 try:
                     chunk = self.sock.recv(min(n - len(buf), 1 << 20))
-                except socket.timeout:
+                except TimeoutError:
                     if not self.alive():
                         raise ChannelClosed("VMM exited") from None
                     continue

@@ -52,7 +52,7 @@ try:
         parse_constant = staticmethod(_reject_constant)
         memo: dict[str, Any] = {}  # noqa: RUF012 - read by the C scanner
 
-    _scan = _json.make_scanner(_ScanContext())
+    _scan = _json.make_scanner(_ScanContext())  # type: ignore[arg-type]
     _encode = _json.make_encoder(
         None, _unserialisable, _json.encode_basestring_ascii, None, ":", ",", False, False, False
     )

@@ -134,7 +134,7 @@ def _load_cached(path: Path, name: str, _mtime: int) -> Image:
 
 def list_images() -> list[tuple[str, Path, dict[str, object]]]:
     """Every built image: (name, path, manifest)."""
-    out = []
+    out: list[tuple[str, Path, dict[str, object]]] = []
     root = images_dir()
     if not root.is_dir():
         return out

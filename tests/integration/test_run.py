@@ -104,8 +104,8 @@ def test_put_get_errors(smolvm_session: SmolVM) -> None:
         smolvm_session.put("content", "/root/x")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="absolute"):
         smolvm_session.put(b"x", "relative/path")
+    smolvm_session.run("head -c 5000 /dev/zero > /root/big", check=True)
     with pytest.raises(GuestFileError, match="over the limit"):
-        smolvm_session.run("head -c 5000 /dev/zero > /root/big")
         smolvm_session.get("/root/big", max_size=1000)
 
 
