@@ -37,7 +37,7 @@ def _vmm_pid(vm_dir: Path) -> int | None:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return None
-    return pid if str(vm_dir).encode() in cmdline else None
+    return pid if f"{vm_dir}/".encode() in cmdline else None
 
 
 def find_leftovers(*, include_kept: bool = False, root: Path | None = None) -> list[Leftover]:

@@ -38,6 +38,7 @@ from .paths import cache_dir, runtime_dir
 #: Extra seconds the host waits past a command's timeout for the agent's (killed) reply.
 REPLY_GRACE = 10.0
 DEFAULT_GET_LIMIT = 256 * 1024 * 1024
+MAX_PUT = 1 << 30  # the agent's request-body limit
 TRANSCRIPT_HEAD = 1024
 
 _live: weakref.WeakSet[SmolVM] = weakref.WeakSet()
@@ -407,6 +408,8 @@ class SmolVM:
                             f"use Path(...) for a local file or .encode() for text")
         data = bytes(src) if isinstance(src, (bytes, bytearray, memoryview)) else Path(src).read_bytes()
         self._check_guest_path(dest, "put")
+        if len(data) > MAX_PUT:
+            raise ConfigError(f"put({dest!r}): {len(data)} bytes is over the {MAX_PUT}-byte limit of one transfer")
         header: dict[str, Any] = {"op": "put", "path": dest}
         if mode is not None:
             header["mode"] = mode

@@ -67,6 +67,11 @@ def accel_args(accel: str) -> list[str]:
     raise ConfigError(f"invalid accel={accel!r}: expected kvm, hvf or tcg")
 
 
+def _opt(path: Path | str) -> str:
+    """A path inside a QEMU option string: a comma is written as two (QEMU's escaping)."""
+    return str(path).replace(",", ",,")
+
+
 def qemu_argv(
     *,
     binary: str,
@@ -87,15 +92,15 @@ def qemu_argv(
         "-smp", str(vcpus), "-m", str(memory_mib),
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline,
-        "-chardev", f"file,id=con,path={console}", "-serial", "chardev:con",
+        "-chardev", f"file,id=con,path={_opt(console)}", "-serial", "chardev:con",
         "-device", "virtio-serial-device",
-        "-chardev", f"socket,id=ctl,path={control},server=on,wait=off",
+        "-chardev", f"socket,id=ctl,path={_opt(control)},server=on,wait=off",
         "-device", f"virtserialport,chardev=ctl,name={CONTROL_PORT}",
     ]
     if disk is not None:
         cache = "unsafe" if disk_format == "qcow2" else "writeback"
         argv += [
-            "-drive", f"id=root,file={disk},format={disk_format},if=none,cache={cache},discard=unmap",
+            "-drive", f"id=root,file={_opt(disk)},format={disk_format},if=none,cache={cache},discard=unmap",
             "-device", "virtio-blk-device,drive=root",
         ]
     return argv

@@ -379,13 +379,18 @@ def main() -> None:
 
 
 def serve(chan: Channel) -> None:
-    """Answer requests on ``chan`` forever."""
+    """Answer requests on ``chan`` until a frame breaks the protocol.
+
+    After a bad frame the stream cannot be resynchronised (bytes of the rejected frame would
+    be read as new requests), so the agent stops; the guest's init then powers the VM off
+    and the host sees the VM die instead of a desynchronised agent.
+    """
     while True:
         try:
             req, body = protocol.decode(chan.read_exact, MAX_REQUEST_BODY)
         except protocol.FrameError as exc:
-            log(f"dropping malformed request: {exc}")
-            continue
+            log(f"malformed request, stopping: {exc}")
+            raise SystemExit(3) from None
         handle(chan, req, body)
 
 

@@ -50,16 +50,16 @@ class Channel:
         """A read_exact for one frame. The deadline only applies before the frame's first
         byte: once a frame has started it is read to the end (bounded by FRAME_GRACE), so a
         timeout never leaves the stream out of step."""
-        started = False
+        frame_limit: float | None = None  # set once, when the frame's first byte arrives
 
         def read_exact(n: int) -> bytes:
-            nonlocal started
+            nonlocal frame_limit
             buf = bytearray()
             while len(buf) < n:
                 now = time.monotonic()
-                limit = deadline if not started else (None if deadline is None else max(deadline, now) + FRAME_GRACE)
+                limit = deadline if frame_limit is None else frame_limit
                 if limit is not None and now > limit:
-                    if started:
+                    if frame_limit is not None:
                         self._broken = "a frame stalled half-way"
                         raise ChannelClosed("a frame from the guest stalled half-way")
                     raise ReplyTimeout()
@@ -75,7 +75,8 @@ class Channel:
                     raise ChannelClosed(str(exc)) from exc
                 if not chunk:
                     raise ChannelClosed("control stream closed")
-                started = True
+                if frame_limit is None:
+                    frame_limit = max(deadline or now, now) + FRAME_GRACE
                 buf += chunk
             return bytes(buf)
 

@@ -42,6 +42,8 @@ def images_dir() -> Path:
 
 
 def _hint(name: str) -> str:
+    if os.sep in name or name.startswith("."):
+        return f"{BUILD_HINT} --name NAME (the image this directory was built as)"
     return BUILD_HINT if name == "default" else f"{BUILD_HINT} --name {name}"
 
 

@@ -130,12 +130,6 @@ def test_argv_are_all_strings(tmp_path: Path) -> None:
     assert all(isinstance(a, str) for a in argv_for(tmp_path))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: qemu.py qemu_argv interpolates paths into QEMU option strings "
-    "(-chardev path=..., -drive file=...) without doubling commas, so a runtime/cache path "
-    "containing ',' is split into bogus options (or lets the path inject options)",
-)
 def test_argv_escapes_commas_in_paths(tmp_path: Path) -> None:
     odd = tmp_path / "run,id=1"
     argv = argv_for(tmp_path, console=odd / "console.log", control=odd / "ctl.sock",

@@ -1,0 +1,81 @@
+"""A minimal synchronous QMP client (QEMU Machine Protocol, JSON over a Unix socket).
+
+https://www.qemu.org/docs/master/interop/qmp-spec.html
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from ..errors import BootError
+
+
+class QMP:
+    """Connects, negotiates capabilities, then runs commands one at a time."""
+
+    def __init__(self, path: Path, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                self.sock.connect(str(path))
+                break
+            except OSError as exc:
+                self.sock.close()
+                if time.monotonic() > deadline:
+                    raise BootError(f"cannot connect to QMP at {path}: {exc}") from exc
+                time.sleep(0.002)
+        self.sock.settimeout(timeout)
+        self._buf = b""
+        self.events: list[dict[str, Any]] = []
+        self._read()  # greeting
+        self.command("qmp_capabilities")
+
+    def _read(self) -> dict[str, Any]:
+        while b"\n" not in self._buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise BootError("QMP connection closed by QEMU")
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        msg: dict[str, Any] = json.loads(line)
+        return msg
+
+    def command(self, name: str, **arguments: Any) -> Any:
+        """Run ``name``; return its ``return`` value or raise BootError with QEMU's error."""
+        req: dict[str, Any] = {"execute": name}
+        if arguments:
+            req["arguments"] = arguments
+        self.sock.sendall(json.dumps(req).encode() + b"\n")
+        while True:
+            msg = self._read()
+            if "event" in msg:
+                self.events.append(msg)
+                continue
+            if "error" in msg:
+                raise BootError(f"QMP {name} failed: {msg['error'].get('desc', msg['error'])}")
+            return msg.get("return")
+
+    def wait_migration(self, timeout: float) -> dict[str, Any]:
+        """Poll ``query-migrate`` until it completes; return its final status."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status: dict[str, Any] = self.command("query-migrate")
+            state = status.get("status")
+            if state == "completed":
+                return status
+            if state in ("failed", "cancelled"):
+                raise BootError(f"migration {state}: {status.get('error-desc', status)}")
+            if time.monotonic() > deadline:
+                raise BootError(f"migration did not complete within {timeout:.0f}s (state {state})")
+            time.sleep(0.005)
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass

@@ -1,0 +1,236 @@
+"""Unit tests of pytest_smolvm.reaper on a fake runtime directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pytest_smolvm.host import process_alive, process_start_ticks
+from pytest_smolvm.reaper import find_leftovers, reap
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    r = tmp_path / "runtime"
+    r.mkdir()
+    return r
+
+
+@pytest.fixture(scope="module")
+def dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    if process_start_ticks(proc.pid) is not None:  # pragma: no cover - reused at once
+        pytest.skip("pid of the exited process was reused immediately")
+    return proc.pid
+
+
+def me() -> dict[str, object]:
+    return {"pid": os.getpid(), "pid_start": process_start_ticks(os.getpid())}
+
+
+def make_vm(root: Path, run: str, vm: str, owner: dict[str, object] | str | None = None, *,
+            kept: bool = False, qemu_pid: int | None = None) -> Path:
+    d = root / run / vm
+    d.mkdir(parents=True)
+    (d / "console.log").write_text("boot log\n")
+    (d / "disk.qcow2").write_bytes(b"QFI\xfb" + bytes(100))
+    if isinstance(owner, dict):
+        (d / "owner.json").write_text(json.dumps(owner))
+    elif isinstance(owner, str):
+        (d / "owner.json").write_text(owner)
+    if kept:
+        (d / "kept").write_text(json.dumps({"pid": 1, "at": time.time()}))
+    if qemu_pid is not None:
+        (d / "qemu.pid").write_text(str(qemu_pid))
+    return d
+
+
+def make_old(path: Path) -> None:
+    old = time.time() - 3600
+    os.utime(path, (old, old))
+
+
+@pytest.fixture
+def sleeper() -> Iterator[list[subprocess.Popen[bytes]]]:
+    procs: list[subprocess.Popen[bytes]] = []
+    yield procs
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait(5)
+
+
+def spawn_sleep(procs: list[subprocess.Popen[bytes]], argv0: str | None = None) -> subprocess.Popen[bytes]:
+    argv = [argv0 or "sleep", "30"]
+    p = subprocess.Popen(argv, executable="/bin/sleep" if argv0 else None, start_new_session=True)
+    procs.append(p)
+    # Wait until the child has exec'd, so /proc/<pid>/cmdline shows the final argv.
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{p.pid}/cmdline").read_bytes().startswith(argv[0].encode()):
+                break
+        except OSError:
+            pass
+        time.sleep(0.01)
+    return p
+
+
+# ---------------------------------------------------------------- find_leftovers
+
+
+def test_missing_root_is_empty(tmp_path: Path) -> None:
+    assert find_leftovers(root=tmp_path / "nope") == []
+    assert reap(root=tmp_path / "nope") == []
+
+
+def test_live_owner_not_listed(root: Path) -> None:
+    d = make_vm(root, "run1", "vm1", me())
+    assert find_leftovers(root=root) == []
+    assert reap(root=root) == []
+    assert d.is_dir()
+
+
+def test_live_owner_without_start_time_not_listed(root: Path) -> None:
+    make_vm(root, "run1", "vm1", {"pid": os.getpid()})
+    assert find_leftovers(root=root) == []
+
+
+def test_dead_owner_listed_and_reaped(root: Path, dead_pid: int) -> None:
+    d = make_vm(root, "run1", "vm1", {"pid": dead_pid, "pid_start": 12345})
+    (found,) = find_leftovers(root=root)
+    assert found.path == d
+    assert found.run_id == "run1"
+    assert found.kept is False
+    assert found.vmm_pid is None
+    assert str(dead_pid) in found.reason
+    removed = reap(root=root)
+    assert [x.path for x in removed] == [d]
+    assert not d.exists()
+    assert not (root / "run1").exists()  # the emptied run directory goes too
+    assert root.is_dir()
+    assert find_leftovers(root=root) == []
+
+
+def test_reused_pid_is_listed(root: Path) -> None:
+    start = process_start_ticks(os.getpid())
+    assert start is not None
+    d = make_vm(root, "run1", "vm1", {"pid": os.getpid(), "pid_start": start + 1})
+    assert [x.path for x in find_leftovers(root=root)] == [d]
+    assert not process_alive(os.getpid(), start + 1)
+
+
+def test_dead_sibling_removed_live_one_kept(root: Path, dead_pid: int) -> None:
+    live = make_vm(root, "run1", "vm-live", me())
+    dead = make_vm(root, "run1", "vm-dead", {"pid": dead_pid, "pid_start": 1})
+    other_run = make_vm(root, "run2", "vm1", {"pid": dead_pid, "pid_start": 1})
+    removed = reap(root=root)
+    assert sorted(x.path for x in removed) == sorted([dead, other_run])
+    assert live.is_dir()
+    assert (live / "console.log").read_text() == "boot log\n"
+    assert not dead.exists()
+    assert (root / "run1").is_dir()
+    assert not (root / "run2").exists()
+
+
+def test_kept_only_with_include_kept(root: Path, dead_pid: int) -> None:
+    kept = make_vm(root, "run1", "vm1", {"pid": dead_pid, "pid_start": 1}, kept=True)
+    assert find_leftovers(root=root) == []
+    assert reap(root=root) == []
+    assert kept.is_dir()
+    (found,) = find_leftovers(root=root, include_kept=True)
+    assert found.path == kept
+    assert found.kept is True
+    assert "kept" in found.reason
+    reap(root=root, include_kept=True)
+    assert not kept.exists()
+
+
+def test_dry_run_removes_nothing(root: Path, dead_pid: int) -> None:
+    d = make_vm(root, "run1", "vm1", {"pid": dead_pid, "pid_start": 1})
+    k = make_vm(root, "run1", "vm2", {"pid": dead_pid, "pid_start": 1}, kept=True)
+    items = reap(root=root, dry_run=True, include_kept=True)
+    assert sorted(x.path for x in items) == [d, k]
+    assert d.is_dir()
+    assert k.is_dir()
+    assert (d / "disk.qcow2").exists()
+
+
+def test_young_dir_without_owner_is_left_alone(root: Path) -> None:
+    d = make_vm(root, "run1", "vm1", None)
+    assert find_leftovers(root=root) == []
+    make_old(d)
+    (found,) = find_leftovers(root=root)
+    assert found.path == d
+    assert "no owner" in found.reason
+
+
+def test_corrupt_owner_treated_as_missing(root: Path) -> None:
+    d = make_vm(root, "run1", "vm1", '{"pid": 12')
+    assert find_leftovers(root=root) == []
+    make_old(d)
+    assert [x.path for x in find_leftovers(root=root)] == [d]
+
+
+def test_stray_files_ignored(root: Path) -> None:
+    (root / "not-a-run").write_text("x")
+    (root / "run1").mkdir()
+    (root / "run1" / "stray.txt").write_text("x")
+    assert find_leftovers(root=root) == []
+
+
+# ---------------------------------------------------------------- the VMM process
+
+
+def test_unrelated_qemu_pid_is_never_killed(root: Path, dead_pid: int,
+                                            sleeper: list[subprocess.Popen[bytes]]) -> None:
+    victim = spawn_sleep(sleeper)
+    d = make_vm(root, "run1", "vm1", {"pid": dead_pid, "pid_start": 1}, qemu_pid=victim.pid)
+    (found,) = find_leftovers(root=root)
+    assert found.vmm_pid is None  # its cmdline does not name the VM directory
+    reap(root=root)
+    assert not d.exists()
+    time.sleep(0.1)
+    assert victim.poll() is None, "reap killed a process that is not this VM's VMM"
+    victim.kill()
+    assert victim.wait(5) == -signal.SIGKILL
+
+
+def test_own_vmm_is_killed(root: Path, dead_pid: int, sleeper: list[subprocess.Popen[bytes]]) -> None:
+    d = root / "run1" / "vm1"
+    # A stand-in VMM whose argv names the VM directory, as QEMU's does.
+    vmm = spawn_sleep(sleeper, argv0=f"{d}/qemu-system-x86_64")
+    make_vm(root, "run1", "vm1", {"pid": dead_pid, "pid_start": 1}, qemu_pid=vmm.pid)
+    (found,) = find_leftovers(root=root)
+    assert found.vmm_pid == vmm.pid
+    reap(root=root)
+    assert vmm.wait(5) == -signal.SIGKILL
+    assert not d.exists()
+
+
+def test_vmm_of_live_owner_is_not_killed(root: Path, sleeper: list[subprocess.Popen[bytes]]) -> None:
+    d = root / "run1" / "vm1"
+    vmm = spawn_sleep(sleeper, argv0=f"{d}/qemu-system-x86_64")
+    make_vm(root, "run1", "vm1", me(), qemu_pid=vmm.pid)
+    assert reap(root=root) == []
+    time.sleep(0.1)
+    assert vmm.poll() is None
+    assert d.is_dir()
+
+
+@pytest.mark.parametrize("content", ["", "not a pid", "999999999"])
+def test_bad_qemu_pid_file(root: Path, dead_pid: int, content: str) -> None:
+    d = make_vm(root, "run1", "vm1", {"pid": dead_pid, "pid_start": 1})
+    (d / "qemu.pid").write_text(content)
+    (found,) = find_leftovers(root=root)
+    assert found.vmm_pid is None
+    reap(root=root)
+    assert not d.exists()
