@@ -23,6 +23,7 @@ from .errors import (
     ProtocolError,
     SmolVMError,
 )
+from .snapshots import SnapshotWarning
 from .vm import RunResult, SmolVM
 
 __all__ = [
@@ -39,5 +40,6 @@ __all__ = [
     "RunResult",
     "SmolVM",
     "SmolVMError",
+    "SnapshotWarning",
     "VMConfig",
 ]

@@ -36,7 +36,8 @@ class VMConfig:
     own); ``env`` is added to the environment of every ``run()`` and never written to the
     guest's disk. ``allow`` only has meaning with ``network="nat"``. ``aslr=None`` turns guest
     address-space randomisation off under TCG (each exec is ~3x faster, because QEMU can reuse
-    translated code across processes) and leaves it on under KVM/HVF.
+    translated code across processes) and leaves it on under KVM/HVF. ``snapshot=True`` starts
+    isolated-disk VMs as clones of a golden snapshot (cold boot if that is impossible).
     """
 
     vcpus: int = 1
@@ -54,6 +55,7 @@ class VMConfig:
     max_output: int = DEFAULT_MAX_OUTPUT
     retain_disk_on_delete: bool = False
     aslr: bool | None = None
+    snapshot: bool = True
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -217,6 +219,8 @@ def check_field(name: str, value: Any) -> Any:
         return _bool(name, value)
     if name == "aslr":
         return None if value is None else _bool(name, value)
+    if name == "snapshot":
+        return _bool(name, value)
     raise ConfigError(f"unknown setting {name!r}; known: {', '.join(sorted(FIELD_NAMES))}")
 
 

@@ -15,6 +15,7 @@ from .drivers import Driver, default_driver
 from .errors import ConfigError, SmolVMError
 from .fixtures import smolvm, smolvm_config, smolvm_factory, smolvm_session
 from .markers import MARKER_DOC, marker_layers
+from .pool import VMPool
 from .reporting import sanitize, tail
 from .settings import OPTIONS, exceeds_ceiling, network_ceiling, session_layers
 from .vm import SmolVM, current_run_id, set_run_id
@@ -35,6 +36,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         group.addoption(opt.cli, dest=f"smolvm_{opt.field}", default=None, metavar="VALUE",
                         help=f"{opt.help} [env {opt.env}, ini {opt.ini}]")
         parser.addini(opt.ini, help=opt.help, default="")
+    group.addoption("--smolvm-no-snapshot", action="store_const", const="false", dest="smolvm_snapshot",
+                    help="cold-boot every VM instead of restoring snapshot clones")
+    group.addoption("--smolvm-pool", dest="smolvm_pool", default=None, metavar="N",
+                    help="VMs kept started ahead of the tests that need them, per worker "
+                         "(default 1; 0 disables) [env SMOLVM_POOL, ini smolvm_pool]")
+    parser.addini("smolvm_pool", help="VMs kept started ahead of tests, per worker (default 1)", default="")
     group.addoption("--smolvm-keep-failed", action="store_true", default=None, dest="smolvm_keep_failed",
                     help="keep a failed test's VM running and print how to reach it [ini smolvm_keep_failed]")
     parser.addini("smolvm_keep_failed", type="bool", default=False,
@@ -81,6 +88,7 @@ class SmolVMPlugin:
         keep = config.getoption("smolvm_keep_failed")
         self.keep_failed = bool(keep if keep is not None else config.getini("smolvm_keep_failed"))
         self.drivers: dict[str, Driver] = {}
+        self.pool = VMPool(size=_pool_size(config))
         self.kept: list[tuple[str, SmolVM]] = []
         self.session_cfg = config_from_layers(self.layers)
 
@@ -126,8 +134,10 @@ class SmolVMPlugin:
 
     def start_vm(self, request: pytest.FixtureRequest, cfg: VMConfig) -> SmolVM:
         driver = self.config.hook.pytest_smolvm_make_driver(config=cfg, pytestconfig=self.config)
-        vm = SmolVM(cfg, driver=driver)
-        vm.start()
+        if request.scope == "function":
+            vm = self.pool.acquire(cfg, driver)
+        else:
+            vm = SmolVM(cfg, driver=driver).start()
         if request.scope == "function":
             request.node.stash.setdefault(VMS_KEY, []).append((vm, 0))
         try:
@@ -178,7 +188,8 @@ class SmolVMPlugin:
     def pytest_report_header(self, config: pytest.Config) -> list[str]:
         cfg = self.session_cfg
         lines = [f"smolvm: run {current_run_id()}, defaults {cfg.describe()}"
-                 + (f", network ceiling {self.ceiling[0]} ({self.ceiling[1]})" if self.ceiling else "")]
+                 + (f", network ceiling {self.ceiling[0]} ({self.ceiling[1]})" if self.ceiling else "")
+                 + f"; snapshots {'on' if cfg.snapshot else 'off'}, pool {self.pool.size}"]
         try:
             from .images import resolve
 
@@ -201,10 +212,27 @@ class SmolVMPlugin:
                 f"shell {vm.workdir}   Remove: python -m pytest_smolvm reap --kept")
 
     def pytest_sessionfinish(self) -> None:
+        self.pool.close()
         for driver in self.drivers.values():
             close = getattr(driver, "close", None)
             if callable(close):
                 close()
+
+
+def _pool_size(config: pytest.Config) -> int:
+    for raw, source in ((config.getoption("smolvm_pool"), "command line --smolvm-pool"),
+                        (os.environ.get("SMOLVM_POOL"), "environment variable SMOLVM_POOL"),
+                        (config.getini("smolvm_pool"), "ini option smolvm_pool")):
+        if raw not in (None, ""):
+            try:
+                size = int(str(raw))
+            except ValueError:
+                size = -1
+            if size < 0:
+                raise pytest.UsageError(f"pytest-smolvm: invalid pool size {raw!r} (from {source}): "
+                                        f"expected an integer >= 0")
+            return size
+    return 1
 
 
 def _failed(item: pytest.Item) -> bool:

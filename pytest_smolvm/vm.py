@@ -11,6 +11,7 @@ import shlex
 import shutil
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 from . import images
 from .config import VMConfig
 from .drivers import Accel, Driver, Machine, default_driver
+from .drivers.base import SnapshotDriver
 from .errors import (
     BootError,
     CommandFailed,
@@ -34,7 +36,10 @@ from .errors import (
 from .guest.channel import Channel, ChannelClosed, ReplyTimeout
 from .host import process_start_ticks
 from .paths import cache_dir, runtime_dir
+from .snapshots import SnapshotError, SnapshotWarning, default_store
 
+#: How long a restored clone may take to answer before the VM falls back to a cold boot.
+RESTORE_TIMEOUT = 30.0
 #: Extra seconds the host waits past a command's timeout for the agent's (killed) reply.
 REPLY_GRACE = 10.0
 DEFAULT_GET_LIMIT = 256 * 1024 * 1024
@@ -44,6 +49,11 @@ TRANSCRIPT_HEAD = 1024
 _live: weakref.WeakSet[SmolVM] = weakref.WeakSet()
 _run_id_lock = threading.Lock()
 _run_id: str | None = None
+
+
+def live_vm_count() -> int:
+    """VMs of this process that are started and not yet closed."""
+    return len(_live)
 
 
 def current_run_id() -> str:
@@ -137,10 +147,13 @@ class SmolVM:
         self.network = NetworkState(self.config.network, self.config.allow)
         self.image: images.Image | None = None
         self.boot_time: float | None = None
+        #: "snapshot" (a clone of a golden snapshot) or "cold" (booted from scratch).
+        self.boot_mode: str | None = None
         self.disk_path: Path | None = None
         self._machine: Machine | None = None
         self._channel: Channel | None = None
         self._console_cache: str | None = None
+        self._console_prefix = ""  # a clone's console starts with its snapshot's boot log
         self._state = "new"
         self._lock = threading.Lock()
 
@@ -173,7 +186,12 @@ class SmolVM:
         return self._state == "running" and self._machine is not None and self._machine.alive()
 
     def start(self) -> SmolVM:
-        """Boot the VM and wait for its agent. On any failure nothing is left behind."""
+        """Boot the VM and wait for its agent. On any failure nothing is left behind.
+
+        Isolated-disk VMs start as clones of a golden snapshot when the driver supports it
+        (``config.snapshot``); if the snapshot cannot be built or restored, the VM is
+        cold-booted instead and a :class:`~pytest_smolvm.snapshots.SnapshotWarning` says why.
+        """
         if self._state != "new":
             raise SmolVMError(f"{self.name} was already started (state {self._state})")
         self._state = "starting"
@@ -190,12 +208,16 @@ class SmolVM:
                 {"pid": os.getpid(), "pid_start": process_start_ticks(os.getpid()),
                  "run_id": self.run_id, "vm": self.name, "started": time.time()}))
             _live.add(self)
-            self._machine = driver.launch(self.config, self.image, self.workdir)
-            self.disk_path = self._machine.disk_path
-            sock = self._machine.connect(timeout=10.0)
-            self._channel = Channel(sock, self._machine.alive, max_body=2 * self.config.max_output + 4096)
-            self._handshake(t0)
-            self._setup()
+            if self._wants_snapshot(driver):
+                try:
+                    self._start_clone(driver, t0)  # type: ignore[arg-type]
+                except (SnapshotError, BootError, GuestDied, ProtocolError) as exc:
+                    warnings.warn(f"{self.name}: starting from a snapshot failed ({exc}); cold-booting "
+                                  f"instead", SnapshotWarning, stacklevel=2)
+                    self._discard_attempt()
+                    self._start_cold(driver, t0)
+            else:
+                self._start_cold(driver, t0)
         except BaseException:
             self._state = "failed"
             self._teardown()
@@ -204,14 +226,99 @@ class SmolVM:
         self.boot_time = time.monotonic() - t0
         return self
 
-    def _handshake(self, t0: float) -> None:
+    def _wants_snapshot(self, driver: Driver) -> bool:
+        return (self.config.snapshot and self.config.disk_mode == "isolated"
+                and isinstance(driver, SnapshotDriver))
+
+    def _start_cold(self, driver: Driver, t0: float) -> None:
+        assert self.image is not None
+        self._machine = driver.launch(self.config, self.image, self.workdir)
+        self.disk_path = self._machine.disk_path
+        self._open_channel(t0, self.config.boot_timeout)
+        grow = bool(self.config.disk_size_mib and self.config.disk_size_mib > self.image.rootfs_mib)
+        self._setup(grow_root=grow)
+        self.boot_mode = "cold"
+
+    def _start_clone(self, driver: SnapshotDriver, t0: float) -> None:
+        assert self.image is not None
+        store = default_store()
+        key = driver.snapshot_key(self.config, self.image)
+        try:
+            snap = store.lookup(key)
+        except SnapshotError:
+            store.discard(key)  # corrupt: this VM cold-boots, the next one rebuilds it
+            raise
+        if snap is None:
+            snap = store.create(key, lambda target: self._build_template(driver, target))
+        try:
+            boot_log = (snap / "console.log").read_text(errors="replace")
+        except OSError:
+            boot_log = ""
+        self._console_prefix = f"{boot_log}--- {self.name}: restored from snapshot {key} ---\n"
+        self._machine = driver.launch_clone(self.config, self.image, snap, self.workdir)
+        self.disk_path = self._machine.disk_path
+        self._open_channel(time.monotonic(), min(self.config.boot_timeout, RESTORE_TIMEOUT))
+        self._setup(grow_root=False)
+        self.boot_mode = "snapshot"
+
+    def _build_template(self, driver: SnapshotDriver, target: Path) -> None:
+        """Cold-boot a template into ``target``, bring it to the state every clone starts
+        from (root grown, disk synced, agent idle), and save it."""
+        assert self.image is not None
+        tdir = self.workdir / "template"
+        tdir.mkdir()
+        machine = driver.launch_template(self.config, self.image, tdir, target)
+        try:
+            sock = machine.connect(timeout=10.0)
+            chan = Channel(sock, machine.alive, max_body=1 << 20)
+            try:
+                chan.call({"op": "hello"}, timeout=self.config.boot_timeout)
+                if self.config.disk_size_mib and self.config.disk_size_mib > self.image.rootfs_mib:
+                    reply, _ = chan.call({"op": "setup", "grow_root": True}, timeout=120)
+                    if reply.get("resize", {}).get("exit_code"):
+                        raise SnapshotError(f"growing the template's root failed: {reply['resize']}")
+                chan.call({"op": "sync"}, timeout=60)
+            except (ReplyTimeout, ChannelClosed, ProtocolError) as exc:
+                raise SnapshotError(f"the snapshot template did not come up ({exc}): "
+                                    f"{machine.diagnostics()}") from None
+            finally:
+                chan.close()
+            driver.save_snapshot(machine, target)
+            shutil.copyfile(machine.console_path, target / "console.log")
+        finally:
+            machine.kill()
+            shutil.rmtree(tdir, ignore_errors=True)
+
+    def _discard_attempt(self) -> None:
+        """Undo a failed clone attempt, keeping the VM directory for the cold boot."""
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+        if self._machine is not None:
+            self._machine.kill()
+            self._machine = None
+        self._console_prefix = ""
+        for child in self.workdir.iterdir():
+            if child.name != "owner.json":
+                if child.is_dir():
+                    shutil.rmtree(child, ignore_errors=True)
+                else:
+                    child.unlink(missing_ok=True)
+
+    def _open_channel(self, t0: float, timeout: float) -> None:
+        assert self._machine is not None
+        sock = self._machine.connect(timeout=10.0)
+        self._channel = Channel(sock, self._machine.alive, max_body=2 * self.config.max_output + 4096)
+        self._handshake(t0, timeout)
+
+    def _handshake(self, t0: float, timeout: float) -> None:
         assert self._channel is not None
-        remaining = self.config.boot_timeout - (time.monotonic() - t0)
+        remaining = timeout - (time.monotonic() - t0)
         try:
             self._channel.call({"op": "hello"}, timeout=max(remaining, 1.0))
         except ReplyTimeout:
             raise BootError(f"{self.name}: the guest agent did not answer within "
-                            f"{self.config.boot_timeout:.0f}s (accel {self.accel.name if self.accel else '?'})",
+                            f"{timeout:.0f}s (accel {self.accel.name if self.accel else '?'})",
                             self._console_tail()) from None
         except (ChannelClosed, ProtocolError) as exc:
             raise BootError(f"{self.name}: the VM stopped while booting ({exc}); "
@@ -219,11 +326,13 @@ class SmolVM:
                             f"{self._machine.diagnostics() if self._machine else ''}",
                             self._console_tail()) from None
 
-    def _setup(self) -> None:
+    def _setup(self, *, grow_root: bool) -> None:
+        """Make the guest current and unique: clock, RNG reseed, hostname, machine-id (and
+        grow the root filesystem on a cold boot). Clones of one snapshot share RAM up to here."""
         assert self.image is not None
         req: dict[str, Any] = {"op": "setup", "time_ns": time.time_ns(),
-                               "hostname": f"smolvm-{self.name}"}
-        if self.config.disk_size_mib and self.config.disk_size_mib > self.image.rootfs_mib:
+                               "hostname": f"smolvm-{self.name}", "machine_id": secrets.token_hex(16)}
+        if grow_root:
             req["grow_root"] = True
         reply, _ = self._call(req, secrets.token_bytes(64), timeout=60.0, what="guest setup")
         if "error" in reply:
@@ -282,11 +391,11 @@ class SmolVM:
 
     def _read_console(self) -> str:
         if self._machine is None:
-            return ""
+            return self._console_prefix
         try:
-            return self._machine.console_path.read_text(errors="replace")
+            return self._console_prefix + self._machine.console_path.read_text(errors="replace")
         except OSError:
-            return self._console_cache or ""
+            return self._console_cache or self._console_prefix
 
     @property
     def console_log(self) -> str:

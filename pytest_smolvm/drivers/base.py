@@ -72,3 +72,20 @@ class Driver(Protocol):
 
     def launch(self, config: VMConfig, image: Image, workdir: Path) -> Machine:
         """Prepare the VM's disk in ``workdir`` and start the VMM; cleans up after itself on failure."""
+
+
+@runtime_checkable
+class SnapshotDriver(Protocol):
+    """A driver that can snapshot a booted guest and restore clones of it."""
+
+    def snapshot_key(self, config: VMConfig, image: Image) -> str:
+        """Identity of the snapshot a VM with ``config`` would restore from."""
+
+    def launch_template(self, config: VMConfig, image: Image, workdir: Path, target: Path) -> Machine:
+        """Cold-boot a VM whose RAM and disk can be saved into ``target`` (sockets in ``workdir``)."""
+
+    def save_snapshot(self, machine: Machine, target: Path) -> None:
+        """Save the template's state into ``target`` and stop it for good."""
+
+    def launch_clone(self, config: VMConfig, image: Image, snapshot: Path, workdir: Path) -> Machine:
+        """Start a VM restored from ``snapshot``, with its own disk overlay in ``workdir``."""

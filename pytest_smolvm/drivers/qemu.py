@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import shlex
 import signal
 import socket
 import subprocess
@@ -27,6 +28,7 @@ from ..errors import BootError, ConfigError
 from ..images import Image
 from ..paths import cache_dir
 from .base import Accel, guest_flags
+from .qmp import QMP
 
 TCG_CPU = "qemu64,+rdrand,+arat"
 CONTROL_PORT = "smolvm.ctl"
@@ -85,10 +87,20 @@ def qemu_argv(
     control: Path,
     disk: Path | None,
     disk_format: str = "qcow2",
+    qmp: Path | None = None,
+    memory_file: Path | None = None,
+    memory_shared: bool = False,
+    incoming: bool = False,
 ) -> list[str]:
-    """Full QEMU argv for one microVM (pure)."""
+    """Full QEMU argv for one microVM (pure).
+
+    ``memory_file`` backs guest RAM with a file: ``memory_shared=True`` for a snapshot
+    template (guest writes reach the file), False for a clone (a private copy-on-write view).
+    ``incoming`` waits for a migration stream (a snapshot restore) started over QMP.
+    """
+    machine = "microvm" if memory_file is None else "microvm,memory-backend=mem"
     argv = [
-        binary, "-M", "microvm", *accel_args(accel),
+        binary, "-M", machine, *accel_args(accel),
         "-smp", str(vcpus), "-m", str(memory_mib),
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline,
@@ -103,6 +115,13 @@ def qemu_argv(
             "-drive", f"id=root,file={_opt(disk)},format={disk_format},if=none,cache={cache},discard=unmap",
             "-device", "virtio-blk-device,drive=root",
         ]
+    if memory_file is not None:
+        argv += ["-object", f"memory-backend-file,id=mem,size={memory_mib}M,mem-path={_opt(memory_file)},"
+                            f"share={'on' if memory_shared else 'off'}"]
+    if qmp is not None:
+        argv += ["-qmp", f"unix:{_opt(qmp)},server=on,wait=off"]
+    if incoming:
+        argv += ["-incoming", "defer"]
     return argv
 
 
@@ -123,6 +142,7 @@ class QemuMachine:
         self.console_path = workdir / "console.log"
         self.control_path = workdir / "ctl.sock"
         self.stderr_path = workdir / "qemu.log"
+        self.qmp_path = workdir / "qmp.sock"
         self.disk_path = disk
 
     def connect(self, timeout: float) -> socket.socket:
@@ -216,16 +236,18 @@ class QemuDriver:
             raise BootError(f"qemu-img could not create the disk overlay: {res.stderr.strip()}")
         return overlay, "qcow2"
 
-    def launch(self, config: VMConfig, image: Image, workdir: Path) -> QemuMachine:
-        accel = self.select_accel(config.accel, image)
-        disk, fmt = self.prepare_disk(config, image, workdir)
-        argv = qemu_argv(
+    def _argv(self, config: VMConfig, image: Image, workdir: Path, accel: Accel, disk: Path | None,
+              fmt: str = "qcow2", **extra: object) -> list[str]:
+        return qemu_argv(
             binary=self.binary, accel=accel.name, vcpus=config.vcpus, memory_mib=config.memory_mib,
             kernel=image.kernel, initrd=image.initrd,
             cmdline=kernel_cmdline(accel.name, host.host_tsc_khz(),
                                    [*guest_flags(config, accel), *self.extra_cmdline], config.vcpus),
             console=workdir / "console.log", control=workdir / "ctl.sock", disk=disk, disk_format=fmt,
+            qmp=workdir / "qmp.sock", **extra,  # type: ignore[arg-type]
         )
+
+    def _spawn(self, argv: list[str], accel: Accel, workdir: Path, disk: Path) -> QemuMachine:
         with open(workdir / "qemu.log", "wb") as log:
             proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
@@ -234,6 +256,84 @@ class QemuDriver:
             )
         (workdir / "qemu.pid").write_text(str(proc.pid))
         return QemuMachine(proc, accel, workdir, disk)
+
+    def launch(self, config: VMConfig, image: Image, workdir: Path) -> QemuMachine:
+        accel = self.select_accel(config.accel, image)
+        disk, fmt = self.prepare_disk(config, image, workdir)
+        return self._spawn(self._argv(config, image, workdir, accel, disk, fmt), accel, workdir, disk)
+
+    # ------------------------------------------------------------- snapshots
+
+    def snapshot_key(self, config: VMConfig, image: Image) -> str:
+        """Identity of a snapshot: everything that shapes guest RAM and device state.
+
+        The full argv with this VM's paths replaced by placeholders, plus the QEMU version
+        and the image's boot identity. Anything that changes them gets a new snapshot.
+        """
+        accel = self.select_accel(config.accel, image)
+        placeholder = Path("/SNAP")
+        argv = self._argv(config, image, placeholder, accel, placeholder / "disk.qcow2",
+                          memory_file=placeholder / "mem")
+        blob = json.dumps({"argv": argv, "qemu": host.qemu_version(self.binary), "image": image.id,
+                           "disk_size_mib": config.disk_size_mib, "format": 1})
+        return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+    def launch_template(self, config: VMConfig, image: Image, workdir: Path, target: Path) -> QemuMachine:
+        """Cold-boot a VM whose RAM (shared) and disk live in ``target``, to be snapshotted.
+        Sockets and logs stay in ``workdir`` (short AF_UNIX paths)."""
+        accel = self.select_accel(config.accel, image)
+        disk, fmt = self.prepare_disk(config, image, target)
+        argv = self._argv(config, image, workdir, accel, disk, fmt, memory_file=target / "mem",
+                          memory_shared=True)
+        return self._spawn(argv, accel, workdir, disk)
+
+    def save_snapshot(self, machine: QemuMachine, target: Path) -> None:
+        """Save device state to ``target/state`` (RAM is already in ``target/mem``), then stop
+        the template for good: it must never run again, or it would change the shared RAM."""
+        qmp = QMP(machine.qmp_path)
+        try:
+            qmp.command("migrate-set-capabilities",
+                        capabilities=[{"capability": "x-ignore-shared", "state": True}])
+            qmp.command("stop")
+            qmp.command("migrate", uri=f"exec:cat > {shlex.quote(str(target / 'state'))}")
+            qmp.wait_migration(60)
+        finally:
+            qmp.close()
+            machine.kill()
+
+    def launch_clone(self, config: VMConfig, image: Image, snapshot: Path, workdir: Path) -> QemuMachine:
+        """Restore a snapshot: private copy-on-write RAM, a fresh overlay on the snapshot's disk."""
+        accel = self.select_accel(config.accel, image)
+        overlay = workdir / "disk.qcow2"
+        res = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
+                              str(snapshot / "disk.qcow2"), str(overlay)], capture_output=True, text=True)
+        if res.returncode != 0:
+            raise BootError(f"qemu-img could not create the clone overlay: {res.stderr.strip()}")
+        argv = self._argv(config, image, workdir, accel, overlay, memory_file=snapshot / "mem",
+                          memory_shared=False, incoming=True)
+        machine = self._spawn(argv, accel, workdir, overlay)
+        try:
+            qmp = QMP(machine.qmp_path)
+            try:
+                qmp.command("migrate-set-capabilities",
+                            capabilities=[{"capability": "x-ignore-shared", "state": True}])
+                qmp.command("migrate-incoming", uri=f"exec:cat {shlex.quote(str(snapshot / 'state'))}")
+                deadline = time.monotonic() + 30
+                while (status := qmp.command("query-status")["status"]) == "inmigrate":
+                    if time.monotonic() > deadline:
+                        raise BootError("snapshot restore did not finish within 30s")
+                    time.sleep(0.002)
+                if status != "running":
+                    qmp.command("cont")
+            finally:
+                qmp.close()
+        except BaseException as exc:
+            diag = machine.diagnostics()
+            machine.kill()
+            if isinstance(exc, BootError) and diag:
+                raise BootError(f"{exc}; QEMU said: {diag}") from None
+            raise
+        return machine
 
 
 def shared_disk(image: Image, size_mib: int | None) -> Path:

@@ -312,7 +312,11 @@ def do_setup(req: dict[str, Any], seed: bytes) -> dict[str, Any]:
                 fcntl.ioctl(f, RNDRESEEDCRNG)
             except OSError:
                 f.write(seed)
+    if req.get("machine_id"):
+        with open("/etc/machine-id", "w") as f:
+            f.write(req["machine_id"] + "\n")
     if req.get("hostname"):
+        log(f"setup: hostname {req['hostname']}")
         with open("/proc/sys/kernel/hostname", "w") as f:
             f.write(req["hostname"])
         with open("/etc/hostname", "w") as f:

@@ -89,7 +89,7 @@ def test_retain_disk_on_delete_keeps_the_overlay() -> None:
 
 
 def test_boot_failure_is_boot_error_with_console_tail_and_no_leftovers() -> None:
-    vm = SmolVM(VMConfig(boot_timeout=60), driver=QemuDriver(extra_cmdline=["rdinit=/nonexistent"]))
+    vm = SmolVM(VMConfig(boot_timeout=60, snapshot=False), driver=QemuDriver(extra_cmdline=["rdinit=/nonexistent"]))
     with pytest.raises(BootError) as info:
         vm.start()
     assert "Kernel panic" in info.value.console_tail

@@ -1,0 +1,160 @@
+"""A warm pool: while a test runs, the next VM of the same shape is already being started.
+
+The pool works in one long-lived thread. That matters: QEMU is started with
+``PR_SET_PDEATHSIG``, which fires when the *thread* that started it exits, so VMs must not be
+started from short-lived threads. A pooled VM is started (normally as a snapshot clone) and
+warmed up: one ``sh -c true`` translates the exec path under TCG, so the test's first command
+doesn't pay for it. The pool never starts a VM the host cannot afford (:func:`capacity_allows`);
+a test that finds no ready VM starts its own in its own thread, as if there were no pool.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+import threading
+from typing import Any
+
+from .config import VMConfig
+from .drivers import Driver
+from .errors import SmolVMError
+from .vm import SmolVM, live_vm_count
+
+#: Host memory kept free beyond the guests' own RAM (MiB), and the per-VM VMM overhead
+#: (TCG's translation cache dominates: ~120 MiB measured).
+RESERVE_MIB = 1024
+VMM_OVERHEAD_MIB = 160
+
+
+def mem_available_mib() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return None
+
+
+def capacity_allows(memory_mib: int) -> bool:
+    """Whether one more VM of ``memory_mib`` fits in the host's RAM and CPUs."""
+    avail = mem_available_mib()
+    if avail is not None and avail < memory_mib + VMM_OVERHEAD_MIB + RESERVE_MIB:
+        return False
+    return live_vm_count() < 4 * (os.cpu_count() or 1)
+
+
+def config_key(config: VMConfig) -> str:
+    """A stable key for configs that produce interchangeable VMs."""
+    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    fields["env"] = dict(sorted(config.env.items()))
+    return json.dumps(fields, sort_keys=True, default=list)
+
+
+class VMPool:
+    """Keeps up to ``size`` started VMs ready per config. ``size=0`` disables pre-starting."""
+
+    def __init__(self, size: int = 1, warmup: str | None = "true") -> None:
+        self.size = size
+        self.warmup = warmup
+        self._ready: dict[str, collections.deque[SmolVM]] = collections.defaultdict(collections.deque)
+        self._wanted: collections.OrderedDict[str, tuple[VMConfig, Driver]] = collections.OrderedDict()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._busy = False
+        self._inflight: str | None = None
+        self.errors: list[BaseException] = []
+        self.stats = {"hits": 0, "misses": 0, "prestarted": 0}
+        self._thread: threading.Thread | None = None
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None and self.size > 0:
+            self._thread = threading.Thread(target=self._loop, name="smolvm-pool", daemon=True)
+            self._thread.start()
+
+    def acquire(self, config: VMConfig, driver: Driver, **kw: Any) -> SmolVM:
+        """A started VM for ``config``: a ready one from the pool, else one started now.
+
+        Either way the pool is asked to have the next one ready.
+        """
+        key = config_key(config)
+        with self._cond:
+            vm = None
+            # The pool is starting exactly this shape right now: starting a second one in
+            # parallel would only compete with it for the CPU, so wait for it.
+            self._cond.wait_for(lambda: self._inflight != key or bool(self._ready[key]), timeout=120)
+            while self._ready[key]:
+                candidate = self._ready[key].popleft()
+                if candidate.alive:
+                    vm = candidate
+                    break
+                candidate.close()
+            if self.size > 0 and not self._closed:
+                self._wanted[key] = (config, driver)
+                self._wanted.move_to_end(key)
+                self._ensure_thread()
+                self._cond.notify_all()
+        if vm is not None:
+            self.stats["hits"] += 1
+            return vm
+        self.stats["misses"] += 1
+        return SmolVM(config, driver=driver, **kw).start()
+
+    def _next_job(self) -> tuple[str, VMConfig, Driver] | None:
+        for key, (config, driver) in reversed(self._wanted.items()):
+            if len(self._ready[key]) < self.size:
+                return key, config, driver
+        return None
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and ((job := self._next_job()) is None
+                                            or not capacity_allows(job[1].memory_mib)):
+                    self._cond.wait(timeout=0.5)
+                if self._closed or job is None:
+                    return
+                self._busy = True
+                self._inflight = job[0]
+            key, config, driver = job
+            try:
+                vm = SmolVM(config, driver=driver).start()
+                if self.warmup:
+                    vm.run(self.warmup)
+                    vm.transcript.clear()
+            except SmolVMError as exc:
+                # The test that asks next starts its own VM and meets the error itself.
+                self.errors.append(exc)
+                with self._cond:
+                    self._wanted.pop(key, None)
+                    self._busy, self._inflight = False, None
+                    self._cond.notify_all()
+                continue
+            with self._cond:
+                self._busy, self._inflight = False, None
+                if self._closed:
+                    vm.close()
+                    return
+                self._ready[key].append(vm)
+                self.stats["prestarted"] += 1
+                self._cond.notify_all()
+
+    def wait_idle(self, timeout: float = 60.0) -> bool:
+        """Block until the pool has nothing left to start (benchmarks and tests)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._busy and self._next_job() is None, timeout=timeout)
+
+    def close(self) -> None:
+        """Stop pre-starting and close every idle VM. Idempotent."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            idle = [vm for q in self._ready.values() for vm in q]
+            self._ready.clear()
+        if self._thread is not None:
+            self._thread.join(timeout=120)
+        for vm in idle:
+            vm.close()

@@ -1,0 +1,135 @@
+"""Golden snapshots: one booted guest saved per VM shape, restored as copy-on-write clones.
+
+A snapshot directory holds ``mem`` (guest RAM, mapped privately by every clone), ``state``
+(device state, ~60 KB), ``disk.qcow2`` (the disk as the snapshot saw it; every clone
+overlays it) and ``meta.json`` (sizes and sha256 of each). It is built once under a file
+lock, so xdist workers build it once, published by an atomic rename, and never changed
+afterwards. Its key comes from the driver and covers everything that shapes guest RAM and
+device state (image, QEMU version, argv shape), so a changed image gets a new snapshot.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from .errors import SmolVMError
+from .paths import cache_dir
+
+FILES = ("mem", "state", "disk.qcow2")
+
+
+class SnapshotError(SmolVMError):
+    """A snapshot is missing, corrupt or could not be built (callers fall back to cold boot)."""
+
+
+class SnapshotWarning(UserWarning):
+    """A VM was cold-booted because its snapshot could not be used; the message says why."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class SnapshotStore:
+    """Snapshots under ``<cache>/snapshots/<key>``."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = root or cache_dir() / "snapshots"
+        self._verified: set[tuple[object, ...]] = set()
+        self._lock = threading.Lock()
+
+    def path(self, key: str) -> Path:
+        return self.root / key
+
+    def lookup(self, key: str) -> Path | None:
+        """The snapshot for ``key`` if it exists; raises SnapshotError if it is corrupt.
+
+        Sizes are checked every time; contents (sha256) once per process for each version of
+        the files (a file written since it was verified is verified again).
+        """
+        d = self.path(key)
+        try:
+            meta = json.loads((d / "meta.json").read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise SnapshotError(f"snapshot {d} has an unreadable meta.json: {exc}") from exc
+        for name in FILES:
+            try:
+                size = (d / name).stat().st_size
+            except OSError:
+                raise SnapshotError(f"snapshot {d} is missing {name}") from None
+            if size != meta["files"][name]["size"]:
+                raise SnapshotError(f"snapshot file {d / name} has {size} bytes, expected "
+                                    f"{meta['files'][name]['size']}")
+        stamp = (key, *((st.st_size, st.st_mtime_ns) for st in (os.stat(d / n) for n in FILES)))
+        with self._lock:
+            if stamp not in self._verified:
+                for name in FILES:
+                    if _sha256(d / name) != meta["files"][name]["sha256"]:
+                        raise SnapshotError(f"snapshot file {d / name} does not match its sha256 (corrupt)")
+                self._verified.add(stamp)
+        return d
+
+    def create(self, key: str, build: Callable[[Path], None]) -> Path:
+        """Return the snapshot for ``key``, building it with ``build(target_dir)`` if needed."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            with FileLock(str(self.root / f"{key}.lock"), timeout=600):
+                existing = self.lookup(key)
+                if existing is not None:
+                    return existing
+                tmp = self.root / f".build-{key}-{os.getpid()}-{threading.get_ident()}"
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+                try:
+                    build(tmp)
+                    files = {n: {"size": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)} for n in FILES}
+                    (tmp / "meta.json").write_text(json.dumps({"key": key, "created": time.time(),
+                                                               "files": files}, indent=2))
+                    os.rename(tmp, self.path(key))
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)
+        except Timeout as exc:
+            raise SnapshotError(f"another process holds {exc.lock_file} for over 10 minutes") from exc
+        found = self.lookup(key)
+        assert found is not None
+        return found
+
+    def discard(self, key: str) -> None:
+        """Remove a snapshot (e.g. found corrupt); the next VM rebuilds it."""
+        shutil.rmtree(self.path(key), ignore_errors=True)
+
+    def prune(self) -> int:
+        """Remove every snapshot; they are rebuilt on demand. Returns how many were removed."""
+        if not self.root.is_dir():
+            return 0
+        n = 0
+        for d in self.root.iterdir():
+            if d.is_dir():
+                shutil.rmtree(d, ignore_errors=True)
+                n += 1
+        return n
+
+
+_default: SnapshotStore | None = None
+
+
+def default_store() -> SnapshotStore:
+    global _default
+    if _default is None or _default.root != cache_dir() / "snapshots":
+        _default = SnapshotStore()
+    return _default
