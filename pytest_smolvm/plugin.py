@@ -136,10 +136,9 @@ class SmolVMPlugin:
         driver = self.config.hook.pytest_smolvm_make_driver(config=cfg, pytestconfig=self.config)
         if request.scope == "function":
             vm = self.pool.acquire(cfg, driver)
+            request.node.stash.setdefault(VMS_KEY, []).append((vm, 0))
         else:
             vm = SmolVM(cfg, driver=driver).start()
-        if request.scope == "function":
-            request.node.stash.setdefault(VMS_KEY, []).append((vm, 0))
         try:
             self.config.hook.pytest_smolvm_ready(vm=vm, request=request)
         except BaseException:

@@ -11,8 +11,8 @@ import errno
 import hashlib
 import json
 import os
-import shutil
 import shlex
+import shutil
 import signal
 import socket
 import subprocess

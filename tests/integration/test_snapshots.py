@@ -8,12 +8,12 @@ import warnings
 from pathlib import Path
 
 import pytest
+from tests_paths import REAL_CACHE
 
 from pytest_smolvm import SmolVM, VMConfig, snapshots
 from pytest_smolvm.drivers.qemu import QemuDriver
 from pytest_smolvm.images import recipe, resolve, store
 from pytest_smolvm.pool import VMPool, capacity_allows
-from tests_paths import REAL_CACHE
 
 
 @pytest.fixture
@@ -101,9 +101,13 @@ def test_corrupt_snapshot_falls_back_to_cold_boot_with_warning(
     with open(path, "r+b") as f:  # same size, different bytes
         f.seek(path.stat().st_size // 2)
         f.write(b"\xde\xad\xbe\xef" * 8)
-    with pytest.warns(snapshots.SnapshotWarning, match="sha256"), SmolVM() as vm:
+    with pytest.warns(snapshots.SnapshotWarning, match="sha256"):
+        vm = SmolVM().start()
+    try:
         assert vm.boot_mode == "cold"
         assert vm.run("echo ok").stdout == "ok\n"
+    finally:
+        vm.close()
     assert not fresh_store.path(key).exists()  # discarded; the next VM rebuilds it
     with warnings.catch_warnings():
         warnings.simplefilter("error", snapshots.SnapshotWarning)
