@@ -64,6 +64,13 @@ def _cmd_image_prune(args: argparse.Namespace) -> int:
             shutil.rmtree(path)
         removed += 1
     print(f"{removed} image build(s) {'would be ' if args.dry_run else ''}removed")
+    from .snapshots import default_store
+
+    store = default_store()
+    snaps = [d for d in store.root.iterdir() if d.is_dir()] if store.root.is_dir() else []
+    if not args.dry_run:
+        store.prune()
+    print(f"{len(snaps)} snapshot(s) {'would be ' if args.dry_run else ''}removed (rebuilt on demand)")
     return 0
 
 
