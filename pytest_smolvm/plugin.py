@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import warnings
 from collections.abc import Generator
 from typing import Any
 
@@ -12,10 +13,11 @@ import pytest
 from . import hookspecs
 from .config import VMConfig, config_from_layers
 from .drivers import Driver, default_driver
-from .errors import ConfigError, SmolVMError
+from .errors import BootError, ConfigError, SmolVMError
 from .fixtures import smolvm, smolvm_config, smolvm_factory, smolvm_session
 from .markers import MARKER_DOC, marker_layers
 from .pool import VMPool
+from .reaper import Leftover, reap
 from .reporting import sanitize, tail
 from .settings import OPTIONS, exceeds_ceiling, network_ceiling, session_layers
 from .vm import SmolVM, current_run_id, set_run_id
@@ -63,6 +65,9 @@ def pytest_configure(config: pytest.Config) -> None:
         state = SmolVMPlugin(config)
     except ConfigError as exc:
         raise pytest.UsageError(f"pytest-smolvm: {exc}") from None
+    if workerinput is None:
+        # Leftovers of runs whose owner died (kill -9, OOM, CI timeout); never a live run's.
+        state.reaped = reap()
     config.pluginmanager.register(state, PLUGIN_NAME)
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(_XdistHooks(), "smolvm-xdist")
@@ -90,6 +95,7 @@ class SmolVMPlugin:
         self.drivers: dict[str, Driver] = {}
         self.pool = VMPool(size=_pool_size(config))
         self.kept: list[tuple[str, SmolVM]] = []
+        self.reaped: list[Leftover] = []
         self.session_cfg = config_from_layers(self.layers)
 
     # ------------------------------------------------------------- configs
@@ -134,17 +140,30 @@ class SmolVMPlugin:
 
     def start_vm(self, request: pytest.FixtureRequest, cfg: VMConfig) -> SmolVM:
         driver = self.config.hook.pytest_smolvm_make_driver(config=cfg, pytestconfig=self.config)
+        vm = self._start_with_retry(request, cfg, driver)
         if request.scope == "function":
-            vm = self.pool.acquire(cfg, driver)
             request.node.stash.setdefault(VMS_KEY, []).append((vm, 0))
-        else:
-            vm = SmolVM(cfg, driver=driver).start()
         try:
             self.config.hook.pytest_smolvm_ready(vm=vm, request=request)
         except BaseException:
             vm.close()
             raise
         return vm
+
+    def _start_with_retry(self, request: pytest.FixtureRequest, cfg: VMConfig, driver: Driver) -> SmolVM:
+        """Start a VM; an infrastructure failure (the VM did not come up) is retried once on
+        a fresh VM. Errors in the test's own use of a VM are never retried."""
+        for attempt in (1, 2):
+            try:
+                if request.scope == "function":
+                    return self.pool.acquire(cfg, driver)
+                return SmolVM(cfg, driver=driver).start()
+            except BootError as exc:
+                if attempt == 2:
+                    raise
+                warnings.warn(f"pytest-smolvm: VM failed to boot, retrying once on a fresh VM: "
+                              f"{str(exc).splitlines()[0]}", stacklevel=2)
+        raise AssertionError("unreachable")
 
     def finish_vm(self, request: pytest.FixtureRequest, vm: SmolVM) -> None:
         if self.keep_failed and request.scope == "function" and _failed(request.node) and vm.alive:
@@ -202,6 +221,9 @@ class SmolVMPlugin:
         return lines
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if self.reaped:
+            terminalreporter.write_line(f"smolvm: removed {len(self.reaped)} leftover VM(s) of dead runs "
+                                        f"({', '.join(sorted({r.run_id for r in self.reaped}))})")
         if not self.kept:
             return
         terminalreporter.section("smolvm: kept VMs of failed tests")

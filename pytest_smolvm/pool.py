@@ -47,6 +47,13 @@ def capacity_allows(memory_mib: int) -> bool:
     return live_vm_count() < 4 * (os.cpu_count() or 1)
 
 
+def poolable(config: VMConfig) -> bool:
+    """Only disposable, interchangeable VMs are started ahead: a shared disk must not be
+    mounted by the next VM while the current one still writes to it, and a VM whose disk is
+    to be retained is one the test asked for, not a spare."""
+    return config.disk_mode == "isolated" and not config.retain_disk_on_delete
+
+
 def config_key(config: VMConfig) -> str:
     """A stable key for configs that produce interchangeable VMs."""
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
@@ -92,7 +99,7 @@ class VMPool:
                     vm = candidate
                     break
                 candidate.close()
-            if self.size > 0 and not self._closed:
+            if self.size > 0 and not self._closed and poolable(config):
                 self._wanted[key] = (config, driver)
                 self._wanted.move_to_end(key)
                 self._ensure_thread()

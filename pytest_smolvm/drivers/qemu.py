@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import hashlib
 import json
 import os
-import shlex
 import shutil
 import signal
 import socket
@@ -33,6 +33,9 @@ from .qmp import QMP
 TCG_CPU = "qemu64,+rdrand,+arat"
 CONTROL_PORT = "smolvm.ctl"
 CANARY_MARK = "SMOLVM-CANARY-OK"
+#: QEMU's seccomp filter: no obsolete syscalls, no privilege changes, no spawning helpers,
+#: no scheduler/affinity changes. Migrations use fd: URIs, so nothing needs to spawn.
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 CANARY_TIMEOUT = 8.0  # a working KVM reaches the initramfs in well under 1 s
 PR_SET_PDEATHSIG = 1
 
@@ -91,6 +94,7 @@ def qemu_argv(
     memory_file: Path | None = None,
     memory_shared: bool = False,
     incoming: bool = False,
+    sandbox: bool = False,
 ) -> list[str]:
     """Full QEMU argv for one microVM (pure).
 
@@ -122,6 +126,8 @@ def qemu_argv(
         argv += ["-qmp", f"unix:{_opt(qmp)},server=on,wait=off"]
     if incoming:
         argv += ["-incoming", "defer"]
+    if sandbox:
+        argv += ["-sandbox", SANDBOX]
     return argv
 
 
@@ -244,7 +250,7 @@ class QemuDriver:
             cmdline=kernel_cmdline(accel.name, host.host_tsc_khz(),
                                    [*guest_flags(config, accel), *self.extra_cmdline], config.vcpus),
             console=workdir / "console.log", control=workdir / "ctl.sock", disk=disk, disk_format=fmt,
-            qmp=workdir / "qmp.sock", **extra,  # type: ignore[arg-type]
+            qmp=workdir / "qmp.sock", sandbox=sandbox_supported(self.binary), **extra,  # type: ignore[arg-type]
         )
 
     def _spawn(self, argv: list[str], accel: Accel, workdir: Path, disk: Path) -> QemuMachine:
@@ -295,7 +301,12 @@ class QemuDriver:
             qmp.command("migrate-set-capabilities",
                         capabilities=[{"capability": "x-ignore-shared", "state": True}])
             qmp.command("stop")
-            qmp.command("migrate", uri=f"exec:cat > {shlex.quote(str(target / 'state'))}")
+            fd = os.open(target / "state", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            try:
+                qmp.send_fd("state", fd)
+            finally:
+                os.close(fd)
+            qmp.command("migrate", uri="fd:state")
             qmp.wait_migration(60)
         finally:
             qmp.close()
@@ -317,7 +328,12 @@ class QemuDriver:
             try:
                 qmp.command("migrate-set-capabilities",
                             capabilities=[{"capability": "x-ignore-shared", "state": True}])
-                qmp.command("migrate-incoming", uri=f"exec:cat {shlex.quote(str(snapshot / 'state'))}")
+                fd = os.open(snapshot / "state", os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    qmp.send_fd("state", fd)
+                finally:
+                    os.close(fd)
+                qmp.command("migrate-incoming", uri="fd:state")
                 deadline = time.monotonic() + 30
                 while (status := qmp.command("query-status")["status"]) == "inmigrate":
                     if time.monotonic() > deadline:
@@ -334,6 +350,19 @@ class QemuDriver:
                 raise BootError(f"{exc}; QEMU said: {diag}") from None
             raise
         return machine
+
+
+@functools.cache
+def sandbox_supported(binary: str) -> bool:
+    """Whether this QEMU has seccomp (``-sandbox``): a build without it refuses the option."""
+    try:
+        res = subprocess.run([binary, "-sandbox", SANDBOX, "-M", "none", "-display", "none", "-nodefaults",
+                              "-no-user-config", "-monitor", "none", "-S", "-qmp", "stdio"],
+                             input=b'{"execute":"qmp_capabilities"}\n{"execute":"quit"}\n',
+                             capture_output=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return res.returncode == 0
 
 
 def shared_disk(image: Image, size_mib: int | None) -> Path:

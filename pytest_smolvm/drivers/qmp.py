@@ -60,6 +60,21 @@ class QMP:
                 raise BootError(f"QMP {name} failed: {msg['error'].get('desc', msg['error'])}")
             return msg.get("return")
 
+    def send_fd(self, name: str, fd: int) -> None:
+        """Hand QEMU an open file descriptor as ``name`` (``getfd`` with SCM_RIGHTS), for
+        ``fd:NAME`` migration URIs: QEMU then never has to spawn a helper, so it can run
+        under ``-sandbox spawn=deny``."""
+        req = json.dumps({"execute": "getfd", "arguments": {"fdname": name}}).encode() + b"\n"
+        socket.send_fds(self.sock, [req], [fd])
+        while True:
+            msg = self._read()
+            if "event" in msg:
+                self.events.append(msg)
+                continue
+            if "error" in msg:
+                raise BootError(f"QMP getfd failed: {msg['error'].get('desc', msg['error'])}")
+            return
+
     def wait_migration(self, timeout: float) -> dict[str, Any]:
         """Poll ``query-migrate`` until it completes; return its final status."""
         deadline = time.monotonic() + timeout

@@ -44,6 +44,16 @@ BASE_ENV = {
 }
 # Literal signal numbers (Linux, x86_64 and arm64): importing `signal` pulls in `enum`.
 SIGKILL, SIGPIPE, SIGXFSZ = 9, 13, 25
+AGENT_CGROUP = "/sys/fs/cgroup/smolvm-agent/cgroup.procs"
+# Each command gets a leaf cgroup under this one: siblings share the CPU fairly (a fork bomb
+# in one command cannot starve the next), pids.max/memory.max above cap them together, and a
+# timeout kills the command's whole tree with cgroup.kill, even processes that left its
+# process group.
+CMD_CGROUPS = "/sys/fs/cgroup/smolvm-cmd"
+TRAMPOLINE = "/run/smolvm/busybox"
+# $0 = the command's own argv[0] (for error messages), $1 = cgroup.procs, $2 = executable,
+# $3 = argv[0], the rest = arguments. `exec -a` keeps the command's argv[0].
+TRAMPOLINE_SCRIPT = 'echo $$ > "$1" && echo 0 > /proc/self/oom_score_adj && f="$2" && shift 3 && exec -a "$0" "$f" "$@"'
 RNDADDENTROPY = 0x40085203
 RNDRESEEDCRNG = 0x5207
 READ = select.POLLIN | select.POLLHUP | select.POLLERR
@@ -115,19 +125,66 @@ def which(name: str, path: str) -> str:
     raise FileNotFoundError(errno.ENOENT, "command not found", name)
 
 
-def spawn(argv: list[str], env: dict[str, str], cwd: str, fds: tuple[int, int, int]) -> int:
+def spawn(argv: list[str], env: dict[str, str], cwd: str, fds: tuple[int, int, int],
+          cgroup: str | None = None) -> int:
     """posix_spawn (vfork-fast) in a new session. posix_spawn has no chdir in Python 3.11,
     so spawns are serialised and the agent, which only uses absolute paths, changes its own
     directory around each one."""
     exe = which(argv[0], env.get("PATH", BASE_ENV["PATH"]))
+    if cgroup and os.path.exists(TRAMPOLINE):
+        # The child must be in its cgroup and back under the OOM killer *before* it runs
+        # anything (a fork bomb must not get a head start); posix_spawn cannot do that, so
+        # a static busybox shell does it and then execs the command.
+        argv = [TRAMPOLINE, "sh", "-c", TRAMPOLINE_SCRIPT, argv[0], f"{cgroup}/cgroup.procs", exe, *argv]
+        exe = TRAMPOLINE
     actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(fds)]
     with _spawn_lock:
         os.chdir(cwd)
         try:
-            return os.posix_spawn(exe, argv, env, file_actions=actions, setsid=True,
-                                  setsigdef=(SIGPIPE, SIGXFSZ))
+            pid = os.posix_spawn(exe, argv, env, file_actions=actions, setsid=True,
+                                 setsigdef=(SIGPIPE, SIGXFSZ))
         finally:
             os.chdir("/")
+    return pid
+
+
+_cg_count = 0
+
+
+def command_cgroup(rid: object) -> str | None:
+    """A fresh leaf cgroup for one command (None where cgroups are unavailable)."""
+    global _cg_count
+    _cg_count += 1
+    if _cg_count % 64 == 0:  # sweep leaves whose processes have all gone
+        try:
+            for name in os.listdir(CMD_CGROUPS):
+                if name.startswith("c-"):
+                    try:
+                        os.rmdir(f"{CMD_CGROUPS}/{name}")
+                    except OSError:
+                        pass
+        except OSError:
+            pass
+    path = f"{CMD_CGROUPS}/c-{os.getpid()}-{_cg_count}"
+    try:
+        os.mkdir(path)
+    except OSError:
+        return None
+    return path
+
+
+def kill_tree(pid: int, cgroup: str | None) -> None:
+    """SIGKILL everything the command started: its cgroup, and its process group."""
+    if cgroup:
+        try:
+            with open(f"{cgroup}/cgroup.kill", "w") as f:
+                f.write("1")
+        except OSError:
+            pass
+    try:
+        os.killpg(pid, SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _close(*fds: int) -> None:
@@ -150,10 +207,13 @@ def do_exec(chan: Channel, req: dict[str, Any], stdin_data: bytes) -> None:
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     in_r, in_w = os.pipe() if stdin_data else (os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC), -1)
+    cgroup = command_cgroup(rid)
     try:
-        pid = spawn(argv, env, cwd, (in_r, out_w, err_w))
+        pid = spawn(argv, env, cwd, (in_r, out_w, err_w), cgroup)
     except OSError as exc:
         _close(out_r, out_w, err_r, err_w, in_r, in_w)
+        if cgroup:
+            os.rmdir(cgroup)
         where = f"cwd {cwd}" if exc.filename == cwd else str(argv[0])
         msg = f"smolvm: cannot execute {where}: {exc.strerror}\n".encode()
         chan.send({"op": "result", "id": rid, "exit_code": 127 if exc.errno == errno.ENOENT else 126,
@@ -197,10 +257,7 @@ def do_exec(chan: Channel, req: dict[str, Any], stdin_data: bytes) -> None:
         events = poller.poll(wait)
         if not events and deadline is not None and time.monotonic() >= deadline:
             timed_out, deadline = True, None
-            try:
-                os.killpg(pid, SIGKILL)
-            except ProcessLookupError:
-                pass
+            kill_tree(pid, cgroup)
             continue
         for fd, _ in events:
             if fd == pidfd:
@@ -246,6 +303,11 @@ def do_exec(chan: Channel, req: dict[str, Any], stdin_data: bytes) -> None:
             except BlockingIOError:
                 pass
     _close(out_r, err_r)
+    if cgroup:
+        try:
+            os.rmdir(cgroup)  # fails while background processes live on; the sweep gets it later
+        except OSError:
+            pass
 
 
 def run_simple(argv: list[str]) -> tuple[int, str]:
@@ -377,6 +439,13 @@ def main() -> None:
     with open("/proc/self/stat") as f:
         started = int(f.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
     os.chdir("/")
+    # A memory hog or fork bomb in a test must never take the agent with it.
+    for path, value in (("/proc/self/oom_score_adj", "-1000"), (AGENT_CGROUP, str(os.getpid()))):
+        try:
+            with open(path, "w") as f:
+                f.write(value)
+        except OSError:
+            pass
     chan = Channel(os.open(find_port(), os.O_RDWR | os.O_CLOEXEC))
     log(f"ready at {_uptime():.2f}s (python started {started:.2f}s, imports done {imported:.2f}s)")
     serve(chan)

@@ -93,6 +93,20 @@ mount -t tmpfs -o mode=1777 shm /newroot/dev/shm
 mount --move /proc /newroot/proc
 mount --move /sys /newroot/sys
 echo smolvm > /newroot/proc/sys/kernel/hostname
+# Commands run in cgroup smolvm-cmd, the agent in smolvm-agent: a fork bomb or memory hog in a
+# test meets pids.max / memory.max, and the agent keeps the CPU it needs to answer.
+cg=/newroot/sys/fs/cgroup
+if mount -t cgroup2 -o favordynmods cgroup2 $cg 2>/dev/null || mount -t cgroup2 cgroup2 $cg 2>/dev/null; then
+  echo "+cpu +memory +pids" > $cg/cgroup.subtree_control
+  mkdir -p $cg/smolvm-agent $cg/smolvm-cmd
+  echo 10000 > $cg/smolvm-agent/cpu.weight
+  echo 100 > $cg/smolvm-cmd/cpu.weight
+  echo "+cpu +memory +pids" > $cg/smolvm-cmd/cgroup.subtree_control
+  echo __PIDS_MAX__ > $cg/smolvm-cmd/pids.max
+  while read k v u; do
+    if [ "$k" = MemTotal: ]; then echo $(( (v - __MEM_RESERVE_KIB__) * 1024 )) > $cg/smolvm-cmd/memory.max; fi
+  done < /newroot/proc/meminfo
+fi
 case "$cmdline" in *" smolvm.aslr=0 "*) echo 0 > /newroot/proc/sys/kernel/randomize_va_space ;; esac
 exec switch_root /newroot /run/smolvm/busybox sh /run/smolvm/init.sh
 """
@@ -116,8 +130,15 @@ def agent_sources() -> dict[str, bytes]:
     }
 
 
+#: Limits of the cgroup every command runs in.
+CMD_PIDS_MAX: Final = 1024
+CMD_MEM_RESERVE_KIB: Final = 48 * 1024  # kept for the kernel, init and the agent
+
+
 def stage1_init() -> bytes:
     return (STAGE1_INIT.replace("__MODULES__", " ".join(BOOT_MODULES))
+            .replace("__PIDS_MAX__", str(CMD_PIDS_MAX))
+            .replace("__MEM_RESERVE_KIB__", str(CMD_MEM_RESERVE_KIB))
             .replace("__NET_MODULES__", " ".join(NET_MODULES)).encode())
 
 

@@ -155,3 +155,21 @@ def test_capacity_governor_refuses_when_memory_is_short(monkeypatch: pytest.Monk
     assert not capacity_allows(256)
     monkeypatch.setattr(pool_mod, "mem_available_mib", lambda: 64 * 1024)
     assert capacity_allows(256)
+
+
+@pytest.mark.parametrize("cfg", [VMConfig(disk_mode="shared"), VMConfig(retain_disk_on_delete=True)],
+                         ids=["shared-disk", "retained-disk"])
+def test_pool_never_prestarts_shared_or_retained_disks(cfg: VMConfig) -> None:
+    pool = VMPool(size=1)
+    try:
+        vm = pool.acquire(cfg, QemuDriver())
+        disk = vm.disk_path
+        vm.close()
+        assert pool.wait_idle(30)
+        assert pool.stats["prestarted"] == 0
+    finally:
+        pool.close()
+    if cfg.retain_disk_on_delete:
+        assert vm.disk_path is not None and vm.disk_path.exists()
+        vm.disk_path.unlink()
+    assert disk is not None
