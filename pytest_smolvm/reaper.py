@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from .host import process_alive
-from .paths import runtime_dir
+from .paths import cache_dir, runtime_dir
 
 
 @dataclasses.dataclass
@@ -68,9 +68,28 @@ def find_leftovers(*, include_kept: bool = False, root: Path | None = None) -> l
     return found
 
 
-def reap(*, include_kept: bool = False, dry_run: bool = False, root: Path | None = None) -> list[Leftover]:
+def find_partial_snapshots(snapshots_root: Path | None = None) -> list[Leftover]:
+    """Snapshot builds (``.build-<key>-<pid>-<thread>``) whose builder process is dead."""
+    base = snapshots_root or cache_dir() / "snapshots"
+    found: list[Leftover] = []
+    if not base.is_dir():
+        return found
+    for d in base.glob(".build-*"):
+        try:
+            pid = int(d.name.split("-")[2])
+        except (IndexError, ValueError):
+            continue
+        if not process_alive(pid, None):
+            found.append(Leftover(d, "-", None, False, f"snapshot build by dead pid {pid}"))
+    return found
+
+
+def reap(*, include_kept: bool = False, dry_run: bool = False, root: Path | None = None,
+         snapshots_root: Path | None = None) -> list[Leftover]:
     """Kill and remove leftovers; returns what was (or, with ``dry_run``, would be) removed."""
     items = find_leftovers(include_kept=include_kept, root=root)
+    if root is None or snapshots_root is not None:
+        items += find_partial_snapshots(snapshots_root)
     if dry_run:
         return items
     for item in items:

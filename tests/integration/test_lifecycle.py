@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -170,3 +171,34 @@ def test_header_reports_accelerator_and_why(pytester: pytest.Pytester, monkeypat
         assert usable and "canary boot succeeded" in line
     else:
         assert "accel tcg" in line and ("KVM unusable" in line or "requested" in line)
+
+
+def test_concurrent_runs_never_reap_each_other(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "test_a.py").write_text(
+        "def test_long(smolvm):\n"
+        "    assert smolvm.run('sleep 12; echo survived', timeout=60).stdout == 'survived\\n'\n")
+    (tmp_path / "b" / "test_b.py").write_text("def test_short(smolvm):\n    assert smolvm.run('true').ok\n")
+    run_a, run_b = f"ca{os.getpid():x}", f"cb{os.getpid():x}"
+    base_env = {**os.environ, "SMOLVM_CACHE_DIR": str(REAL_CACHE)}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    a = subprocess.Popen([*cmd, str(tmp_path / "a")], env={**base_env, "SMOLVM_RUN_ID": run_a},
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not _qemu_procs_with(run_a):       # A's VM is up
+            assert time.monotonic() < deadline and a.poll() is None, "run A never started a VM"
+            time.sleep(0.2)
+        b = subprocess.run([*cmd, str(tmp_path / "b")], env={**base_env, "SMOLVM_RUN_ID": run_b},
+                           capture_output=True, text=True, timeout=300)
+        assert b.returncode == 0, b.stdout[-2000:]
+        reap = subprocess.run([sys.executable, "-m", "pytest_smolvm", "reap"], env=base_env,
+                              capture_output=True, text=True, timeout=60)
+        assert run_a not in reap.stdout
+        out, _ = a.communicate(timeout=300)
+        assert a.returncode == 0, out[-2000:]
+    finally:
+        if a.poll() is None:
+            a.kill()
+    assert not _qemu_procs_with(run_a) and not _qemu_procs_with(run_b)

@@ -234,3 +234,21 @@ def test_bad_qemu_pid_file(root: Path, dead_pid: int, content: str) -> None:
     assert found.vmm_pid is None
     reap(root=root)
     assert not d.exists()
+
+
+def test_partial_snapshot_builds_of_dead_processes_are_reaped(tmp_path: Path) -> None:
+    import subprocess as sp
+
+    from pytest_smolvm.reaper import find_partial_snapshots, reap
+
+    dead = sp.Popen(["true"])
+    dead.wait()
+    snaps = tmp_path / "snapshots"
+    stale = snaps / f".build-abc123-{dead.pid}-77"
+    live = snaps / f".build-abc123-{os.getpid()}-77"
+    for d in (stale, live):
+        d.mkdir(parents=True)
+        (d / "mem").write_bytes(b"x")
+    assert [x.path for x in find_partial_snapshots(snaps)] == [stale]
+    reap(root=tmp_path / "runtime", snapshots_root=snaps)
+    assert not stale.exists() and live.exists()
