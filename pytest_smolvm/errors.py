@@ -26,7 +26,14 @@ if TYPE_CHECKING:
 
 
 class SmolVMError(Exception):
-    """Base class of every error pytest-smolvm raises."""
+    """Base class of every error pytest-smolvm raises.
+
+    ``infra`` is True when the failure is the infrastructure's (the VM did not boot, the
+    VMM crashed, the agent stopped answering), not something the code under test did; the
+    pytest plugin reports such failures as ERROR, not FAILED.
+    """
+
+    infra: bool = False
 
 
 class ConfigError(SmolVMError, ValueError):
@@ -39,6 +46,8 @@ class ImageError(SmolVMError):
 
 class BootError(SmolVMError):
     """The VM failed to boot. ``console_tail`` holds the last lines of the guest console."""
+
+    infra = True
 
     def __init__(self, message: str, console_tail: str = "") -> None:
         self.console_tail = console_tail
@@ -55,9 +64,11 @@ class CommandTimeout(GuestError, TimeoutError):
     """``run()`` exceeded its timeout. The guest process group was killed."""
 
     def __init__(
-        self, message: str, *, command: str, timeout: float, stdout: str = "", stderr: str = ""
+        self, message: str, *, command: str, timeout: float, stdout: str = "", stderr: str = "",
+        infra: bool = False,
     ) -> None:
         super().__init__(message)
+        self.infra = infra
         self.command = command
         self.timeout = timeout
         self.stdout = stdout
@@ -77,10 +88,15 @@ class CommandFailed(GuestError):
 
 
 class GuestDied(GuestError):
-    """The guest stopped (panic, poweroff, VMM crash) while a call was in flight."""
+    """The guest stopped (panic, poweroff, VMM crash) while a call was in flight.
 
-    def __init__(self, message: str, console_tail: str = "") -> None:
+    ``infra`` is True when the VMM itself died (crash, or killed from outside), False when
+    the guest powered off or panicked.
+    """
+
+    def __init__(self, message: str, console_tail: str = "", *, infra: bool = False) -> None:
         self.console_tail = console_tail
+        self.infra = infra
         if console_tail:
             message = f"{message}\n--- guest console (tail) ---\n{console_tail}"
         super().__init__(message)

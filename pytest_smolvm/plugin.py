@@ -30,6 +30,7 @@ CONFIG_KEY = pytest.StashKey[VMConfig]()
 VMS_KEY = pytest.StashKey[list[tuple[SmolVM, int]]]()
 REPORTS_KEY = pytest.StashKey[dict[str, pytest.TestReport]]()
 CONSOLE_TAIL_LINES = 60
+INFRA_PROPERTY = "smolvm_infra_failure"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -187,6 +188,10 @@ class SmolVMPlugin:
     ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
         report = yield
         item.stash.setdefault(REPORTS_KEY, {})[report.when] = report
+        exc = call.excinfo.value if call.excinfo is not None else None
+        if report.failed and isinstance(exc, SmolVMError) and exc.infra:
+            # Carried in user_properties so it survives xdist's report serialisation.
+            report.user_properties.append((INFRA_PROPERTY, f"{type(exc).__name__}: {str(exc).splitlines()[0]}"))
         if report.failed:
             seen = set()
             for vm, start in item.stash.get(VMS_KEY, []):
@@ -202,6 +207,12 @@ class SmolVMPlugin:
                     report.sections.append((f"smolvm console {vm.name} (last {CONSOLE_TAIL_LINES} lines)",
                                             sanitize(tail(console, CONSOLE_TAIL_LINES))))
         return report
+
+    def pytest_report_teststatus(self, report: pytest.TestReport) -> tuple[str, str, Any] | None:
+        """Infrastructure failures (VMM crash, agent silent) are ERRORs, not test FAILUREs."""
+        if report.failed and any(k == INFRA_PROPERTY for k, _ in report.user_properties):
+            return "error", "E", ("ERROR (infrastructure)", {"red": True})
+        return None
 
     def pytest_report_header(self, config: pytest.Config) -> list[str]:
         cfg = self.session_cfg

@@ -40,6 +40,8 @@ from .snapshots import SnapshotError, SnapshotWarning, default_store
 
 #: How long a restored clone may take to answer before the VM falls back to a cold boot.
 RESTORE_TIMEOUT = 30.0
+#: How long a VMM whose control stream closed may take to exit by itself.
+EXIT_GRACE = 3.0
 #: Extra seconds the host waits past a command's timeout for the agent's (killed) reply.
 REPLY_GRACE = 10.0
 DEFAULT_GET_LIMIT = 256 * 1024 * 1024
@@ -416,14 +418,25 @@ class SmolVM:
         try:
             return self._channel.call(header, body, timeout=timeout, max_body=max_body)
         except ChannelClosed as exc:
-            status = self._machine.exit_status() if self._machine else None
-            if self._machine is not None and status is None:
-                self._machine.kill()
-                status = self._machine.exit_status()
+            status = None
+            if self._machine is not None:
+                # The control stream can close a moment before QEMU exits after a guest
+                # poweroff: give it time to exit by itself before judging how it ended.
+                deadline = time.monotonic() + EXIT_GRACE
+                while (status := self._machine.exit_status()) is None and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                if status is None:
+                    self._machine.kill()
+                    status = self._machine.exit_status()
             self._state = "dead"
-            raise GuestDied(f"{self.name}: the guest stopped during {what} ({exc}; VMM exit status "
-                            f"{status}) - it panicked, powered off or the VMM crashed",
-                            self._console_tail()) from None
+            # A guest poweroff or panic (panic=-1 reboots, -no-reboot exits) ends QEMU with 0;
+            # anything else means the VMM itself died.
+            if status == 0:
+                why = "the guest powered off or panicked"
+            else:
+                why = f"the VMM died (exit status {status}): an infrastructure failure, not the test's"
+            raise GuestDied(f"{self.name}: the guest stopped during {what}: {why} ({exc})",
+                            self._console_tail(), infra=status != 0) from None
 
     def run(
         self,
@@ -471,7 +484,7 @@ class SmolVM:
             raise CommandTimeout(
                 f"{self.name}: run({shown!r}) timed out after {limit:g}s and the guest agent did not "
                 f"confirm the kill within {REPLY_GRACE:g}s more (the guest may be overloaded)",
-                command=shown, timeout=float(limit)) from None
+                command=shown, timeout=float(limit), infra=True) from None
         except GuestDied:
             self._record(shown, "guest died", time.monotonic() - t0, b"", b"")
             raise

@@ -202,3 +202,25 @@ def test_concurrent_runs_never_reap_each_other(tmp_path: Path) -> None:
         if a.poll() is None:
             a.kill()
     assert not _qemu_procs_with(run_a) and not _qemu_procs_with(run_b)
+
+
+def test_vmm_crash_is_an_infra_error_but_guest_poweroff_is_a_failure(pytester: pytest.Pytester,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SMOLVM_CACHE_DIR", str(REAL_CACHE))
+    pytester.makepyfile("""
+        import os, signal
+
+        def test_vmm_crashes(smolvm):
+            os.kill(smolvm.pid, signal.SIGSEGV)     # as if QEMU itself crashed
+            smolvm.run("true")
+
+        def test_guest_powers_off(smolvm):
+            smolvm.run("echo o > /proc/sysrq-trigger; sleep 30")
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rA")
+    result.assert_outcomes(failed=1, errors=1)
+    result.stdout.fnmatch_lines(["ERROR (infrastructure)*test_vmm_crashes*",
+                                 "FAILED*test_guest_powers_off*"])
+    out = result.stdout.str()
+    assert "the VMM died (exit status -11): an infrastructure failure" in out
+    assert "the guest powered off or panicked" in out
