@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Cold boot -> first command, warm run("true") round trip, and its ratio to a host
-subprocess, all measured side by side in one run.
+subprocess, all measured side by side in one run (cold-booted VMs, no snapshot; see
+benchmarks/clone.py for snapshot clones).
 
     python benchmarks/boot.py [--boots 5] [--runs 50] [--accel auto]
 """
@@ -21,7 +22,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--accel", default="auto")
     args = ap.parse_args()
-    cfg = VMConfig(accel=args.accel)
+    # Cold boot, no snapshot: this measures booting; benchmarks/clone.py measures clones.
+    cfg = VMConfig(accel=args.accel, snapshot=False)
 
     boots = []
     for _ in range(args.boots):

@@ -10,6 +10,8 @@ Semantics the host relies on:
   when its pipes close: background processes it started keep running and never hold up the
   reply. Their later output is read and discarded, so they never die of SIGPIPE.
 - Each command runs in its own session; on timeout the whole process group gets SIGKILL.
+- The agent and its commands share the cgroup ``smolvm`` (pids.max, memory.max). The agent
+  keeps priority with nice -20 (commands start at 0) and an OOM score of -1000.
 - Output is capped per stream at the requested ``max_output``; the rest is read and dropped
   (so the guest process is never blocked on a full pipe) and the reply says it was truncated.
 - ``env`` arrives over the channel and is only ever held in memory.
@@ -44,16 +46,7 @@ BASE_ENV = {
 }
 # Literal signal numbers (Linux, x86_64 and arm64): importing `signal` pulls in `enum`.
 SIGKILL, SIGPIPE, SIGXFSZ = 9, 13, 25
-AGENT_CGROUP = "/sys/fs/cgroup/smolvm-agent/cgroup.procs"
-# Each command gets a leaf cgroup under this one: siblings share the CPU fairly (a fork bomb
-# in one command cannot starve the next), pids.max/memory.max above cap them together, and a
-# timeout kills the command's whole tree with cgroup.kill, even processes that left its
-# process group.
-CMD_CGROUPS = "/sys/fs/cgroup/smolvm-cmd"
-TRAMPOLINE = "/run/smolvm/busybox"
-# $0 = the command's own argv[0] (for error messages), $1 = cgroup.procs, $2 = executable,
-# $3 = argv[0], the rest = arguments. `exec -a` keeps the command's argv[0].
-TRAMPOLINE_SCRIPT = 'echo $$ > "$1" && echo 0 > /proc/self/oom_score_adj && f="$2" && shift 3 && exec -a "$0" "$f" "$@"'
+CGROUP = "/sys/fs/cgroup/smolvm/cgroup.procs"
 RNDADDENTROPY = 0x40085203
 RNDRESEEDCRNG = 0x5207
 READ = select.POLLIN | select.POLLHUP | select.POLLERR
@@ -125,18 +118,11 @@ def which(name: str, path: str) -> str:
     raise FileNotFoundError(errno.ENOENT, "command not found", name)
 
 
-def spawn(argv: list[str], env: dict[str, str], cwd: str, fds: tuple[int, int, int],
-          cgroup: str | None = None) -> int:
+def spawn(argv: list[str], env: dict[str, str], cwd: str, fds: tuple[int, int, int]) -> int:
     """posix_spawn (vfork-fast) in a new session. posix_spawn has no chdir in Python 3.11,
     so spawns are serialised and the agent, which only uses absolute paths, changes its own
     directory around each one."""
     exe = which(argv[0], env.get("PATH", BASE_ENV["PATH"]))
-    if cgroup and os.path.exists(TRAMPOLINE):
-        # The child must be in its cgroup and back under the OOM killer *before* it runs
-        # anything (a fork bomb must not get a head start); posix_spawn cannot do that, so
-        # a static busybox shell does it and then execs the command.
-        argv = [TRAMPOLINE, "sh", "-c", TRAMPOLINE_SCRIPT, argv[0], f"{cgroup}/cgroup.procs", exe, *argv]
-        exe = TRAMPOLINE
     actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(fds)]
     with _spawn_lock:
         os.chdir(cwd)
@@ -145,45 +131,24 @@ def spawn(argv: list[str], env: dict[str, str], cwd: str, fds: tuple[int, int, i
                                  setsigdef=(SIGPIPE, SIGXFSZ))
         finally:
             os.chdir("/")
+    # The child inherits the agent's OOM shield (-1000); hand it back to the OOM killer. (Its
+    # nice value was reset at birth by SCHED_RESET_ON_FORK; its cgroup is the agent's.)
+    try:
+        with open(f"/proc/{pid}/oom_score_adj", "w") as f:
+            f.write("0")
+    except OSError:
+        pass
     return pid
 
 
-_cg_count = 0
-
-
-def command_cgroup(rid: object) -> str | None:
-    """A fresh leaf cgroup for one command (None where cgroups are unavailable)."""
-    global _cg_count
-    _cg_count += 1
-    if _cg_count % 64 == 0:  # sweep leaves whose processes have all gone
-        try:
-            for name in os.listdir(CMD_CGROUPS):
-                if name.startswith("c-"):
-                    try:
-                        os.rmdir(f"{CMD_CGROUPS}/{name}")
-                    except OSError:
-                        pass
-        except OSError:
-            pass
-    path = f"{CMD_CGROUPS}/c-{os.getpid()}-{_cg_count}"
+def protect_thread() -> None:
+    """Give the calling agent thread priority over commands (nice -20) without passing it
+    on: with SCHED_RESET_ON_FORK, anything it spawns starts at nice 0. Per thread, because a
+    new thread is created with the flag (and nice) reset."""
     try:
-        os.mkdir(path)
-    except OSError:
-        return None
-    return path
-
-
-def kill_tree(pid: int, cgroup: str | None) -> None:
-    """SIGKILL everything the command started: its cgroup, and its process group."""
-    if cgroup:
-        try:
-            with open(f"{cgroup}/cgroup.kill", "w") as f:
-                f.write("1")
-        except OSError:
-            pass
-    try:
-        os.killpg(pid, SIGKILL)
-    except ProcessLookupError:
+        os.sched_setscheduler(0, os.SCHED_OTHER | os.SCHED_RESET_ON_FORK, os.sched_param(0))
+        os.setpriority(os.PRIO_PROCESS, 0, -20)
+    except (OSError, AttributeError):
         pass
 
 
@@ -207,13 +172,10 @@ def do_exec(chan: Channel, req: dict[str, Any], stdin_data: bytes) -> None:
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     in_r, in_w = os.pipe() if stdin_data else (os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC), -1)
-    cgroup = command_cgroup(rid)
     try:
-        pid = spawn(argv, env, cwd, (in_r, out_w, err_w), cgroup)
+        pid = spawn(argv, env, cwd, (in_r, out_w, err_w))
     except OSError as exc:
         _close(out_r, out_w, err_r, err_w, in_r, in_w)
-        if cgroup:
-            os.rmdir(cgroup)
         where = f"cwd {cwd}" if exc.filename == cwd else str(argv[0])
         msg = f"smolvm: cannot execute {where}: {exc.strerror}\n".encode()
         chan.send({"op": "result", "id": rid, "exit_code": 127 if exc.errno == errno.ENOENT else 126,
@@ -257,7 +219,10 @@ def do_exec(chan: Channel, req: dict[str, Any], stdin_data: bytes) -> None:
         events = poller.poll(wait)
         if not events and deadline is not None and time.monotonic() >= deadline:
             timed_out, deadline = True, None
-            kill_tree(pid, cgroup)
+            try:
+                os.killpg(pid, SIGKILL)
+            except ProcessLookupError:
+                pass
             continue
         for fd, _ in events:
             if fd == pidfd:
@@ -303,11 +268,6 @@ def do_exec(chan: Channel, req: dict[str, Any], stdin_data: bytes) -> None:
             except BlockingIOError:
                 pass
     _close(out_r, err_r)
-    if cgroup:
-        try:
-            os.rmdir(cgroup)  # fails while background processes live on; the sweep gets it later
-        except OSError:
-            pass
 
 
 def run_simple(argv: list[str]) -> tuple[int, str]:
@@ -427,6 +387,7 @@ def handle(chan: Channel, req: dict[str, Any], body: bytes) -> None:
 
 
 def _exec_guarded(chan: Channel, req: dict[str, Any], body: bytes) -> None:
+    protect_thread()
     try:
         do_exec(chan, req, body)
     except Exception as exc:
@@ -440,7 +401,8 @@ def main() -> None:
         started = int(f.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
     os.chdir("/")
     # A memory hog or fork bomb in a test must never take the agent with it.
-    for path, value in (("/proc/self/oom_score_adj", "-1000"), (AGENT_CGROUP, str(os.getpid()))):
+    protect_thread()
+    for path, value in (("/proc/self/oom_score_adj", "-1000"), (CGROUP, str(os.getpid()))):
         try:
             with open(path, "w") as f:
                 f.write(value)

@@ -93,18 +93,17 @@ mount -t tmpfs -o mode=1777 shm /newroot/dev/shm
 mount --move /proc /newroot/proc
 mount --move /sys /newroot/sys
 echo smolvm > /newroot/proc/sys/kernel/hostname
-# Commands run in cgroup smolvm-cmd, the agent in smolvm-agent: a fork bomb or memory hog in a
-# test meets pids.max / memory.max, and the agent keeps the CPU it needs to answer.
+# The agent and every command live in cgroup smolvm (init stays in the root): a fork bomb or
+# memory hog meets pids.max / memory.max, and commands are born inside it (no per-command
+# migration, which costs milliseconds under TCG). The agent protects itself with nice -20
+# and an OOM score of -1000 (guest/agent.py).
 cg=/newroot/sys/fs/cgroup
 if mount -t cgroup2 -o favordynmods cgroup2 $cg 2>/dev/null || mount -t cgroup2 cgroup2 $cg 2>/dev/null; then
-  echo "+cpu +memory +pids" > $cg/cgroup.subtree_control
-  mkdir -p $cg/smolvm-agent $cg/smolvm-cmd
-  echo 10000 > $cg/smolvm-agent/cpu.weight
-  echo 100 > $cg/smolvm-cmd/cpu.weight
-  echo "+cpu +memory +pids" > $cg/smolvm-cmd/cgroup.subtree_control
-  echo __PIDS_MAX__ > $cg/smolvm-cmd/pids.max
+  echo "+memory +pids" > $cg/cgroup.subtree_control
+  mkdir -p $cg/smolvm
+  echo __PIDS_MAX__ > $cg/smolvm/pids.max
   while read k v u; do
-    if [ "$k" = MemTotal: ]; then echo $(( (v - __MEM_RESERVE_KIB__) * 1024 )) > $cg/smolvm-cmd/memory.max; fi
+    if [ "$k" = MemTotal: ]; then echo $(( (v - __MEM_RESERVE_KIB__) * 1024 )) > $cg/smolvm/memory.max; fi
   done < /newroot/proc/meminfo
 fi
 case "$cmdline" in *" smolvm.aslr=0 "*) echo 0 > /newroot/proc/sys/kernel/randomize_va_space ;; esac
@@ -130,7 +129,7 @@ def agent_sources() -> dict[str, bytes]:
     }
 
 
-#: Limits of the cgroup every command runs in.
+#: Limits of the cgroup the agent and every command run in.
 CMD_PIDS_MAX: Final = 1024
 CMD_MEM_RESERVE_KIB: Final = 48 * 1024  # kept for the kernel, init and the agent
 

@@ -52,19 +52,26 @@ def test_fork_bomb_in_foreground_times_out_and_vm_recovers(smolvm: SmolVM) -> No
         smolvm.run("f(){ f|f& }; f; sleep 100", timeout=5)
     assert time.monotonic() - t0 < 30
     assert smolvm.run("echo alive", timeout=30).stdout == "alive\n"
-    # every bomb process is gone once init has reaped the last of them (only this command's remain)
-    r = smolvm.run("for i in $(seq 50); do [ $(cat /sys/fs/cgroup/smolvm-cmd/pids.current) -le 3 ] && break; "
-                   "sleep 0.2; done; cat /sys/fs/cgroup/smolvm-cmd/pids.current", timeout=30)
-    assert int(r.stdout) <= 3
+    # every bomb process is gone once init has reaped the last of them: what is left in the
+    # cgroup is the agent (a few threads) and this command
+    r = smolvm.run("for i in $(seq 50); do [ $(cat /sys/fs/cgroup/smolvm/pids.current) -le 8 ] && break; "
+                   "sleep 0.2; done; cat /sys/fs/cgroup/smolvm/pids.current", timeout=30)
+    assert int(r.stdout) <= 8
 
 
 def test_background_fork_bomb_hits_pids_max_and_agent_stays_responsive(smolvm: SmolVM) -> None:
     smolvm.run("f(){ f|f& }; f")                       # returns at once: the bomb is in the background
-    time.sleep(3)
-    t0 = time.monotonic()
-    r = smolvm.run("cat /sys/fs/cgroup/smolvm-cmd/pids.max /sys/fs/cgroup/smolvm-cmd/pids.events", timeout=30)
-    assert time.monotonic() - t0 < 10, "the agent starved under the fork bomb"
-    assert r.stdout.split()[0] == "1024"
+    assert smolvm.get("/sys/fs/cgroup/smolvm/pids.max") == b"1024\n"
+    deadline = time.monotonic() + 120
+    while True:
+        t0 = time.monotonic()
+        # get() is served by the agent itself (nothing to spawn): it answers at nice -20
+        events = smolvm.get("/sys/fs/cgroup/smolvm/pids.events").decode()
+        assert time.monotonic() - t0 < 10, "the agent starved under the fork bomb"
+        if int(events.split()[1]) > 0:                  # the limit was hit: forks were refused
+            break
+        assert time.monotonic() < deadline, f"the bomb never reached pids.max: {events}"
+        time.sleep(1)
 
 
 def test_memory_hog_is_oom_killed_not_the_agent(smolvm: SmolVM) -> None:
@@ -89,12 +96,6 @@ def test_one_gib_of_stdout_is_capped_and_host_memory_stays_flat(smolvm: SmolVM) 
     assert r.stdout_truncated and len(r.stdout_bytes) == 16 * 1024 * 1024
     assert r.stderr == "done\n" and r.exit_code == 0
     assert _rss_mib() - before < 200, "host memory grew with the guest's output"
-
-
-def test_timeout_kills_processes_that_left_the_process_group(smolvm: SmolVM) -> None:
-    with pytest.raises(CommandTimeout):
-        smolvm.run("setsid sh -c 'sleep 300' & sleep 300", timeout=2)
-    assert smolvm.run("pgrep -x sleep || echo none").stdout.strip() == "none"
 
 
 def test_command_ignoring_sigterm_is_killed_at_timeout(smolvm: SmolVM) -> None:

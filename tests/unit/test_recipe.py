@@ -190,3 +190,17 @@ def test_stage1_loads_modules_in_a_real_shell() -> None:
     # The flag is matched as a whole word, not as a prefix.
     assert _run_module_section("console=ttyS0 smolvm.net=10") == list(BOOT_MODULES)
     assert _run_module_section("smolvm.net=1") == list(BOOT_MODULES + NET_MODULES)
+
+
+def test_init_scripts_are_valid_shell() -> None:
+    """A syntax error in an init script panics every guest at boot: check them with sh -n."""
+    import shutil
+    import subprocess
+
+    from pytest_smolvm.images.recipe import STAGE2_INIT, stage1_init
+
+    sh = shutil.which("busybox") or shutil.which("dash") or "/bin/sh"
+    args = [sh, "sh", "-n"] if sh.endswith("busybox") else [sh, "-n"]
+    for script in (stage1_init().decode(), STAGE2_INIT):
+        res = subprocess.run(args, input=script, capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
