@@ -38,6 +38,8 @@ class VMConfig:
     address-space randomisation off under TCG (each exec is ~3x faster, because QEMU can reuse
     translated code across processes) and leaves it on under KVM/HVF. ``snapshot=True`` starts
     isolated-disk VMs as clones of a golden snapshot (cold boot if that is impossible).
+    ``lifetime`` caps the wall-clock seconds a VM may serve its user (from when it is handed
+    over): then it is destroyed and every call raises GuestDied saying so.
     """
 
     vcpus: int = 1
@@ -56,6 +58,7 @@ class VMConfig:
     retain_disk_on_delete: bool = False
     aslr: bool | None = None
     snapshot: bool = True
+    lifetime: float | None = None
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -221,6 +224,8 @@ def check_field(name: str, value: Any) -> Any:
         return None if value is None else _bool(name, value)
     if name == "snapshot":
         return _bool(name, value)
+    if name == "lifetime":
+        return None if value in (None, "", "none") else _float(name, value, 0.0)
     raise ConfigError(f"unknown setting {name!r}; known: {', '.join(sorted(FIELD_NAMES))}")
 
 

@@ -106,6 +106,7 @@ class VMPool:
                 self._cond.notify_all()
         if vm is not None:
             self.stats["hits"] += 1
+            vm.arm_lifetime()
             return vm
         self.stats["misses"] += 1
         return SmolVM(config, driver=driver, **kw).start()

@@ -40,6 +40,8 @@ OPTIONS: Final = (
            "VMM backend: auto, qemu or firecracker (default auto)"),
     Option("image", "--smolvm-image", "smolvm_image", "SMOLVM_IMAGE",
            "guest image name or image directory (default 'default')"),
+    Option("lifetime", "--smolvm-lifetime", "smolvm_lifetime", "SMOLVM_LIFETIME",
+           "wall-clock seconds a test may use its VM before it is destroyed (default: no limit)"),
     Option("snapshot", "--smolvm-snapshot", "smolvm_snapshot", "SMOLVM_SNAPSHOT",
            "start isolated-disk VMs as snapshot clones: true or false (default true); "
            "--smolvm-no-snapshot is false"),

@@ -158,6 +158,8 @@ class SmolVM:
         self._console_prefix = ""  # a clone's console starts with its snapshot's boot log
         self._state = "new"
         self._lock = threading.Lock()
+        self._lifetime_timer: threading.Timer | None = None
+        self._expired: str | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -226,7 +228,25 @@ class SmolVM:
             raise
         self._state = "running"
         self.boot_time = time.monotonic() - t0
+        self.arm_lifetime()
         return self
+
+    def arm_lifetime(self) -> None:
+        """(Re)start the ``config.lifetime`` clock: the pool calls this when it hands a
+        pre-started VM to a test, so time spent waiting as a spare does not count."""
+        if self._lifetime_timer is not None:
+            self._lifetime_timer.cancel()
+        if self.config.lifetime is not None and self._state == "running":
+            self._lifetime_timer = threading.Timer(self.config.lifetime, self._expire)
+            self._lifetime_timer.daemon = True
+            self._lifetime_timer.start()
+
+    def _expire(self) -> None:
+        """Destroy the VMM: the VM outlived ``config.lifetime``. Calls in flight and later
+        ones raise GuestDied naming the limit."""
+        self._expired = f"the VM exceeded its lifetime of {self.config.lifetime:g}s and was destroyed"
+        if self._machine is not None:
+            self._machine.kill()
 
     def _wants_snapshot(self, driver: Driver) -> bool:
         return (self.config.snapshot and self.config.disk_mode == "isolated"
@@ -369,6 +389,8 @@ class SmolVM:
             _live.discard(self)
 
     def _teardown(self) -> None:
+        if self._lifetime_timer is not None:
+            self._lifetime_timer.cancel()
         # Order matters: channel first (no call may wait on a dying VM), then the VMM, then
         # files. Each step runs even if an earlier one failed.
         if self._channel is not None:
@@ -413,6 +435,8 @@ class SmolVM:
 
     def _call(self, header: dict[str, Any], body: bytes = b"", *, timeout: float, what: str,
               max_body: int | None = None) -> tuple[dict[str, Any], bytes]:
+        if self._expired and self._state == "dead":
+            raise GuestDied(f"{self.name}: cannot {what}: {self._expired} (config lifetime)")
         if self._channel is None or self._state not in ("starting", "running"):
             raise SmolVMError(f"{self.name} is not running (state {self._state}); cannot {what}")
         try:
@@ -431,6 +455,9 @@ class SmolVM:
             self._state = "dead"
             # A guest poweroff or panic (panic=-1 reboots, -no-reboot exits) ends QEMU with 0;
             # anything else means the VMM itself died.
+            if self._expired:
+                raise GuestDied(f"{self.name}: {what} stopped: {self._expired} (config lifetime)",
+                                self._console_tail()) from None
             if status == 0:
                 why = "the guest powered off or panicked"
             else:

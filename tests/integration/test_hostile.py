@@ -222,3 +222,14 @@ def test_secrets_in_env_never_reach_the_disk_or_report(pytester: pytest.Pytester
         assert secret_run.encode() not in data and secret_marker.encode() not in data
     finally:
         disk.unlink(missing_ok=True)
+
+
+@pytest.mark.smolvm(lifetime=4)
+def test_lifetime_caps_the_wall_clock_a_test_may_use_its_vm(smolvm: SmolVM) -> None:
+    assert smolvm.run("echo within budget").ok
+    t0 = time.monotonic()
+    with pytest.raises(GuestDied, match="exceeded its lifetime of 4s"):
+        smolvm.run("sleep 60", timeout=120)
+    assert time.monotonic() - t0 < 15
+    with pytest.raises(GuestDied, match="lifetime"):
+        smolvm.run("true")
