@@ -10,7 +10,6 @@ device state (image, QEMU version, argv shape), so a changed image gets a new sn
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -22,6 +21,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from .errors import SmolVMError
+from .images.build import sha256_file
 from .paths import cache_dir
 
 FILES = ("mem", "state", "disk.qcow2")
@@ -33,14 +33,6 @@ class SnapshotError(SmolVMError):
 
 class SnapshotWarning(UserWarning):
     """A VM was cold-booted because its snapshot could not be used; the message says why."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class SnapshotStore:
@@ -79,7 +71,7 @@ class SnapshotStore:
         with self._lock:
             if stamp not in self._verified:
                 for name in FILES:
-                    if _sha256(d / name) != meta["files"][name]["sha256"]:
+                    if sha256_file(d / name) != meta["files"][name]["sha256"]:
                         raise SnapshotError(f"snapshot file {d / name} does not match its sha256 (corrupt)")
                 self._verified.add(stamp)
         return d
@@ -97,7 +89,7 @@ class SnapshotStore:
                 tmp.mkdir()
                 try:
                     build(tmp)
-                    files = {n: {"size": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)} for n in FILES}
+                    files = {n: {"size": (tmp / n).stat().st_size, "sha256": sha256_file(tmp / n)} for n in FILES}
                     (tmp / "meta.json").write_text(json.dumps({"key": key, "created": time.time(),
                                                                "files": files}, indent=2))
                     os.rename(tmp, self.path(key))

@@ -51,6 +51,10 @@ class QMP:
         if arguments:
             req["arguments"] = arguments
         self.sock.sendall(json.dumps(req).encode() + b"\n")
+        return self._reply(name)
+
+    def _reply(self, name: str) -> Any:
+        """The answer to the command just sent (events that arrive first are kept aside)."""
         while True:
             msg = self._read()
             if "event" in msg:
@@ -66,14 +70,7 @@ class QMP:
         under ``-sandbox spawn=deny``."""
         req = json.dumps({"execute": "getfd", "arguments": {"fdname": name}}).encode() + b"\n"
         socket.send_fds(self.sock, [req], [fd])
-        while True:
-            msg = self._read()
-            if "event" in msg:
-                self.events.append(msg)
-                continue
-            if "error" in msg:
-                raise BootError(f"QMP getfd failed: {msg['error'].get('desc', msg['error'])}")
-            return
+        self._reply("getfd")
 
     def wait_migration(self, timeout: float) -> dict[str, Any]:
         """Poll ``query-migrate`` until it completes; return its final status."""

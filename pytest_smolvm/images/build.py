@@ -109,10 +109,11 @@ def _extract_elf(vmlinuz: Path, target: Path) -> None:
     target.write_bytes(proc.stdout)
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
+        for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
 
@@ -207,7 +208,7 @@ def _build_into(recipe: Recipe, final: Path, progress: Progress) -> None:
         files = {}
         for f in sorted(p for p in out.rglob("*") if p.is_file()):
             rel = str(f.relative_to(out))
-            files[rel] = {"size": f.stat().st_size, "sha256": _sha256(f)}
+            files[rel] = {"size": f.stat().st_size, "sha256": sha256_file(f)}
         manifest = {
             "name": recipe.name, "digest": recipe.digest(), "recipe": recipe.to_json(),
             "kernel_package": concrete, "kernel_release": release, "rootfs_mib": recipe.rootfs_mib,
@@ -255,6 +256,6 @@ def verify(path: Path) -> list[str]:
         f = path / rel
         if not f.exists():
             problems.append(f"missing {rel}")
-        elif _sha256(f) != meta["sha256"]:
+        elif sha256_file(f) != meta["sha256"]:
             problems.append(f"{rel} does not match its sha256")
     return problems
