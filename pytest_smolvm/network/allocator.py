@@ -1,0 +1,94 @@
+"""Slot leases shared by every process of a run (xdist workers), guarded by a file lock.
+
+The table is a JSON file in the run's runtime directory. Each lease is stamped with the run
+id, the worker, the owner pid and its start time; a lease whose owner is dead is reclaimed
+by the next allocation. The lock is always taken with a timeout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock, Timeout
+
+from ..errors import NetworkError
+from ..host import process_alive, process_start_ticks
+
+LOCK_TIMEOUT = 10.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Lease:
+    slot: int
+    run_id: str
+    worker: str
+    vm: str
+    pid: int
+
+
+class SlotTable:
+    """Allocate the lowest free slot; release it; reclaim slots of dead owners."""
+
+    def __init__(self, path: Path, run_id: str, slots: int) -> None:
+        self.path = path
+        self.run_id = run_id
+        self.slots = slots
+        self.lock = FileLock(str(path) + ".lock", timeout=LOCK_TIMEOUT)
+
+    def _read(self) -> dict[str, dict[str, Any]]:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        except ValueError as exc:
+            raise NetworkError(f"slot table {self.path} is corrupt ({exc}); remove it when no run uses it") from exc
+        return data if isinstance(data, dict) else {}
+
+    def _write(self, table: dict[str, dict[str, Any]]) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
+        os.replace(tmp, self.path)
+
+    def lease(self, vm: str, worker: str | None = None) -> Lease:
+        """Lease the lowest free slot for ``vm`` (raises NetworkError when none is left)."""
+        worker = worker or os.environ.get("PYTEST_XDIST_WORKER", "main")
+        pid = os.getpid()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with self.lock:
+                table = self._read()
+                for key, entry in list(table.items()):
+                    if not process_alive(int(entry.get("pid", -1)), entry.get("pid_start")):
+                        del table[key]  # its owner died without releasing it
+                slot = next((s for s in range(self.slots) if str(s) not in table), None)
+                if slot is None:
+                    raise NetworkError(f"all {self.slots} network slots of run {self.run_id} are in use")
+                table[str(slot)] = {"run_id": self.run_id, "worker": worker, "vm": vm, "pid": pid,
+                                    "pid_start": process_start_ticks(pid), "at": time.time()}
+                self._write(table)
+        except Timeout as exc:
+            raise NetworkError(f"could not lock {exc.lock_file} within {LOCK_TIMEOUT:g}s "
+                               f"(another process holds it)") from exc
+        return Lease(slot, self.run_id, worker, vm, pid)
+
+    def release(self, lease: Lease) -> None:
+        """Give ``lease`` back. Idempotent; never releases another owner's slot."""
+        try:
+            with self.lock:
+                table = self._read()
+                entry = table.get(str(lease.slot))
+                if entry and entry.get("pid") == lease.pid and entry.get("vm") == lease.vm:
+                    del table[str(lease.slot)]
+                    self._write(table)
+        except Timeout as exc:
+            raise NetworkError(f"could not lock {exc.lock_file} within {LOCK_TIMEOUT:g}s") from exc
+
+    def leases(self) -> dict[int, dict[str, Any]]:
+        """The current table (for diagnostics and reaping)."""
+        with self.lock:
+            return {int(k): v for k, v in self._read().items()}
