@@ -51,6 +51,7 @@ RNDADDENTROPY = 0x40085203
 RNDRESEEDCRNG = 0x5207
 READ = select.POLLIN | select.POLLHUP | select.POLLERR
 CHUNK = 1 << 16
+SPAWN_RETRY_SECONDS = 10.0
 
 _spawn_lock = _thread.allocate_lock()
 
@@ -152,6 +153,21 @@ def protect_thread() -> None:
         pass
 
 
+def spawn_retrying(argv: list[str], env: dict[str, str], cwd: str, fds: tuple[int, int, int]) -> int:
+    """spawn(), retrying while the guest is out of process slots (EAGAIN): right after a
+    fork bomb is killed, its dying processes still count against pids.max for a moment."""
+    deadline = time.monotonic() + SPAWN_RETRY_SECONDS
+    delay = 0.01
+    while True:
+        try:
+            return spawn(argv, env, cwd, fds)
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+
 def _close(*fds: int) -> None:
     for fd in fds:
         try:
@@ -173,7 +189,7 @@ def do_exec(chan: Channel, req: dict[str, Any], stdin_data: bytes) -> None:
     err_r, err_w = os.pipe()
     in_r, in_w = os.pipe() if stdin_data else (os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC), -1)
     try:
-        pid = spawn(argv, env, cwd, (in_r, out_w, err_w))
+        pid = spawn_retrying(argv, env, cwd, (in_r, out_w, err_w))
     except OSError as exc:
         _close(out_r, out_w, err_r, err_w, in_r, in_w)
         where = f"cwd {cwd}" if exc.filename == cwd else str(argv[0])
