@@ -159,8 +159,15 @@ def test_guest_cannot_see_host_files(smolvm: SmolVM, tmp_path: Path) -> None:
 
 STEAL_PORT = r"""
 import ctypes, os, sys
-agent = next(p for p in os.listdir("/proc") if p.isdigit()
-             and b"import agent" in open(f"/proc/{p}/cmdline", "rb").read())
+
+def cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:  # the process exited while we looked
+        return b""
+
+agent = next(p for p in os.listdir("/proc") if p.isdigit() and b"import agent" in cmdline(p))
 port_fd = next(int(fd) for fd in os.listdir(f"/proc/{agent}/fd")
                if os.readlink(f"/proc/{agent}/fd/{fd}").startswith("/dev/vport"))
 libc = ctypes.CDLL(None, use_errno=True)
