@@ -19,7 +19,7 @@ from .markers import MARKER_DOC, marker_layers
 from .pool import VMPool
 from .reaper import Leftover, reap
 from .reporting import sanitize, tail
-from .settings import OPTIONS, exceeds_ceiling, network_ceiling, session_layers
+from .settings import OPTIONS, POOL, exceeds_ceiling, network_ceiling, pool_size, session_layers
 from .vm import SmolVM, current_run_id, set_run_id
 
 __all__ = ["smolvm", "smolvm_config", "smolvm_factory", "smolvm_session"]
@@ -41,10 +41,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         parser.addini(opt.ini, help=opt.help, default="")
     group.addoption("--smolvm-no-snapshot", action="store_const", const="false", dest="smolvm_snapshot",
                     help="cold-boot every VM instead of restoring snapshot clones")
-    group.addoption("--smolvm-pool", dest="smolvm_pool", default=None, metavar="N",
-                    help="VMs kept started ahead of the tests that need them, per worker "
-                         "(default 1; 0 disables) [env SMOLVM_POOL, ini smolvm_pool]")
-    parser.addini("smolvm_pool", help="VMs kept started ahead of tests, per worker (default 1)", default="")
+    group.addoption(POOL.cli, dest="smolvm_pool", default=None, metavar="N",
+                    help=f"{POOL.help} [env {POOL.env}, ini {POOL.ini}]")
+    parser.addini(POOL.ini, help=POOL.help, default="")
     group.addoption("--smolvm-keep-failed", action="store_true", default=None, dest="smolvm_keep_failed",
                     help="keep a failed test's VM running and print how to reach it [ini smolvm_keep_failed]")
     parser.addini("smolvm_keep_failed", type="bool", default=False,
@@ -94,7 +93,8 @@ class SmolVMPlugin:
         keep = config.getoption("smolvm_keep_failed")
         self.keep_failed = bool(keep if keep is not None else config.getini("smolvm_keep_failed"))
         self.drivers: dict[str, Driver] = {}
-        self.pool = VMPool(size=_pool_size(config))
+        self.pool = VMPool(size=pool_size({"pool": config.getoption("smolvm_pool")}, os.environ,
+                                          {"pool": config.getini(POOL.ini)}))
         self.kept: list[tuple[str, SmolVM]] = []
         self.reaped: list[Leftover] = []
         self.session_cfg = config_from_layers(self.layers)
@@ -249,22 +249,6 @@ class SmolVMPlugin:
             close = getattr(driver, "close", None)
             if callable(close):
                 close()
-
-
-def _pool_size(config: pytest.Config) -> int:
-    for raw, source in ((config.getoption("smolvm_pool"), "command line --smolvm-pool"),
-                        (os.environ.get("SMOLVM_POOL"), "environment variable SMOLVM_POOL"),
-                        (config.getini("smolvm_pool"), "ini option smolvm_pool")):
-        if raw not in (None, ""):
-            try:
-                size = int(str(raw))
-            except ValueError:
-                size = -1
-            if size < 0:
-                raise pytest.UsageError(f"pytest-smolvm: invalid pool size {raw!r} (from {source}): "
-                                        f"expected an integer >= 0")
-            return size
-    return 1
 
 
 def _failed(item: pytest.Item) -> bool:

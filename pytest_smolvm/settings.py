@@ -57,23 +57,43 @@ def session_layers(
     environment. Each value is validated here so a bad one is reported with its source.
     """
     layers: list[tuple[str, dict[str, Any]]] = []
-    for kind in ("ini", "env", "cli"):
-        values: dict[str, Any] = {}
-        for opt in OPTIONS:
-            if kind == "ini":
-                raw, source = ini.get(opt.field), f"ini option {opt.ini}"
-            elif kind == "env":
-                raw, source = env.get(opt.env), f"environment variable {opt.env}"
-            else:
-                raw, source = cli.get(opt.field), f"command line {opt.cli}"
-            if raw is None or raw == "":
-                continue
+    for opt in OPTIONS:
+        for raw, source in _given(opt, cli, env, ini):
             try:
-                values[opt.field] = check_field(opt.field, raw)
+                layers.append((source, {opt.field: check_field(opt.field, raw)}))
             except ConfigError as exc:
                 raise ConfigError(f"{exc} (from {source})") from None
-            layers.append((source, {opt.field: values[opt.field]}))
     return layers
+
+
+def _given(
+    opt: Option, cli: Mapping[str, Any], env: Mapping[str, str], ini: Mapping[str, Any]
+) -> list[tuple[Any, str]]:
+    """The values given for ``opt`` with their sources, lowest precedence first (ini, env,
+    command line); None and "" mean not given."""
+    spelled = [(ini.get(opt.field), f"ini option {opt.ini}"),
+               (env.get(opt.env), f"environment variable {opt.env}"),
+               (cli.get(opt.field), f"command line {opt.cli}")]
+    return [(raw, source) for raw, source in spelled if raw is not None and raw != ""]
+
+
+#: Not a VM setting (so not in OPTIONS): how many VMs each worker starts ahead of its tests.
+POOL: Final = Option("pool", "--smolvm-pool", "smolvm_pool", "SMOLVM_POOL",
+                     "VMs kept started ahead of the tests that need them, per worker (default 1; 0 disables)")
+DEFAULT_POOL_SIZE: Final = 1
+
+
+def pool_size(cli: Mapping[str, Any], env: Mapping[str, str], ini: Mapping[str, Any]) -> int:
+    """The warm pool's size, by the same precedence as every other option."""
+    size = DEFAULT_POOL_SIZE
+    for raw, source in _given(POOL, cli, env, ini):
+        try:
+            size = int(str(raw))
+        except ValueError:
+            size = -1
+        if size < 0:
+            raise ConfigError(f"invalid pool size {raw!r} (from {source}): expected an integer >= 0")
+    return size
 
 
 def network_ceiling(layers: list[tuple[str, dict[str, Any]]]) -> tuple[str, str] | None:

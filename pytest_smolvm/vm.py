@@ -248,6 +248,12 @@ class SmolVM:
         if self._machine is not None:
             self._machine.kill()
 
+    @property
+    def _grows_root(self) -> bool:
+        """Whether the disk is bigger than the image, so the root filesystem must grow."""
+        assert self.image is not None
+        return bool(self.config.disk_size_mib and self.config.disk_size_mib > self.image.rootfs_mib)
+
     def _wants_snapshot(self, driver: Driver) -> bool:
         return (self.config.snapshot and self.config.disk_mode == "isolated"
                 and isinstance(driver, SnapshotDriver))
@@ -257,8 +263,7 @@ class SmolVM:
         self._machine = driver.launch(self.config, self.image, self.workdir)
         self.disk_path = self._machine.disk_path
         self._open_channel(t0, self.config.boot_timeout)
-        grow = bool(self.config.disk_size_mib and self.config.disk_size_mib > self.image.rootfs_mib)
-        self._setup(grow_root=grow)
+        self._setup(grow_root=self._grows_root)
         self.boot_mode = "cold"
 
     def _start_clone(self, driver: SnapshotDriver, t0: float) -> None:
@@ -295,7 +300,7 @@ class SmolVM:
             chan = Channel(sock, machine.alive, max_body=1 << 20)
             try:
                 chan.call({"op": "hello"}, timeout=self.config.boot_timeout)
-                if self.config.disk_size_mib and self.config.disk_size_mib > self.image.rootfs_mib:
+                if self._grows_root:
                     reply, _ = chan.call({"op": "setup", "grow_root": True}, timeout=120)
                     if reply.get("resize", {}).get("exit_code"):
                         raise SnapshotError(f"growing the template's root failed: {reply['resize']}")

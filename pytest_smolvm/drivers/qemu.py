@@ -232,15 +232,7 @@ class QemuDriver:
                               f"({image.rootfs_mib} MiB); use at least {image.rootfs_mib}")
         if config.disk_mode == "shared":
             return shared_disk(image, size), "raw"
-        overlay = workdir / "disk.qcow2"
-        argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(image.rootfs),
-                str(overlay)]
-        if size is not None:
-            argv.append(f"{size}M")
-        res = subprocess.run(argv, capture_output=True, text=True)
-        if res.returncode != 0:
-            raise BootError(f"qemu-img could not create the disk overlay: {res.stderr.strip()}")
-        return overlay, "qcow2"
+        return create_overlay(image.rootfs, "raw", workdir / "disk.qcow2", size), "qcow2"
 
     def _argv(self, config: VMConfig, image: Image, workdir: Path, accel: Accel, disk: Path | None,
               fmt: str = "qcow2", **extra: object) -> list[str]:
@@ -301,11 +293,7 @@ class QemuDriver:
             qmp.command("migrate-set-capabilities",
                         capabilities=[{"capability": "x-ignore-shared", "state": True}])
             qmp.command("stop")
-            fd = os.open(target / "state", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-            try:
-                qmp.send_fd("state", fd)
-            finally:
-                os.close(fd)
+            qmp.send_file("state", target / "state", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
             qmp.command("migrate", uri="fd:state")
             qmp.wait_migration(60)
         finally:
@@ -315,11 +303,7 @@ class QemuDriver:
     def launch_clone(self, config: VMConfig, image: Image, snapshot: Path, workdir: Path) -> QemuMachine:
         """Restore a snapshot: private copy-on-write RAM, a fresh overlay on the snapshot's disk."""
         accel = self.select_accel(config.accel, image)
-        overlay = workdir / "disk.qcow2"
-        res = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
-                              str(snapshot / "disk.qcow2"), str(overlay)], capture_output=True, text=True)
-        if res.returncode != 0:
-            raise BootError(f"qemu-img could not create the clone overlay: {res.stderr.strip()}")
+        overlay = create_overlay(snapshot / "disk.qcow2", "qcow2", workdir / "disk.qcow2")
         argv = self._argv(config, image, workdir, accel, overlay, memory_file=snapshot / "mem",
                           memory_shared=False, incoming=True)
         machine = self._spawn(argv, accel, workdir, overlay)
@@ -328,11 +312,7 @@ class QemuDriver:
             try:
                 qmp.command("migrate-set-capabilities",
                             capabilities=[{"capability": "x-ignore-shared", "state": True}])
-                fd = os.open(snapshot / "state", os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    qmp.send_fd("state", fd)
-                finally:
-                    os.close(fd)
+                qmp.send_file("state", snapshot / "state", os.O_RDONLY)
                 qmp.command("migrate-incoming", uri="fd:state")
                 deadline = time.monotonic() + 30
                 while (status := qmp.command("query-status")["status"]) == "inmigrate":
@@ -350,6 +330,17 @@ class QemuDriver:
                 raise BootError(f"{exc}; QEMU said: {diag}") from None
             raise
         return machine
+
+
+def create_overlay(backing: Path, backing_format: str, overlay: Path, size_mib: int | None = None) -> Path:
+    """A qcow2 overlay on ``backing`` (with its virtual size grown to ``size_mib`` if given)."""
+    argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", backing_format, "-b", str(backing), str(overlay)]
+    if size_mib is not None:
+        argv.append(f"{size_mib}M")
+    res = subprocess.run(argv, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise BootError(f"qemu-img could not create the disk overlay {overlay}: {res.stderr.strip()}")
+    return overlay
 
 
 @functools.cache

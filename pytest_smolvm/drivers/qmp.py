@@ -6,6 +6,7 @@ https://www.qemu.org/docs/master/interop/qmp-spec.html
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 from pathlib import Path
@@ -71,6 +72,14 @@ class QMP:
         req = json.dumps({"execute": "getfd", "arguments": {"fdname": name}}).encode() + b"\n"
         socket.send_fds(self.sock, [req], [fd])
         self._reply("getfd")
+
+    def send_file(self, name: str, path: Path, flags: int) -> None:
+        """Open ``path`` with ``flags`` and hand it to QEMU as ``name`` (see :meth:`send_fd`)."""
+        fd = os.open(path, flags | os.O_CLOEXEC, 0o644)
+        try:
+            self.send_fd(name, fd)
+        finally:
+            os.close(fd)
 
     def wait_migration(self, timeout: float) -> dict[str, Any]:
         """Poll ``query-migrate`` until it completes; return its final status."""

@@ -134,12 +134,23 @@ def spawn(argv: list[str], env: dict[str, str], cwd: str, fds: tuple[int, int, i
             os.chdir("/")
     # The child inherits the agent's OOM shield (-1000); hand it back to the OOM killer. (Its
     # nice value was reset at birth by SCHED_RESET_ON_FORK; its cgroup is the agent's.)
+    write_quietly(f"/proc/{pid}/oom_score_adj", "0")
+    return pid
+
+
+def write_quietly(path: str, value: str) -> None:
+    """Write ``value`` to a kernel file (procfs, cgroupfs), ignoring failure: no O_TRUNC
+    (cgroupfs refuses it) and no buffered text I/O (this runs on every exec)."""
     try:
-        with open(f"/proc/{pid}/oom_score_adj", "w") as f:
-            f.write("0")
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.write(fd, value.encode())
     except OSError:
         pass
-    return pid
+    finally:
+        os.close(fd)
 
 
 def protect_thread() -> None:
@@ -418,12 +429,8 @@ def main() -> None:
     os.chdir("/")
     # A memory hog or fork bomb in a test must never take the agent with it.
     protect_thread()
-    for path, value in (("/proc/self/oom_score_adj", "-1000"), (CGROUP, str(os.getpid()))):
-        try:
-            with open(path, "w") as f:
-                f.write(value)
-        except OSError:
-            pass
+    write_quietly("/proc/self/oom_score_adj", "-1000")
+    write_quietly(CGROUP, str(os.getpid()))
     chan = Channel(os.open(find_port(), os.O_RDWR | os.O_CLOEXEC))
     log(f"ready at {_uptime():.2f}s (python started {started:.2f}s, imports done {imported:.2f}s)")
     serve(chan)

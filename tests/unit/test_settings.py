@@ -205,3 +205,16 @@ def test_ceiling_end_to_end_from_layers() -> None:
     reason = exceeds_ceiling("nat", (), ceiling)
     assert reason is not None
     assert "SMOLVM_NETWORK" in reason
+
+
+def test_pool_size_follows_the_same_precedence_and_names_its_source() -> None:
+    from pytest_smolvm.settings import pool_size
+
+    assert pool_size({}, {}, {}) == 1
+    assert pool_size({}, {}, {"pool": "3"}) == 3
+    assert pool_size({}, {"SMOLVM_POOL": "2"}, {"pool": "3"}) == 2
+    assert pool_size({"pool": "0"}, {"SMOLVM_POOL": "2"}, {"pool": "3"}) == 0
+    with pytest.raises(ConfigError, match=r"invalid pool size '-1' \(from environment variable SMOLVM_POOL\)"):
+        pool_size({}, {"SMOLVM_POOL": "-1"}, {})
+    with pytest.raises(ConfigError, match="command line --smolvm-pool"):
+        pool_size({"pool": "many"}, {}, {})
