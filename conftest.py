@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 pytest_plugins = ["pytester"]
-sys.path.insert(0, str(Path(__file__).parent / "tests"))  # tests/fake_driver.py
+sys.path.insert(0, str(Path(__file__).parent / "tests"))  # tests/fake_driver.py, tests/helpers.py
 REAL_VM_DIRS = {"integration", "examples"}
 
 

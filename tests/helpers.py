@@ -1,5 +1,26 @@
-"""Paths the tests need before pytester moves HOME."""
+"""Shared by the real-VM tests: paths fixed before pytester moves HOME, and a view of the
+host's QEMU processes (to prove none outlives its VM)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
 
 from pytest_smolvm.paths import cache_dir
 
 REAL_CACHE = cache_dir()
+
+
+def qemu_processes() -> dict[int, str]:
+    """Every QEMU process on the host: pid -> command line (processes that exit while we
+    look are skipped)."""
+    found = {}
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if "qemu-system" in cmd:
+                found[int(pid)] = cmd
+    return found

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests_paths import REAL_CACHE
+from helpers import REAL_CACHE, qemu_processes
 
 from pytest_smolvm import CommandTimeout, GuestDied, ProtocolError, SmolVM
 
@@ -20,15 +20,7 @@ def _rss_mib() -> int:
 
 
 def _qemu_pids() -> set[int]:
-    out = set()
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                if b"qemu-system" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    out.add(int(pid))
-            except OSError:
-                pass
-    return out
+    return set(qemu_processes())
 
 
 @pytest.fixture(autouse=True)

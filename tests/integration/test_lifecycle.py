@@ -9,26 +9,16 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import REAL_CACHE, qemu_processes
 
 from pytest_smolvm import BootError, GuestDied, ImageError, SmolVM, VMConfig
 from pytest_smolvm.drivers.qemu import QemuDriver
 from pytest_smolvm.images import resolve
-from pytest_smolvm.paths import cache_dir, runtime_dir
-
-REAL_CACHE = cache_dir()  # pytester moves HOME; the built image stays where it is
+from pytest_smolvm.paths import runtime_dir
 
 
 def _qemu_procs_with(text: str) -> list[str]:
-    out = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if "qemu-system" in cmd and text in cmd:
-                out.append(cmd)
-    return out
+    return [cmd for cmd in qemu_processes().values() if text in cmd]
 
 
 @pytest.mark.smolvm(vcpus=2, memory_mib=384)

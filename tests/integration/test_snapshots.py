@@ -8,7 +8,7 @@ import warnings
 from pathlib import Path
 
 import pytest
-from tests_paths import REAL_CACHE
+from helpers import REAL_CACHE
 
 from pytest_smolvm import SmolVM, VMConfig, snapshots
 from pytest_smolvm.drivers.qemu import QemuDriver

@@ -7,11 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from pytest_smolvm.paths import cache_dir
+from helpers import REAL_CACHE  # computed before pytester moves HOME
 
 TESTS_DIR = Path(__file__).resolve().parents[1]
-REAL_CACHE = cache_dir()  # pytester moves HOME; the built image stays where it is
 FAKE_CONFTEST = f"""
 import sys
 sys.path.insert(0, {str(TESTS_DIR)!r})
