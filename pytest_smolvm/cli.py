@@ -8,19 +8,22 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import host
 from .errors import SmolVMError
 
 
 def _cmd_image_build(args: argparse.Namespace) -> int:
     from .images.build import build
-    from .images.recipe import DEFAULT_PACKAGES, Recipe
+    from .images.recipe import DEFAULT_PACKAGES, Recipe, arm64_recipe
 
     packages = DEFAULT_PACKAGES + tuple(p for p in (args.include or "").split(",") if p)
     if args.name == "default" and args.include:
         print("error: --include needs --name: the 'default' image is fixed by this version", file=sys.stderr)
         return 2
-    recipe = Recipe(name=args.name, packages=packages, rootfs_mib=args.size_mib)
+    if args.arch == "arm64":
+        name = "default-arm64" if args.name == "default" else args.name
+        recipe = arm64_recipe(name, packages=packages, rootfs_mib=args.size_mib)
+    else:
+        recipe = Recipe(name=args.name, packages=packages, rootfs_mib=args.size_mib)
     image = build(recipe, force=args.force)
     print(f"{image.name}: {image.path}")
     return 0
@@ -75,49 +78,13 @@ def _cmd_image_prune(args: argparse.Namespace) -> int:
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
-    from .images import resolve
-    from .images.build import missing_tools
+    """Each backend x accelerator: works, or why not and the command that fixes it."""
+    from .doctor import collect, report
 
-    ok = True
-
-    def line(state: str, what: str, detail: str) -> None:
-        print(f"[{state:^4}] {what}: {detail}")
-
-    qemu = host.qemu_binary()
-    if qemu:
-        line("ok", "qemu", f"{qemu} ({host.qemu_version(qemu)})")
-    else:
-        ok = False
-        line("FAIL", "qemu", "qemu-system-x86_64 not found; fix: apt-get install -y qemu-system-x86 qemu-utils")
-    usable, why = host.kvm_device_status()
-    line("ok" if usable else "no", "/dev/kvm", why)
-    missing = missing_tools()
-    line("ok" if not missing else "no", "image builder tools",
-         "all present" if not missing else f"missing {', '.join(missing)}; fix: apt-get install -y {' '.join(missing)}")
-    try:
-        image = resolve("default")
-        line("ok", "image default", f"{image.path} (kernel {image.kernel_release})")
-    except SmolVMError as exc:
-        ok = False
-        line("FAIL", "image default", str(exc))
-        image = None
-    if qemu and image is not None:
-        from .drivers.qemu import QemuDriver
-
-        driver = QemuDriver(qemu)
-        if usable:
-            from .drivers.qemu import kvm_canary
-
-            works, reason = kvm_canary(qemu, image)
-            line("ok" if works else "no", "qemu + kvm", reason)
-        accel = driver.select_accel("auto", image)
-        line("ok", "qemu + accel auto", f"{accel.name}: {accel.reason}")
-    line("n/a" if not host.is_macos() else "?", "qemu + hvf",
-         "not applicable: HVF exists only on macOS" if not host.is_macos() else "untested")
-    fc = shutil.which("firecracker")
-    line("no", "firecracker", f"binary at {fc}, but this version has no Firecracker driver"
-         if fc else "binary not found on PATH (and no Firecracker driver in this version)")
-    return 0 if ok else 1
+    lines, any_works = report(collect(args.image))
+    for line in lines:
+        print(line)
+    return 0 if any_works else 1
 
 
 def _cmd_reap(args: argparse.Namespace) -> int:
@@ -174,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--include", help="extra Debian packages, comma-separated (with --name)")
     b.add_argument("--size-mib", type=int, default=1024, help="rootfs size in MiB (default 1024)")
     b.add_argument("--force", action="store_true", help="rebuild even if an identical build exists")
+    b.add_argument("--arch", choices=("amd64", "arm64"), default="amd64",
+                   help="guest architecture (arm64: for HVF on Apple silicon; name default-arm64; "
+                        "a foreign architecture needs dpkg --add-architecture and qemu-user-static)")
     b.set_defaults(func=_cmd_image_build)
     ls = img.add_parser("list", help="list built images")
     ls.add_argument("--verify", action="store_true", help="check every file against its sha256")
@@ -181,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr = img.add_parser("prune", help="remove image builds no recipe points at")
     pr.add_argument("--dry-run", action="store_true")
     pr.set_defaults(func=_cmd_image_prune)
-    sub.add_parser("doctor", help="what works on this host, and why not").set_defaults(func=_cmd_doctor)
+    doc = sub.add_parser("doctor", help="what works on this host, and why not")
+    doc.add_argument("--image", default="default", help="image the canary boots (default: default)")
+    doc.set_defaults(func=_cmd_doctor)
     r = sub.add_parser("reap", help="remove leftovers of dead runs (never a live run's)")
     r.add_argument("--kept", action="store_true", help="also remove VMs kept by --smolvm-keep-failed")
     r.add_argument("--dry-run", action="store_true", help="only list what would be removed")

@@ -73,3 +73,51 @@ def process_alive(pid: int, start_ticks: int | None) -> bool:
     """True if ``pid`` runs and (when known) is the same process that started at ``start_ticks``."""
     now = process_start_ticks(pid)
     return now is not None and (start_ticks is None or now == start_ticks)
+
+
+def host_arch() -> str:
+    """This host's CPU architecture as ``platform.machine()`` spells it (x86_64, arm64, aarch64)."""
+    return platform.machine()
+
+
+def firecracker_binary() -> str | None:
+    """Path of the ``firecracker`` binary, if on PATH."""
+    return shutil.which("firecracker")
+
+
+def kvm_module() -> str | None:
+    """The kernel module behind /dev/kvm: ``kvm_pvm`` (nested PVM), ``kvm_intel``, ``kvm_amd``,
+    or None when none is loaded."""
+    for name in ("kvm_pvm", "kvm_intel", "kvm_amd", "kvm"):
+        if Path(f"/sys/module/{name}").exists():
+            return name
+    return None
+
+
+HVF_ENTITLEMENT = "com.apple.security.hypervisor"
+
+
+def hvf_status(qemu: str | None = None) -> tuple[bool, str]:
+    """Whether HVF can run guests here: macOS, ``kern.hv_support`` = 1, and a QEMU signed
+    with the hypervisor entitlement (Homebrew's is). Off macOS: not applicable."""
+    if not is_macos():
+        return False, "not applicable (macOS only)"
+    try:
+        hv = subprocess.run(["sysctl", "-n", "kern.hv_support"], capture_output=True, text=True,
+                            timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError) as exc:
+        return False, f"cannot read sysctl kern.hv_support: {exc}"
+    if hv != "1":
+        return False, (f"kern.hv_support={hv or '?'}: this Mac (or the VM macOS runs in) offers no "
+                       f"Hypervisor.framework")
+    qemu = qemu or qemu_binary()
+    if not qemu:
+        return False, "QEMU is not installed (brew install qemu)"
+    try:
+        ent = subprocess.run(["codesign", "-d", "--entitlements", "-", "--xml", qemu], capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return False, f"cannot read the entitlements of {qemu}: {exc}"
+    if HVF_ENTITLEMENT not in ent.stdout + ent.stderr:
+        return False, f"{qemu} is not signed with the {HVF_ENTITLEMENT} entitlement"
+    return True, f"kern.hv_support=1, {qemu} has the {HVF_ENTITLEMENT} entitlement"

@@ -25,6 +25,14 @@ from .images.build import sha256_file
 from .paths import cache_dir
 
 FILES = ("mem", "state", "disk.qcow2")
+#: The snapshot's disk: a qcow2 overlay (QEMU) or a raw copy (Firecracker has no qcow2).
+DISK_FILES = ("disk.qcow2", "disk.ext4")
+
+
+def _files(d: Path) -> tuple[str, ...]:
+    """The files of snapshot directory ``d``: RAM, device state and whichever disk it has."""
+    disk = next((n for n in DISK_FILES if (d / n).exists()), DISK_FILES[0])
+    return ("mem", "state", disk)
 
 
 class SnapshotError(SmolVMError):
@@ -59,7 +67,8 @@ class SnapshotStore:
             return None
         except (OSError, ValueError) as exc:
             raise SnapshotError(f"snapshot {d} has an unreadable meta.json: {exc}") from exc
-        for name in FILES:
+        names = _files(d)
+        for name in names:
             try:
                 size = (d / name).stat().st_size
             except OSError:
@@ -67,10 +76,10 @@ class SnapshotStore:
             if size != meta["files"][name]["size"]:
                 raise SnapshotError(f"snapshot file {d / name} has {size} bytes, expected "
                                     f"{meta['files'][name]['size']}")
-        stamp = (key, *((st.st_size, st.st_mtime_ns) for st in (os.stat(d / n) for n in FILES)))
+        stamp = (key, *((st.st_size, st.st_mtime_ns) for st in (os.stat(d / n) for n in names)))
         with self._lock:
             if stamp not in self._verified:
-                for name in FILES:
+                for name in names:
                     if sha256_file(d / name) != meta["files"][name]["sha256"]:
                         raise SnapshotError(f"snapshot file {d / name} does not match its sha256 (corrupt)")
                 self._verified.add(stamp)
@@ -89,7 +98,7 @@ class SnapshotStore:
                 tmp.mkdir()
                 try:
                     build(tmp)
-                    files = {n: {"size": (tmp / n).stat().st_size, "sha256": sha256_file(tmp / n)} for n in FILES}
+                    files = {n: {"size": (tmp / n).stat().st_size, "sha256": sha256_file(tmp / n)} for n in _files(tmp)}
                     (tmp / "meta.json").write_text(json.dumps({"key": key, "created": time.time(),
                                                                "files": files}, indent=2))
                     os.rename(tmp, self.path(key))

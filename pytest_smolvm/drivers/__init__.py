@@ -2,19 +2,68 @@
 
 from __future__ import annotations
 
+import shutil
+
+from .. import host
 from ..config import VMConfig
 from ..errors import ConfigError
 from .base import Accel, Driver, Machine
 
 
+def firecracker_status(image_name: str = "default") -> tuple[bool, str]:
+    """Whether the Firecracker backend can run here, and why (binary on PATH, KVM device,
+    KVM canary boot of the image's kernel when QEMU is there to run it)."""
+    from .firecracker import INSTALL_HINT
+
+    binary = shutil.which("firecracker")
+    if not binary:
+        return False, f"the firecracker binary is not on PATH; fix: {INSTALL_HINT}"
+    usable, why = host.kvm_device_status()
+    if not usable:
+        return False, f"Firecracker needs KVM: {why}"
+    qemu = host.qemu_binary()
+    if qemu:
+        from ..errors import ImageError
+        from ..images import resolve
+        from .qemu import kvm_canary
+
+        try:
+            image = resolve(image_name)
+        except ImageError as exc:
+            return False, f"cannot run the KVM canary: {exc}"
+        ok, reason = kvm_canary(qemu, image)
+        if not ok:
+            return False, f"Firecracker needs a working KVM: {why}; {reason}"
+        why = reason
+    return True, f"{binary} on KVM ({why})"
+
+
 def default_driver(config: VMConfig) -> Driver:
-    """The built-in driver for ``config.backend`` (``auto`` means QEMU today)."""
+    """The built-in driver for ``config.backend``.
+
+    ``qemu``: QEMU (KVM, HVF or TCG). ``firecracker``: Firecracker, or ConfigError saying
+    what is missing and how to fix it. ``auto``: Firecracker when its binary is on PATH and
+    KVM works (canary boot), the VM's accelerator allows KVM, it has no network (TAPs are
+    attached by the network layer) and its image can carry the agent over vsock; else QEMU.
+    """
+    if config.backend == "firecracker":
+        ok, why = firecracker_status(config.image)
+        if not ok:
+            raise ConfigError(f"invalid backend='firecracker': {why}; or use backend='qemu'")
+        from .firecracker import FirecrackerDriver
+
+        return FirecrackerDriver()
+    if config.backend == "auto" and config.accel in ("auto", "kvm") and config.network == "none" \
+            and shutil.which("firecracker"):
+        from .firecracker import FirecrackerDriver, guest_vsock_support
+
+        if guest_vsock_support(config.image)[0] and firecracker_status(config.image)[0]:
+            return FirecrackerDriver()
     if config.backend in ("auto", "qemu"):
         from .qemu import QemuDriver
 
         return QemuDriver()
-    raise ConfigError(f"invalid backend={config.backend!r}: the Firecracker driver is not available "
-                      f"in this version; use backend='qemu'")
+    raise ConfigError(f"invalid backend={config.backend!r}: expected auto, qemu or firecracker")
 
 
-__all__ = ["Accel", "Driver", "Machine", "default_driver"]
+__all__ = ["Accel", "Driver", "Machine", "default_driver", "firecracker_status"]

@@ -22,7 +22,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from ..errors import ImageError
-from .recipe import BOOT_MODULES, NET_MODULES, Recipe
+from .recipe import BOOT_MODULES, NET_MODULES, VSOCK_MODULES, Recipe
 from .store import Image, images_dir, resolve
 
 TOOLS = {
@@ -109,6 +109,23 @@ def _extract_elf(vmlinuz: Path, target: Path) -> None:
     target.write_bytes(proc.stdout)
 
 
+def _extract_arm64_image(vmlinuz: Path, target: Path) -> None:
+    """Debian's arm64 vmlinuz is a gzip-compressed ``Image``, which QEMU ``-M virt`` boots
+    as it is once decompressed (it is not an ELF: the magic is ``ARM\x64`` at offset 56)."""
+    import gzip
+
+    try:
+        data = gzip.decompress(vmlinuz.read_bytes())
+    except (OSError, EOFError) as exc:
+        raise ImageError(f"cannot decompress the arm64 kernel {vmlinuz}: {exc}") from exc
+    if data[56:60] != ARM64_IMAGE_MAGIC:
+        raise ImageError(f"{vmlinuz} does not hold an arm64 Image (no ARM\\x64 magic at offset 56)")
+    target.write_bytes(data)
+
+
+ARM64_IMAGE_MAGIC = b"ARM\x64"
+
+
 def sha256_file(path: Path) -> str:
     """Hex sha256 of a file, read in chunks."""
     h = hashlib.sha256()
@@ -164,7 +181,8 @@ def _build_into(recipe: Recipe, final: Path, progress: Progress) -> None:
         out = work / "out"
         out.mkdir()
         step(1, f"downloading kernel package {recipe.kernel_package}")
-        deps = _run(["apt-cache", "depends", "--important", recipe.kernel_package], "apt-cache depends")
+        kpkg = recipe.kernel_package if recipe.arch == "amd64" else f"{recipe.kernel_package}:{recipe.arch}"
+        deps = _run(["apt-cache", "depends", "--important", kpkg], "apt-cache depends")
         concrete = next((ln.split(":", 1)[1].strip() for ln in deps.splitlines()
                          if ln.strip().startswith("Depends:") and "linux-image-" in ln), None)
         if concrete is None:
@@ -172,20 +190,29 @@ def _build_into(recipe: Recipe, final: Path, progress: Progress) -> None:
                              f"run 'apt-get update' first (apt-cache said: {deps[-300:]})")
         dl = work / "dl"
         dl.mkdir()
-        _run(["apt-get", "download", concrete], "apt-get download", cwd=dl)
+        # A foreign architecture's kernel needs `dpkg --add-architecture arm64 && apt-get update`.
+        pkg = concrete if recipe.arch == "amd64" else f"{concrete}:{recipe.arch}"
+        _run(["apt-get", "download", pkg], "apt-get download", cwd=dl)
         debs = list(dl.glob("*.deb"))
         kroot = work / "kernel"
         _run(["dpkg-deb", "-x", str(debs[0]), str(kroot)], "dpkg-deb -x")
         step(2, f"extracting the kernel ELF and modules from {debs[0].name}")
         vmlinuz = next(kroot.glob("boot/vmlinuz-*"))
         release = vmlinuz.name.removeprefix("vmlinuz-")
-        _extract_elf(vmlinuz, out / "vmlinux")
+        if recipe.arch == "arm64":
+            _extract_arm64_image(vmlinuz, out / "vmlinux")  # same name: the kernel the VMM boots
+        else:
+            _extract_elf(vmlinuz, out / "vmlinux")
         (out / "modules").mkdir()
         for mod in BOOT_MODULES + NET_MODULES:
             hits = list(kroot.glob(f"lib/modules/{release}/kernel/**/{mod}.ko"))
             if not hits:
                 raise ImageError(f"kernel {release} has no module {mod}.ko")
             shutil.copyfile(hits[0], out / "modules" / f"{mod}.ko")
+        for mod in VSOCK_MODULES:  # optional: only Firecracker's vsock channel needs them
+            hits = list(kroot.glob(f"lib/modules/{release}/kernel/**/{mod}.ko"))
+            if hits:
+                shutil.copyfile(hits[0], out / "modules" / f"{mod}.ko")
         shutil.copyfile(BUSYBOX, out / "busybox")
         step(3, f"building the {recipe.suite} rootfs with mmdebstrap ({', '.join(recipe.packages)})")
         sources = host_apt_sources(recipe.suite)
@@ -195,7 +222,8 @@ def _build_into(recipe: Recipe, final: Path, progress: Progress) -> None:
         optfile = work / "apt-acquire.conf"
         optfile.write_text("".join(f"{o}\n" for o in _host_acquire_options()))
         root = work / "root"
-        _run(["mmdebstrap", "--variant=minbase", f"--include={','.join(recipe.packages)}",
+        arch_opt = [] if recipe.arch == "amd64" else [f"--architectures={recipe.arch}"]
+        _run(["mmdebstrap", "--variant=minbase", *arch_opt, f"--include={','.join(recipe.packages)}",
               f"--aptopt={optfile}", "--format=directory", recipe.suite, str(root), *sources],
              "mmdebstrap", progress)
         _customise_rootfs(root, out)

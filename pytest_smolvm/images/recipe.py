@@ -17,12 +17,21 @@ import json
 from importlib import resources
 from typing import Final
 
+from ..errors import ConfigError
+
 BUILDER_VERSION: Final = 1
 
 #: Modules the initramfs loads, in dependency order (all are modules in Debian's cloud kernel).
 BOOT_MODULES: Final = ("virtio_ring", "virtio", "virtio_mmio", "virtio_blk", "virtio_console")
 #: Loaded only when the VM has a NIC (``smolvm.net=1`` on the kernel command line).
 NET_MODULES: Final = ("failover", "net_failover", "virtio_net")
+#: Loaded only under Firecracker (``smolvm.vsock=1``): the agent's channel is AF_VSOCK there.
+#: Optional in an image: builds before this list existed lack them (rebuild with --force).
+VSOCK_MODULES: Final = ("vsock", "vmw_vsock_virtio_transport_common", "vmw_vsock_virtio_transport")
+
+#: Debian architectures a recipe can target, and the kernel package each boots.
+ARCHES: Final = ("amd64", "arm64")
+KERNEL_PACKAGES: Final = {"amd64": "linux-image-cloud-amd64", "arm64": "linux-image-cloud-arm64"}
 
 DEFAULT_PACKAGES: Final = (
     "python3", "openssh-server", "iproute2", "e2fsprogs", "procps", "ca-certificates",
@@ -31,19 +40,30 @@ DEFAULT_PACKAGES: Final = (
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    """What goes into an image's base layer."""
+    """What goes into an image's base layer.
+
+    ``arch`` is the Debian architecture of the guest (``amd64`` or ``arm64``); use
+    :func:`arm64_recipe` for an arm64 image (its kernel package differs too).
+    """
 
     name: str = "default"
     suite: str = "bookworm"
     kernel_package: str = "linux-image-cloud-amd64"
     packages: tuple[str, ...] = DEFAULT_PACKAGES
     rootfs_mib: int = 1024
+    arch: str = "amd64"
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHES:
+            raise ConfigError(f"invalid arch={self.arch!r}: expected one of {', '.join(ARCHES)}")
 
     def digest(self) -> str:
-        blob = json.dumps(
-            {"builder": BUILDER_VERSION, **dataclasses.asdict(self), "name": None},
-            sort_keys=True,
-        ).encode()
+        fields = {**dataclasses.asdict(self), "name": None}
+        if self.arch == "amd64":
+            # amd64 images were built before ``arch`` existed: leaving it out keeps their
+            # digests (and so every existing build) valid.
+            del fields["arch"]
+        blob = json.dumps({"builder": BUILDER_VERSION, **fields}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def to_json(self) -> dict[str, object]:
@@ -56,6 +76,13 @@ class Recipe:
         if "packages" in kwargs:
             kwargs["packages"] = tuple(kwargs["packages"])  # type: ignore[arg-type]
         return cls(**kwargs)  # type: ignore[arg-type]
+
+
+def arm64_recipe(name: str = "default-arm64", **changes: object) -> Recipe:
+    """The default recipe for arm64 guests (Debian arm64 packages, for QEMU ``-M virt`` on
+    HVF or KVM): same packages, Debian's arm64 cloud kernel."""
+    return dataclasses.replace(Recipe(name=name, arch="arm64", kernel_package=KERNEL_PACKAGES["arm64"]),
+                               **changes)  # type: ignore[arg-type]
 
 
 STAGE1_INIT: Final = r"""#!/bin/sh
@@ -73,6 +100,9 @@ for m in __MODULES__; do
 done
 case "$cmdline" in *" smolvm.net=1 "*)
   for m in __NET_MODULES__; do insmod /lib/modules/$m.ko || echo "smolvm-init: insmod $m failed"; done ;;
+esac
+case "$cmdline" in *" smolvm.vsock=1 "*)
+  for m in __VSOCK_MODULES__; do insmod /lib/modules/$m.ko || echo "smolvm-init: insmod $m failed"; done ;;
 esac
 i=0
 while [ ! -b /dev/vda ]; do
@@ -93,6 +123,7 @@ mount -t tmpfs -o mode=1777 shm /newroot/dev/shm
 mount --move /proc /newroot/proc
 mount --move /sys /newroot/sys
 echo smolvm > /newroot/proc/sys/kernel/hostname
+ip link set lo up
 # The agent and every command live in cgroup smolvm (init stays in the root): a fork bomb or
 # memory hog meets pids.max / memory.max, and commands are born inside it (no per-command
 # migration, which costs milliseconds under TCG). The agent protects itself with nice -20
@@ -138,7 +169,8 @@ def stage1_init() -> bytes:
     return (STAGE1_INIT.replace("__MODULES__", " ".join(BOOT_MODULES))
             .replace("__PIDS_MAX__", str(CMD_PIDS_MAX))
             .replace("__MEM_RESERVE_KIB__", str(CMD_MEM_RESERVE_KIB))
-            .replace("__NET_MODULES__", " ".join(NET_MODULES)).encode())
+            .replace("__NET_MODULES__", " ".join(NET_MODULES))
+            .replace("__VSOCK_MODULES__", " ".join(VSOCK_MODULES)).encode())
 
 
 def boot_digest() -> str:

@@ -106,7 +106,9 @@ def _load_cached(path: Path, name: str, _mtime: int) -> Image:
             raise ImageError(f"image {name!r} file {f} has {size} bytes, expected {meta['size']} "
                              f"(corrupt); rebuild it with: {_hint(name)} --force")
     with open(path / "vmlinux", "rb") as f:
-        if f.read(4) != b"\x7fELF":
+        head = f.read(64)
+        # An ELF (amd64, booted via PVH) or an arm64 Image (magic ARM\x64 at offset 56).
+        if head[:4] != b"\x7fELF" and head[56:60] != b"ARM\x64":
             raise ImageError(f"image {name!r} kernel {path / 'vmlinux'} is not an ELF file (corrupt); "
                              f"rebuild it with: {_hint(name)} --force")
     with open(path / "rootfs.ext4", "rb") as f:

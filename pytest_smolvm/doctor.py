@@ -1,0 +1,214 @@
+"""``python -m pytest_smolvm doctor``: which backend x accelerator works on this host, and why not.
+
+Probing (binaries, /dev/kvm, canary boots) is kept apart from judging: :func:`collect`
+gathers a :class:`Probes`, and :func:`verdicts` (pure) turns it into one
+:class:`Verdict` per backend and accelerator, each with the command that fixes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import subprocess
+import time
+from typing import TYPE_CHECKING
+
+from . import host
+from .errors import SmolVMError
+
+if TYPE_CHECKING:
+    from .images import Image
+
+APT_QEMU = "apt-get install -y qemu-system-x86 qemu-utils"
+BREW_QEMU = "brew install qemu"
+BUILD_IMAGE = "python -m pytest_smolvm image build"
+
+
+@dataclasses.dataclass(frozen=True)
+class Probes:
+    """What :func:`collect` found out about this host. ``None`` canaries were not run."""
+
+    system: str = "Linux"
+    arch: str = "x86_64"
+    qemu: str | None = None
+    qemu_version: str = ""
+    image: str | None = None
+    image_error: str = ""
+    kvm_device: tuple[bool, str] = (False, "/dev/kvm does not exist")
+    kvm_module: str | None = None
+    kvm_canary: tuple[bool, str] | None = None
+    tcg_canary: tuple[bool, str] | None = None
+    hvf: tuple[bool, str] = (False, "not applicable (macOS only)")
+    firecracker: str | None = None
+    firecracker_version: str = ""
+    guest_vsock: tuple[bool, str] = (False, "not checked")
+    builder_missing: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """One line of the report. ``works`` is None when the combination does not apply here."""
+
+    what: str
+    works: bool | None
+    detail: str
+    fix: str = ""
+
+    def render(self) -> str:
+        if self.works:
+            text = f"works ({self.detail})"
+        elif self.works is None:
+            text = f"not applicable ({self.detail})"
+        else:
+            text = self.detail
+        return f"{self.what}: {text}" + (f"; fix: {self.fix}" if self.fix else "")
+
+
+def verdicts(p: Probes) -> list[Verdict]:
+    """One verdict per backend x accelerator, then what ``auto`` picks (pure)."""
+    macos = p.system == "Darwin"
+    out: list[Verdict] = []
+    install_qemu = BREW_QEMU if macos else APT_QEMU
+    qemu_name = "qemu-system-aarch64" if p.arch in ("arm64", "aarch64") else "qemu-system-x86_64"
+
+    # qemu + tcg: the baseline, proven by booting the image's kernel to its initramfs.
+    if not p.qemu:
+        out.append(Verdict("qemu + tcg", False, f"{qemu_name} not found on PATH", install_qemu))
+    elif p.image is None:
+        out.append(Verdict("qemu + tcg", False, f"no guest image to boot ({p.image_error})", BUILD_IMAGE))
+    elif p.tcg_canary is None or not p.tcg_canary[0]:
+        why = p.tcg_canary[1] if p.tcg_canary else "the TCG canary was not run"
+        out.append(Verdict("qemu + tcg", False, f"{p.qemu} ({p.qemu_version}): {why}",
+                           f"{BUILD_IMAGE} --force (if the image is damaged), or reinstall QEMU: {install_qemu}"))
+    else:
+        out.append(Verdict("qemu + tcg", True, f"{p.tcg_canary[1]}; {p.qemu_version}"))
+
+    # qemu + kvm: /dev/kvm opening is not enough (nested PVM opens it, runs no Linux guest).
+    kvm_ok, kvm_why = p.kvm_device
+    if macos:
+        kvm = Verdict("qemu + kvm", None, "Linux only; macOS has HVF")
+    elif not kvm_ok:
+        if "not read/writable" in kvm_why:
+            fix = "sudo usermod -aG kvm $USER (then log in again), or chmod 666 /dev/kvm"
+        else:
+            fix = ("sudo modprobe kvm_intel (or kvm_amd) after enabling VT-x/AMD-V in the firmware, or use a "
+                   "cloud instance with nested virtualisation; accel=auto falls back to TCG meanwhile")
+        kvm = Verdict("qemu + kvm", False, kvm_why, fix)
+    elif p.kvm_canary is None:
+        kvm = Verdict("qemu + kvm", False, f"/dev/kvm present ({p.kvm_module or '?'}) but the canary could not run "
+                      f"({'no QEMU' if not p.qemu else p.image_error or 'no image'})",
+                      install_qemu if not p.qemu else BUILD_IMAGE)
+    elif not p.kvm_canary[0]:
+        fix = ("none on this host: kvm_pvm (nested PVM) cannot run Linux guests; run on hardware "
+               "virtualisation (VT-x/AMD-V). accel=auto uses TCG here" if p.kvm_module == "kvm_pvm" else
+               "check dmesg for KVM errors; accel=auto uses TCG meanwhile")
+        kvm = Verdict("qemu + kvm", False,
+                      f"/dev/kvm present ({p.kvm_module or '?'}) but canary failed: {p.kvm_canary[1]}", fix)
+    else:
+        kvm = Verdict("qemu + kvm", True, f"/dev/kvm ({p.kvm_module or '?'}); {p.kvm_canary[1]}")
+    out.append(kvm)
+
+    # qemu + hvf
+    if not macos:
+        out.append(Verdict("qemu + hvf", None, "macOS only"))
+    elif p.hvf[0]:
+        out.append(Verdict("qemu + hvf", True, p.hvf[1]))
+    else:
+        fix = BREW_QEMU if "not installed" in p.hvf[1] or "entitlement" in p.hvf[1] else \
+            "run on a Mac with Hypervisor.framework (not inside a VM without nested virtualisation)"
+        if "entitlement" in p.hvf[1]:
+            fix = f"brew reinstall qemu (Homebrew's QEMU is signed with {host.HVF_ENTITLEMENT})"
+        out.append(Verdict("qemu + hvf", False, p.hvf[1], fix))
+
+    # firecracker (KVM only)
+    from .drivers.firecracker import INSTALL_HINT
+
+    if macos:
+        fc = Verdict("firecracker", None, "Linux with KVM only")
+    elif not p.firecracker:
+        fc = Verdict("firecracker", False, "binary not found on PATH", INSTALL_HINT)
+    elif not kvm.works:
+        fc = Verdict("firecracker", False, f"{p.firecracker} ({p.firecracker_version}) found, but it needs a "
+                     f"working KVM: {kvm.detail}", kvm.fix)
+    elif not p.guest_vsock[0]:
+        fc = Verdict("firecracker", False, f"{p.firecracker} ({p.firecracker_version}) on KVM, but the guest "
+                     f"cannot serve the agent over vsock: {p.guest_vsock[1]}", "use backend='qemu'")
+    else:
+        fc = Verdict("firecracker", True, f"{p.firecracker} ({p.firecracker_version}) on KVM")
+    out.append(fc)
+
+    # what auto picks
+    by_name = {v.what: v for v in out}
+    for what in ("firecracker", "qemu + kvm", "qemu + hvf", "qemu + tcg"):
+        if by_name[what].works:
+            out.append(Verdict("backend auto", True, f"uses {what}"))
+            break
+    else:
+        out.append(Verdict("backend auto", False, "no backend works on this host", install_qemu))
+    return out
+
+
+def tcg_canary(binary: str, image: Image, timeout: float = 30.0) -> tuple[bool, str]:
+    """Boot the image's kernel under TCG to its initramfs and back, like the KVM canary."""
+    from .drivers.qemu import CANARY_MARK, accel_args, kernel_cmdline
+
+    argv = [binary, "-M", "microvm", *accel_args("tcg"), "-smp", "1", "-m", "128",
+            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-kernel", str(image.kernel), "-initrd", str(image.initrd),
+            "-append", kernel_cmdline("tcg", host.host_tsc_khz(), ["smolvm.canary=1"]), "-serial", "stdio"]
+    started = time.monotonic()
+    try:
+        res = subprocess.run(argv, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return False, f"TCG canary boot did not finish within {timeout:.0f}s"
+    except OSError as exc:
+        return False, f"cannot run {binary}: {exc}"
+    out = res.stdout.decode(errors="replace") + res.stderr.decode(errors="replace")
+    if CANARY_MARK in out:
+        return True, f"TCG canary boot succeeded in {time.monotonic() - started:.2f}s"
+    last = [ln for ln in out.strip().splitlines() if ln.strip()][-1:] or ["(no output)"]
+    return False, f"TCG canary boot failed (exit {res.returncode}): {last[0][:200]}"
+
+
+def collect(image_name: str = "default") -> Probes:
+    """Probe this host: binaries, devices, the image, and canary boots (TCG always, KVM when
+    /dev/kvm opens; the KVM verdict is cached per host kernel, QEMU version and image)."""
+    from .drivers.firecracker import firecracker_version, guest_vsock_support
+    from .images import resolve
+    from .images.build import missing_tools
+
+    qemu = host.qemu_binary()
+    try:
+        image = resolve(image_name)
+        image_desc, image_error = f"{image.name} at {image.path} (kernel {image.kernel_release})", ""
+    except SmolVMError as exc:
+        image, image_desc, image_error = None, None, str(exc)
+    kvm_device = host.kvm_device_status()
+    kvm_canary = tcg = None
+    if qemu and image is not None:
+        tcg = tcg_canary(qemu, image)
+        if kvm_device[0]:
+            from .drivers.qemu import kvm_canary as run_kvm_canary
+
+            kvm_canary = run_kvm_canary(qemu, image)
+    fc = host.firecracker_binary()
+    return Probes(
+        system=platform.system(), arch=host.host_arch(), qemu=qemu,
+        qemu_version=host.qemu_version(qemu) if qemu else "", image=image_desc, image_error=image_error,
+        kvm_device=kvm_device, kvm_module=host.kvm_module(), kvm_canary=kvm_canary, tcg_canary=tcg,
+        hvf=host.hvf_status(qemu), firecracker=fc, firecracker_version=firecracker_version(fc) if fc else "",
+        guest_vsock=guest_vsock_support(image) if image is not None else (False, image_error),
+        builder_missing=tuple(missing_tools()),
+    )
+
+
+def report(p: Probes) -> tuple[list[str], bool]:
+    """The doctor's lines, and whether any backend works."""
+    lines = [f"host: {p.system} {p.arch}"]
+    lines.append(f"image: {p.image}" if p.image else f"image: not available: {p.image_error}")
+    lines.append("image builder tools: all present" if not p.builder_missing else
+                 f"image builder tools: missing {', '.join(p.builder_missing)}; fix: apt-get install -y "
+                 f"{' '.join(p.builder_missing)}")
+    vs = verdicts(p)
+    lines += [v.render() for v in vs]
+    return lines, bool(vs[-1].works)

@@ -1,0 +1,151 @@
+"""Unit tests of the HVF (macOS) argv per host platform, and of the arm64 image recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pytest_smolvm import host
+from pytest_smolvm.config import VMConfig
+from pytest_smolvm.drivers import hvf
+from pytest_smolvm.drivers.base import Accel, Nic
+from pytest_smolvm.drivers.qemu import CONTROL_PORT
+from pytest_smolvm.errors import ConfigError
+from pytest_smolvm.images import Image
+from pytest_smolvm.images.recipe import KERNEL_PACKAGES, Recipe, arm64_recipe, stage1_init
+
+#: Recipe().digest() before the ``arch`` field existed (computed from the previous recipe.py).
+DEFAULT_DIGEST_BEFORE_ARCH = "9b043e654da5590b"
+
+
+def kwargs(tmp_path: Path, **over: Any) -> dict[str, Any]:
+    kw: dict[str, Any] = {"binary": "/opt/homebrew/bin/qemu-system-aarch64", "vcpus": 2, "memory_mib": 512,
+                          "kernel": tmp_path / "vmlinux", "initrd": tmp_path / "boot.cpio", "cmdline": "console=x",
+                          "console": tmp_path / "console.log", "control": tmp_path / "ctl.sock",
+                          "disk": tmp_path / "disk.qcow2"}
+    kw.update(over)
+    return kw
+
+
+def one(argv: list[str], flag: str) -> str:
+    values = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == flag]
+    assert len(values) == 1, (flag, values)
+    return values[0]
+
+
+@pytest.mark.parametrize("arch", ["arm64", "aarch64"])
+def test_apple_silicon_is_aarch64_virt_with_hvf(tmp_path: Path, arch: str) -> None:
+    argv = hvf.hvf_argv(arch, **kwargs(tmp_path))
+    assert argv[0] == "/opt/homebrew/bin/qemu-system-aarch64"
+    assert one(argv, "-M") == "virt"
+    i = argv.index("-accel")
+    assert argv[i:i + 4] == ["-accel", "hvf", "-cpu", "host"]
+    assert one(argv, "-smp") == "2" and one(argv, "-m") == "512"
+    # the same control channel as on Linux: virtio-serial port smolvm.ctl on virtio-mmio
+    assert "virtio-serial-device" in argv
+    assert f"virtserialport,chardev=ctl,name={CONTROL_PORT}" in argv
+    assert one(argv, "-serial") == "chardev:con"
+    assert "virtio-blk-device,drive=root" in argv
+    assert "-sandbox" not in argv  # macOS QEMU has no seccomp
+
+
+def test_intel_mac_is_microvm_with_hvf(tmp_path: Path) -> None:
+    argv = hvf.hvf_argv("x86_64", **kwargs(tmp_path, binary="/usr/local/bin/qemu-system-x86_64"))
+    assert argv[0] == "/usr/local/bin/qemu-system-x86_64"
+    assert one(argv, "-M") == "microvm"
+    assert one(argv, "-accel") == "hvf" and one(argv, "-cpu") == "host"
+    assert "-sandbox" not in argv and "virtio-serial-device" in argv
+
+
+def test_unknown_host_arch_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="host architecture 'riscv64'"):
+        hvf.hvf_argv("riscv64", **kwargs(tmp_path))
+
+
+def test_virt_snapshot_clone_and_nic(tmp_path: Path) -> None:
+    argv = hvf.virt_argv(accel="hvf", **kwargs(tmp_path, memory_file=tmp_path / "mem", incoming=True,
+                                                qmp=tmp_path / "qmp.sock", nic=Nic(5, "tap0", "02:00:00:00:00:01")))
+    assert one(argv, "-M") == "virt,memory-backend=mem"
+    assert one(argv, "-object").endswith(f"mem-path={tmp_path / 'mem'},share=off")
+    assert one(argv, "-incoming") == "defer"
+    assert one(argv, "-netdev") == "tap,id=net0,fd=5"
+    assert "virtio-net-device,netdev=net0,mac=02:00:00:00:00:01" in argv
+
+
+def test_virt_tcg_and_kvm_variants(tmp_path: Path) -> None:
+    tcg = hvf.virt_argv(accel="tcg", **kwargs(tmp_path))
+    assert one(tcg, "-M") == "virt,gic-version=max" and one(tcg, "-cpu") == "max"
+    assert one(hvf.virt_argv(accel="kvm", **kwargs(tmp_path)), "-cpu") == "host"
+    with pytest.raises(ConfigError, match="accel='whpx'"):
+        hvf.virt_argv(accel="whpx", **kwargs(tmp_path))
+
+
+def test_aarch64_cmdline_uses_the_pl011_console_and_no_tsc_flags() -> None:
+    line = hvf.aarch64_kernel_cmdline(["smolvm.aslr=0"], vcpus=1).split()
+    assert "console=ttyAMA0" in line and "console=ttyS0" not in line
+    assert not [p for p in line if p.startswith("tsc")]
+    assert line[-2:] == ["possible_cpus=2", "smolvm.aslr=0"]
+    assert "console=ttyS0" in hvf.hvf_cmdline("x86_64").split()
+    assert "console=ttyAMA0" in hvf.hvf_cmdline("arm64").split()
+
+
+def fake_image(tmp_path: Path) -> Image:
+    return Image(name="default-arm64", path=tmp_path, kernel=tmp_path / "vmlinux", initrd=tmp_path / "boot.cpio",
+                 rootfs=tmp_path / "rootfs.ext4", rootfs_mib=1024, digest="d" * 16, kernel_release="6.1",
+                 ssh_host_key_pub="")
+
+
+@pytest.mark.parametrize(("arch", "machine", "binary"), [
+    ("arm64", "virt", "qemu-system-aarch64"), ("x86_64", "microvm", "qemu-system-x86_64")])
+def test_hvf_driver_argv_per_platform(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, arch: str, machine: str,
+                                      binary: str) -> None:
+    monkeypatch.setattr(host, "host_tsc_khz", lambda: None)
+    driver = hvf.HvfQemuDriver(f"/opt/homebrew/bin/{binary}", host_arch=arch)
+    argv = driver._argv(VMConfig(vcpus=2), fake_image(tmp_path), tmp_path, Accel("hvf", "test"),
+                        tmp_path / "disk.qcow2")
+    assert argv[0].endswith(binary) and one(argv, "-M") == machine and one(argv, "-accel") == "hvf"
+    assert "-sandbox" not in argv
+
+
+def test_hvf_driver_explains_what_is_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(host, "hvf_status", lambda qemu=None: (False, "kern.hv_support=0"))
+    driver = hvf.HvfQemuDriver("/q", host_arch="arm64")
+    with pytest.raises(ConfigError, match=r"HVF does not work here: kern\.hv_support=0"):
+        driver.select_accel("auto", fake_image(tmp_path))
+    assert driver.select_accel("tcg", fake_image(tmp_path)).name == "tcg"
+    with pytest.raises(ConfigError, match="accel='kvm' on macOS"):
+        driver.select_accel("kvm", fake_image(tmp_path))
+
+
+def test_hvf_status_is_not_applicable_off_macos(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(host, "is_macos", lambda: False)
+    assert host.hvf_status() == (False, "not applicable (macOS only)")
+
+
+# ---------------------------------------------------------------- arm64 recipe
+
+
+def test_default_recipe_digest_is_unchanged_by_the_arch_field() -> None:
+    assert Recipe().arch == "amd64"
+    assert Recipe().digest() == DEFAULT_DIGEST_BEFORE_ARCH
+    assert Recipe(arch="amd64").digest() == DEFAULT_DIGEST_BEFORE_ARCH
+
+
+def test_arm64_recipe() -> None:
+    r = arm64_recipe()
+    assert (r.name, r.arch, r.kernel_package) == ("default-arm64", "arm64", KERNEL_PACKAGES["arm64"])
+    assert r.packages == Recipe().packages
+    assert r.digest() != Recipe().digest()
+    assert arm64_recipe(packages=("python3",)).digest() != r.digest()
+    assert Recipe.from_json(r.to_json()) == r
+    assert Recipe.from_json({k: v for k, v in Recipe().to_json().items() if k != "arch"}) == Recipe()
+    with pytest.raises(ValueError, match="arch='mips'"):
+        Recipe(arch="mips")
+
+
+def test_stage1_loads_vsock_modules_only_under_firecracker() -> None:
+    script = stage1_init().decode()
+    assert '*" smolvm.vsock=1 "*)' in script
+    assert "vmw_vsock_virtio_transport" in script
