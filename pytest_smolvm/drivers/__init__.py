@@ -41,7 +41,7 @@ def firecracker_status(image_name: str = "default") -> tuple[bool, str]:
 def default_driver(config: VMConfig) -> Driver:
     """The built-in driver for ``config.backend``.
 
-    ``qemu``: QEMU (KVM, HVF or TCG). ``firecracker``: Firecracker, or ConfigError saying
+    ``qemu``: QEMU (KVM or TCG; HVF on macOS). ``firecracker``: Firecracker, or ConfigError saying
     what is missing and how to fix it. ``auto``: Firecracker when its binary is on PATH and
     KVM works (canary boot), the VM's accelerator allows KVM, it has no network (TAPs are
     attached by the network layer) and its image can carry the agent over vsock; else QEMU.
@@ -60,6 +60,10 @@ def default_driver(config: VMConfig) -> Driver:
         if guest_vsock_support(config.image)[0] and firecracker_status(config.image)[0]:
             return FirecrackerDriver()
     if config.backend in ("auto", "qemu"):
+        if host.is_macos():  # HVF, and -M virt on Apple silicon
+            from .hvf import HvfQemuDriver
+
+            return HvfQemuDriver()
         from .qemu import QemuDriver
 
         return QemuDriver()

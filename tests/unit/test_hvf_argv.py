@@ -149,3 +149,13 @@ def test_stage1_loads_vsock_modules_only_under_firecracker() -> None:
     script = stage1_init().decode()
     assert '*" smolvm.vsock=1 "*)' in script
     assert "vmw_vsock_virtio_transport" in script
+
+
+def test_default_driver_on_macos_is_the_hvf_driver(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pytest_smolvm.drivers import default_driver
+
+    monkeypatch.setattr(host, "is_macos", lambda: True)
+    monkeypatch.setattr(host, "qemu_binary", lambda: "/opt/homebrew/bin/qemu-system-aarch64")
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    driver = default_driver(VMConfig())
+    assert isinstance(driver, hvf.HvfQemuDriver) and driver.name == "qemu"
