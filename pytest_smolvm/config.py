@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import math
+import re
 import types
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
@@ -39,7 +40,8 @@ class VMConfig:
     translated code across processes) and leaves it on under KVM/HVF. ``snapshot=True`` starts
     isolated-disk VMs as clones of a golden snapshot (cold boot if that is impossible).
     ``lifetime`` caps the wall-clock seconds a VM may serve its user (from when it is handed
-    over): then it is destroyed and every call raises GuestDied saying so.
+    over): then it is destroyed and every call raises GuestDied saying so. ``uplink`` is the
+    network namespace ``nat`` traffic leaves through (None: the host's root namespace).
     """
 
     vcpus: int = 1
@@ -59,6 +61,7 @@ class VMConfig:
     aslr: bool | None = None
     snapshot: bool = True
     lifetime: float | None = None
+    uplink: str | None = None
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -91,6 +94,8 @@ class VMConfig:
                  f"disk={self.disk_mode}", f"network={self.network}"]
         if self.allow:
             parts.append(f"allow={','.join(self.allow)}")
+        if self.uplink:
+            parts.append(f"uplink={self.uplink}")
         parts.append(f"image={self.image}")
         return " ".join(parts)
 
@@ -182,6 +187,14 @@ def _env(value: object) -> Mapping[str, str]:
     return _freeze_env(value)
 
 
+def _uplink(value: object) -> str | None:
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "root")):
+        return None
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_.][A-Za-z0-9_.-]{0,63}", value.strip()):
+        raise _bad("uplink", value, "expected 'root' or the name of a network namespace (ip netns list)")
+    return value.strip()
+
+
 def _image(value: object) -> str:
     if not isinstance(value, str) or not value.strip():
         raise _bad("image", value, "expected an image name (e.g. 'default') or a path to an image directory")
@@ -226,6 +239,8 @@ def check_field(name: str, value: Any) -> Any:
         return _bool(name, value)
     if name == "lifetime":
         return None if value in (None, "", "none") else _float(name, value, 0.0)
+    if name == "uplink":
+        return _uplink(value)
     raise ConfigError(f"unknown setting {name!r}; known: {', '.join(sorted(FIELD_NAMES))}")
 
 

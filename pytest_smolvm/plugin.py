@@ -202,6 +202,8 @@ class SmolVMPlugin:
                 if entries:
                     report.sections.append((f"smolvm transcript {vm.name}", sanitize(
                         "\n".join(e.render() for e in entries))))
+                if vm.config.network != "none":
+                    report.sections.append((f"smolvm network {vm.name}", network_section(vm)))
                 console = vm.console_log
                 if console:
                     report.sections.append((f"smolvm console {vm.name} (last {CONSOLE_TAIL_LINES} lines)",
@@ -245,10 +247,30 @@ class SmolVMPlugin:
 
     def pytest_sessionfinish(self) -> None:
         self.pool.close()
+        if getattr(self.config, "workerinput", None) is None:  # the controller: workers are done
+            from .network.hub import forget_run
+
+            forget_run(current_run_id())
         for driver in self.drivers.values():
             close = getattr(driver, "close", None)
             if callable(close):
                 close()
+
+
+def network_section(vm: SmolVM) -> str:
+    """The policy in force and what it dropped, for a failing test's report."""
+    net = vm.network
+    head = (f"policy {net.policy}" + (f" allow={','.join(net.allow)}" if net.allow else "")
+            + f"; guest {net.guest_ip}, gateway {net.host_ip}, namespace {net.netns}")
+    try:
+        denied = net.denied_details()
+    except SmolVMError as exc:
+        return f"{head}\ndenied egress: unknown ({exc})"
+    if not denied:
+        return f"{head}\ndenied egress: none"
+    rows = [f"  {d.proto} {d.dest}" + (f":{d.port}" if d.port else "") + f"  ({d.packets} packet(s))"
+            for d in denied]
+    return f"{head}\ndenied egress ({len(denied)}):\n" + "\n".join(rows)
 
 
 def _failed(item: pytest.Item) -> bool:

@@ -91,7 +91,7 @@ def reap(*, include_kept: bool = False, dry_run: bool = False, root: Path | None
     if root is None or snapshots_root is not None:
         items += find_partial_snapshots(snapshots_root)
     if dry_run:
-        return items
+        return items + (_network_leftovers(dry_run=True) if root is None else [])
     for item in items:
         if item.vmm_pid is not None:
             try:
@@ -106,4 +106,13 @@ def reap(*, include_kept: bool = False, dry_run: bool = False, root: Path | None
             item.path.parent.rmdir()
         except OSError:
             pass
+    if root is None:  # after the VMMs are dead, so their TAPs are gone too
+        items += _network_leftovers(dry_run=False)
     return items
+
+
+def _network_leftovers(*, dry_run: bool) -> list[Leftover]:
+    """Run namespaces, uplink tables and slot tables of dead runs (network/hub.py)."""
+    from .network.hub import reap_networks
+
+    return [Leftover(Path(s.what), s.run_id, None, False, s.reason) for s in reap_networks(dry_run=dry_run)]

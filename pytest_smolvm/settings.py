@@ -42,6 +42,9 @@ OPTIONS: Final = (
            "guest image name or image directory (default 'default')"),
     Option("lifetime", "--smolvm-lifetime", "smolvm_lifetime", "SMOLVM_LIFETIME",
            "wall-clock seconds a test may use its VM before it is destroyed (default: no limit)"),
+    Option("uplink", "--smolvm-uplink", "smolvm_uplink", "SMOLVM_UPLINK",
+           "network namespace that network='nat' traffic leaves through: 'root' (default, the host's "
+           "own) or a namespace name (ip netns list)"),
     Option("snapshot", "--smolvm-snapshot", "smolvm_snapshot", "SMOLVM_SNAPSHOT",
            "start isolated-disk VMs as snapshot clones: true or false (default true); "
            "--smolvm-no-snapshot is false"),

@@ -21,7 +21,7 @@ from typing import Any
 from . import images
 from .config import VMConfig
 from .drivers import Accel, Driver, Machine, default_driver
-from .drivers.base import SnapshotDriver
+from .drivers.base import TEMPLATE_MAC, Nic, SnapshotDriver
 from .errors import (
     BootError,
     CommandFailed,
@@ -34,7 +34,11 @@ from .errors import (
     SmolVMError,
 )
 from .guest.channel import Channel, ChannelClosed, ReplyTimeout
+from .guest.ssh import SSHKeys
 from .host import process_start_ticks
+from .network.forward import PortForward
+from .network.hub import VMNetwork
+from .network.policy import Denied
 from .paths import cache_dir, runtime_dir
 from .snapshots import SnapshotError, SnapshotWarning, default_store
 
@@ -118,13 +122,43 @@ class TranscriptEntry:
         return "\n".join(lines)
 
 
-@dataclasses.dataclass
 class NetworkState:
-    """``vm.network``: the policy in force and the egress attempts it dropped."""
+    """``vm.network``: the policy in force, the VM's addresses, and the egress attempts the
+    policy dropped (``denied``: ``(destination, port, protocol)`` tuples, read live)."""
 
-    policy: str
-    allow: tuple[str, ...] = ()
-    denied: list[tuple[str, int, str]] = dataclasses.field(default_factory=list)
+    def __init__(self, policy: str, allow: tuple[str, ...] = (), uplink: str | None = None) -> None:
+        self.policy = policy
+        self.allow = allow
+        self.uplink = uplink
+        self._net: VMNetwork | None = None
+
+    def __repr__(self) -> str:
+        return f"<NetworkState {self.policy}{' allow=' + ','.join(self.allow) if self.allow else ''}>"
+
+    @property
+    def guest_ip(self) -> str | None:
+        return str(self._net.addr.guest_ip) if self._net else None
+
+    @property
+    def host_ip(self) -> str | None:
+        """The guest's gateway: the host side of its TAP, inside the run's namespace."""
+        return str(self._net.addr.host_ip) if self._net else None
+
+    @property
+    def tap(self) -> str | None:
+        return self._net.addr.tap if self._net else None
+
+    @property
+    def netns(self) -> str | None:
+        return self._net.netns if self._net else None
+
+    @property
+    def denied(self) -> list[tuple[str, int, str]]:
+        return [d.as_tuple() for d in self.denied_details()]
+
+    def denied_details(self) -> list[Denied]:
+        """Like ``denied``, with the number of packets dropped for each."""
+        return self._net.denied() if self._net else []
 
 
 class SmolVM:
@@ -146,7 +180,7 @@ class SmolVM:
         self.run_id = current_run_id()
         self.workdir = runtime_dir() / self.run_id / self.name
         self.transcript: list[TranscriptEntry] = []
-        self.network = NetworkState(self.config.network, self.config.allow)
+        self.network = NetworkState(self.config.network, self.config.allow, self.config.uplink)
         self.image: images.Image | None = None
         self.boot_time: float | None = None
         #: "snapshot" (a clone of a golden snapshot) or "cold" (booted from scratch).
@@ -160,6 +194,10 @@ class SmolVM:
         self._lock = threading.Lock()
         self._lifetime_timer: threading.Timer | None = None
         self._expired: str | None = None
+        self._net: VMNetwork | None = None
+        self._forwards: list[PortForward] = []
+        self._ssh_keys: SSHKeys | None = None
+        self._ssh_clients: list[Any] = []
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -201,10 +239,6 @@ class SmolVM:
         self._state = "starting"
         t0 = time.monotonic()
         try:
-            if self.config.network != "none":
-                raise NetworkError(
-                    f"network={self.config.network!r} is not available in this version of "
-                    f"pytest-smolvm (only 'none'); the guest would have no network")
             self.image = images.resolve(self.config.image)
             driver = self._driver or default_driver(self.config)
             self.workdir.mkdir(parents=True, exist_ok=False)
@@ -212,6 +246,12 @@ class SmolVM:
                 {"pid": os.getpid(), "pid_start": process_start_ticks(os.getpid()),
                  "run_id": self.run_id, "vm": self.name, "started": time.time()}))
             _live.add(self)
+            if self.config.network != "none":
+                from .network.hub import attach
+
+                self._net = attach(self.name, self.run_id, self.config.network, self.config.allow,
+                                   self.config.uplink)
+                self.network._net = self._net
             if self._wants_snapshot(driver):
                 try:
                     self._start_clone(driver, t0)  # type: ignore[arg-type]
@@ -258,9 +298,16 @@ class SmolVM:
         return (self.config.snapshot and self.config.disk_mode == "isolated"
                 and isinstance(driver, SnapshotDriver))
 
+    def _nic_kw(self) -> dict[str, Nic]:
+        """``nic=`` for a driver's launch methods (absent without a network, so drivers that
+        have no networking need not accept it)."""
+        if self._net is None:
+            return {}
+        return {"nic": Nic(self._net.tap_fd, self._net.addr.tap, TEMPLATE_MAC)}
+
     def _start_cold(self, driver: Driver, t0: float) -> None:
         assert self.image is not None
-        self._machine = driver.launch(self.config, self.image, self.workdir)
+        self._machine = driver.launch(self.config, self.image, self.workdir, **self._nic_kw())
         self.disk_path = self._machine.disk_path
         self._open_channel(t0, self.config.boot_timeout)
         self._setup(grow_root=self._grows_root)
@@ -282,7 +329,7 @@ class SmolVM:
         except OSError:
             boot_log = ""
         self._console_prefix = f"{boot_log}--- {self.name}: restored from snapshot {key} ---\n"
-        self._machine = driver.launch_clone(self.config, self.image, snap, self.workdir)
+        self._machine = driver.launch_clone(self.config, self.image, snap, self.workdir, **self._nic_kw())
         self.disk_path = self._machine.disk_path
         self._open_channel(time.monotonic(), min(self.config.boot_timeout, RESTORE_TIMEOUT))
         self._setup(grow_root=False)
@@ -294,7 +341,7 @@ class SmolVM:
         assert self.image is not None
         tdir = self.workdir / "template"
         tdir.mkdir()
-        machine = driver.launch_template(self.config, self.image, tdir, target)
+        machine = driver.launch_template(self.config, self.image, tdir, target, **self._nic_kw())
         try:
             sock = machine.connect(timeout=10.0)
             chan = Channel(sock, machine.alive, max_body=1 << 20)
@@ -361,9 +408,15 @@ class SmolVM:
                                "hostname": f"smolvm-{self.name}", "machine_id": secrets.token_hex(16)}
         if grow_root:
             req["grow_root"] = True
+        if self._net is not None:
+            req["net"] = self._net.guest_setup()
         reply, _ = self._call(req, secrets.token_bytes(64), timeout=60.0, what="guest setup")
         if "error" in reply:
             raise BootError(f"{self.name}: guest setup failed: {reply['error']}", self._console_tail())
+        nic = reply.get("net")
+        if self._net is not None and (not nic or nic.get("exit_code")):
+            raise NetworkError(f"{self.name}: configuring the guest's NIC failed: "
+                               f"{(nic or {}).get('output', 'the agent did not configure it')}")
         resize = reply.get("resize")
         if resize and resize.get("exit_code"):
             raise BootError(f"{self.name}: growing the root filesystem to "
@@ -396,13 +449,27 @@ class SmolVM:
     def _teardown(self) -> None:
         if self._lifetime_timer is not None:
             self._lifetime_timer.cancel()
-        # Order matters: channel first (no call may wait on a dying VM), then the VMM, then
-        # files. Each step runs even if an earlier one failed.
+        # Order matters: channels first (no call may wait on a dying VM), then the VMM, then
+        # its network (the TAP dies with its last descriptor), then files. Each step runs
+        # even if an earlier one failed.
+        for fwd in self._forwards:
+            fwd.close()
+        for client in self._ssh_clients:
+            try:
+                client.close()
+            except Exception:
+                pass
         if self._channel is not None:
             self._channel.close()
         if self._machine is not None:
             self._machine.kill()
             self._console_cache = self._read_console()
+        net_error = None
+        if self._net is not None:
+            try:
+                self._net.close()
+            except NetworkError as exc:
+                net_error = exc
         if self.config.retain_disk_on_delete and self.disk_path and self.disk_path.is_relative_to(self.workdir) \
                 and self.disk_path.exists():
             keep = cache_dir() / "retained" / f"{self.run_id}-{self.name}{self.disk_path.suffix}"
@@ -415,6 +482,8 @@ class SmolVM:
         except OSError:
             pass
         _live.discard(self)
+        if net_error is not None:
+            raise net_error
 
     # ------------------------------------------------------------------ console
 
@@ -587,15 +656,54 @@ class SmolVM:
         if not isinstance(path, str) or not path.startswith("/") or "\0" in path:
             raise ConfigError(f"invalid guest path {path!r} for {what}(): expected an absolute path")
 
-    def ssh(self) -> Any:
-        """A paramiko SSHClient with the guest's host key pinned (networked policies only)."""
-        raise NetworkError(f"{self.name}: vm.ssh() needs network='isolated' or 'nat'; "
-                           f"this VM has network={self.config.network!r}")
+    def _require_net(self, what: str) -> VMNetwork:
+        if self._net is None:
+            raise NetworkError(f"{self.name}: {what} needs network='isolated' or 'nat'; "
+                               f"this VM has network={self.config.network!r}")
+        if self._state != "running":
+            raise SmolVMError(f"{self.name} is not running (state {self._state}); cannot {what}")
+        return self._net
+
+    def ssh(self, *, timeout: float = 60.0) -> Any:
+        """A connected ``paramiko.SSHClient`` as root, with the guest's host key pinned
+        (networked policies only). The first call starts sshd in the guest with a host key
+        made for this VM; the client refuses any other key (``RejectPolicy``). Clients are
+        closed with the VM."""
+        from .guest import ssh
+
+        net = self._require_net("vm.ssh()")
+        if self._ssh_keys is None:
+            keys = ssh.SSHKeys.generate()
+            for path, (data, mode) in ssh.guest_files(keys, str(net.addr.guest_ip)).items():
+                self.put(data, path, mode=mode)
+            r = self.run(ssh.START_SSHD, timeout=60)
+            if r.exit_code != 0:
+                raise NetworkError(f"{self.name}: sshd did not start in the guest (exit {r.exit_code}): "
+                                   f"{r.stderr.strip()[-500:]}")
+            self._ssh_keys = keys
+        # sshd daemonises before it listens: give it a moment to open its port.
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                sock = net.connect(22, timeout=timeout)
+                break
+            except NetworkError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        client = ssh.connect(sock, str(net.addr.guest_ip), self._ssh_keys, timeout=timeout)
+        self._ssh_clients.append(client)
+        return client
 
     def forward(self, guest_port: int) -> int:
-        """Forward a host port on 127.0.0.1 to ``guest_port``; returns the host port."""
-        raise NetworkError(f"{self.name}: vm.forward({guest_port}) needs network='isolated' or 'nat'; "
-                           f"this VM has network={self.config.network!r}")
+        """Forward a new port on the host's 127.0.0.1 to ``guest_port`` in the guest and
+        return the host port (networked policies only). Closed with the VM."""
+        if isinstance(guest_port, bool) or not isinstance(guest_port, int) or not 0 < guest_port < 65536:
+            raise ConfigError(f"invalid guest_port={guest_port!r} for vm.forward(): expected 1..65535")
+        net = self._require_net(f"vm.forward({guest_port})")
+        fwd = PortForward(lambda: net.connect(guest_port), f"{self.name}-{guest_port}")
+        self._forwards.append(fwd)
+        return fwd.host_port
 
 
 @atexit.register

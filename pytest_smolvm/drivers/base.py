@@ -25,6 +25,21 @@ class Accel:
     reason: str
 
 
+#: The MAC of every guest NIC in a VMM's configuration (so snapshots stay shared); the
+#: guest sets the MAC leased for it at setup.
+TEMPLATE_MAC = "02:53:56:00:00:01"
+
+
+@dataclasses.dataclass(frozen=True)
+class Nic:
+    """A guest NIC's host end: an open TAP descriptor the VMM inherits, and the MAC in the
+    VMM's configuration (fixed, so snapshots are shared; the guest sets its leased MAC)."""
+
+    tap_fd: int
+    tap: str
+    mac: str
+
+
 def guest_flags(config: VMConfig, accel: Accel) -> list[str]:
     """Kernel command-line flags read by the guest's init (pure; used by every driver)."""
     flags = []
@@ -70,8 +85,9 @@ class Driver(Protocol):
     def select_accel(self, requested: str, image: Image) -> Accel:
         """Resolve ``auto``/``kvm``/``hvf``/``tcg`` to what works here (raises ConfigError)."""
 
-    def launch(self, config: VMConfig, image: Image, workdir: Path) -> Machine:
-        """Prepare the VM's disk in ``workdir`` and start the VMM; cleans up after itself on failure."""
+    def launch(self, config: VMConfig, image: Image, workdir: Path, nic: Nic | None = None) -> Machine:
+        """Prepare the VM's disk in ``workdir`` and start the VMM (with ``nic`` when the config
+        has a network); cleans up after itself on failure."""
 
 
 @runtime_checkable
@@ -81,11 +97,13 @@ class SnapshotDriver(Protocol):
     def snapshot_key(self, config: VMConfig, image: Image) -> str:
         """Identity of the snapshot a VM with ``config`` would restore from."""
 
-    def launch_template(self, config: VMConfig, image: Image, workdir: Path, target: Path) -> Machine:
+    def launch_template(self, config: VMConfig, image: Image, workdir: Path, target: Path,
+                        nic: Nic | None = None) -> Machine:
         """Cold-boot a VM whose RAM and disk can be saved into ``target`` (sockets in ``workdir``)."""
 
     def save_snapshot(self, machine: Machine, target: Path) -> None:
         """Save the template's state into ``target`` and stop it for good."""
 
-    def launch_clone(self, config: VMConfig, image: Image, snapshot: Path, workdir: Path) -> Machine:
+    def launch_clone(self, config: VMConfig, image: Image, snapshot: Path, workdir: Path,
+                     nic: Nic | None = None) -> Machine:
         """Start a VM restored from ``snapshot``, with its own disk overlay in ``workdir``."""

@@ -27,7 +27,7 @@ from ..config import VMConfig
 from ..errors import BootError, ConfigError
 from ..images import Image
 from ..paths import cache_dir
-from .base import Accel, guest_flags
+from .base import TEMPLATE_MAC, Accel, Nic, guest_flags
 from .qmp import QMP
 
 TCG_CPU = "qemu64,+rdrand,+arat"
@@ -95,12 +95,14 @@ def qemu_argv(
     memory_shared: bool = False,
     incoming: bool = False,
     sandbox: bool = False,
+    nic: Nic | None = None,
 ) -> list[str]:
     """Full QEMU argv for one microVM (pure).
 
     ``memory_file`` backs guest RAM with a file: ``memory_shared=True`` for a snapshot
     template (guest writes reach the file), False for a clone (a private copy-on-write view).
     ``incoming`` waits for a migration stream (a snapshot restore) started over QMP.
+    ``nic`` attaches a virtio-net device to an inherited TAP descriptor.
     """
     machine = "microvm" if memory_file is None else "microvm,memory-backend=mem"
     argv = [
@@ -119,6 +121,9 @@ def qemu_argv(
             "-drive", f"id=root,file={_opt(disk)},format={disk_format},if=none,cache={cache},discard=unmap",
             "-device", "virtio-blk-device,drive=root",
         ]
+    if nic is not None:
+        argv += ["-netdev", f"tap,id=net0,fd={nic.tap_fd}",
+                 "-device", f"virtio-net-device,netdev=net0,mac={nic.mac}"]
     if memory_file is not None:
         argv += ["-object", f"memory-backend-file,id=mem,size={memory_mib}M,mem-path={_opt(memory_file)},"
                             f"share={'on' if memory_shared else 'off'}"]
@@ -235,30 +240,35 @@ class QemuDriver:
         return create_overlay(image.rootfs, "raw", workdir / "disk.qcow2", size), "qcow2"
 
     def _argv(self, config: VMConfig, image: Image, workdir: Path, accel: Accel, disk: Path | None,
-              fmt: str = "qcow2", **extra: object) -> list[str]:
+              fmt: str = "qcow2", *, nic: Nic | None, **extra: object) -> list[str]:
+        if (nic is None) != (config.network == "none"):
+            raise ConfigError(f"network={config.network!r} needs a NIC exactly when it is not 'none' "
+                              f"(got {'none' if nic is None else nic.tap})")
         return qemu_argv(
             binary=self.binary, accel=accel.name, vcpus=config.vcpus, memory_mib=config.memory_mib,
             kernel=image.kernel, initrd=image.initrd,
             cmdline=kernel_cmdline(accel.name, host.host_tsc_khz(),
                                    [*guest_flags(config, accel), *self.extra_cmdline], config.vcpus),
             console=workdir / "console.log", control=workdir / "ctl.sock", disk=disk, disk_format=fmt,
-            qmp=workdir / "qmp.sock", sandbox=sandbox_supported(self.binary), **extra,  # type: ignore[arg-type]
+            qmp=workdir / "qmp.sock", sandbox=sandbox_supported(self.binary), nic=nic,
+            **extra,  # type: ignore[arg-type]
         )
 
-    def _spawn(self, argv: list[str], accel: Accel, workdir: Path, disk: Path) -> QemuMachine:
+    def _spawn(self, argv: list[str], accel: Accel, workdir: Path, disk: Path, nic: Nic | None) -> QemuMachine:
         with open(workdir / "qemu.log", "wb") as log:
             proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True, close_fds=True, cwd=workdir,
+                pass_fds=(nic.tap_fd,) if nic is not None else (),
                 preexec_fn=_pdeathsig if self.die_with_parent else None,
             )
         (workdir / "qemu.pid").write_text(str(proc.pid))
         return QemuMachine(proc, accel, workdir, disk)
 
-    def launch(self, config: VMConfig, image: Image, workdir: Path) -> QemuMachine:
+    def launch(self, config: VMConfig, image: Image, workdir: Path, nic: Nic | None = None) -> QemuMachine:
         accel = self.select_accel(config.accel, image)
         disk, fmt = self.prepare_disk(config, image, workdir)
-        return self._spawn(self._argv(config, image, workdir, accel, disk, fmt), accel, workdir, disk)
+        return self._spawn(self._argv(config, image, workdir, accel, disk, fmt, nic=nic), accel, workdir, disk, nic)
 
     # ------------------------------------------------------------- snapshots
 
@@ -270,20 +280,22 @@ class QemuDriver:
         """
         accel = self.select_accel(config.accel, image)
         placeholder = Path("/SNAP")
+        nic = None if config.network == "none" else Nic(3, "tap", TEMPLATE_MAC)  # fd: a placeholder
         argv = self._argv(config, image, placeholder, accel, placeholder / "disk.qcow2",
-                          memory_file=placeholder / "mem")
+                          memory_file=placeholder / "mem", nic=nic)
         blob = json.dumps({"argv": argv, "qemu": host.qemu_version(self.binary), "image": image.id,
                            "disk_size_mib": config.disk_size_mib, "format": 1})
         return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
-    def launch_template(self, config: VMConfig, image: Image, workdir: Path, target: Path) -> QemuMachine:
+    def launch_template(self, config: VMConfig, image: Image, workdir: Path, target: Path,
+                        nic: Nic | None = None) -> QemuMachine:
         """Cold-boot a VM whose RAM (shared) and disk live in ``target``, to be snapshotted.
         Sockets and logs stay in ``workdir`` (short AF_UNIX paths)."""
         accel = self.select_accel(config.accel, image)
         disk, fmt = self.prepare_disk(config, image, target)
         argv = self._argv(config, image, workdir, accel, disk, fmt, memory_file=target / "mem",
-                          memory_shared=True)
-        return self._spawn(argv, accel, workdir, disk)
+                          memory_shared=True, nic=nic)
+        return self._spawn(argv, accel, workdir, disk, nic)
 
     def save_snapshot(self, machine: QemuMachine, target: Path) -> None:
         """Save device state to ``target/state`` (RAM is already in ``target/mem``), then stop
@@ -300,13 +312,14 @@ class QemuDriver:
             qmp.close()
             machine.kill()
 
-    def launch_clone(self, config: VMConfig, image: Image, snapshot: Path, workdir: Path) -> QemuMachine:
+    def launch_clone(self, config: VMConfig, image: Image, snapshot: Path, workdir: Path,
+                     nic: Nic | None = None) -> QemuMachine:
         """Restore a snapshot: private copy-on-write RAM, a fresh overlay on the snapshot's disk."""
         accel = self.select_accel(config.accel, image)
         overlay = create_overlay(snapshot / "disk.qcow2", "qcow2", workdir / "disk.qcow2")
         argv = self._argv(config, image, workdir, accel, overlay, memory_file=snapshot / "mem",
-                          memory_shared=False, incoming=True)
-        machine = self._spawn(argv, accel, workdir, overlay)
+                          memory_shared=False, incoming=True, nic=nic)
+        machine = self._spawn(argv, accel, workdir, overlay, nic)
         try:
             qmp = QMP(machine.qmp_path)
             try:

@@ -371,10 +371,30 @@ def do_setup(req: dict[str, Any], seed: bytes) -> dict[str, Any]:
         with open("/etc/hostname", "w") as f:
             f.write(req["hostname"] + "\n")
     reply: dict[str, Any] = {}
+    if req.get("net"):
+        code, output = configure_nic(req["net"])
+        reply["net"] = {"exit_code": code, "output": output[-2000:]}
     if req.get("grow_root"):
         code, output = run_simple(["resize2fs", req.get("root_device", "/dev/vda")])
         reply["resize"] = {"exit_code": code, "output": output[-2000:]}
     return reply
+
+
+BUSYBOX = "/run/smolvm/busybox"
+
+
+def configure_nic(net: dict[str, str]) -> tuple[int, str]:
+    """Give the guest's NIC the MAC, address and default route the host leased for it (the
+    VMM's argv carries one fixed MAC, so that snapshots are shared)."""
+    try:
+        ifname = next(n for n in sorted(os.listdir("/sys/class/net")) if n != "lo")
+    except StopIteration:
+        return 1, "no network interface in the guest"
+    script = (f"{BUSYBOX} ip link set {ifname} address {net['mac']} && "
+              f"{BUSYBOX} ip addr add {net['address']} dev {ifname} && "
+              f"{BUSYBOX} ip link set {ifname} up && "
+              f"{BUSYBOX} ip route replace default via {net['gateway']} dev {ifname}")
+    return run_simple([BUSYBOX, "sh", "-c", script])
 
 
 def _uptime() -> float:

@@ -20,6 +20,18 @@ from ..errors import NetworkError
 from ..host import process_alive, process_start_ticks
 
 LOCK_TIMEOUT = 10.0
+CURSOR = "cursor"  # the table's one non-slot key: where the next search starts
+
+
+_locks: dict[Path, FileLock] = {}
+
+
+def shared_lock(path: Path) -> FileLock:
+    """One FileLock object per path in this process, so a thread holding it may take it
+    again (around several table operations) instead of deadlocking against itself."""
+    if path not in _locks:
+        _locks[path] = FileLock(str(path), timeout=LOCK_TIMEOUT)
+    return _locks[path]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,11 +46,11 @@ class Lease:
 class SlotTable:
     """Allocate the lowest free slot; release it; reclaim slots of dead owners."""
 
-    def __init__(self, path: Path, run_id: str, slots: int) -> None:
+    def __init__(self, path: Path, run_id: str, slots: int, lock_path: Path | None = None) -> None:
         self.path = path
         self.run_id = run_id
         self.slots = slots
-        self.lock = FileLock(str(path) + ".lock", timeout=LOCK_TIMEOUT)
+        self.lock = shared_lock(Path(lock_path or str(path) + ".lock"))
 
     def _read(self) -> dict[str, dict[str, Any]]:
         try:
@@ -54,22 +66,30 @@ class SlotTable:
         tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
         os.replace(tmp, self.path)
 
-    def lease(self, vm: str, worker: str | None = None) -> Lease:
-        """Lease the lowest free slot for ``vm`` (raises NetworkError when none is left)."""
+    def lease(self, vm: str, worker: str | None = None, **extra: str) -> Lease:
+        """Lease the next free slot after the last one leased, wrapping around (raises
+        NetworkError when none is left). A run's VMs therefore get distinct TAPs and subnets
+        until the slots wrap, and no VM inherits addresses (or conntrack state) that a VM
+        before it used moments ago. ``extra`` is stored with the lease (e.g. the namespace
+        the slot's TAP lives in)."""
         worker = worker or os.environ.get("PYTEST_XDIST_WORKER", "main")
         pid = os.getpid()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             with self.lock:
                 table = self._read()
+                raw_cursor: Any = table.pop(CURSOR, 0)
+                cursor = int(raw_cursor) if isinstance(raw_cursor, int) else 0
                 for key, entry in list(table.items()):
                     if not process_alive(int(entry.get("pid", -1)), entry.get("pid_start")):
                         del table[key]  # its owner died without releasing it
-                slot = next((s for s in range(self.slots) if str(s) not in table), None)
+                order = [(cursor + i) % self.slots for i in range(self.slots)]
+                slot = next((s for s in order if str(s) not in table), None)
                 if slot is None:
                     raise NetworkError(f"all {self.slots} network slots of run {self.run_id} are in use")
                 table[str(slot)] = {"run_id": self.run_id, "worker": worker, "vm": vm, "pid": pid,
-                                    "pid_start": process_start_ticks(pid), "at": time.time()}
+                                    "pid_start": process_start_ticks(pid), "at": time.time(), **extra}
+                table[CURSOR] = (slot + 1) % self.slots  # type: ignore[assignment]
                 self._write(table)
         except Timeout as exc:
             raise NetworkError(f"could not lock {exc.lock_file} within {LOCK_TIMEOUT:g}s "
@@ -88,7 +108,10 @@ class SlotTable:
         except Timeout as exc:
             raise NetworkError(f"could not lock {exc.lock_file} within {LOCK_TIMEOUT:g}s") from exc
 
-    def leases(self) -> dict[int, dict[str, Any]]:
-        """The current table (for diagnostics and reaping)."""
+    def leases(self, *, live_only: bool = False) -> dict[int, dict[str, Any]]:
+        """The current table (for diagnostics and reaping); ``live_only`` drops leases whose
+        owner is dead."""
         with self.lock:
-            return {int(k): v for k, v in self._read().items()}
+            return {int(k): v for k, v in self._read().items()
+                    if k != CURSOR
+                    and (not live_only or process_alive(int(v.get("pid", -1)), v.get("pid_start")))}

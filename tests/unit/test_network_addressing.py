@@ -47,13 +47,16 @@ def test_slot_out_of_range_and_tiny_base_are_config_errors() -> None:
     assert slot_count(ipaddress.IPv4Network("10.0.0.0/28")) == 4
 
 
-def test_lease_release_and_lowest_free_slot(tmp_path: Path) -> None:
+def test_lease_release_and_next_fit_slot(tmp_path: Path) -> None:
     table = SlotTable(tmp_path / "slots.json", "run1", slots=4)
     a, b = table.lease("vm-a"), table.lease("vm-b")
     assert (a.slot, b.slot) == (0, 1)
     table.release(a)
     table.release(a)  # idempotent
-    assert table.lease("vm-c").slot == 0
+    # Next-fit: a freed slot is not handed out again until the others have been used.
+    assert table.lease("vm-c").slot == 2
+    assert table.lease("vm-d").slot == 3
+    assert table.lease("vm-e").slot == 0
     entry = table.leases()[1]
     assert (entry["run_id"], entry["vm"], entry["pid"]) == ("run1", "vm-b", os.getpid())
 

@@ -1,0 +1,388 @@
+"""A VM's network: its slot, TAP, addresses and policy, inside the run's own namespace.
+
+Layout of one run (every name carries the run's tag)::
+
+    uplink namespace (root by default)          run namespace smolvm-<run>-<uplink>
+    ┌──────────────────────────────┐  veth   ┌───────────────────────────────────────┐
+    │ svu<run><uplink> 169.254.x.1 ├─────────┤ svup 169.254.x.2   (nat VMs only)      │
+    │ table ip smolvm-<run>-<up>:  │         │ table inet smolvm (policy.py)         │
+    │   masquerade, input drop     │         │ sv<run><slot> 10.213.s.1/30 ── TAP ── VM│
+    └──────────────────────────────┘         └───────────────────────────────────────┘
+
+The namespace exists while a VM of the run holds a slot in it: the first lease creates it
+and the last release removes it (with the veth and the uplink table). Everything is done
+under one host-wide file lock (always with a timeout), so xdist workers and concurrent runs
+never race. A TAP is never persistent: it dies with the last descriptor (ours and the VMM's).
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import hashlib
+import ipaddress
+import os
+import re
+import socket
+import threading
+from pathlib import Path
+from typing import Final
+
+from ..errors import NetworkError
+from ..paths import runtime_dir
+from . import netns, policy
+from .addressing import DEFAULT_BASE, Addressing, addressing, slot_count
+from .allocator import Lease, SlotTable
+from .policy import Denied
+
+#: Link-local /30s for the uplink veth: never routed, so never one of the host's networks.
+UPLINK_BASE: Final = ipaddress.IPv4Network("169.254.0.0/16")
+UPLINK_AVOID: Final = ipaddress.IPv4Network("169.254.169.0/24")  # cloud metadata services
+NETNS_PREFIX: Final = "smolvm-"
+
+
+def run_tag(run_id: str) -> str:
+    """The run id as it appears in interface and table names (8 safe characters)."""
+    if re.fullmatch(r"[0-9a-z]{1,8}", run_id):
+        return run_id
+    return hashlib.sha256(run_id.encode()).hexdigest()[:8]
+
+
+def uplink_tag(uplink: str | None) -> str:
+    return "root" if not uplink else hashlib.sha256(uplink.encode()).hexdigest()[:4]
+
+
+def namespace_name(run_id: str, uplink: str | None) -> str:
+    return f"{NETNS_PREFIX}{run_tag(run_id)}-{uplink_tag(uplink)}"
+
+
+def uplink_names(run_id: str, uplink: str | None) -> tuple[str, str]:
+    """(veth end in the uplink namespace, uplink nft table name)."""
+    tag = f"{run_tag(run_id)}{uplink_tag(uplink)[:4]}"
+    return f"svu{tag}"[:15], policy.uplink_table(f"{run_tag(run_id)}-{uplink_tag(uplink)}")
+
+
+def table_path(run_id: str) -> Path:
+    return runtime_dir() / f"{run_id}.net.json"
+
+
+def lock_path() -> Path:
+    return runtime_dir() / "net.lock"
+
+
+def slot_table(run_id: str) -> SlotTable:
+    runtime_dir().mkdir(parents=True, exist_ok=True)
+    return SlotTable(table_path(run_id), run_id, slot_count(DEFAULT_BASE), lock_path=lock_path())
+
+
+@dataclasses.dataclass
+class VMNetwork:
+    """One VM's place in its run's network. Created by :func:`attach`, ended by :meth:`close`."""
+
+    vm: str
+    run_id: str
+    policy: str
+    allow: tuple[str, ...]
+    uplink: str | None
+    netns: str
+    addr: Addressing
+    lease: Lease
+    tap_fd: int
+    egress: list[str]
+    final_denied: list[Denied] | None = None
+    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def mac(self) -> str:
+        return self.addr.mac
+
+    def guest_setup(self) -> dict[str, object]:
+        """What the guest agent needs to configure its NIC (the ``setup`` op's ``net``)."""
+        return {"mac": self.addr.mac, "address": f"{self.addr.guest_ip}/{self.addr.subnet.prefixlen}",
+                "gateway": str(self.addr.host_ip)}
+
+    def denied(self) -> list[Denied]:
+        """Egress attempts the policy dropped, read from the run's nft set (live)."""
+        if self.final_denied is not None:
+            return list(self.final_denied)
+        res = netns.run(self.netns, ["nft", "-j", "list", "set", "inet", policy.RUN_TABLE, "denied"])
+        return policy.parse_denied(res.stdout).get(self.addr.tap, [])
+
+    def connect(self, port: int, timeout: float = 10.0) -> socket.socket:
+        """A TCP connection from the VM's gateway to ``port`` on the guest."""
+        try:
+            return netns.connect(self.netns, (str(self.addr.guest_ip), port), timeout)
+        except OSError as exc:
+            raise NetworkError(f"{self.vm}: cannot connect to guest port {port} at {self.addr.guest_ip} "
+                               f"(namespace {self.netns}): {exc}") from exc
+
+    def close(self) -> None:
+        """Forget this VM (nft elements, slot) and close our TAP descriptor; the last VM of
+        the namespace removes it. Call after the VMM is dead. Idempotent."""
+        with self._lock:
+            if self.final_denied is not None:
+                return
+            try:
+                self.final_denied = self.denied()
+            except NetworkError:
+                self.final_denied = []
+            table = slot_table(self.run_id)
+            errors: list[str] = []
+            try:
+                with table.lock:
+                    try:
+                        if netns.exists(self.netns):
+                            netns.run(self.netns, ["nft", "-f", "-"], input=policy.vm_removal(
+                                self.addr.tap, self.addr.host_ip, self.egress,
+                                [d.as_tuple() for d in self.final_denied]), check=False)
+                    finally:
+                        if self.tap_fd >= 0:
+                            os.close(self.tap_fd)
+                            self.tap_fd = -1
+                        table.release(self.lease)
+                    others = [e for e in table.leases().values() if e.get("netns") == self.netns]
+                    if not others:
+                        errors += remove_namespace(self.run_id, self.uplink)
+            except Exception as exc:  # filelock Timeout, pyroute2
+                errors.append(str(exc))
+            if errors:
+                raise NetworkError(f"{self.vm}: network teardown was incomplete: {'; '.join(errors)} "
+                                   f"(python -m pytest_smolvm reap removes what is left)")
+
+
+def attach(vm: str, run_id: str, policy_name: str, allow: tuple[str, ...], uplink: str | None) -> VMNetwork:
+    """Lease a slot for ``vm`` and give it a TAP with ``policy_name`` in force. On failure
+    nothing is left behind (no lease, TAP, namespace or rules)."""
+    if policy_name not in ("isolated", "nat"):
+        raise NetworkError(f"invalid network={policy_name!r}: only 'isolated' and 'nat' have a NIC")
+    if uplink and not netns.exists(uplink):
+        raise NetworkError(f"invalid uplink={uplink!r}: no network namespace of that name "
+                           f"(ip netns list shows the existing ones)")
+    ns = namespace_name(run_id, uplink)
+    table = slot_table(run_id)
+    _forget_at_exit.add(run_id)
+    egress = policy.egress_networks(policy_name, allow)
+    try:
+        with table.lock:
+            lease = table.lease(vm, netns=ns, uplink=uplink or "")
+            addr = addressing(lease.slot, run_tag(run_id))
+            tap_fd = -1
+            try:
+                if not netns.exists(ns):
+                    _create_namespace(ns)
+                if policy_name == "nat":
+                    _ensure_uplink(ns, run_id, uplink)
+                tap_fd = netns.open_tap(ns, addr.tap)
+                _configure_tap(ns, addr)
+                netns.run(ns, ["nft", "-f", "-"], input=policy.vm_elements(addr.tap, addr.host_ip, egress))
+            except BaseException:
+                if tap_fd >= 0:
+                    os.close(tap_fd)
+                table.release(lease)
+                if not any(e.get("netns") == ns for e in table.leases().values()):
+                    remove_namespace(run_id, uplink)
+                raise
+    except NetworkError:
+        raise
+    except Exception as exc:  # filelock Timeout, pyroute2's errors
+        raise NetworkError(f"{vm}: setting up network={policy_name!r} failed: {type(exc).__name__}: {exc}") from exc
+    return VMNetwork(vm, run_id, policy_name, allow, uplink, ns, addr, lease, tap_fd, egress)
+
+
+def _create_namespace(ns: str) -> None:
+    from pyroute2 import IPRoute
+
+    netns.create(ns)
+    try:
+        # Before any interface exists, so TAPs and the veth never get IPv6 addresses.
+        netns.write_sysctl(ns, "net.ipv6.conf.default.disable_ipv6", "1")
+        netns.write_sysctl(ns, "net.ipv6.conf.all.disable_ipv6", "1")
+        netns.write_sysctl(ns, "net.ipv4.ip_forward", "1")
+        with netns.entered(ns), IPRoute() as ipr:
+            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+        netns.run(ns, ["nft", "-f", "-"], input=policy.run_ruleset(DEFAULT_BASE))
+    except BaseException:
+        netns.remove(ns)
+        raise
+
+
+def _configure_tap(ns: str, addr: Addressing) -> None:
+    from pyroute2 import IPRoute
+
+    with netns.entered(ns), IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname=addr.tap)[0]
+        ipr.addr("add", index=idx, address=str(addr.host_ip), prefixlen=addr.subnet.prefixlen)
+        ipr.link("set", index=idx, state="up")
+
+
+def _uplink_subnet(run_id: str, uplink: str | None, taken: set[ipaddress.IPv4Network]) -> ipaddress.IPv4Network:
+    seed = int(hashlib.sha256(f"{run_id}/{uplink}".encode()).hexdigest(), 16)
+    count = UPLINK_BASE.num_addresses // 4
+    for i in range(count):
+        n = (seed + i) % count
+        net = ipaddress.IPv4Network((int(UPLINK_BASE.network_address) + 4 * n, 30))
+        if not net.overlaps(UPLINK_AVOID) and net not in taken and n != 0:
+            return net
+    raise NetworkError(f"no free link-local /30 for the uplink in {uplink or 'the root namespace'}")
+
+
+def _ensure_uplink(ns: str, run_id: str, uplink: str | None) -> None:
+    """Give the run namespace its veth to the uplink namespace, its default route and the
+    uplink's masquerade table (once per namespace). ``nat`` needs IPv4 forwarding in the
+    uplink namespace; pytest-smolvm never turns it on there itself."""
+    from pyroute2 import IPRoute
+
+    with netns.entered(ns), IPRoute() as ipr:
+        if ipr.link_lookup(ifname=policy.UPLINK_IF):
+            return
+    where = f"network namespace {uplink!r}" if uplink else "the root network namespace"
+    if netns.read_sysctl(uplink, "net.ipv4.ip_forward") != "1":
+        raise NetworkError(
+            f"network='nat' needs IPv4 forwarding in the uplink, {where}, and it is off; "
+            f"pytest-smolvm does not change it: enable it ({'ip netns exec ' + uplink + ' ' if uplink else ''}"
+            f"sysctl -w net.ipv4.ip_forward=1) or point smolvm_uplink at a namespace that forwards")
+    veth, table = uplink_names(run_id, uplink)
+    with netns.entered(uplink), IPRoute() as ipr:
+        taken = {ipaddress.IPv4Network(f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}", strict=False)
+                 for a in ipr.get_addr(family=socket.AF_INET)}
+        subnet = _uplink_subnet(run_id, uplink, taken)
+        up_ip, run_ip = subnet.network_address + 1, subnet.network_address + 2
+        if ipr.link_lookup(ifname=veth):  # a leftover of this very run's earlier namespace
+            ipr.link("del", index=ipr.link_lookup(ifname=veth)[0])
+        ipr.link("add", ifname=veth, kind="veth", peer={"ifname": policy.UPLINK_IF})
+        try:
+            peer = ipr.link_lookup(ifname=policy.UPLINK_IF)[0]
+            ipr.link("set", index=peer, net_ns_fd=ns)
+            idx = ipr.link_lookup(ifname=veth)[0]
+            ipr.addr("add", index=idx, address=str(up_ip), prefixlen=30)
+            ipr.link("set", index=idx, state="up")
+        except BaseException:
+            ipr.link("del", index=ipr.link_lookup(ifname=veth)[0])
+            raise
+    try:
+        netns.run(uplink, ["nft", "-f", "-"], input=policy.uplink_ruleset(
+            table.removeprefix("smolvm-"), veth, run_ip))
+        with netns.entered(ns), IPRoute() as ipr:
+            idx = ipr.link_lookup(ifname=policy.UPLINK_IF)[0]
+            ipr.addr("add", index=idx, address=str(run_ip), prefixlen=30)
+            ipr.link("set", index=idx, state="up")
+            ipr.route("add", dst="0.0.0.0/0", gateway=str(up_ip))
+    except BaseException:
+        _remove_uplink(run_id, uplink)
+        raise
+
+
+def _remove_uplink(run_id: str, uplink: str | None) -> list[str]:
+    """Remove the run's veth and nft table from the uplink namespace (if there)."""
+    from pyroute2 import IPRoute
+
+    errors: list[str] = []
+    veth, table = uplink_names(run_id, uplink)
+    if uplink and not netns.exists(uplink):
+        return errors  # the uplink namespace is gone, and everything of ours in it
+    try:
+        netns.run(uplink, ["nft", "delete", "table", "ip", table], check=False)
+        with netns.entered(uplink), IPRoute() as ipr:
+            for idx in ipr.link_lookup(ifname=veth):
+                ipr.link("del", index=idx)
+    except Exception as exc:
+        errors.append(f"removing {veth}/{table} from {uplink or 'the root namespace'}: {exc}")
+    return errors
+
+
+def remove_namespace(run_id: str, uplink: str | None) -> list[str]:
+    """Remove a run namespace and what belongs to it in its uplink; returns what failed."""
+    errors = _remove_uplink(run_id, uplink)
+    try:
+        netns.remove(namespace_name(run_id, uplink))
+    except NetworkError as exc:
+        errors.append(str(exc))
+    return errors
+
+
+_forget_at_exit: set[str] = set()
+
+
+def forget_run(run_id: str) -> None:
+    """Remove the run's slot table once no live VM holds a slot (end of a run)."""
+    table = slot_table(run_id)
+    try:
+        with table.lock:
+            if not table.leases(live_only=True):
+                table.path.unlink(missing_ok=True)
+    except Exception:  # best effort: reap removes it later
+        pass
+
+
+@atexit.register
+def _forget_runs() -> None:
+    for run_id in _forget_at_exit:
+        forget_run(run_id)
+
+
+@dataclasses.dataclass(frozen=True)
+class StaleNetwork:
+    """A run namespace (or an uplink table/veth, or a slot table) whose VMs are all gone."""
+
+    what: str
+    run_id: str
+    reason: str
+
+
+def _tables() -> dict[str, str]:
+    """run tag -> run id, for every slot table in the runtime directory."""
+    out = {}
+    for p in runtime_dir().glob("*.net.json"):
+        run_id = p.name[: -len(".net.json")]
+        out[run_tag(run_id)] = run_id
+    return out
+
+
+def reap_networks(*, dry_run: bool = False) -> list[StaleNetwork]:
+    """Remove run namespaces, uplink veths/tables and slot tables of runs with no live VM
+    holding a slot (never a live run's: a lease names its owner's pid and start time)."""
+    if not runtime_dir().is_dir() and not netns.names(NETNS_PREFIX):
+        return []
+    runtime_dir().mkdir(parents=True, exist_ok=True)
+    found: list[StaleNetwork] = []
+    lock = slot_table("reaper").lock
+    try:
+        lock.acquire()
+    except Exception:
+        return found  # a run is setting up its network right now; the next reap will do it
+    try:
+        tables = _tables()
+        live: set[str] = set()
+        uplinks: dict[str, str | None] = {}
+        for tag, run_id in tables.items():
+            for entry in slot_table(run_id).leases().values():
+                uplinks[entry.get("netns", "")] = entry.get("uplink") or None
+            if slot_table(run_id).leases(live_only=True):
+                live.add(tag)
+        for ns in netns.names(NETNS_PREFIX):
+            tag, _, utag = ns[len(NETNS_PREFIX):].rpartition("-")
+            if tag in live:
+                continue
+            run_id = tables.get(tag, tag)
+            found.append(StaleNetwork(f"network namespace {ns}", run_id, "no live VM holds a slot in it"))
+            if not dry_run:
+                uplink = uplinks.get(ns) if utag != "root" else None
+                if utag == "root" or uplink:
+                    remove_namespace(run_id, uplink)
+                else:  # its uplink is unknown: the namespace alone (the uplink's own goes with it)
+                    netns.remove(ns)
+        # Root-namespace uplink tables and veths whose run is gone.
+        res = netns.run(None, ["nft", "-j", "list", "tables"], check=False)
+        for name in re.findall(r'"name": "(smolvm-([0-9a-z]+)-root)"', res.stdout):
+            if name[1] not in live:
+                found.append(StaleNetwork(f"nft table ip {name[0]}", tables.get(name[1], name[1]), "run is gone"))
+                if not dry_run:
+                    _remove_uplink(tables.get(name[1], name[1]), None)
+        for tag, run_id in tables.items():
+            if tag not in live:
+                found.append(StaleNetwork(f"slot table {table_path(run_id)}", run_id, "no live lease"))
+                if not dry_run:
+                    table_path(run_id).unlink(missing_ok=True)
+    finally:
+        lock.release()
+    return found

@@ -1,0 +1,166 @@
+"""Network namespaces: create, enter (one thread at a time), remove; TAPs and sockets inside.
+
+``setns(2)`` with ``CLONE_NEWNET`` moves only the calling *thread*, so :func:`entered` is a
+context manager that enters a namespace and always comes back. Anything created inside it
+stays in that namespace: netlink sockets (pyroute2), TAP devices opened through
+``/dev/net/tun``, TCP sockets, and child processes spawned from that thread (``nft``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import os
+import socket
+import struct
+import subprocess
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Final
+
+from ..errors import NetworkError
+
+CLONE_NEWNET: Final = 0x40000000
+NETNS_DIR: Final = Path("/run/netns")
+TUNSETIFF: Final = 0x400454CA
+IFF_TAP: Final = 0x0002
+IFF_NO_PI: Final = 0x1000
+IFF_VNET_HDR: Final = 0x4000
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_entered = threading.local()
+
+
+def path(name: str) -> Path:
+    return NETNS_DIR / name
+
+
+def exists(name: str) -> bool:
+    return path(name).exists()
+
+
+def names(prefix: str = "") -> list[str]:
+    """Named network namespaces (``ip netns list``) starting with ``prefix``."""
+    try:
+        return sorted(n for n in os.listdir(NETNS_DIR) if n.startswith(prefix))
+    except FileNotFoundError:
+        return []
+
+
+def create(name: str) -> None:
+    """Create the named namespace ``name`` (as ``ip netns add`` does)."""
+    from pyroute2 import netns as p2netns
+
+    try:
+        p2netns.create(name)
+    except Exception as exc:  # pyroute2 raises OSError or its own errors
+        raise NetworkError(f"cannot create network namespace {name!r}: {exc} (needs root or CAP_SYS_ADMIN)") from exc
+
+
+def remove(name: str) -> None:
+    """Remove the named namespace; its interfaces (TAPs, veth ends) and nft tables go with it."""
+    from pyroute2 import netns as p2netns
+
+    if not exists(name):
+        return
+    try:
+        p2netns.remove(name)
+    except FileNotFoundError:
+        pass
+    except Exception as exc:
+        raise NetworkError(f"cannot remove network namespace {name!r}: {exc}") from exc
+
+
+def _setns(fd: int, what: str) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise NetworkError(f"setns into {what} failed: {os.strerror(err)}")
+
+
+@contextlib.contextmanager
+def entered(name: str | None) -> Iterator[None]:
+    """Run the body with this thread in namespace ``name`` (None: stay where it is)."""
+    if name is None or getattr(_entered, "name", None) == name:
+        yield
+        return
+    try:
+        target = os.open(path(name), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise NetworkError(f"network namespace {name!r} does not exist (expected {path(name)})") from None
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    previous = getattr(_entered, "name", None)
+    try:
+        _setns(target, f"network namespace {name!r}")
+        _entered.name = name
+        try:
+            yield
+        finally:
+            _setns(home, "the thread's own network namespace")
+            _entered.name = previous
+    finally:
+        os.close(target)
+        os.close(home)
+
+
+def open_tap(ns: str, ifname: str) -> int:
+    """Create TAP ``ifname`` inside ``ns`` and return its file descriptor (close-on-exec).
+
+    The TAP is not persistent: it disappears when the last descriptor (ours, and the VMM's
+    copy) is closed, so a crashed run cannot leave it behind.
+    """
+    with entered(ns):
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", ifname.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
+        except OSError as exc:
+            os.close(fd)
+            raise NetworkError(f"cannot create TAP {ifname!r} in network namespace {ns!r}: {exc}") from exc
+    return fd
+
+
+def connect(ns: str, address: tuple[str, int], timeout: float) -> socket.socket:
+    """A TCP connection made from inside ``ns`` (the socket stays bound to that namespace)."""
+    with entered(ns):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(address)
+    except OSError:
+        sock.close()
+        raise
+    sock.settimeout(None)
+    return sock
+
+
+def run(ns: str | None, argv: Sequence[str], *, input: str | None = None, check: bool = True,
+        timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` inside ``ns`` (the child inherits this thread's namespace)."""
+    with entered(ns):
+        try:
+            res = subprocess.run(list(argv), input=input, capture_output=True, text=True, timeout=timeout)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise NetworkError(f"{argv[0]} failed in network namespace {ns or 'root'!r}: {exc}") from exc
+    if check and res.returncode != 0:
+        raise NetworkError(f"{' '.join(argv[:3])} failed in network namespace {ns or 'root'!r} "
+                           f"(exit {res.returncode}): {res.stderr.strip()[:1000]}")
+    return res
+
+
+def read_sysctl(ns: str | None, key: str) -> str:
+    """A namespaced sysctl (``net.*``) as seen from inside ``ns``."""
+    with entered(ns):
+        try:
+            return Path("/proc/sys", *key.split(".")).read_text().strip()
+        except OSError as exc:
+            raise NetworkError(f"cannot read sysctl {key} in network namespace {ns or 'root'!r}: {exc}") from exc
+
+
+def write_sysctl(ns: str, key: str, value: str) -> None:
+    """Set a namespaced sysctl inside ``ns`` (only ever our own namespaces)."""
+    with entered(ns):
+        try:
+            Path("/proc/sys", *key.split(".")).write_text(value)
+        except OSError as exc:
+            raise NetworkError(f"cannot set sysctl {key}={value} in network namespace {ns!r}: {exc}") from exc
