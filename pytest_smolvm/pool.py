@@ -26,6 +26,9 @@ from .vm import SmolVM, live_vm_count
 #: (TCG's translation cache dominates: ~120 MiB measured).
 RESERVE_MIB = 1024
 VMM_OVERHEAD_MIB = 160
+#: Shapes (configs) the pool keeps spares for: the most recently asked-for ones. A suite that
+#: walks through many shapes must not end up holding a spare of each.
+MAX_SHAPES = 2
 
 
 def mem_available_mib() -> int | None:
@@ -88,6 +91,7 @@ class VMPool:
         Either way the pool is asked to have the next one ready.
         """
         key = config_key(config)
+        evicted: list[SmolVM] = []
         with self._cond:
             vm = None
             # The pool is starting exactly this shape right now: starting a second one in
@@ -102,8 +106,13 @@ class VMPool:
             if self.size > 0 and not self._closed and poolable(config):
                 self._wanted[key] = (config, driver)
                 self._wanted.move_to_end(key)
+                while len(self._wanted) > MAX_SHAPES:
+                    old, _ = self._wanted.popitem(last=False)
+                    evicted.extend(self._ready.pop(old, ()))
                 self._ensure_thread()
                 self._cond.notify_all()
+        for spare in evicted:
+            spare.close()
         if vm is not None:
             self.stats["hits"] += 1
             vm.arm_lifetime()
@@ -143,12 +152,15 @@ class VMPool:
                 continue
             with self._cond:
                 self._busy, self._inflight = False, None
-                if self._closed:
-                    vm.close()
-                    return
-                self._ready[key].append(vm)
-                self.stats["prestarted"] += 1
+                unwanted = self._closed or key not in self._wanted  # evicted while it started
+                if not unwanted:
+                    self._ready[key].append(vm)
+                    self.stats["prestarted"] += 1
                 self._cond.notify_all()
+            if unwanted:
+                vm.close()
+                if self._closed:
+                    return
 
     def wait_idle(self, timeout: float = 60.0) -> bool:
         """Block until the pool has nothing left to start (benchmarks and tests)."""

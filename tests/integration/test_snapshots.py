@@ -173,3 +173,21 @@ def test_pool_never_prestarts_shared_or_retained_disks(cfg: VMConfig) -> None:
         assert vm.disk_path is not None and vm.disk_path.exists()
         vm.disk_path.unlink()
     assert disk is not None
+
+
+def test_pool_keeps_spares_only_for_the_latest_shapes() -> None:
+    from pytest_smolvm.pool import MAX_SHAPES
+
+    pool = VMPool(size=1)
+    driver = QemuDriver()
+    shapes = [VMConfig(env={"SHAPE": str(i)}) for i in range(MAX_SHAPES + 1)]  # one snapshot, 3 shapes
+    try:
+        for cfg in shapes:
+            pool.acquire(cfg, driver).close()
+            assert pool.wait_idle(120)
+        spares = [vm for q in pool._ready.values() for vm in q]
+        assert len(spares) == MAX_SHAPES
+        assert {vm.config.env["SHAPE"] for vm in spares} == {"1", "2"}
+    finally:
+        pool.close()
+    assert not any(vm.alive for vm in spares)
