@@ -44,7 +44,9 @@ def main() -> None:
         setup.append(time.perf_counter() - t0)
         net.close()
     with SmolVM(base.replace(network="isolated")) as vm:
-        vm.run("cd /tmp && (python3 -m http.server 8000 >/dev/null 2>&1 &) && sleep 2", check=True)
+        vm.run("cd /tmp && (python3 -m http.server 8000 >/dev/null 2>&1 &)", check=True)
+        vm.run("for i in $(seq 200); do python3 -c 'import socket; socket.create_connection((\"127.0.0.1\", 8000))' "
+               "2>/dev/null && exit 0; sleep 0.1; done; exit 1", check=True, timeout=60)
         port = vm.forward(8000)
         fwd = []
         for _ in range(20):

@@ -212,7 +212,8 @@ class SmolVMPlugin:
 
     def pytest_report_teststatus(self, report: pytest.TestReport) -> tuple[str, str, Any] | None:
         """Infrastructure failures (VMM crash, agent silent) are ERRORs, not test FAILUREs."""
-        if report.failed and any(k == INFRA_PROPERTY for k, _ in report.user_properties):
+        # Collection reports have no user_properties (and are never infrastructure failures).
+        if report.failed and any(k == INFRA_PROPERTY for k, _ in getattr(report, "user_properties", ())):
             return "error", "E", ("ERROR (infrastructure)", {"red": True})
         return None
 

@@ -36,6 +36,7 @@ else:  # in the guest, protocol.py sits beside this file
     import protocol  # type: ignore[import-not-found,no-redef]
 
 PORT_NAME = "smolvm.ctl"
+VSOCK_PORT = 1024  # drivers/firecracker.py AGENT_VSOCK_PORT
 MAX_REQUEST_BODY = 1 << 30
 BASE_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -451,9 +452,34 @@ def main() -> None:
     protect_thread()
     write_quietly("/proc/self/oom_score_adj", "-1000")
     write_quietly(CGROUP, str(os.getpid()))
+    with open("/proc/cmdline") as f:
+        vsock = " smolvm.vsock=1 " in f" {f.read().strip()} "
+    if vsock:  # Firecracker: the channel is AF_VSOCK (the host reaches it via hybrid vsock)
+        import _socket
+
+        listener = _socket.socket(_socket.AF_VSOCK, _socket.SOCK_STREAM)
+        listener.bind((_socket.VMADDR_CID_ANY, VSOCK_PORT))
+        listener.listen(1)
+        log(f"ready at {_uptime():.2f}s on vsock port {VSOCK_PORT} (python started {started:.2f}s, "
+            f"imports done {imported:.2f}s)")
+        serve_listener(listener)
     chan = Channel(os.open(find_port(), os.O_RDWR | os.O_CLOEXEC))
     log(f"ready at {_uptime():.2f}s (python started {started:.2f}s, imports done {imported:.2f}s)")
     serve(chan)
+
+
+def serve_listener(listener: Any) -> None:
+    """Serve one connection at a time from a listening socket (``_socket.socket``); when the
+    host disconnects, wait for it to connect again, as on the virtio port."""
+    while True:
+        fd, _ = listener._accept()
+        chan = Channel(fd, wait_on_eof=False)
+        try:
+            serve(chan)
+        except (EOFError, OSError):
+            pass
+        finally:
+            _close(fd)
 
 
 def serve(chan: Channel) -> None:

@@ -294,3 +294,11 @@ def test_xdist_workers_share_the_run_id(fake: pytest.Pytester) -> None:
     result.assert_outcomes(passed=4)
     ids = {p.read_text() for p in Path(fake.path).parent.rglob("runid-*")}
     assert len(ids) == 1, ids
+
+
+def test_a_collection_error_is_reported_not_an_internal_error(fake: pytest.Pytester) -> None:
+    fake.makepyfile(test_broken="import a_module_that_does_not_exist\n")
+    result = fake.runpytest("-ra")  # the short summary asks every plugin for the report's status
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*ERROR collecting test_broken.py*"])
+    result.stdout.no_fnmatch_line("*INTERNALERROR*")
