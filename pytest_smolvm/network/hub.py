@@ -32,7 +32,7 @@ from ..errors import NetworkError
 from ..paths import runtime_dir
 from . import netns, policy
 from .addressing import DEFAULT_BASE, Addressing, addressing, slot_count
-from .allocator import Lease, SlotTable
+from .allocator import Lease, SlotTable, shared_lock
 from .policy import Denied
 
 #: Link-local /30s for the uplink veth: never routed, so never one of the host's networks.
@@ -345,7 +345,7 @@ def reap_networks(*, dry_run: bool = False) -> list[StaleNetwork]:
         return []
     runtime_dir().mkdir(parents=True, exist_ok=True)
     found: list[StaleNetwork] = []
-    lock = slot_table("reaper").lock
+    lock = shared_lock(lock_path())
     try:
         lock.acquire()
     except Exception:
