@@ -19,7 +19,7 @@ from ..config import VMConfig
 from ..errors import ConfigError
 from ..images import Image
 from .base import Accel, Nic, guest_flags
-from .qemu import BASE_CMDLINE, CONTROL_PORT, SANDBOX, QemuDriver, _opt, kernel_cmdline, qemu_argv
+from .qemu import BASE_CMDLINE, QemuDriver, guest_args, kernel_cmdline, qemu_argv
 
 #: Host CPU architecture (``platform.machine()``) -> QEMU system emulator.
 QEMU_SYSTEM: dict[str, str] = {"x86_64": "qemu-system-x86_64", "amd64": "qemu-system-x86_64",
@@ -64,35 +64,11 @@ def virt_argv(
     machine = "virt,gic-version=max" if accel == "tcg" else "virt"
     if memory_file is not None:
         machine += ",memory-backend=mem"
-    argv = [
-        binary, "-M", machine, "-accel", accel, "-cpu", "max" if accel == "tcg" else "host",
-        "-smp", str(vcpus), "-m", str(memory_mib),
-        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-        "-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline,
-        "-chardev", f"file,id=con,path={_opt(console)}", "-serial", "chardev:con",
-        "-device", "virtio-serial-device",
-        "-chardev", f"socket,id=ctl,path={_opt(control)},server=on,wait=off",
-        "-device", f"virtserialport,chardev=ctl,name={CONTROL_PORT}",
-    ]
-    if disk is not None:
-        cache = "unsafe" if disk_format == "qcow2" else "writeback"
-        argv += [
-            "-drive", f"id=root,file={_opt(disk)},format={disk_format},if=none,cache={cache},discard=unmap",
-            "-device", "virtio-blk-device,drive=root",
-        ]
-    if nic is not None:
-        argv += ["-netdev", f"tap,id=net0,fd={nic.tap_fd}",
-                 "-device", f"virtio-net-device,netdev=net0,mac={nic.mac}"]
-    if memory_file is not None:
-        argv += ["-object", f"memory-backend-file,id=mem,size={memory_mib}M,mem-path={_opt(memory_file)},"
-                            f"share={'on' if memory_shared else 'off'}"]
-    if qmp is not None:
-        argv += ["-qmp", f"unix:{_opt(qmp)},server=on,wait=off"]
-    if incoming:
-        argv += ["-incoming", "defer"]
-    if sandbox:
-        argv += ["-sandbox", SANDBOX]
-    return argv
+    return [binary, "-M", machine, "-accel", accel, "-cpu", "max" if accel == "tcg" else "host",
+            "-smp", str(vcpus), "-m", str(memory_mib),
+            *guest_args(memory_mib=memory_mib, kernel=kernel, initrd=initrd, cmdline=cmdline, console=console,
+                        control=control, disk=disk, disk_format=disk_format, qmp=qmp, memory_file=memory_file,
+                        memory_shared=memory_shared, incoming=incoming, sandbox=sandbox, nic=nic)]
 
 
 def hvf_argv(host_arch: str, **kwargs: object) -> list[str]:

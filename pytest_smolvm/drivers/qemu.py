@@ -105,9 +105,33 @@ def qemu_argv(
     ``nic`` attaches a virtio-net device to an inherited TAP descriptor.
     """
     machine = "microvm" if memory_file is None else "microvm,memory-backend=mem"
+    return [binary, "-M", machine, *accel_args(accel), "-smp", str(vcpus), "-m", str(memory_mib),
+            *guest_args(memory_mib=memory_mib, kernel=kernel, initrd=initrd, cmdline=cmdline, console=console,
+                        control=control, disk=disk, disk_format=disk_format, qmp=qmp, memory_file=memory_file,
+                        memory_shared=memory_shared, incoming=incoming, sandbox=sandbox, nic=nic)]
+
+
+def guest_args(
+    *,
+    memory_mib: int,
+    kernel: Path,
+    initrd: Path,
+    cmdline: str,
+    console: Path,
+    control: Path,
+    disk: Path | None,
+    disk_format: str,
+    qmp: Path | None,
+    memory_file: Path | None,
+    memory_shared: bool,
+    incoming: bool,
+    sandbox: bool,
+    nic: Nic | None,
+) -> list[str]:
+    """Everything of a QEMU argv after machine, accelerator, CPUs and memory size (pure):
+    kernel, console, control port, disk, NIC, RAM backend, QMP, incoming, sandbox. The same
+    on every machine type (microvm, virt)."""
     argv = [
-        binary, "-M", machine, *accel_args(accel),
-        "-smp", str(vcpus), "-m", str(memory_mib),
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline,
         "-chardev", f"file,id=con,path={_opt(console)}", "-serial", "chardev:con",
