@@ -9,7 +9,10 @@ Every driver runs through ``tests/integration/test_conformance.py``.
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
 import socket
+import subprocess
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -49,6 +52,52 @@ def guest_flags(config: VMConfig, accel: Accel) -> list[str]:
     if config.network != "none":
         flags.append("smolvm.net=1")
     return flags
+
+
+class VMMProcess:
+    """Process handling every VMM's Machine shares: the process, its console and stderr logs.
+    A driver's Machine adds how the control stream is reached (``connect``)."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], accel: Accel, workdir: Path, disk: Path,
+                 log_name: str) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+        self.accel = accel
+        self.workdir = workdir
+        self.console_path = workdir / "console.log"
+        self.stderr_path = workdir / log_name
+        self.disk_path = disk
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def exit_status(self) -> int | None:
+        return self.proc.poll()
+
+    def kill(self) -> None:
+        """SIGKILL the VMM's process group and reap it. Idempotent."""
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # pragma: no cover - D state; nothing more to do
+            pass
+
+    def diagnostics(self) -> str:
+        try:
+            return self.stderr_path.read_text(errors="replace")[-2000:].strip()
+        except OSError:
+            return ""
+
+    def console_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.console_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
 
 
 @runtime_checkable

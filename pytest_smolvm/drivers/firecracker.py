@@ -40,7 +40,7 @@ from ..config import VMConfig
 from ..errors import BootError, ConfigError, ImageError
 from ..images import Image
 from ..images.recipe import VSOCK_MODULES
-from .base import TEMPLATE_MAC, Accel, Nic, guest_flags
+from .base import TEMPLATE_MAC, Accel, Nic, VMMProcess, guest_flags
 from .qemu import kernel_cmdline, shared_disk
 
 #: The guest port the agent listens on (AF_VSOCK) when it runs under Firecracker.
@@ -327,20 +327,14 @@ def _pdeathsig() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-class FirecrackerMachine:
+class FirecrackerMachine(VMMProcess):
     """One running Firecracker process."""
 
     def __init__(self, proc: subprocess.Popen[bytes], accel: Accel, workdir: Path, disk: Path,
                  port: int = AGENT_VSOCK_PORT) -> None:
-        self.proc = proc
-        self.pid = proc.pid
-        self.accel = accel
-        self.workdir = workdir
-        self.console_path = workdir / "console.log"
-        self.stderr_path = workdir / "firecracker.log"
+        super().__init__(proc, accel, workdir, disk, "firecracker.log")
         self.api_path = workdir / API_NAME
         self.vsock_path = workdir / VSOCK_NAME
-        self.disk_path = disk
         self.port = port
         self.api = FirecrackerAPI(self.api_path)
 
@@ -365,35 +359,6 @@ class FirecrackerMachine:
                                 f"({last})", self.console_tail())
             time.sleep(0.01)
 
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def exit_status(self) -> int | None:
-        return self.proc.poll()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:  # pragma: no cover - D state; nothing more to do
-            pass
-
-    def diagnostics(self) -> str:
-        try:
-            return self.stderr_path.read_text(errors="replace")[-2000:].strip()
-        except OSError:
-            return ""
-
-    def console_tail(self, lines: int = 40) -> str:
-        try:
-            text = self.console_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
 
 
 # ---------------------------------------------------------------- the driver

@@ -27,7 +27,7 @@ from ..config import VMConfig
 from ..errors import BootError, ConfigError
 from ..images import Image
 from ..paths import cache_dir
-from .base import TEMPLATE_MAC, Accel, Nic, guest_flags
+from .base import TEMPLATE_MAC, Accel, Nic, VMMProcess, guest_flags
 from .qmp import QMP
 
 TCG_CPU = "qemu64,+rdrand,+arat"
@@ -166,19 +166,13 @@ def _pdeathsig() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-class QemuMachine:
+class QemuMachine(VMMProcess):
     """One running QEMU process."""
 
     def __init__(self, proc: subprocess.Popen[bytes], accel: Accel, workdir: Path, disk: Path) -> None:
-        self.proc = proc
-        self.pid = proc.pid
-        self.accel = accel
-        self.workdir = workdir
-        self.console_path = workdir / "console.log"
+        super().__init__(proc, accel, workdir, disk, "qemu.log")
         self.control_path = workdir / "ctl.sock"
-        self.stderr_path = workdir / "qemu.log"
         self.qmp_path = workdir / "qmp.sock"
-        self.disk_path = disk
 
     def connect(self, timeout: float) -> socket.socket:
         deadline = time.monotonic() + timeout
@@ -199,35 +193,6 @@ class QemuMachine:
                                 self.console_tail())
             time.sleep(0.002)
 
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def exit_status(self) -> int | None:
-        return self.proc.poll()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:  # pragma: no cover - D state; nothing more to do
-            pass
-
-    def diagnostics(self) -> str:
-        try:
-            return self.stderr_path.read_text(errors="replace")[-2000:].strip()
-        except OSError:
-            return ""
-
-    def console_tail(self, lines: int = 40) -> str:
-        try:
-            text = self.console_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
 
 
 class QemuDriver:
