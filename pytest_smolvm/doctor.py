@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import platform
-import subprocess
-import time
 from typing import TYPE_CHECKING
 
 from . import host
@@ -150,24 +148,9 @@ def verdicts(p: Probes) -> list[Verdict]:
 
 def tcg_canary(binary: str, image: Image, timeout: float = 30.0) -> tuple[bool, str]:
     """Boot the image's kernel under TCG to its initramfs and back, like the KVM canary."""
-    from .drivers.qemu import CANARY_MARK, accel_args, kernel_cmdline
+    from .drivers.qemu import canary_boot
 
-    argv = [binary, "-M", "microvm", *accel_args("tcg"), "-smp", "1", "-m", "128",
-            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-            "-kernel", str(image.kernel), "-initrd", str(image.initrd),
-            "-append", kernel_cmdline("tcg", host.host_tsc_khz(), ["smolvm.canary=1"]), "-serial", "stdio"]
-    started = time.monotonic()
-    try:
-        res = subprocess.run(argv, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        return False, f"TCG canary boot did not finish within {timeout:.0f}s"
-    except OSError as exc:
-        return False, f"cannot run {binary}: {exc}"
-    out = res.stdout.decode(errors="replace") + res.stderr.decode(errors="replace")
-    if CANARY_MARK in out:
-        return True, f"TCG canary boot succeeded in {time.monotonic() - started:.2f}s"
-    last = [ln for ln in out.strip().splitlines() if ln.strip()][-1:] or ["(no output)"]
-    return False, f"TCG canary boot failed (exit {res.returncode}): {last[0][:200]}"
+    return canary_boot(binary, image, "tcg", timeout)
 
 
 def collect(image_name: str = "default") -> Probes:

@@ -18,9 +18,14 @@ def qemu_binary() -> str | None:
     return shutil.which(name)
 
 
-@functools.cache
 def qemu_version(binary: str) -> str:
     """First line of ``qemu --version`` (used to key cached probe verdicts)."""
+    return binary_version(binary)
+
+
+@functools.cache
+def binary_version(binary: str) -> str:
+    """First line of ``<binary> --version`` ("unknown" if it cannot say)."""
     try:
         out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import functools
 import hashlib
 import http.client
 import json
@@ -389,14 +388,9 @@ def guest_vsock_support(image: Image | str) -> tuple[bool, str]:
 
 
 
-@functools.cache
 def firecracker_version(binary: str) -> str:
     """First line of ``firecracker --version`` (keys snapshots: their format is per version)."""
-    try:
-        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.splitlines()[0].strip() if out else "unknown"
+    return host.binary_version(binary)
 
 
 def copy_disk(source: Path, target: Path, size_mib: int | None = None) -> Path:

@@ -391,7 +391,7 @@ def kvm_canary(binary: str, image: Image, timeout: float = CANARY_TIMEOUT) -> tu
         return bool(data["ok"]), str(data["reason"])
     except (OSError, ValueError, KeyError):
         pass
-    ok, reason = _run_canary(binary, image, timeout)
+    ok, reason = canary_boot(binary, image, "kvm", timeout)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps({"ok": ok, "reason": reason, "at": time.time()}))
@@ -399,21 +399,27 @@ def kvm_canary(binary: str, image: Image, timeout: float = CANARY_TIMEOUT) -> tu
     return ok, reason
 
 
-def _run_canary(binary: str, image: Image, timeout: float) -> tuple[bool, str]:
-    argv = [binary, "-M", "microvm", *accel_args("kvm"), "-smp", "1", "-m", "128",
+def canary_boot(binary: str, image: Image, accel: str, timeout: float) -> tuple[bool, str]:
+    """Boot the image's kernel under ``accel`` to its initramfs, which prints the canary mark
+    and powers off: (worked, why)."""
+    tsc = host.host_tsc_khz() if accel == "tcg" else None
+    argv = [binary, "-M", "microvm", *accel_args(accel), "-smp", "1", "-m", "128",
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-kernel", str(image.kernel), "-initrd", str(image.initrd),
-            "-append", kernel_cmdline("kvm", None, ["smolvm.canary=1"]), "-serial", "stdio"]
+            "-append", kernel_cmdline(accel, tsc, ["smolvm.canary=1"]), "-serial", "stdio"]
+    what = accel.upper()
     started = time.monotonic()
     try:
         res = subprocess.run(argv, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
-        return False, f"KVM canary boot did not finish within {timeout:.0f}s"
+        return False, f"{what} canary boot did not finish within {timeout:.0f}s"
+    except OSError as exc:
+        return False, f"cannot run {binary}: {exc}"
     out = res.stdout.decode(errors="replace") + res.stderr.decode(errors="replace")
     if CANARY_MARK in out:
-        return True, f"KVM canary boot succeeded in {time.monotonic() - started:.2f}s"
+        return True, f"{what} canary boot succeeded in {time.monotonic() - started:.2f}s"
     last = [ln for ln in out.strip().splitlines() if ln.strip()][-1:] or ["(no output)"]
-    return False, f"KVM canary boot failed (exit {res.returncode}): {last[0][:200]}"
+    return False, f"{what} canary boot failed (exit {res.returncode}): {last[0][:200]}"
 
 
 def choose_accel(requested: str, binary: str, image: Image) -> Accel:
