@@ -14,6 +14,11 @@ REAL_CACHE = cache_dir()
 def qemu_processes() -> dict[int, str]:
     """Every QEMU process on the host: pid -> command line (processes that exit while we
     look are skipped)."""
+    return processes("qemu-system")
+
+
+def processes(text: str) -> dict[int, str]:
+    """Every process whose command line mentions ``text``: pid -> command line."""
     found = {}
     for pid in os.listdir("/proc"):
         if pid.isdigit():
@@ -21,6 +26,6 @@ def qemu_processes() -> dict[int, str]:
                 cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             except OSError:
                 continue
-            if "qemu-system" in cmd:
+            if text in cmd:
                 found[int(pid)] = cmd
     return found

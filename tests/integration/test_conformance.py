@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from helpers import qemu_processes
+from helpers import processes, qemu_processes
 
 from pytest_smolvm import CommandTimeout, GuestDied, SmolVM, VMConfig, host
 from pytest_smolvm.drivers import Driver, firecracker_status
@@ -110,23 +110,9 @@ def vm(backend: Backend) -> Iterator[SmolVM]:
         yield v
 
 
-def vmm_processes(text: str) -> list[str]:
-    """Command lines of live processes (any VMM) that mention ``text``."""
-    found = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if text in cmd:
-                found.append(cmd)
-    return found
-
-
 def assert_gone(v: SmolVM, pid: int) -> None:
     assert not v.workdir.exists(), f"{v.workdir} left behind"
-    assert not vmm_processes(str(v.workdir)), "a VMM process of the closed VM still runs"
+    assert not processes(str(v.workdir)), "a VMM process of the closed VM still runs"
     assert not [c for c in qemu_processes().values() if str(v.workdir) in c]
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # killed and reaped, not a zombie
@@ -140,7 +126,7 @@ def test_boot_cold_and_teardown(backend: Backend) -> None:
         assert v.run("echo booted").stdout == "booted\n"
         pid = v.pid
         assert pid is not None and v.alive
-        assert vmm_processes(str(v.workdir))
+        assert processes(str(v.workdir))
     assert_gone(v, pid)
     v.close()  # idempotent
     assert "smolvm-init" in v.console_log
