@@ -9,6 +9,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import psutil
+
 
 def qemu_binary() -> str | None:
     """Path of the QEMU system emulator for this host's architecture, if installed."""
@@ -66,7 +68,8 @@ def kernel_release() -> str:
 
 
 def process_start_ticks(pid: int) -> int | None:
-    """Start time of ``pid`` in clock ticks since boot (tells a live owner from a reused pid)."""
+    """Start time of ``pid`` in clock ticks since boot, from Linux's /proc (None elsewhere).
+    Only to compare stamps older versions wrote; new stamps are :func:`process_start_time`."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
@@ -74,10 +77,36 @@ def process_start_ticks(pid: int) -> int | None:
     return int(stat.rsplit(")", 1)[1].split()[19])
 
 
-def process_alive(pid: int, start_ticks: int | None) -> bool:
-    """True if ``pid`` runs and (when known) is the same process that started at ``start_ticks``."""
-    now = process_start_ticks(pid)
-    return now is not None and (start_ticks is None or now == start_ticks)
+#: Two start times of one process may differ by this much: psutil derives Linux start times
+#: from the boot time, which the kernel recomputes (NTP) in whole seconds.
+START_TOLERANCE = 1.0
+
+
+def process_start_time(pid: int) -> float | None:
+    """When ``pid`` started (seconds since the epoch, psutil's ``create_time``), or None if no
+    such process runs. With the pid it names one process: a reused pid starts later.
+    Works wherever psutil does (Linux, macOS), /proc or not."""
+    if pid <= 0:
+        return None
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def process_alive(pid: int, started: float | None) -> bool:
+    """True if ``pid`` runs and (when ``started`` is known) is the process that started then.
+
+    ``started`` is a :func:`process_start_time` (float); an int is a stamp older versions
+    wrote (/proc clock ticks), compared where /proc exists and otherwise taken as alive, so a
+    concurrent run's owner is never mistaken for dead."""
+    now = process_start_time(pid)
+    if now is None or started is None:
+        return now is not None
+    if isinstance(started, int):
+        ticks = process_start_ticks(pid)
+        return ticks is None or ticks == started
+    return abs(now - started) <= START_TOLERANCE
 
 
 def host_arch() -> str:

@@ -35,11 +35,11 @@ from .errors import (
 )
 from .guest.channel import Channel, ChannelClosed, ReplyTimeout
 from .guest.ssh import SSHKeys
-from .host import process_start_ticks
+from .host import process_start_time
 from .network.forward import PortForward
 from .network.hub import VMNetwork
 from .network.policy import Denied
-from .paths import cache_dir, runtime_dir
+from .paths import cache_dir, check_name, make_private_dirs, runtime_dir
 from .snapshots import SnapshotError, SnapshotWarning, default_store
 
 #: How long a restored clone may take to answer before the VM falls back to a cold boot.
@@ -176,8 +176,8 @@ class SmolVM:
         self.config = config or VMConfig()
         self._driver = driver
         SmolVM._counter += 1
-        self.name = name or f"vm{SmolVM._counter}-{secrets.token_hex(2)}"
-        self.run_id = current_run_id()
+        self.name = check_name(name or f"vm{SmolVM._counter}-{secrets.token_hex(2)}", "VM name")
+        self.run_id = check_name(current_run_id(), "run id (SMOLVM_RUN_ID)")
         self.workdir = runtime_dir() / self.run_id / self.name
         self.transcript: list[TranscriptEntry] = []
         self.network = NetworkState(self.config.network, self.config.allow, self.config.uplink)
@@ -241,9 +241,9 @@ class SmolVM:
         try:
             self.image = images.resolve(self.config.image)
             driver = self._driver or default_driver(self.config)
-            self.workdir.mkdir(parents=True, exist_ok=False)
+            make_private_dirs(self.workdir, runtime_dir())
             (self.workdir / "owner.json").write_text(json.dumps(
-                {"pid": os.getpid(), "pid_start": process_start_ticks(os.getpid()),
+                {"pid": os.getpid(), "pid_start": process_start_time(os.getpid()),
                  "run_id": self.run_id, "vm": self.name, "started": time.time()}))
             _live.add(self)
             if self.config.network != "none":

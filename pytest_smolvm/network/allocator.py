@@ -17,7 +17,7 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from ..errors import NetworkError
-from ..host import process_alive, process_start_ticks
+from ..host import process_alive, process_start_time
 
 LOCK_TIMEOUT = 10.0
 CURSOR = "cursor"  # the table's one non-slot key: where the next search starts
@@ -88,7 +88,7 @@ class SlotTable:
                 if slot is None:
                     raise NetworkError(f"all {self.slots} network slots of run {self.run_id} are in use")
                 table[str(slot)] = {"run_id": self.run_id, "worker": worker, "vm": vm, "pid": pid,
-                                    "pid_start": process_start_ticks(pid), "at": time.time(), **extra}
+                                    "pid_start": process_start_time(pid), "at": time.time(), **extra}
                 table[CURSOR] = (slot + 1) % self.slots  # type: ignore[assignment]
                 self._write(table)
         except Timeout as exc:
