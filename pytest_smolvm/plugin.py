@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
+import threading
 import warnings
 from collections.abc import Generator
 from typing import Any
@@ -69,8 +71,42 @@ def pytest_configure(config: pytest.Config) -> None:
         # Leftovers of runs whose owner died (kill -9, OOM, CI timeout); never a live run's.
         state.reaped = reap()
     config.pluginmanager.register(state, PLUGIN_NAME)
+    state.sigterm.install()
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(_XdistHooks(), "smolvm-xdist")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived (a cancelled CI job): pytest unwinds as for Ctrl-C, so every fixture
+    tears its VMs down instead of leaving them to the parent-death signal and the next reap."""
+
+
+class SigtermUnwinder:
+    """While installed, SIGTERM raises :class:`Terminated` in the main thread; a second one
+    kills the process at once (the default action), as a second Ctrl-C would."""
+
+    def __init__(self) -> None:
+        self.previous: Any = None
+
+    def install(self) -> None:
+        # Only the main thread may set handlers, and a handler someone else installed (or an
+        # inherited SIG_IGN) is their decision: only the default action is replaced.
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+            return
+        self.previous = signal.signal(signal.SIGTERM, self._raise)
+
+    def _raise(self, signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise Terminated(f"pytest-smolvm: {signal.Signals(signum).name} received, tearing the VMs down")
+
+    def restore(self) -> None:
+        if self.previous is None:
+            return
+        if signal.getsignal(signal.SIGTERM) in (self._raise, signal.SIG_DFL):
+            signal.signal(signal.SIGTERM, self.previous)
+        self.previous = None
 
 
 class _XdistHooks:
@@ -98,6 +134,7 @@ class SmolVMPlugin:
         self.kept: list[tuple[str, SmolVM]] = []
         self.reaped: list[Leftover] = []
         self.session_cfg = config_from_layers(self.layers)
+        self.sigterm = SigtermUnwinder()
 
     # ------------------------------------------------------------- configs
 
@@ -256,6 +293,9 @@ class SmolVMPlugin:
             close = getattr(driver, "close", None)
             if callable(close):
                 close()
+
+    def pytest_unconfigure(self) -> None:
+        self.sigterm.restore()
 
 
 def network_section(vm: SmolVM) -> str:

@@ -1,0 +1,130 @@
+"""Fail closed under pressure, with real VMs: an interrupt stops the run and tears its VMs
+down, the warm-pool thread outlives any failure, and one stalled forwarded connection never
+stalls another. Signals go to real pytest processes (the python binary itself)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from helpers import qemu_processes
+
+from pytest_smolvm.paths import runtime_dir
+
+REPO = Path(__file__).resolve().parents[2]
+GUEST_SLEEP = 25
+STARTED_TIMEOUT = 180.0
+
+
+def _leftovers(run_id: str) -> tuple[list[int], list[Path]]:
+    """QEMU processes and VM directories of ``run_id`` still on the host."""
+    run_dir = runtime_dir() / run_id
+    procs = [pid for pid, cmd in qemu_processes().items() if f"{run_dir}/" in cmd]
+    dirs = sorted(run_dir.iterdir()) if run_dir.is_dir() else []
+    return procs, dirs
+
+
+def _wait_gone(run_id: str, timeout: float) -> tuple[list[int], list[Path]]:
+    deadline = time.monotonic() + timeout
+    while (left := _leftovers(run_id)) != ([], []) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+class PytestRun:
+    """``python3 -m pytest`` on one test file, in its own directory, with its own run id."""
+
+    def __init__(self, tmp_path: Path, body: str, *args: str) -> None:
+        self.dir = tmp_path
+        self.run_id = f"sig{secrets.token_hex(3)}"
+        (tmp_path / "test_victim.py").write_text(textwrap.dedent(body))
+        env = {**os.environ, "PYTHONPATH": str(REPO), "SMOLVM_RUN_ID": self.run_id}
+        env.pop("SMOLVM_NETWORK", None)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "test_victim.py", *args],
+            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    def wait_started(self) -> None:
+        """Until the test says its guest command is about to run."""
+        deadline = time.monotonic() + STARTED_TIMEOUT
+        while not (self.dir / "started").exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
+                pytest.fail(f"the victim run never started its command:\n{self.output()}")
+            time.sleep(0.1)
+        time.sleep(1.0)  # the request is on its way into the guest
+
+    def output(self) -> str:
+        out, _ = self.proc.communicate(timeout=120)
+        return out.decode(errors="replace")
+
+    def cleanup(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        subprocess.run([sys.executable, "-m", "pytest_smolvm", "reap"], env={**os.environ, "PYTHONPATH": str(REPO)},
+                       capture_output=True, timeout=120)
+
+
+SLEEPER = f"""
+    from pathlib import Path
+
+    def test_sleeper(smolvm):
+        smolvm.run("true")
+        Path("started").write_text("yes")
+        smolvm.run("sleep {GUEST_SLEEP}", timeout=120)
+"""
+
+
+@pytest.fixture
+def victim(tmp_path: Path) -> Iterator[Callable[..., PytestRun]]:
+    runs: list[PytestRun] = []
+
+    def start(body: str, *args: str) -> PytestRun:
+        run = PytestRun(tmp_path, body, *args)
+        runs.append(run)
+        return run
+
+    yield start
+    for run in runs:
+        run.cleanup()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_stops_the_run_and_tears_the_vms_down(victim: Callable[..., PytestRun], sig: signal.Signals) -> None:
+    run = victim(SLEEPER)
+    run.wait_started()
+    t0 = time.monotonic()
+    run.proc.send_signal(sig)
+    out = run.output()
+    elapsed = time.monotonic() - t0
+    assert run.proc.returncode == pytest.ExitCode.INTERRUPTED, out
+    assert "KeyboardInterrupt" in out or "Terminated" in out, out
+    assert "passed" not in out, out
+    assert elapsed < GUEST_SLEEP / 2, f"the run went on for {elapsed:.1f}s after {sig.name}:\n{out}"
+    # The run unwound its fixtures: nothing of it is left, without waiting for a reaper.
+    assert _leftovers(run.run_id) == ([], []), out
+
+
+def test_pytest_timeout_thread_method_leaves_nothing_after_reap(victim: Callable[..., PytestRun]) -> None:
+    run = victim(SLEEPER.replace("def test_sleeper", "@__import__('pytest').mark.timeout(8)\n"
+                                             "    def test_sleeper"),
+                            "--timeout-method=thread")
+    out = run.output()
+    assert "Timeout" in out and "passed" not in out, out
+    assert run.proc.returncode != 0, out
+    # os._exit skipped every teardown: the VMMs die with their owner within seconds...
+    procs, _ = _wait_gone(run.run_id, 10.0)
+    assert procs == [], f"VMMs of the timed-out run survived: {procs}"
+    # ...and the next reap removes the rest.
+    subprocess.run([sys.executable, "-m", "pytest_smolvm", "reap"], env={**os.environ, "PYTHONPATH": str(REPO)},
+                   check=True, capture_output=True, timeout=120)
+    assert _leftovers(run.run_id) == ([], [])
