@@ -92,10 +92,12 @@ def _cmd_reap(args: argparse.Namespace) -> int:
 
     items = reap(include_kept=args.kept, dry_run=args.dry_run)
     for item in items:
-        print(f"{'would remove' if args.dry_run else 'removed'} {item.path} "
-              f"(run {item.run_id}, VMM pid {item.vmm_pid or '-'}: {item.reason})")
-    print(f"{len(items)} leftover VM(s) {'found' if args.dry_run else 'reaped'}")
-    return 0
+        verb = "would remove" if args.dry_run else "removed" if item.removed else "could not remove"
+        print(f"{verb} {item.path} (run {item.run_id}, VMM pid {item.vmm_pid or '-'}: {item.reason})")
+    stuck = sum(not (args.dry_run or item.removed) for item in items)
+    print(f"{len(items)} leftover VM(s) {'found' if args.dry_run else 'reaped'}"
+          + (f", {stuck} could not be removed" if stuck else ""))
+    return 1 if stuck else 0
 
 
 def _cmd_shell(args: argparse.Namespace) -> int:

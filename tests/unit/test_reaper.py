@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from pytest_smolvm.host import process_alive, process_start_ticks
@@ -252,3 +253,182 @@ def test_partial_snapshot_builds_of_dead_processes_are_reaped(tmp_path: Path) ->
     assert [x.path for x in find_partial_snapshots(snaps)] == [stale]
     reap(root=tmp_path / "runtime", snapshots_root=snaps)
     assert not stale.exists() and live.exists()
+
+
+# ---------------------------------------------------------------- issue 10: never follow, never guess
+
+
+def make_tree(base: Path, n: int = 3) -> list[Path]:
+    """Dummy directories that look exactly like dead runs' VMs, with old mtimes."""
+    dirs = []
+    for name in ("etc", "home", "usr")[:n]:   # like the entries of / (old, no owner.json)
+        d = base / name / "sub"
+        d.mkdir(parents=True)
+        (d / "precious.txt").write_text("do not delete")
+        make_old(d)
+        make_old(d.parent)
+        dirs.append(d)
+    return dirs
+
+
+def test_symlinked_run_dir_is_never_followed(root: Path, tmp_path: Path) -> None:
+    # The attack: /tmp/smolvm-0/x -> /  (here: a scratch tree standing in for /).
+    scratch = tmp_path / "scratch"
+    victims = make_tree(scratch)
+    (root / "x").symlink_to(scratch)
+    assert find_leftovers(root=root) == []
+    reap(root=root)
+    assert all((d / "precious.txt").read_text() == "do not delete" for d in victims)
+
+
+def test_symlinked_vm_dir_is_never_followed(root: Path, tmp_path: Path, dead_pid: int) -> None:
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    (scratch / "owner.json").write_text(json.dumps({"pid": dead_pid, "pid_start": 1}))
+    (scratch / "precious.txt").write_text("keep")
+    (root / "run1").mkdir()
+    (root / "run1" / "vm1").symlink_to(scratch)
+    assert find_leftovers(root=root) == []
+    reap(root=root)
+    assert (scratch / "precious.txt").read_text() == "keep"
+    assert (root / "run1" / "vm1").is_symlink()
+
+
+@pytest.mark.parametrize(("run", "vm"), [("lost+found", "vm1"), ("run1", ".hidden"), ("run1", "a b"),
+                                         (".snapshots", "vm1"), ("run1", "x" * 65)])
+def test_entries_not_named_like_ours_are_left_alone(root: Path, dead_pid: int, run: str, vm: str) -> None:
+    d = make_vm(root, run, vm, {"pid": dead_pid, "pid_start": 1})
+    make_old(d)
+    assert find_leftovers(root=root) == []
+    reap(root=root)
+    assert (d / "disk.qcow2").exists()
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="chown to another user needs root")
+def test_dirs_of_another_user_are_left_alone(root: Path, dead_pid: int) -> None:
+    d = make_vm(root, "run1", "vm1", {"pid": dead_pid, "pid_start": 1})
+    os.chown(d, 65534, 65534)
+    assert find_leftovers(root=root) == []
+    reap(root=root)
+    assert (d / "disk.qcow2").exists()
+
+
+def write_vmm_json(d: Path, pid: int, create_time: float, driver: str = "qemu") -> None:
+    (d / "vmm.json").write_text(json.dumps({"pid": pid, "create_time": create_time, "uid": os.getuid(),
+                                            "driver": driver}))
+
+
+def test_vmm_recorded_with_its_start_time_is_killed(root: Path, dead_pid: int,
+                                                    sleeper: list[subprocess.Popen[bytes]]) -> None:
+    vmm = spawn_sleep(sleeper)   # argv does not name the directory: the record alone identifies it
+    d = make_vm(root, "run1", "vm1", {"pid": dead_pid, "pid_start": 1})
+    write_vmm_json(d, vmm.pid, psutil.Process(vmm.pid).create_time())
+    (found,) = find_leftovers(root=root)
+    assert found.vmm_pid == vmm.pid
+    reap(root=root)
+    assert vmm.wait(5) == -signal.SIGKILL
+    assert not d.exists()
+
+
+def test_recorded_pid_with_another_start_time_is_not_signalled(root: Path, dead_pid: int,
+                                                               sleeper: list[subprocess.Popen[bytes]]) -> None:
+    other = spawn_sleep(sleeper)   # as if the VMM died and its pid went to this process
+    d = make_vm(root, "run1", "vm1", {"pid": dead_pid, "pid_start": 1}, qemu_pid=other.pid)
+    write_vmm_json(d, other.pid, psutil.Process(other.pid).create_time() - 30)
+    (found,) = find_leftovers(root=root)
+    assert found.vmm_pid is None
+    reap(root=root)
+    time.sleep(0.1)
+    assert other.poll() is None
+    assert not d.exists()
+
+
+def test_kept_firecracker_vmm_is_killed_by_reap_kept(root: Path, dead_pid: int,
+                                                     sleeper: list[subprocess.Popen[bytes]]) -> None:
+    d = root / "run1" / "vm1"
+    fc = spawn_sleep(sleeper, argv0=f"{d}/firecracker")
+    make_vm(root, "run1", "vm1", {"pid": dead_pid, "pid_start": 1}, kept=True)
+    (d / "firecracker.pid").write_text(str(fc.pid))
+    assert reap(root=root) == []          # kept VMs only with include_kept
+    time.sleep(0.1)
+    assert fc.poll() is None
+    (found,) = reap(root=root, include_kept=True)
+    assert found.vmm_pid == fc.pid
+    assert fc.wait(5) == -signal.SIGKILL
+    assert not d.exists()
+
+
+def test_vmm_without_pid_file_is_found_by_its_argv(root: Path, dead_pid: int,
+                                                   sleeper: list[subprocess.Popen[bytes]]) -> None:
+    # Killed before its pid file existed: only its argv (naming the VM directory) marks it ours.
+    d = root / "run1" / "vm1"
+    vmm = spawn_sleep(sleeper, argv0=f"{d}/qemu-system-x86_64")
+    make_vm(root, "run1", "vm1", {"pid": dead_pid, "pid_start": 1})
+    (found,) = find_leftovers(root=root)
+    assert found.vmm_pid == vmm.pid
+    reap(root=root)
+    assert vmm.wait(5) == -signal.SIGKILL
+    assert not d.exists()
+
+
+def test_vmm_that_outlived_its_directory_is_killed(root: Path, sleeper: list[subprocess.Popen[bytes]]) -> None:
+    gone = root / "run1" / "vm1"
+    vmm = spawn_sleep(sleeper, argv0=f"{gone}/qemu-system-x86_64")
+    (found,) = reap(root=root)
+    assert (found.path, found.run_id, found.vmm_pid) == (gone, "run1", vmm.pid)
+    assert vmm.wait(5) == -signal.SIGKILL
+
+
+def test_unrelated_process_naming_a_vm_dir_is_not_killed(root: Path, dead_pid: int,
+                                                         sleeper: list[subprocess.Popen[bytes]]) -> None:
+    d = make_vm(root, "run1", "vm1", {"pid": dead_pid, "pid_start": 1})
+    viewer = spawn_sleep(sleeper, argv0=f"{d}/less")   # someone reading a log, not a VMM
+    reap(root=root)
+    time.sleep(0.1)
+    assert viewer.poll() is None
+
+
+def test_dir_stays_while_its_vmm_survives(root: Path, dead_pid: int, monkeypatch: pytest.MonkeyPatch,
+                                          sleeper: list[subprocess.Popen[bytes]]) -> None:
+    d = root / "run1" / "vm1"
+    vmm = spawn_sleep(sleeper, argv0=f"{d}/qemu-system-x86_64")
+    make_vm(root, "run1", "vm1", {"pid": dead_pid, "pid_start": 1})
+    monkeypatch.setattr(psutil.Process, "send_signal", lambda self, sig: None)   # as if stuck in D state
+    monkeypatch.setattr("pytest_smolvm.reaper.KILL_WAIT", 0.2)
+    (item,) = reap(root=root)
+    assert "still running" in item.reason
+    assert (d / "disk.qcow2").exists()
+    assert vmm.poll() is None
+
+
+# ---------------------------------------------------------------- liveness without /proc
+
+
+@pytest.fixture
+def no_proc(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every /proc read through pathlib fails, as on macOS (psutil still works there)."""
+    for method in ("read_text", "read_bytes"):
+        real = getattr(Path, method)
+
+        def fake(self: Path, *a: object, _real: object = real, **kw: object) -> object:
+            if str(self).startswith("/proc"):
+                raise FileNotFoundError(str(self))
+            return _real(self, *a, **kw)  # type: ignore[operator]
+
+        monkeypatch.setattr(Path, method, fake)
+
+
+@pytest.mark.usefixtures("no_proc")
+def test_live_owner_is_alive_without_proc(root: Path) -> None:
+    assert process_alive(os.getpid(), None)
+    d = make_vm(root, "run1", "vm1", {"pid": os.getpid(), "pid_start": psutil.Process().create_time()})
+    assert find_leftovers(root=root) == []
+    assert reap(root=root) == []
+    assert d.is_dir()
+
+
+@pytest.mark.usefixtures("no_proc")
+def test_dead_owner_is_dead_without_proc(root: Path, dead_pid: int) -> None:
+    d = make_vm(root, "run1", "vm1", {"pid": os.getpid(), "pid_start": psutil.Process().create_time() - 5})
+    e = make_vm(root, "run1", "vm2", {"pid": dead_pid, "pid_start": 1.5})
+    assert sorted(x.path for x in find_leftovers(root=root)) == [d, e]
