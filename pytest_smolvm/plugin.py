@@ -69,7 +69,10 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"pytest-smolvm: {exc}") from None
     if workerinput is None:
         # Leftovers of runs whose owner died (kill -9, OOM, CI timeout); never a live run's.
-        state.reaped = reap()
+        try:
+            state.reaped = reap()
+        except ConfigError as exc:  # an unsafe runtime directory: stop before using it
+            raise pytest.UsageError(f"pytest-smolvm: {exc}") from None
     config.pluginmanager.register(state, PLUGIN_NAME)
     state.sigterm.install()
     if config.pluginmanager.hasplugin("xdist"):

@@ -182,3 +182,16 @@ def test_vmm_of_a_killed_owner_is_reaped_but_a_live_owners_is_not(smolvm: SmolVM
         owner.wait(10)
         if vmm_pid is not None and not _gone(vmm_pid, 0):
             os.kill(vmm_pid, signal.SIGKILL)
+
+
+def test_pytest_run_stops_with_a_usage_error_on_a_planted_runtime_dir(tmp_path: Path) -> None:
+    target = tmp_path / "attacker"
+    target.mkdir()
+    (tmp_path / "link").symlink_to(target)
+    (tmp_path / "test_x.py").write_text("def test_x(smolvm):\n    pass\n")
+    env = {**os.environ, "SMOLVM_RUNTIME_DIR": str(tmp_path / "link"), "SMOLVM_CACHE_DIR": str(REAL_CACHE)}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+                       env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == pytest.ExitCode.USAGE_ERROR, r.stdout[-2000:] + r.stderr[-2000:]
+    assert f"{tmp_path / 'link'}" in r.stderr and "symlink" in r.stderr and "Traceback" not in r.stderr
+    assert list(target.iterdir()) == []
