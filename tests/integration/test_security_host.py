@@ -189,7 +189,8 @@ def test_pytest_run_stops_with_a_usage_error_on_a_planted_runtime_dir(tmp_path: 
     target.mkdir()
     (tmp_path / "link").symlink_to(target)
     (tmp_path / "test_x.py").write_text("def test_x(smolvm):\n    pass\n")
-    env = {**os.environ, "SMOLVM_RUNTIME_DIR": str(tmp_path / "link"), "SMOLVM_CACHE_DIR": str(REAL_CACHE)}
+    env = {**os.environ, "SMOLVM_RUNTIME_DIR": str(tmp_path / "link"), "SMOLVM_CACHE_DIR": str(REAL_CACHE),
+           "PYTHONPATH": str(REPO)}
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
                        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.returncode == pytest.ExitCode.USAGE_ERROR, r.stdout[-2000:] + r.stderr[-2000:]
