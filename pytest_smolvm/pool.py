@@ -19,7 +19,6 @@ from typing import Any
 
 from .config import VMConfig
 from .drivers import Driver
-from .errors import SmolVMError
 from .vm import SmolVM, live_vm_count
 
 #: Host memory kept free beyond the guests' own RAM (MiB), and the per-VM VMM overhead
@@ -29,6 +28,7 @@ VMM_OVERHEAD_MIB = 160
 #: Shapes (configs) the pool keeps spares for: the most recently asked-for ones. A suite that
 #: walks through many shapes must not end up holding a spare of each.
 MAX_SHAPES = 2
+MAX_ERRORS = 20
 
 
 def mem_available_mib() -> int | None:
@@ -76,12 +76,14 @@ class VMPool:
         self._closed = False
         self._busy = False
         self._inflight: str | None = None
-        self.errors: list[BaseException] = []
+        #: What went wrong in the pool thread, most recent last (bounded).
+        self.errors: collections.deque[BaseException] = collections.deque(maxlen=MAX_ERRORS)
         self.stats = {"hits": 0, "misses": 0, "prestarted": 0}
         self._thread: threading.Thread | None = None
 
     def _ensure_thread(self) -> None:
-        if self._thread is None and self.size > 0:
+        # (Re)started on demand: should the thread ever end, the next acquire brings it back.
+        if (self._thread is None or not self._thread.is_alive()) and self.size > 0:
             self._thread = threading.Thread(target=self._loop, name="smolvm-pool", daemon=True)
             self._thread.start()
 
@@ -137,30 +139,44 @@ class VMPool:
                 self._busy = True
                 self._inflight = job[0]
             key, config, driver = job
-            try:
-                vm = SmolVM(config, driver=driver).start()
-                if self.warmup:
-                    vm.run(self.warmup)
-                    vm.transcript.clear()
-            except SmolVMError as exc:
-                # The test that asks next starts its own VM and meets the error itself.
-                self.errors.append(exc)
-                with self._cond:
-                    self._wanted.pop(key, None)
-                    self._busy, self._inflight = False, None
-                    self._cond.notify_all()
-                continue
+            vm = self._prestart(config, driver)
             with self._cond:
                 self._busy, self._inflight = False, None
+                if vm is None:
+                    # The test that asks next starts its own VM and meets the error itself.
+                    self._wanted.pop(key, None)
                 unwanted = self._closed or key not in self._wanted  # evicted while it started
-                if not unwanted:
+                if vm is not None and not unwanted:
                     self._ready[key].append(vm)
                     self.stats["prestarted"] += 1
                 self._cond.notify_all()
-            if unwanted:
-                vm.close()
-                if self._closed:
-                    return
+            if vm is not None and unwanted:
+                self._close_quietly(vm)
+            if self._closed:
+                return
+
+    def _prestart(self, config: VMConfig, driver: Driver) -> SmolVM | None:
+        """A started, warmed-up VM, or None. Nothing escapes: whatever goes wrong (a driver
+        bug, a MemoryError, a hook that exits) is recorded and the VM is torn down, so the
+        thread lives on and a failed warm-up leaves no VMM, directory or TAP behind."""
+        vm = None
+        try:
+            vm = SmolVM(config, driver=driver).start()
+            if self.warmup:
+                vm.run(self.warmup)
+                vm.transcript.clear()
+            return vm
+        except BaseException as exc:
+            self.errors.append(exc)
+            if vm is not None:
+                self._close_quietly(vm)
+            return None
+
+    def _close_quietly(self, vm: SmolVM) -> None:
+        try:
+            vm.close()
+        except BaseException as exc:
+            self.errors.append(exc)
 
     def wait_idle(self, timeout: float = 60.0) -> bool:
         """Block until the pool has nothing left to start (benchmarks and tests)."""

@@ -10,14 +10,20 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import qemu_processes
 
+from pytest_smolvm import CommandTimeout, VMConfig
+from pytest_smolvm.drivers.qemu import QemuDriver, QemuMachine
 from pytest_smolvm.paths import runtime_dir
+from pytest_smolvm.pool import VMPool
+from pytest_smolvm.vm import current_run_id
 
 REPO = Path(__file__).resolve().parents[2]
 GUEST_SLEEP = 25
@@ -128,3 +134,60 @@ def test_pytest_timeout_thread_method_leaves_nothing_after_reap(victim: Callable
     subprocess.run([sys.executable, "-m", "pytest_smolvm", "reap"], env={**os.environ, "PYTHONPATH": str(REPO)},
                    check=True, capture_output=True, timeout=120)
     assert _leftovers(run.run_id) == ([], [])
+
+
+# ------------------------------------------------------------------ the warm-pool thread
+
+
+class FlakyDriver(QemuDriver):
+    """The real QEMU driver, except that the pool thread's next launches raise ``failures``
+    (a driver bug, a MemoryError: anything, not only SmolVMError)."""
+
+    def __init__(self, failures: list[BaseException]) -> None:
+        super().__init__()
+        self.failures = failures
+
+    def _maybe_fail(self) -> None:
+        if threading.current_thread().name == "smolvm-pool" and self.failures:
+            raise self.failures.pop(0)
+
+    def launch(self, *args: Any, **kw: Any) -> QemuMachine:
+        self._maybe_fail()
+        return super().launch(*args, **kw)
+
+    def launch_clone(self, *args: Any, **kw: Any) -> QemuMachine:
+        self._maybe_fail()
+        return super().launch_clone(*args, **kw)
+
+
+def _run_state() -> tuple[set[int], set[str]]:
+    """This process's QEMU processes and VM directories."""
+    run_dir = runtime_dir() / current_run_id()
+    procs = {pid for pid, cmd in qemu_processes().items() if f"{run_dir}/" in cmd}
+    return procs, {p.name for p in run_dir.iterdir()} if run_dir.is_dir() else set()
+
+
+def test_pool_thread_survives_any_warmup_failure_and_leaks_nothing() -> None:
+    cfg = VMConfig(timeout=3.0)
+    driver = FlakyDriver([])
+    pool = VMPool(size=1, warmup="sleep 60")  # a warm-up that times out (until changed below)
+    try:
+        for failure in (None, RuntimeError("a driver bug"), MemoryError()):
+            driver.failures = [failure] if failure else []
+            with pool.acquire(cfg, driver) as vm:  # a miss: the test's own VM, started now
+                assert vm.run("echo ok").stdout == "ok\n"
+                assert pool.wait_idle(timeout=90), f"the pool is stuck after {pool.errors!r}"
+                assert pool._thread is not None and pool._thread.is_alive()
+                assert isinstance(pool.errors[-1], type(failure) if failure else CommandTimeout)
+                # The failed warm-up left nothing: only the test's own VM exists.
+                assert _run_state() == ({vm.pid}, {vm.name})
+        assert pool.stats == {"hits": 0, "misses": 3, "prestarted": 0}
+        pool.warmup = "true"
+        with pool.acquire(cfg, driver):
+            assert pool.wait_idle(timeout=90)
+        with pool.acquire(cfg, driver) as vm:  # the spare the pool started after all that
+            assert vm.run("echo ok").stdout == "ok\n"
+        assert pool.stats["hits"] == 1
+    finally:
+        pool.close()
+    assert _run_state() == (set(), set())
