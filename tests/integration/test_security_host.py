@@ -8,12 +8,15 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -151,37 +154,48 @@ def _gone(pid: int, timeout: float = 10.0) -> bool:
         time.sleep(0.1)
 
 
-def test_vmm_of_a_killed_owner_is_reaped_but_a_live_owners_is_not(smolvm: SmolVM) -> None:
+@pytest.fixture
+def private_runtime(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A runtime directory of this test's own, so no other run's reaper gets there first."""
+    rt = Path(tempfile.mkdtemp(prefix="smolvm-hf-", dir="/tmp"))
+    monkeypatch.setenv("SMOLVM_RUNTIME_DIR", str(rt))
+    monkeypatch.setenv("SMOLVM_CACHE_DIR", str(REAL_CACHE))
+    yield rt
+    shutil.rmtree(rt, ignore_errors=True)
+
+
+def test_vmm_of_a_killed_owner_is_reaped_but_a_live_owners_is_not(private_runtime: Path) -> None:
     run_id = f"ko{secrets.token_hex(3)}"
-    env = {**os.environ, "SMOLVM_RUN_ID": run_id, "SMOLVM_CACHE_DIR": str(REAL_CACHE)}
-    owner = subprocess.Popen([sys.executable, "-c", OWNER], env=env, cwd=REPO, stdout=subprocess.PIPE, text=True)
-    vmm_pid = None
-    try:
-        assert owner.stdout is not None
-        workdir_s, pid_s = owner.stdout.readline().split()
-        workdir, vmm_pid = Path(workdir_s), int(pid_s)
-        # Whatever else guards the VMM dies with the owner (as under kill -9 of the whole
-        # process group, or the OOM killer): only the reaper is left to find the VMM.
-        for guard in psutil.Process(owner.pid).children(recursive=True):
-            if guard.pid != vmm_pid:
-                guard.kill()
-        owner.send_signal(signal.SIGKILL)
-        owner.wait(10)
-        time.sleep(3)
-        for name in ("qemu.pid", "vmm.json"):       # as if killed before the pid file existed
-            (workdir / name).unlink(missing_ok=True)
-        assert psutil.pid_exists(vmm_pid) and workdir.is_dir()
-        removed = reap(root=runtime_dir())
-        assert workdir in [x.path for x in removed]
-        assert _gone(vmm_pid), f"VMM {vmm_pid} of the dead owner still runs: {qemu_processes().get(vmm_pid)}"
-        assert not workdir.exists() and not (runtime_dir() / run_id).exists()
-        assert smolvm.workdir not in [x.path for x in removed]
-        assert smolvm.run("echo alive").stdout == "alive\n" and (smolvm.workdir / "owner.json").exists()
-    finally:
-        owner.kill()
-        owner.wait(10)
-        if vmm_pid is not None and not _gone(vmm_pid, 0):
-            os.kill(vmm_pid, signal.SIGKILL)
+    env = {**os.environ, "SMOLVM_RUN_ID": run_id}
+    with SmolVM(VMConfig(memory_mib=256)) as live:
+        owner = subprocess.Popen([sys.executable, "-c", OWNER], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                                 text=True)
+        vmm_pid = None
+        try:
+            assert owner.stdout is not None
+            workdir_s, pid_s = owner.stdout.readline().split()
+            workdir, vmm_pid = Path(workdir_s), int(pid_s)
+            # Whatever else guards the VMM dies with the owner (as under kill -9 of the whole
+            # process group, or the OOM killer): only the reaper is left to find the VMM.
+            for guard in psutil.Process(owner.pid).children(recursive=True):
+                if guard.pid != vmm_pid:
+                    guard.kill()
+            owner.send_signal(signal.SIGKILL)
+            owner.wait(10)
+            time.sleep(3)
+            for name in ("qemu.pid", "vmm.json"):       # as if killed before the pid file existed
+                (workdir / name).unlink(missing_ok=True)
+            assert psutil.pid_exists(vmm_pid) and workdir.is_dir()
+            removed = reap(root=runtime_dir())
+            assert [x.path for x in removed] == [workdir]
+            assert _gone(vmm_pid), f"VMM {vmm_pid} of the dead owner still runs: {qemu_processes().get(vmm_pid)}"
+            assert not workdir.exists() and not (private_runtime / run_id).exists()
+            assert live.run("echo alive").stdout == "alive\n" and (live.workdir / "owner.json").exists()
+        finally:
+            owner.kill()
+            owner.wait(10)
+            if vmm_pid is not None and not _gone(vmm_pid, 0):
+                os.kill(vmm_pid, signal.SIGKILL)
 
 
 def test_pytest_run_stops_with_a_usage_error_on_a_planted_runtime_dir(tmp_path: Path) -> None:
