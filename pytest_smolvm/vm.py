@@ -22,6 +22,7 @@ from . import images
 from .config import VMConfig
 from .drivers import Accel, Driver, Machine, default_driver
 from .drivers.base import TEMPLATE_MAC, Nic, SnapshotDriver
+from .drivers.consolelog import read_bounded, tail_lines
 from .errors import (
     BootError,
     CommandFailed,
@@ -51,6 +52,8 @@ REPLY_GRACE = 10.0
 DEFAULT_GET_LIMIT = 256 * 1024 * 1024
 MAX_PUT = 1 << 30  # the agent's request-body limit
 TRANSCRIPT_HEAD = 1024
+#: The most of a snapshot's boot log a clone's console starts with (the log is guest-fed).
+BOOT_LOG_LIMIT = 256 * 1024
 
 _live: weakref.WeakSet[SmolVM] = weakref.WeakSet()
 _run_id_lock = threading.Lock()
@@ -324,10 +327,7 @@ class SmolVM:
             raise
         if snap is None:
             snap = store.create(key, lambda target: self._build_template(driver, target))
-        try:
-            boot_log = (snap / "console.log").read_text(errors="replace")
-        except OSError:
-            boot_log = ""
+        boot_log = read_bounded(snap / "console.log", BOOT_LOG_LIMIT)
         self._console_prefix = f"{boot_log}--- {self.name}: restored from snapshot {key} ---\n"
         self._machine = driver.launch_clone(self.config, self.image, snap, self.workdir, **self._nic_kw())
         self.disk_path = self._machine.disk_path
@@ -358,7 +358,7 @@ class SmolVM:
             finally:
                 chan.close()
             driver.save_snapshot(machine, target)
-            shutil.copyfile(machine.console_path, target / "console.log")
+            (target / "console.log").write_text(read_bounded(machine.console_path, BOOT_LOG_LIMIT))
         finally:
             machine.kill()
             shutil.rmtree(tdir, ignore_errors=True)
@@ -490,20 +490,22 @@ class SmolVM:
     def _read_console(self) -> str:
         if self._machine is None:
             return self._console_prefix
-        try:
-            return self._console_prefix + self._machine.console_path.read_text(errors="replace")
-        except OSError:
+        if not self._machine.alive():
+            self._machine.kill()  # reaps it and waits (bounded) for its last console output
+        if not self._machine.console_path.exists():
             return self._console_cache or self._console_prefix
+        return self._console_prefix + read_bounded(self._machine.console_path)
 
     @property
     def console_log(self) -> str:
-        """Everything the guest printed on its serial console so far."""
+        """What the guest printed on its serial console so far: all of it up to 2 MiB, else
+        the first and last MiB around a marker line; lines cut at 4 KiB."""
         if self._console_cache is not None and self._state == "closed":
             return self._console_cache
         return self._read_console()
 
     def _console_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.console_log.splitlines()[-lines:])
+        return tail_lines(self.console_log, lines)
 
     # ------------------------------------------------------------------ calls
 

@@ -9,15 +9,28 @@ Every driver runs through ``tests/integration/test_conformance.py``.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import os
 import signal
 import socket
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+import psutil
+
 from ..config import VMConfig
 from ..images import Image
+from .consolelog import COLLECTOR, CappedLog, read_bounded, tail_lines
+from .watchdog import WATCHDOG
+
+#: The user VMMs drop to when the engine runs as root: this one if it exists (create it with
+#: ``useradd --system --no-create-home --shell /usr/sbin/nologin smolvm``), else ``nobody``.
+VMM_USER = "smolvm"
+#: How long a reader waits for a dead VMM's last output to reach its log.
+DRAIN_TIMEOUT = 2.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,12 +67,89 @@ def guest_flags(config: VMConfig, accel: Accel) -> list[str]:
     return flags
 
 
+@functools.cache
+def vmm_user() -> tuple[str, int, int] | None:
+    """(name, uid, gid) of the user VMMs drop to, or None when they do not drop (the engine
+    is not root, or neither ``smolvm`` nor ``nobody`` exists)."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return None
+    import pwd
+
+    for name in (VMM_USER, "nobody"):
+        try:
+            pw = pwd.getpwnam(name)
+        except KeyError:
+            continue
+        if pw.pw_uid != 0:
+            return pw.pw_name, pw.pw_uid, pw.pw_gid
+    return None
+
+
+def vmm_uid() -> int | None:
+    """The uid VMMs drop to (None when they do not drop)."""
+    user = vmm_user()
+    return user[1] if user else None
+
+
+@dataclasses.dataclass
+class Spawned:
+    """A VMM process just started by :func:`spawn_vmm`, with its output logs."""
+
+    proc: subprocess.Popen[bytes]
+    logs: tuple[CappedLog, ...]
+    watched: bool
+
+
+def spawn_vmm(argv: Sequence[str], workdir: Path, *, driver: str, uid: int, stderr_name: str | None,
+              pass_fds: Sequence[int] = (), watch: bool = True) -> Spawned:
+    """Start a VMM in its own session with the console (stdout) and ``stderr_name`` (None:
+    merged into the console) piped into capped logs. With ``watch``, the VM directory is
+    registered with the watchdog first, so the VMM cannot outlive this process.
+    Writes ``vmm.json`` (pid, create_time, uid, driver) for the reaper."""
+    logs = [CappedLog(workdir / "console.log")]
+    pipes = [os.pipe()]
+    if stderr_name is not None:
+        logs.append(CappedLog(workdir / stderr_name, what="VMM stderr", head=64 << 10, tail=192 << 10))
+        pipes.append(os.pipe())
+    if watch:
+        WATCHDOG.register(workdir, vmm_uid())
+    try:
+        proc = subprocess.Popen(
+            list(argv), stdin=subprocess.DEVNULL, stdout=pipes[0][1],
+            stderr=pipes[1][1] if stderr_name is not None else subprocess.STDOUT,
+            start_new_session=True, close_fds=True, cwd=workdir, pass_fds=tuple(pass_fds))
+    except BaseException:
+        for r, _ in pipes:
+            os.close(r)
+        if watch:
+            WATCHDOG.unregister(workdir)
+        raise
+    finally:
+        for _, w in pipes:
+            os.close(w)
+    for (r, _), log in zip(pipes, logs, strict=True):
+        COLLECTOR.add(r, log)
+    write_vmm_json(workdir, proc.pid, uid, driver)
+    return Spawned(proc, tuple(logs), watch)
+
+
+def write_vmm_json(workdir: Path, pid: int, uid: int, driver: str) -> None:
+    """``<workdir>/vmm.json``, atomically: what the reaper needs to recognise this VMM."""
+    try:
+        created = psutil.Process(pid).create_time()
+    except psutil.Error:
+        created = 0.0
+    tmp = workdir / f".vmm.json.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps({"pid": pid, "create_time": created, "uid": uid, "driver": driver}))
+    os.replace(tmp, workdir / "vmm.json")
+
+
 class VMMProcess:
     """Process handling every VMM's Machine shares: the process, its console and stderr logs.
     A driver's Machine adds how the control stream is reached (``connect``)."""
 
     def __init__(self, proc: subprocess.Popen[bytes], accel: Accel, workdir: Path, disk: Path,
-                 log_name: str) -> None:
+                 log_name: str, spawned: Spawned | None = None) -> None:
         self.proc = proc
         self.pid = proc.pid
         self.accel = accel
@@ -67,6 +157,8 @@ class VMMProcess:
         self.console_path = workdir / "console.log"
         self.stderr_path = workdir / log_name
         self.disk_path = disk
+        self._logs = spawned.logs if spawned else ()
+        self._watched = spawned.watched if spawned else False
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -84,20 +176,26 @@ class VMMProcess:
         try:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:  # pragma: no cover - D state; nothing more to do
-            pass
+            return
+        self.sync_logs()
+        if self._watched:
+            self._watched = False
+            WATCHDOG.unregister(self.workdir)
+
+    def sync_logs(self) -> None:
+        """Once the VMM has exited, wait (bounded) until its last output is in its logs."""
+        if self.proc.poll() is None:
+            return
+        for log in self._logs:
+            log.closed.wait(DRAIN_TIMEOUT)
 
     def diagnostics(self) -> str:
-        try:
-            return self.stderr_path.read_text(errors="replace")[-2000:].strip()
-        except OSError:
-            return ""
+        self.sync_logs()
+        return read_bounded(self.stderr_path, 8192)[-2000:].strip()
 
     def console_tail(self, lines: int = 40) -> str:
-        try:
-            text = self.console_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+        self.sync_logs()
+        return tail_lines(read_bounded(self.console_path, 64 << 10), lines)
 
 
 @runtime_checkable

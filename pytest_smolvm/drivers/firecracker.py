@@ -19,14 +19,12 @@ without needing the load-time overrides.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import hashlib
 import http.client
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -39,7 +37,7 @@ from ..config import VMConfig
 from ..errors import BootError, ConfigError, ImageError
 from ..images import Image
 from ..images.recipe import VSOCK_MODULES
-from .base import TEMPLATE_MAC, Accel, Nic, VMMProcess, guest_flags
+from .base import TEMPLATE_MAC, Accel, Nic, Spawned, VMMProcess, guest_flags, spawn_vmm
 from .qemu import kernel_cmdline, shared_disk
 
 #: The guest port the agent listens on (AF_VSOCK) when it runs under Firecracker.
@@ -65,7 +63,6 @@ MAX_VCPUS: Final = 32
 API_TIMEOUT: Final = 10.0
 INSTALL_HINT: Final = ("install a release binary from https://github.com/firecracker-microvm/firecracker/releases "
                        "as 'firecracker' on PATH (x86_64 or aarch64 Linux with KVM)")
-PR_SET_PDEATHSIG: Final = 1
 
 Payload = dict[str, Any]
 Request = tuple[str, str, Payload]
@@ -320,18 +317,12 @@ def vsock_connect(uds_path: Path, port: int, timeout: float) -> socket.socket:
         raise
 
 
-def _pdeathsig() -> None:
-    """In the child before exec: die with the parent (prctl(2) PR_SET_PDEATHSIG)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
 class FirecrackerMachine(VMMProcess):
     """One running Firecracker process."""
 
     def __init__(self, proc: subprocess.Popen[bytes], accel: Accel, workdir: Path, disk: Path,
-                 port: int = AGENT_VSOCK_PORT) -> None:
-        super().__init__(proc, accel, workdir, disk, "firecracker.log")
+                 port: int = AGENT_VSOCK_PORT, spawned: Spawned | None = None) -> None:
+        super().__init__(proc, accel, workdir, disk, "firecracker.log", spawned)
         self.api_path = workdir / API_NAME
         self.vsock_path = workdir / VSOCK_NAME
         self.port = port
@@ -466,14 +457,11 @@ class FirecrackerDriver:
         (workdir / "firecracker.log").touch()
         argv = firecracker_argv(self.binary, workdir / API_NAME, vm_id=workdir.name[-60:],
                                 log_path=workdir / "firecracker.log")
-        with open(workdir / "console.log", "wb") as console:
-            proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
-                start_new_session=True, close_fds=True, cwd=workdir,
-                preexec_fn=_pdeathsig if self.die_with_parent else None,
-            )
-        (workdir / "firecracker.pid").write_text(str(proc.pid))
-        machine = FirecrackerMachine(proc, accel, workdir, disk)
+        # Firecracker's jailer (chroot, uid drop, cgroups) is not used: left for later.
+        spawned = spawn_vmm(argv, workdir, driver="firecracker", uid=os.geteuid(), stderr_name=None,
+                            watch=self.die_with_parent)
+        (workdir / "firecracker.pid").write_text(str(spawned.proc.pid))
+        machine = FirecrackerMachine(spawned.proc, accel, workdir, disk, spawned=spawned)
         try:
             machine.api.wait_ready(machine.alive, API_TIMEOUT)
         except BaseException:

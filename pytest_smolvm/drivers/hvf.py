@@ -44,7 +44,6 @@ def virt_argv(
     kernel: Path,
     initrd: Path,
     cmdline: str,
-    console: Path,
     control: Path,
     disk: Path | None,
     disk_format: str = "qcow2",
@@ -66,7 +65,7 @@ def virt_argv(
         machine += ",memory-backend=mem"
     return [binary, "-M", machine, "-accel", accel, "-cpu", "max" if accel == "tcg" else "host",
             "-smp", str(vcpus), "-m", str(memory_mib),
-            *guest_args(memory_mib=memory_mib, kernel=kernel, initrd=initrd, cmdline=cmdline, console=console,
+            *guest_args(memory_mib=memory_mib, kernel=kernel, initrd=initrd, cmdline=cmdline,
                         control=control, disk=disk, disk_format=disk_format, qmp=qmp, memory_file=memory_file,
                         memory_shared=memory_shared, incoming=incoming, sandbox=sandbox, nic=nic)]
 
@@ -106,6 +105,7 @@ class HvfQemuDriver(QemuDriver):
                  extra_cmdline: Sequence[str] = ()) -> None:
         self.host_arch = host_arch or platform.machine()
         super().__init__(binary or host.qemu_binary(), extra_cmdline=extra_cmdline)
+        self.drop_privileges = False  # not wired for -M virt on macOS, where root is rare
 
     def select_accel(self, requested: str, image: Image) -> Accel:
         if requested in ("auto", "hvf"):
@@ -127,6 +127,6 @@ class HvfQemuDriver(QemuDriver):
         return build(
             binary=self.binary, accel=accel.name, vcpus=config.vcpus, memory_mib=config.memory_mib,
             kernel=image.kernel, initrd=image.initrd, cmdline=cmdline,
-            console=workdir / "console.log", control=workdir / "ctl.sock", disk=disk, disk_format=fmt,
+            control=workdir / "ctl.sock", disk=disk, disk_format=fmt,
             qmp=workdir / "qmp.sock", sandbox=False, nic=nic, **extra,  # type: ignore[arg-type]
         )

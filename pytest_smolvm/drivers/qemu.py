@@ -6,14 +6,12 @@ handling lives in :class:`QemuMachine`.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import functools
 import hashlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -27,7 +25,7 @@ from ..config import VMConfig
 from ..errors import BootError, ConfigError
 from ..images import Image
 from ..paths import cache_dir
-from .base import TEMPLATE_MAC, Accel, Nic, VMMProcess, guest_flags
+from .base import TEMPLATE_MAC, Accel, Nic, Spawned, VMMProcess, guest_flags, spawn_vmm, vmm_uid, vmm_user
 from .qmp import QMP
 
 TCG_CPU = "qemu64,+rdrand,+arat"
@@ -36,8 +34,11 @@ CANARY_MARK = "SMOLVM-CANARY-OK"
 #: QEMU's seccomp filter: no obsolete syscalls, no privilege changes, no spawning helpers,
 #: no scheduler/affinity changes. Migrations use fd: URIs, so nothing needs to spawn.
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+#: The filter when QEMU drops root itself (``-runas``): elevateprivileges=deny would kill it at
+#: its own setuid(). Once it runs as an unprivileged user, set*id cannot gain anything and
+#: exec (the other way up, through a setuid binary) stays denied by spawn=deny.
+SANDBOX_DROPPED = "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny"
 CANARY_TIMEOUT = 8.0  # a working KVM reaches the initramfs in well under 1 s
-PR_SET_PDEATHSIG = 1
 
 # Measured on Debian 12 under TCG (see PLATFORM.md): together these take time-to-/init
 # from 1.80 s to 1.31 s. tsc_early_khz keeps the guest from declaring the TSC unstable.
@@ -86,7 +87,6 @@ def qemu_argv(
     kernel: Path,
     initrd: Path,
     cmdline: str,
-    console: Path,
     control: Path,
     disk: Path | None,
     disk_format: str = "qcow2",
@@ -96,6 +96,9 @@ def qemu_argv(
     incoming: bool = False,
     sandbox: bool = False,
     nic: Nic | None = None,
+    runas: str | None = None,
+    chroot: Path | None = None,
+    disk_fds: tuple[int, int] | None = None,
 ) -> list[str]:
     """Full QEMU argv for one microVM (pure).
 
@@ -103,12 +106,17 @@ def qemu_argv(
     template (guest writes reach the file), False for a clone (a private copy-on-write view).
     ``incoming`` waits for a migration stream (a snapshot restore) started over QMP.
     ``nic`` attaches a virtio-net device to an inherited TAP descriptor.
+    ``runas`` (``uid:gid``) and ``chroot``: what QEMU drops to once every file, socket and
+    descriptor is open. ``disk_fds`` (read-write, read-only) of ``disk``: QEMU reopens a disk
+    by name when it (de)activates it around a migration, which it cannot do by path once
+    chrooted and unprivileged; through an fd set it picks the inherited descriptor instead.
     """
     machine = "microvm" if memory_file is None else "microvm,memory-backend=mem"
     return [binary, "-M", machine, *accel_args(accel), "-smp", str(vcpus), "-m", str(memory_mib),
-            *guest_args(memory_mib=memory_mib, kernel=kernel, initrd=initrd, cmdline=cmdline, console=console,
+            *guest_args(memory_mib=memory_mib, kernel=kernel, initrd=initrd, cmdline=cmdline,
                         control=control, disk=disk, disk_format=disk_format, qmp=qmp, memory_file=memory_file,
-                        memory_shared=memory_shared, incoming=incoming, sandbox=sandbox, nic=nic)]
+                        memory_shared=memory_shared, incoming=incoming, sandbox=sandbox, nic=nic,
+                        runas=runas, chroot=chroot, disk_fds=disk_fds)]
 
 
 def guest_args(
@@ -117,7 +125,6 @@ def guest_args(
     kernel: Path,
     initrd: Path,
     cmdline: str,
-    console: Path,
     control: Path,
     disk: Path | None,
     disk_format: str,
@@ -127,22 +134,32 @@ def guest_args(
     incoming: bool,
     sandbox: bool,
     nic: Nic | None,
+    runas: str | None = None,
+    chroot: Path | None = None,
+    disk_fds: tuple[int, int] | None = None,
 ) -> list[str]:
     """Everything of a QEMU argv after machine, accelerator, CPUs and memory size (pure):
-    kernel, console, control port, disk, NIC, RAM backend, QMP, incoming, sandbox. The same
-    on every machine type (microvm, virt)."""
+    kernel, console, control port, disk, NIC, RAM backend, QMP, incoming, sandbox, privilege
+    drop. The same on every machine type (microvm, virt).
+
+    The serial console is QEMU's stdout, a pipe the engine caps (a file chardev would grow
+    without limit under a guest's ``yes > /dev/console``)."""
     argv = [
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline,
-        "-chardev", f"file,id=con,path={_opt(console)}", "-serial", "chardev:con",
+        "-chardev", "stdio,id=con,signal=off", "-serial", "chardev:con",
         "-device", "virtio-serial-device",
         "-chardev", f"socket,id=ctl,path={_opt(control)},server=on,wait=off",
         "-device", f"virtserialport,chardev=ctl,name={CONTROL_PORT}",
     ]
     if disk is not None:
         cache = "unsafe" if disk_format == "qcow2" else "writeback"
+        file = _opt(disk)
+        if disk_fds is not None:
+            argv += ["-add-fd", f"fd={disk_fds[0]},set=1,opaque={file}", "-add-fd", f"fd={disk_fds[1]},set=1"]
+            file = "/dev/fdset/1"
         argv += [
-            "-drive", f"id=root,file={_opt(disk)},format={disk_format},if=none,cache={cache},discard=unmap",
+            "-drive", f"id=root,file={file},format={disk_format},if=none,cache={cache},discard=unmap",
             "-device", "virtio-blk-device,drive=root",
         ]
     if nic is not None:
@@ -156,21 +173,20 @@ def guest_args(
     if incoming:
         argv += ["-incoming", "defer"]
     if sandbox:
-        argv += ["-sandbox", SANDBOX]
+        argv += ["-sandbox", SANDBOX_DROPPED if runas else SANDBOX]
+    if chroot is not None:
+        argv += ["-chroot", str(chroot)]
+    if runas is not None:
+        argv += ["-runas", runas]
     return argv
-
-
-def _pdeathsig() -> None:
-    """In the child before exec: die with the parent (see prctl(2) PR_SET_PDEATHSIG)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class QemuMachine(VMMProcess):
     """One running QEMU process."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], accel: Accel, workdir: Path, disk: Path) -> None:
-        super().__init__(proc, accel, workdir, disk, "qemu.log")
+    def __init__(self, proc: subprocess.Popen[bytes], accel: Accel, workdir: Path, disk: Path,
+                 spawned: Spawned | None = None) -> None:
+        super().__init__(proc, accel, workdir, disk, "qemu.log", spawned)
         self.control_path = workdir / "ctl.sock"
         self.qmp_path = workdir / "qmp.sock"
 
@@ -209,8 +225,11 @@ class QemuDriver:
         self._accel: dict[str, Accel] = {}
         #: Appended to the guest kernel command line (debugging: e.g. ``loglevel=7``).
         self.extra_cmdline = tuple(extra_cmdline)
-        #: Kill QEMU when the thread that launched it exits (off only for --smolvm-keep-failed).
+        #: Kill QEMU when this process ends, however it ends (off only for --smolvm-keep-failed).
         self.die_with_parent = True
+        #: As root: QEMU drops to :func:`~.base.vmm_user` and chroots to the VM directory once
+        #: everything is open (``-runas``/``-chroot``).
+        self.drop_privileges = True
 
     def select_accel(self, requested: str, image: Image) -> Accel:
         """Resolve ``auto``/``kvm``/``hvf``/``tcg`` to an accelerator that works here."""
@@ -238,26 +257,45 @@ class QemuDriver:
             kernel=image.kernel, initrd=image.initrd,
             cmdline=kernel_cmdline(accel.name, host.host_tsc_khz(),
                                    [*guest_flags(config, accel), *self.extra_cmdline], config.vcpus),
-            console=workdir / "console.log", control=workdir / "ctl.sock", disk=disk, disk_format=fmt,
+            control=workdir / "ctl.sock", disk=disk, disk_format=fmt,
             qmp=workdir / "qmp.sock", sandbox=sandbox_supported(self.binary), nic=nic,
-            **extra,  # type: ignore[arg-type]
+            **self._drop_args(workdir), **extra,  # type: ignore[arg-type]
         )
 
-    def _spawn(self, argv: list[str], accel: Accel, workdir: Path, disk: Path, nic: Nic | None) -> QemuMachine:
-        with open(workdir / "qemu.log", "wb") as log:
-            proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True, close_fds=True, cwd=workdir,
-                pass_fds=(nic.tap_fd,) if nic is not None else (),
-                preexec_fn=_pdeathsig if self.die_with_parent else None,
-            )
-        (workdir / "qemu.pid").write_text(str(proc.pid))
-        return QemuMachine(proc, accel, workdir, disk)
+    def _drop_args(self, workdir: Path) -> dict[str, object]:
+        """``runas``/``chroot`` for qemu_argv: as root, drop to the VMM user inside ``workdir``."""
+        user = vmm_user() if self.drop_privileges else None
+        if user is None:
+            return {}
+        return {"runas": f"{user[1]}:{user[2]}", "chroot": workdir}
+
+    def _start(self, config: VMConfig, image: Image, workdir: Path, accel: Accel, disk: Path, fmt: str = "qcow2",
+               *, nic: Nic | None, **extra: object) -> QemuMachine:
+        """Build the argv and start QEMU; when it drops privileges, the disk goes in as descriptors."""
+        fds = None
+        if self._drop_args(workdir):
+            fds = (os.open(disk, os.O_RDWR | os.O_CLOEXEC), os.open(disk, os.O_RDONLY | os.O_CLOEXEC))
+            extra["disk_fds"] = fds
+        try:
+            argv = self._argv(config, image, workdir, accel, disk, fmt, nic=nic, **extra)
+            return self._spawn(argv, accel, workdir, disk, nic, fds or ())
+        finally:
+            for fd in fds or ():
+                os.close(fd)
+
+    def _spawn(self, argv: list[str], accel: Accel, workdir: Path, disk: Path, nic: Nic | None,
+               fds: Sequence[int] = ()) -> QemuMachine:
+        dropped = vmm_uid() if "-runas" in argv else None
+        uid = os.geteuid() if dropped is None else dropped
+        spawned = spawn_vmm(argv, workdir, driver="qemu", uid=uid, stderr_name="qemu.log",
+                            pass_fds=(*fds, *((nic.tap_fd,) if nic is not None else ())), watch=self.die_with_parent)
+        (workdir / "qemu.pid").write_text(str(spawned.proc.pid))  # read by reaper.py and older runs
+        return QemuMachine(spawned.proc, accel, workdir, disk, spawned)
 
     def launch(self, config: VMConfig, image: Image, workdir: Path, nic: Nic | None = None) -> QemuMachine:
         accel = self.select_accel(config.accel, image)
         disk, fmt = self.prepare_disk(config, image, workdir)
-        return self._spawn(self._argv(config, image, workdir, accel, disk, fmt, nic=nic), accel, workdir, disk, nic)
+        return self._start(config, image, workdir, accel, disk, fmt, nic=nic)
 
     # ------------------------------------------------------------- snapshots
 
@@ -270,8 +308,10 @@ class QemuDriver:
         accel = self.select_accel(config.accel, image)
         placeholder = Path("/SNAP")
         nic = None if config.network == "none" else Nic(3, "tap", TEMPLATE_MAC)  # fd: a placeholder
-        argv = self._argv(config, image, placeholder, accel, placeholder / "disk.qcow2",
-                          memory_file=placeholder / "mem", nic=nic)
+        extra: dict[str, object] = {"memory_file": placeholder / "mem"}
+        if self._drop_args(placeholder):
+            extra["disk_fds"] = (4, 5)  # placeholders, like the NIC's
+        argv = self._argv(config, image, placeholder, accel, placeholder / "disk.qcow2", "qcow2", nic=nic, **extra)
         blob = json.dumps({"argv": argv, "qemu": host.qemu_version(self.binary), "image": image.id,
                            "disk_size_mib": config.disk_size_mib, "format": 1})
         return hashlib.sha256(blob.encode()).hexdigest()[:20]
@@ -282,9 +322,8 @@ class QemuDriver:
         Sockets and logs stay in ``workdir`` (short AF_UNIX paths)."""
         accel = self.select_accel(config.accel, image)
         disk, fmt = self.prepare_disk(config, image, target)
-        argv = self._argv(config, image, workdir, accel, disk, fmt, memory_file=target / "mem",
-                          memory_shared=True, nic=nic)
-        return self._spawn(argv, accel, workdir, disk, nic)
+        return self._start(config, image, workdir, accel, disk, fmt, memory_file=target / "mem",
+                           memory_shared=True, nic=nic)
 
     def save_snapshot(self, machine: QemuMachine, target: Path) -> None:
         """Save device state to ``target/state`` (RAM is already in ``target/mem``), then stop
@@ -306,9 +345,8 @@ class QemuDriver:
         """Restore a snapshot: private copy-on-write RAM, a fresh overlay on the snapshot's disk."""
         accel = self.select_accel(config.accel, image)
         overlay = create_overlay(snapshot / "disk.qcow2", "qcow2", workdir / "disk.qcow2")
-        argv = self._argv(config, image, workdir, accel, overlay, memory_file=snapshot / "mem",
-                          memory_shared=False, incoming=True, nic=nic)
-        machine = self._spawn(argv, accel, workdir, overlay, nic)
+        machine = self._start(config, image, workdir, accel, overlay, memory_file=snapshot / "mem",
+                              memory_shared=False, incoming=True, nic=nic)
         try:
             qmp = QMP(machine.qmp_path)
             try:

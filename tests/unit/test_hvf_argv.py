@@ -23,7 +23,7 @@ DEFAULT_DIGEST_BEFORE_ARCH = "9b043e654da5590b"
 def kwargs(tmp_path: Path, **over: Any) -> dict[str, Any]:
     kw: dict[str, Any] = {"binary": "/opt/homebrew/bin/qemu-system-aarch64", "vcpus": 2, "memory_mib": 512,
                           "kernel": tmp_path / "vmlinux", "initrd": tmp_path / "boot.cpio", "cmdline": "console=x",
-                          "console": tmp_path / "console.log", "control": tmp_path / "ctl.sock",
+                          "control": tmp_path / "ctl.sock",
                           "disk": tmp_path / "disk.qcow2"}
     kw.update(over)
     return kw

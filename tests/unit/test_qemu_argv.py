@@ -23,7 +23,6 @@ def argv_for(tmp_path: Path, **overrides: Any) -> list[str]:
         "kernel": tmp_path / "img" / "vmlinux",
         "initrd": tmp_path / "img" / "boot-abc.cpio",
         "cmdline": "console=ttyS0 quiet smolvm.aslr=0",
-        "console": tmp_path / "vm" / "console.log",
         "control": tmp_path / "vm" / "ctl.sock",
         "disk": tmp_path / "vm" / "disk.qcow2",
     }
@@ -83,8 +82,10 @@ def test_argv_sizes_follow_arguments(tmp_path: Path) -> None:
 def test_argv_console_and_control(tmp_path: Path) -> None:
     argv = argv_for(tmp_path)
     chardevs = option(argv, "-chardev")
-    console = next(c for c in chardevs if c.startswith("file,"))
-    assert f"path={tmp_path / 'vm' / 'console.log'}" in console.split(",")
+    # The console is QEMU's stdout (a pipe the engine caps), never a file QEMU grows itself.
+    console = next(c for c in chardevs if c.startswith("stdio,"))
+    assert not any(c.startswith("file,") for c in chardevs)
+    assert "signal=off" in console.split(",")
     con_id = next(p.split("=", 1)[1] for p in console.split(",") if p.startswith("id="))
     assert one(argv, "-serial") == f"chardev:{con_id}"
 
@@ -132,13 +133,12 @@ def test_argv_are_all_strings(tmp_path: Path) -> None:
 
 def test_argv_escapes_commas_in_paths(tmp_path: Path) -> None:
     odd = tmp_path / "run,id=1"
-    argv = argv_for(tmp_path, console=odd / "console.log", control=odd / "ctl.sock",
-                    disk=odd / "disk.qcow2")
+    argv = argv_for(tmp_path, control=odd / "ctl.sock", disk=odd / "disk.qcow2")
     drive = one(argv, "-drive")
     # QEMU's option syntax escapes a literal comma in a value as ",,".
     assert f"file={str(odd).replace(',', ',,')}/disk.qcow2," in drive
-    console = next(c for c in option(argv, "-chardev") if c.startswith("file,"))
-    assert f"path={str(odd).replace(',', ',,')}/console.log" in console
+    ctl = next(c for c in option(argv, "-chardev") if c.startswith("socket,"))
+    assert f"path={str(odd).replace(',', ',,')}/ctl.sock," in ctl
 
 
 # ---------------------------------------------------------------- accel_args
@@ -314,3 +314,34 @@ def test_choose_kvm_when_canary_passes(linux: pytest.MonkeyPatch, requested: str
     linux.setattr(qemu, "kvm_canary", lambda binary, image: (True, "ok"))
     accel = choose_accel(requested, "qemu", Dummy())  # type: ignore[arg-type]
     assert accel == Accel("kvm", "ok")
+
+
+# ---------------------------------------------------------------- privilege drop
+
+
+def test_argv_without_drop_keeps_the_strict_sandbox(tmp_path: Path) -> None:
+    argv = argv_for(tmp_path, sandbox=True)
+    assert one(argv, "-sandbox") == qemu.SANDBOX
+    assert "elevateprivileges=deny" in qemu.SANDBOX.split(",")
+    assert "-runas" not in argv and "-chroot" not in argv
+
+
+def test_argv_drops_to_a_user_inside_the_vm_dir(tmp_path: Path) -> None:
+    argv = argv_for(tmp_path, sandbox=True, runas="65534:65534", chroot=tmp_path / "vm")
+    assert one(argv, "-runas") == "65534:65534"
+    assert one(argv, "-chroot") == str(tmp_path / "vm")
+    # QEMU's own setuid() would be killed by elevateprivileges=deny; exec stays denied.
+    sandbox = one(argv, "-sandbox").split(",")
+    assert "elevateprivileges=allow" in sandbox
+    assert {"on", "spawn=deny", "obsolete=deny", "resourcecontrol=deny"} <= set(sandbox)
+
+
+def test_driver_drops_only_as_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    driver = qemu.QemuDriver("/usr/bin/qemu-system-x86_64")
+    monkeypatch.setattr(qemu, "vmm_user", lambda: ("nobody", 65534, 65534))
+    assert driver._drop_args(tmp_path) == {"runas": "65534:65534", "chroot": tmp_path}
+    driver.drop_privileges = False
+    assert driver._drop_args(tmp_path) == {}
+    driver.drop_privileges = True
+    monkeypatch.setattr(qemu, "vmm_user", lambda: None)  # not root
+    assert driver._drop_args(tmp_path) == {}
