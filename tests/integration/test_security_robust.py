@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -19,8 +20,9 @@ from typing import Any
 import pytest
 from helpers import qemu_processes
 
-from pytest_smolvm import CommandTimeout, VMConfig
+from pytest_smolvm import CommandTimeout, SmolVM, VMConfig
 from pytest_smolvm.drivers.qemu import QemuDriver, QemuMachine
+from pytest_smolvm.network import netns
 from pytest_smolvm.paths import runtime_dir
 from pytest_smolvm.pool import VMPool
 from pytest_smolvm.vm import current_run_id
@@ -191,3 +193,101 @@ def test_pool_thread_survives_any_warmup_failure_and_leaks_nothing() -> None:
     finally:
         pool.close()
     assert _run_state() == (set(), set())
+
+
+# ------------------------------------------------------------------ port forwards
+
+GUEST_PORT = 9000
+#: In the guest: a connection that starts with "S" is never read again (its receive buffer
+#: fills); any other is echoed.
+GUEST_SERVER = f"""
+import socket, threading, time
+def handle(c):
+    if (first := c.recv(1)) == b"S":
+        time.sleep(3600)
+    c.sendall(first)
+    while (d := c.recv(65536)):
+        c.sendall(d)
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", {GUEST_PORT}))
+s.listen(64)
+while True:
+    threading.Thread(target=handle, args=(s.accept()[0],), daemon=True).start()
+"""
+
+
+@pytest.fixture(scope="module")
+def server_vm() -> Iterator[SmolVM]:
+    with SmolVM(VMConfig(network="isolated")) as vm:
+        vm.put(GUEST_SERVER.encode(), "/root/server.py")
+        vm.run("(python3 /root/server.py >/dev/null 2>&1 &)", check=True)
+        vm.run(["python3", "-c", f"""
+import socket, time
+for _ in range(600):
+    try:
+        socket.create_connection(("127.0.0.1", {GUEST_PORT}), timeout=1).close(); break
+    except OSError:
+        time.sleep(0.05)
+"""], check=True, timeout=60)
+        yield vm
+
+
+def _echo(sock: socket.socket, text: bytes, timeout: float = 30.0) -> bytes:
+    sock.settimeout(timeout)
+    sock.sendall(text)
+    got = b""
+    try:
+        while len(got) < len(text) and (chunk := sock.recv(len(text) - len(got))):
+            got += chunk
+    except TimeoutError:
+        pass
+    return got
+
+
+def _flood(sock: socket.socket) -> int:
+    """Write into ``sock`` until nothing more goes in for a second; bytes written."""
+    sock.setblocking(False)
+    sent, idle_since = 0, time.monotonic()
+    while time.monotonic() - idle_since < 1.0:
+        try:
+            sent += sock.send(b"x" * 65536)
+            idle_since = time.monotonic()
+        except BlockingIOError:
+            time.sleep(0.02)
+    return sent
+
+
+def test_forward_guest_that_never_reads_stalls_only_its_own_connection(server_vm: SmolVM) -> None:
+    port = server_vm.forward(GUEST_PORT)
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as stalled:
+        stalled.sendall(b"S")
+        assert _flood(stalled) > 0  # the guest's buffers and the forwarder's are full now
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as other:
+            assert _echo(other, b"Ehello\n") == b"Ehello\n"
+            assert _echo(other, b"again\n") == b"again\n"
+
+
+def test_forward_connect_that_hangs_blocks_no_other_connection(server_vm: SmolVM) -> None:
+    port = server_vm.forward(GUEST_PORT)
+    ns, guest = server_vm.network.netns, server_vm.network.guest_ip
+    assert ns and guest
+    table = f"robust{secrets.token_hex(3)}"
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as first:
+        assert _echo(first, b"E1\n") == b"E1\n"
+        # From now on the guest never sees a SYN to the port: the next upstream connect hangs.
+        # (A table of our own in the run's namespace, in front of the guest only.)
+        netns.run(ns, ["nft", "-f", "-"], input=(
+            f"table ip {table} {{\n chain out {{\n type filter hook output priority 0; policy accept;\n"
+            f" ip daddr {guest} tcp dport {GUEST_PORT} tcp flags & (syn | ack) == syn drop\n }}\n}}\n"))
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as hanging:
+                time.sleep(0.5)  # the forwarder is inside its upstream connect now
+                assert _echo(first, b"2\n") == b"2\n"
+                # ...and answered while the hanging connect is still pending (not after it
+                # gave up and closed the connection).
+                hanging.settimeout(0.2)
+                with pytest.raises(TimeoutError):
+                    hanging.recv(1)
+        finally:
+            netns.run(ns, ["nft", "delete", "table", "ip", table])
