@@ -54,7 +54,9 @@ class CappedLog:
 
     def feed(self, data: bytes) -> None:
         self.total += len(data)
-        data = self._cap_lines(data)
+        self._store(self._cap_lines(data))
+
+    def _store(self, data: bytes) -> None:
         room = self.head - self._head_len
         if room > 0:
             self._write(data[:room])
@@ -121,10 +123,7 @@ class CappedLog:
 
     def finish(self) -> None:
         """The stream ended: write what is pending and close the file."""
-        if self._line_cut:
-            tail_marker = self._line_marker()
-            self._line_cut = 0
-            self.feed(tail_marker)
+        self._store(self._line_marker())
         self.flush(force=True)
         if self._fd is not None:
             os.close(self._fd)
@@ -251,5 +250,5 @@ def tail_lines(text: str, lines: int = 40, max_line: int = 1000) -> str:
     """The last ``lines`` lines of ``text``, each cut to ``max_line`` characters."""
     out = []
     for line in text[-lines * (max_line + 1) * 4:].splitlines()[-lines:]:
-        out.append(line if len(line) <= max_line else line[:max_line] + f" [... {len(line) - max_line} chars cut]")
+        out.append(line if len(line) <= max_line else line[:max_line] + f" [... line cut at {max_line} chars]")
     return "\n".join(out)
