@@ -180,6 +180,11 @@ class SmolVMPlugin:
         return self.drivers[config.backend]
 
     def start_vm(self, request: pytest.FixtureRequest, cfg: VMConfig) -> SmolVM:
+        # The last word before any VM starts: a pytest_smolvm_configure hook or a conftest's
+        # smolvm_config override may have raised the policy after the markers were checked.
+        reason = self.ceiling_violation(cfg)
+        if reason:
+            pytest.skip(f"{reason} (the config after smolvm_config overrides and pytest_smolvm_configure hooks)")
         driver = self.config.hook.pytest_smolvm_make_driver(config=cfg, pytestconfig=self.config)
         vm = self._start_with_retry(request, cfg, driver)
         if request.scope == "function":
@@ -302,19 +307,23 @@ class SmolVMPlugin:
 
 
 def network_section(vm: SmolVM) -> str:
-    """The policy in force and what it dropped, for a failing test's report."""
+    """The policy in force, its caps, and what it dropped, for a failing test's report."""
     net = vm.network
     head = (f"policy {net.policy}" + (f" allow={','.join(net.allow)}" if net.allow else "")
             + f"; guest {net.guest_ip}, gateway {net.host_ip}, namespace {net.netns}")
     try:
         denied = net.denied_details()
+        unitemised, capped = net.unitemised, net.capped
     except SmolVMError as exc:
         return f"{head}\ndenied egress: unknown ({exc})"
-    if not denied:
+    head += (f"\negress caps {vm.config.egress_kib_per_s} KiB/s, {vm.config.egress_conns_per_s} new connections/s"
+             + "".join(f"; {kind} cap hit ({n} packet(s) dropped)" for kind, n in capped.items() if n))
+    more = f"\n  ... {unitemised} more denials not itemised (the denial ledger was full)" if unitemised else ""
+    if not denied and not more:
         return f"{head}\ndenied egress: none"
     rows = [f"  {d.proto} {d.dest}" + (f":{d.port}" if d.port else "") + f"  ({d.packets} packet(s))"
             for d in denied]
-    return f"{head}\ndenied egress ({len(denied)}):\n" + "\n".join(rows)
+    return f"{head}\ndenied egress ({len(denied)}):\n" + "\n".join(rows) + more
 
 
 def _failed(item: pytest.Item) -> bool:
