@@ -11,8 +11,7 @@ import dataclasses
 import ipaddress
 import math
 import re
-import types
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Final
 
 from .errors import ConfigError
@@ -25,8 +24,45 @@ MIN_MEMORY_MIB: Final = 128
 DEFAULT_MAX_OUTPUT: Final = 16 * 1024 * 1024
 
 
+class SecretEnv(Mapping[str, str]):
+    """An immutable environment whose values are secrets: its repr (and so VMConfig's, and
+    pytest's ``-l``/``-vv`` locals) shows the keys only, ``{'TOKEN': '***'}``."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: Mapping[str, str] | Iterable[tuple[str, str]] = ()) -> None:
+        self._data = dict(data)
+
+    def __getitem__(self, key: str) -> str:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __repr__(self) -> str:
+        return redacted_repr(self._data)
+
+    def __reduce__(self) -> tuple[type[SecretEnv], tuple[dict[str, str]]]:
+        return SecretEnv, (self._data,)
+
+
+class WireEnv(dict[str, str]):
+    """The environment of one request to the guest: a plain dict for the JSON encoder, but
+    shown redacted, like :class:`SecretEnv`, if a traceback prints it."""
+
+    def __repr__(self) -> str:
+        return redacted_repr(self)
+
+
+def redacted_repr(env: Mapping[str, str]) -> str:
+    return "{" + ", ".join(f"{k!r}: '***'" for k in env) + "}"
+
+
 def _freeze_env(env: Mapping[str, str] | Iterable[tuple[str, str]] | None) -> Mapping[str, str]:
-    return types.MappingProxyType(dict(env or {}))
+    return SecretEnv(env or {})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,13 +213,17 @@ def _allow(value: object) -> tuple[str, ...]:
 
 
 def _env(value: object) -> Mapping[str, str]:
+    # Values are secrets: messages name keys and types, never a value.
     if not isinstance(value, Mapping):
-        raise _bad("env", value, "expected a mapping of str to str")
+        raise ConfigError(f"invalid env (a {type(value).__name__}, not shown: env values are secret): "
+                          f"expected a mapping of str to str such as {{'TOKEN': '...'}}")
     for k, v in value.items():
         if not isinstance(k, str) or not k or "=" in k or "\0" in k:
             raise _bad("env", k, "environment variable names must be non-empty str without '=' or NUL")
         if not isinstance(v, str) or "\0" in v:
-            raise _bad("env", {k: v}, "environment values must be str without NUL")
+            what = "a str containing NUL" if isinstance(v, str) else f"a {type(v).__name__}"
+            raise ConfigError(f"invalid env[{k!r}]: {what} (value not shown: env values are secret); "
+                              f"environment values must be str without NUL")
     return _freeze_env(value)
 
 

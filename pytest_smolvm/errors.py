@@ -9,28 +9,39 @@
     ├── GuestError         something went wrong talking to a running guest
     │   ├── CommandTimeout     run() exceeded its timeout; the guest process group was killed
     │   ├── CommandFailed      run(check=True) saw a non-zero exit; carries the result
+    │   ├── GuestTimeout       the guest agent did not answer put()/get() in time
     │   ├── GuestDied          the guest panicked, powered off or the VMM crashed mid-call
     │   ├── GuestFileError     put()/get() failed inside the guest (missing file, permissions)
     │   └── ProtocolError      the guest broke the control protocol (malformed/oversize frame)
     └── NetworkError       a network policy could not be applied
 
-Third-party exceptions are mapped at the boundary with ``raise ... from exc``.
+Third-party exceptions are mapped at the boundary with ``raise ... from exc``. Messages of
+the errors a guest can influence are sanitised and bounded here, in their constructors
+(:mod:`pytest_smolvm.reporting`): a hostile guest's output never acts on a reader's terminal.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
+
+from .reporting import clip, redact
 
 if TYPE_CHECKING:
     from .vm import RunResult
+
+#: How much guest text (output tail, console tail) an exception message carries at most.
+MESSAGE_TAIL = 2000
+CONSOLE_TAIL = 8000
 
 
 class SmolVMError(Exception):
     """Base class of every error pytest-smolvm raises.
 
     ``infra`` is True when the failure is the infrastructure's (the VM did not boot, the
-    VMM crashed, the agent stopped answering), not something the code under test did; the
-    pytest plugin reports such failures as ERROR, not FAILED.
+    VMM or the host failed), not something the code under test did; the pytest plugin
+    reports such failures as ERROR, not FAILED. A guest that stops answering is the code
+    under test's doing (it may have stopped its own agent), so that is a FAILED test.
     """
 
     infra: bool = False
@@ -51,9 +62,14 @@ class BootError(SmolVMError):
 
     def __init__(self, message: str, console_tail: str = "") -> None:
         self.console_tail = console_tail
-        if console_tail:
-            message = f"{message}\n--- guest console (tail) ---\n{console_tail}"
-        super().__init__(message)
+        super().__init__(_with_console(message, console_tail))
+
+
+def _with_console(message: str, console_tail: str) -> str:
+    message = clip(message, 4 * MESSAGE_TAIL)
+    if console_tail:
+        message = f"{message}\n--- guest console (tail) ---\n{clip(console_tail, CONSOLE_TAIL, end=True)}"
+    return message
 
 
 class GuestError(SmolVMError):
@@ -67,7 +83,7 @@ class CommandTimeout(GuestError, TimeoutError):
         self, message: str, *, command: str, timeout: float, stdout: str = "", stderr: str = "",
         infra: bool = False,
     ) -> None:
-        super().__init__(message)
+        super().__init__(clip(message, 4 * MESSAGE_TAIL))
         self.infra = infra
         self.command = command
         self.timeout = timeout
@@ -76,13 +92,16 @@ class CommandTimeout(GuestError, TimeoutError):
 
 
 class CommandFailed(GuestError):
-    """``run(check=True)`` saw a non-zero exit code. ``result`` is the full :class:`RunResult`."""
+    """``run(check=True)`` saw a non-zero exit code. ``result`` is the full :class:`RunResult`
+    (raw output included); the message shows a sanitised tail with ``secrets`` masked."""
 
-    def __init__(self, result: RunResult) -> None:
+    def __init__(self, result: RunResult, *, secrets: Iterable[str] = ()) -> None:
         self.result = result
-        tail = result.stderr[-2000:] if result.stderr else result.stdout[-2000:]
+        secrets = tuple(secrets)
+        output = redact(result.stderr or result.stdout, secrets)
+        tail = clip(output, MESSAGE_TAIL, end=True) if output else ""
         super().__init__(
-            f"command {result.command!r} exited with {result.exit_code}"
+            f"command {clip(redact(result.command, secrets), 500)!r} exited with {result.exit_code}"
             + (f"\n--- output (tail) ---\n{tail}" if tail else "")
         )
 
@@ -97,9 +116,15 @@ class GuestDied(GuestError):
     def __init__(self, message: str, console_tail: str = "", *, infra: bool = False) -> None:
         self.console_tail = console_tail
         self.infra = infra
-        if console_tail:
-            message = f"{message}\n--- guest console (tail) ---\n{console_tail}"
-        super().__init__(message)
+        super().__init__(_with_console(message, console_tail))
+
+
+class GuestTimeout(GuestError, TimeoutError):
+    """The guest agent did not answer a call (``put()``/``get()``) in time: the guest is
+    overloaded, or the code under test stopped its agent. The channel stays usable."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(clip(message, 4 * MESSAGE_TAIL))
 
 
 class GuestFileError(GuestError, OSError):
@@ -108,6 +133,9 @@ class GuestFileError(GuestError, OSError):
 
 class ProtocolError(GuestError):
     """The guest sent something the control protocol does not allow."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(clip(message, 4 * MESSAGE_TAIL))
 
 
 class NetworkError(SmolVMError):

@@ -1,20 +1,58 @@
-"""Text for humans: sanitising guest output before it reaches a terminal or a report (pure)."""
+"""Text for humans: sanitising guest output before it reaches a terminal or a report, and
+masking secrets (pure).
+
+Everything a guest can influence (command output, agent error strings, console lines) goes
+through :func:`sanitize` (or :func:`clip`, which also bounds it) before it is put into an
+exception message, a report section or the terminal; the raw bytes stay on the result objects.
+"""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 # CSI / OSC / other ESC sequences, then any C0/C1 control character except \n and \t.
 _ESCAPES = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b\n]*(\x07|\x1b\\)?|[@-Z\\-_])")
 _CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# Bidirectional overrides/isolates and marks ("Trojan Source", CVE-2021-42574), invisible
+# separators and BOM: they reorder or hide what a reader sees without being visible themselves.
+_INVISIBLE = re.compile("[\u061c\u200b\u200e\u200f\u2028-\u202e\u2060\u2066-\u2069\ufeff]")
+#: Secrets shorter than this are not masked in free text: "1" would turn every digit into ***.
+MIN_SECRET = 4
+MASK = "***"
 
 
 def sanitize(text: str) -> str:
-    """Make guest-produced text safe to print: terminal escape sequences and control
-    characters become visible ``\\xNN`` escapes instead of acting on the reader's terminal."""
+    """Make guest-produced text safe to print: terminal escape sequences, control characters
+    and bidi/invisible format characters become visible ``\\xNN``/``\\uNNNN`` escapes instead
+    of acting on the reader's terminal. Idempotent."""
     text = text.replace("\r\n", "\n")
     text = _ESCAPES.sub(lambda m: repr(m.group(0))[1:-1], text)
-    return _CONTROLS.sub(lambda m: f"\\x{ord(m.group(0)):02x}", text)
+    text = _CONTROLS.sub(lambda m: f"\\x{ord(m.group(0)):02x}", text)
+    return _INVISIBLE.sub(lambda m: f"\\u{ord(m.group(0)):04x}", text)
+
+
+def clip(text: str, limit: int, *, end: bool = False) -> str:
+    """:func:`sanitize` ``text`` and keep at most ``limit`` characters of it (its start, or
+    with ``end=True`` its end), saying how much was left out."""
+    if len(text) <= limit:
+        return sanitize(text)
+    cut = f"[... {len(text) - limit} more characters]"
+    if end:
+        return f"{cut}{sanitize(text[-limit:])}"
+    return f"{sanitize(text[:limit])}{cut}"
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    """Replace every secret in ``text`` by ``***``, as written and as Python's ``repr`` shows
+    it (tracebacks show locals through repr). Values under :data:`MIN_SECRET` characters stay."""
+    forms: set[str] = set()
+    for secret in secrets:
+        if len(secret) >= MIN_SECRET:
+            forms.update((secret, repr(secret)[1:-1], repr(secret.encode(errors="replace"))[2:-1]))
+    for form in sorted(forms, key=len, reverse=True):
+        text = text.replace(form, MASK)
+    return text
 
 
 def tail(text: str, lines: int) -> str:

@@ -13,13 +13,13 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from . import images
-from .config import VMConfig
+from .config import VMConfig, WireEnv
 from .drivers import Accel, Driver, Machine, default_driver
 from .drivers.base import TEMPLATE_MAC, Nic, SnapshotDriver
 from .drivers.consolelog import read_bounded, tail_lines
@@ -29,11 +29,14 @@ from .errors import (
     CommandTimeout,
     ConfigError,
     GuestDied,
+    GuestError,
     GuestFileError,
+    GuestTimeout,
     NetworkError,
     ProtocolError,
     SmolVMError,
 )
+from .guest import replies
 from .guest.channel import Channel, ChannelClosed, ReplyTimeout
 from .guest.ssh import SSHKeys
 from .host import process_start_time
@@ -41,6 +44,7 @@ from .network.forward import PortForward
 from .network.hub import VMNetwork
 from .network.policy import Denied
 from .paths import cache_dir, check_name, make_private_dirs, runtime_dir
+from .reporting import clip, redact
 from .snapshots import SnapshotError, SnapshotWarning, default_store
 
 #: How long a restored clone may take to answer before the VM falls back to a cold boot.
@@ -52,9 +56,11 @@ REPLY_GRACE = 10.0
 DEFAULT_GET_LIMIT = 256 * 1024 * 1024
 MAX_PUT = 1 << 30  # the agent's request-body limit
 TRANSCRIPT_HEAD = 1024
+GET_TIMEOUT = 120.0
 #: The most of a snapshot's boot log a clone's console starts with (the log is guest-fed).
 BOOT_LOG_LIMIT = 256 * 1024
 
+T = TypeVar("T")
 _live: weakref.WeakSet[SmolVM] = weakref.WeakSet()
 _run_id_lock = threading.Lock()
 _run_id: str | None = None
@@ -201,6 +207,8 @@ class SmolVM:
         self._forwards: list[PortForward] = []
         self._ssh_keys: SSHKeys | None = None
         self._ssh_clients: list[Any] = []
+        #: env values this VM was given (config and run()): masked in messages and transcripts.
+        self._secrets: set[str] = set(self.config.env.values())
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -518,7 +526,7 @@ class SmolVM:
         try:
             return self._channel.call(header, body, timeout=timeout, max_body=max_body)
         except ChannelClosed as exc:
-            status = None
+            status, killed = None, False
             if self._machine is not None:
                 # The control stream can close a moment before QEMU exits after a guest
                 # poweroff: give it time to exit by itself before judging how it ended.
@@ -526,20 +534,26 @@ class SmolVM:
                 while (status := self._machine.exit_status()) is None and time.monotonic() < deadline:
                     time.sleep(0.01)
                 if status is None:
+                    # The VMM lives but its guest broke off (a frame stalled half-way): the
+                    # guest's doing, so it is destroyed and the test fails (not an ERROR).
+                    killed = True
                     self._machine.kill()
                     status = self._machine.exit_status()
             self._state = "dead"
             # A guest poweroff or panic (panic=-1 reboots, -no-reboot exits) ends QEMU with 0;
-            # anything else means the VMM itself died.
+            # anything else the VMM did by itself means the VMM itself died.
+            console = self.redact(self._console_tail())
             if self._expired:
                 raise GuestDied(f"{self.name}: {what} stopped: {self._expired} (config lifetime)",
-                                self._console_tail()) from None
-            if status == 0:
+                                console) from None
+            if killed:
+                why = "the guest agent broke off its reply while the VM ran on; the VM was destroyed"
+            elif status == 0:
                 why = "the guest powered off or panicked"
             else:
                 why = f"the VMM died (exit status {status}): an infrastructure failure, not the test's"
             raise GuestDied(f"{self.name}: the guest stopped during {what}: {why} ({exc})",
-                            self._console_tail(), infra=status != 0) from None
+                            console, infra=not killed and status != 0) from None
 
     def run(
         self,
@@ -570,11 +584,12 @@ class SmolVM:
         cap = self.config.max_output if max_output is None else max_output
         if not (isinstance(cap, int) and cap > 0):
             raise ConfigError(f"invalid max_output={max_output!r} for run({shown!r}): expected bytes > 0")
-        merged_env = dict(self.config.env)
+        merged_env = WireEnv(self.config.env)
         if env:
             from .config import check_field
 
             merged_env.update(check_field("env", env))
+            self._secrets.update(merged_env.values())
         data = input.encode() if isinstance(input, str) else bytes(input or b"")
         req = {"op": "exec", "argv": argv, "env": merged_env, "cwd": cwd, "timeout": float(limit),
                "max_output": cap}
@@ -583,43 +598,59 @@ class SmolVM:
             reply, body = self._call(req, data, timeout=float(limit) + REPLY_GRACE,
                                      what=f"run({shown!r})", max_body=2 * cap + 4096)
         except ReplyTimeout:
+            # No confirmation: the guest is overloaded or the test stopped its agent. Either
+            # way it is the guest's doing, so the test fails (not an infrastructure ERROR).
             self._record(shown, "no reply", time.monotonic() - t0, b"", b"")
-            raise CommandTimeout(
+            raise CommandTimeout(self.redact(
                 f"{self.name}: run({shown!r}) timed out after {limit:g}s and the guest agent did not "
-                f"confirm the kill within {REPLY_GRACE:g}s more (the guest may be overloaded)",
-                command=shown, timeout=float(limit), infra=True) from None
+                f"confirm the kill within {REPLY_GRACE:g}s more (the guest is overloaded or its agent "
+                f"was stopped)"), command=shown, timeout=float(limit)) from None
         except GuestDied:
             self._record(shown, "guest died", time.monotonic() - t0, b"", b"")
             raise
-        if reply.get("op") == "error":
-            self._record(shown, "agent error", time.monotonic() - t0, b"", b"")
-            raise SmolVMError(f"{self.name}: the guest agent could not run {shown!r}: {reply.get('error')}")
-        split = int(reply.get("stdout_len", 0))
-        out_b, err_b = body[:split], body[split:]
+        parsed = self._parse(lambda: replies.parse_exec(reply, body))
         duration = time.monotonic() - t0
-        if reply.get("timed_out"):
+        if isinstance(parsed, replies.AgentError):
+            self._record(shown, "agent error", duration, b"", b"")
+            raise GuestError(self.redact(f"{self.name}: the guest agent could not run {shown!r}: {parsed.message}"))
+        out_b, err_b = parsed.stdout, parsed.stderr
+        if parsed.timed_out:
             self._record(shown, f"timeout after {limit:g}s", duration, out_b, err_b)
             raise CommandTimeout(
-                f"{self.name}: run({shown!r}) timed out after {limit:g}s; its process group was killed",
+                self.redact(f"{self.name}: run({shown!r}) timed out after {limit:g}s; its process group was killed"),
                 command=shown, timeout=float(limit),
                 stdout=out_b.decode(errors="replace"), stderr=err_b.decode(errors="replace"))
         result = RunResult(
-            command=shown, exit_code=int(reply["exit_code"]),
+            command=shown, exit_code=parsed.exit_code,
             stdout=out_b.decode(errors="replace"), stderr=err_b.decode(errors="replace"),
             duration=duration, stdout_bytes=out_b, stderr_bytes=err_b,
-            stdout_truncated=bool(reply.get("stdout_truncated")),
-            stderr_truncated=bool(reply.get("stderr_truncated")),
+            stdout_truncated=parsed.stdout_truncated, stderr_truncated=parsed.stderr_truncated,
         )
         self._record(shown, f"exit {result.exit_code}" + (", truncated" if result.truncated else ""),
                      duration, out_b, err_b)
         if check and result.exit_code != 0:
-            raise CommandFailed(result)
+            raise CommandFailed(result, secrets=self._secrets)
         return result
+
+    def redact(self, text: str) -> str:
+        """``text`` with this VM's env values (config and ``run(env=...)``) masked as ``***``."""
+        return redact(text, self._secrets)
+
+    def _parse(self, parse: Callable[[], T]) -> T:
+        """Run a reply parser; a malformed reply means nothing more from this guest is
+        trusted, so the channel is closed for good."""
+        try:
+            return parse()
+        except ProtocolError as exc:
+            if self._channel is not None:
+                self._channel.poison(str(exc))
+            raise
 
     def _record(self, shown: str, outcome: str, duration: float, out: bytes, err: bytes) -> None:
         self.transcript.append(TranscriptEntry(
-            shown, outcome, duration,
-            out[:TRANSCRIPT_HEAD].decode(errors="replace"), err[:TRANSCRIPT_HEAD].decode(errors="replace")))
+            self.redact(shown), outcome, duration,
+            self.redact(out[:TRANSCRIPT_HEAD].decode(errors="replace")),
+            self.redact(err[:TRANSCRIPT_HEAD].decode(errors="replace"))))
 
     def put(self, src: bytes | bytearray | memoryview | os.PathLike[str], dest: str,
             *, mode: int | None = None) -> None:
@@ -638,19 +669,30 @@ class SmolVM:
         header: dict[str, Any] = {"op": "put", "path": dest}
         if mode is not None:
             header["mode"] = mode
-        reply, _ = self._call(header, data, timeout=60.0 + len(data) / 5e6, what=f"put({dest!r})")
-        if reply.get("op") == "error":
-            raise GuestFileError(int(reply.get("errno") or 0),
-                                 f"{self.name}: put({dest!r}) failed in the guest: {reply.get('error')}", dest)
+        wait = 60.0 + len(data) / 5e6
+        try:
+            reply, _ = self._call(header, data, timeout=wait, what=f"put({dest!r})")
+        except ReplyTimeout:
+            raise GuestTimeout(f"{self.name}: put({dest!r}): the guest agent did not answer within "
+                               f"{wait:.0f}s (the guest is overloaded or its agent was stopped)") from None
+        error = self._parse(lambda: replies.parse_file(reply, "put"))
+        if error is not None:
+            raise GuestFileError(error.errno, f"{self.name}: put({dest!r}) failed in the guest: {error.message}",
+                                 dest)
 
     def get(self, path: str, *, max_size: int = DEFAULT_GET_LIMIT) -> bytes:
         """Read the guest file ``path`` (at most ``max_size`` bytes, else GuestFileError)."""
         self._check_guest_path(path, "get")
-        reply, data = self._call({"op": "get", "path": path, "max": max_size}, timeout=120.0,
-                                 what=f"get({path!r})", max_body=max_size)
-        if reply.get("op") == "error":
-            raise GuestFileError(int(reply.get("errno") or 0),
-                                 f"{self.name}: get({path!r}) failed in the guest: {reply.get('error')}", path)
+        try:
+            reply, data = self._call({"op": "get", "path": path, "max": max_size}, timeout=GET_TIMEOUT,
+                                     what=f"get({path!r})", max_body=max_size)
+        except ReplyTimeout:
+            raise GuestTimeout(f"{self.name}: get({path!r}): the guest agent did not answer within "
+                               f"{GET_TIMEOUT:.0f}s (the guest is overloaded or its agent was stopped)") from None
+        error = self._parse(lambda: replies.parse_file(reply, "get"))
+        if error is not None:
+            raise GuestFileError(error.errno, f"{self.name}: get({path!r}) failed in the guest: {error.message}",
+                                 path)
         return data
 
     @staticmethod
@@ -681,7 +723,7 @@ class SmolVM:
             r = self.run(ssh.START_SSHD, timeout=60)
             if r.exit_code != 0:
                 raise NetworkError(f"{self.name}: sshd did not start in the guest (exit {r.exit_code}): "
-                                   f"{r.stderr.strip()[-500:]}")
+                                   f"{clip(self.redact(r.stderr.strip()), 500, end=True)}")
             self._ssh_keys = keys
         # sshd daemonises before it listens: give it a moment to open its port.
         deadline = time.monotonic() + timeout

@@ -40,6 +40,11 @@ class Channel:
         self._next_id = 0
         self._broken: str | None = None
 
+    def poison(self, reason: str) -> None:
+        """The peer broke the protocol (``reason``): refuse every later call and hang up."""
+        self._broken = reason
+        self.close()
+
     def close(self) -> None:
         try:
             self.sock.close()
@@ -111,10 +116,9 @@ class Channel:
                 try:
                     reply, data = protocol.decode(self._reader(deadline), max_body or self.max_body)
                 except protocol.FrameError as exc:
-                    self._broken = str(exc)
-                    self.close()
+                    self.poison(str(exc))
                     raise ProtocolError(f"guest agent sent an invalid frame: {exc}") from None
-                if reply.get("id") == rid:
+                if type(reply.get("id")) is int and reply["id"] == rid:  # not True, not 1.0
                     return reply, data
                 # A late reply to an earlier request that timed out: drop it.
 

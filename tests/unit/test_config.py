@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import types
+from collections.abc import Mapping
 
 import pytest
 
@@ -175,21 +176,21 @@ def test_allow_empty_without_nat_is_fine() -> None:
 @pytest.mark.parametrize(
     ("env", "shown"),
     [
-        ({"A": 1}, "1"),
-        ({"A": None}, "None"),
+        ({"A": 1}, "int"),
+        ({"A": None}, "NoneType"),
         ({"A=B": "x"}, "A=B"),
         ({"": "x"}, "''"),
         ({1: "x"}, "1"),
-        ({"A": "x\0y"}, "A"),
-        ("A=1", "A=1"),
-        (["A", "1"], "['A', '1']"),
+        ({"A": "x\0y"}, "'A'"),
+        ("A=1", "str"),  # values (and what might be one) are never shown
+        (["A", "1"], "list"),
     ],
 )
 def test_bad_env(env: object, shown: str) -> None:
     with pytest.raises(ConfigError) as info:
         VMConfig(env=env)  # type: ignore[arg-type]
     msg = str(info.value)
-    assert "env=" in msg
+    assert "env" in msg
     assert shown in msg
 
 
@@ -198,7 +199,7 @@ def test_bad_env(env: object, shown: str) -> None:
 
 def test_env_is_read_only_mapping_proxy() -> None:
     cfg = VMConfig(env={"A": "1"})
-    assert isinstance(cfg.env, types.MappingProxyType)
+    assert isinstance(cfg.env, Mapping) and repr(cfg.env) == "{'A': '***'}"
     with pytest.raises(TypeError):
         cfg.env["B"] = "2"  # type: ignore[index]
     assert dict(cfg.env) == {"A": "1"}

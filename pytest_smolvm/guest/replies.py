@@ -1,0 +1,92 @@
+"""Typed parsers of the guest agent's replies (host side).
+
+A reply header is guest-controlled JSON: every field the host uses is checked here, once,
+for type and range, so a hostile or broken agent can only cause a :class:`ProtocolError`,
+never a ``KeyError``/``OverflowError``/``TypeError`` deep in the host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from ..errors import ProtocolError
+from ..reporting import clip
+
+#: Exit codes as ``os.waitstatus_to_exitcode`` gives them: -signal, or 0..255.
+EXIT_CODES = range(-128, 256)
+MAX_ERROR = 2000
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecReply:
+    exit_code: int
+    timed_out: bool
+    stdout: bytes
+    stderr: bytes
+    stdout_truncated: bool
+    stderr_truncated: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentError:
+    """An ``error`` reply: ``message`` is sanitised and bounded, ``errno`` in 0..4095."""
+
+    message: str
+    errno: int
+
+
+def _bad(op: str, field: str, value: object, why: str) -> ProtocolError:
+    return ProtocolError(f"the guest agent sent a malformed {op} reply: {field}={clip(repr(value), 80)} {why}")
+
+
+def _int(header: dict[str, Any], op: str, field: str, allowed: range, default: int | None = None) -> int:
+    value = header.get(field, default)
+    if type(value) is not int:  # bool and float are not accepted either
+        raise _bad(op, field, value, "is not an integer" if field in header else "is missing")
+    if value not in allowed:
+        raise _bad(op, field, value, f"is outside {allowed.start}..{allowed.stop - 1}")
+    return value
+
+
+def _flag(header: dict[str, Any], op: str, field: str) -> bool:
+    value = header.get(field, False)
+    if type(value) is not bool:
+        raise _bad(op, field, value, "is not true or false")
+    return value
+
+
+def _op(header: dict[str, Any], what: str, expected: tuple[str, ...]) -> str:
+    op = header.get("op")
+    if op not in (*expected, "error"):
+        raise _bad(what, "op", op, f"is not one of {', '.join(expected)}, error")
+    assert isinstance(op, str)
+    return op
+
+
+def parse_error(header: dict[str, Any], what: str) -> AgentError:
+    message = header.get("error")
+    if not isinstance(message, str):
+        raise _bad(what, "error", message, "is not a string")
+    return AgentError(clip(message, MAX_ERROR), _int(header, what, "errno", range(4096), default=0))
+
+
+def parse_exec(header: dict[str, Any], body: bytes) -> ExecReply | AgentError:
+    """The reply to ``exec``: its result (stdout is the body's first ``stdout_len`` bytes)."""
+    if _op(header, "exec", ("result",)) == "error":
+        return parse_error(header, "exec")
+    split = _int(header, "exec", "stdout_len", range(len(body) + 1))
+    return ExecReply(
+        exit_code=_int(header, "exec", "exit_code", EXIT_CODES),
+        timed_out=_flag(header, "exec", "timed_out"),
+        stdout=body[:split], stderr=body[split:],
+        stdout_truncated=_flag(header, "exec", "stdout_truncated"),
+        stderr_truncated=_flag(header, "exec", "stderr_truncated"),
+    )
+
+
+def parse_file(header: dict[str, Any], what: str) -> AgentError | None:
+    """The reply to ``put``/``get``: None when it succeeded (a get's data is the body)."""
+    if _op(header, what, ("ok",)) == "error":
+        return parse_error(header, what)
+    return None
