@@ -7,7 +7,7 @@ import secrets
 import signal
 import threading
 import warnings
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any
 
 import pytest
@@ -237,22 +237,14 @@ class SmolVMPlugin:
         if report.failed and isinstance(exc, SmolVMError) and exc.infra:
             # Carried in user_properties so it survives xdist's report serialisation.
             report.user_properties.append((INFRA_PROPERTY, f"{type(exc).__name__}: {str(exc).splitlines()[0]}"))
+        vms: dict[str, tuple[SmolVM, int]] = {}
+        for vm, start in item.stash.get(VMS_KEY, []):
+            vms.setdefault(vm.name, (vm, start))
         if report.failed:
-            seen = set()
-            for vm, start in item.stash.get(VMS_KEY, []):
-                if vm.name in seen:
-                    continue
-                seen.add(vm.name)
-                entries = vm.transcript[start:]
-                if entries:
-                    report.sections.append((f"smolvm transcript {vm.name}", sanitize(
-                        "\n".join(e.render() for e in entries))))
-                if vm.config.network != "none":
-                    report.sections.append((f"smolvm network {vm.name}", network_section(vm)))
-                console = vm.console_log
-                if console:
-                    report.sections.append((f"smolvm console {vm.name} (last {CONSOLE_TAIL_LINES} lines)",
-                                            sanitize(tail(console, CONSOLE_TAIL_LINES))))
+            for vm, start in vms.values():
+                report.sections.extend(_vm_sections(vm, start))
+        if vms:
+            _scrub(report, lambda text: sanitize(_redact(text, [vm for vm, _ in vms.values()])))
         return report
 
     def pytest_report_teststatus(self, report: pytest.TestReport) -> tuple[str, str, Any] | None:
@@ -324,6 +316,41 @@ def network_section(vm: SmolVM) -> str:
     rows = [f"  {d.proto} {d.dest}" + (f":{d.port}" if d.port else "") + f"  ({d.packets} packet(s))"
             for d in denied]
     return f"{head}\ndenied egress ({len(denied)}):\n" + "\n".join(rows) + more
+
+
+def _vm_sections(vm: SmolVM, start: int) -> list[tuple[str, str]]:
+    """Report sections of one VM of a failed test: its transcript, network and console."""
+    sections = []
+    entries = vm.transcript[start:]
+    if entries:
+        sections.append((f"smolvm transcript {vm.name}", "\n".join(e.render() for e in entries)))
+    if vm.config.network != "none":
+        sections.append((f"smolvm network {vm.name}", network_section(vm)))
+    console = vm.console_log
+    if console:
+        sections.append((f"smolvm console {vm.name} (last {CONSOLE_TAIL_LINES} lines)",
+                         tail(console, CONSOLE_TAIL_LINES)))
+    return sections
+
+
+def _redact(text: str, vms: list[SmolVM]) -> str:
+    for vm in vms:
+        text = vm.redact(text)
+    return text
+
+
+def _scrub(report: pytest.TestReport, scrub: Callable[[str], str]) -> None:
+    """Pass everything of a VM-using test's report that reaches the terminal through
+    ``scrub`` (sanitise guest text, mask env secrets): sections (captured output included) and
+    the traceback, whose assertion messages and ``-l`` locals may hold guest output. A
+    traceback that needed changes is kept as text (it loses colour, nothing else)."""
+    report.sections = [(title, scrub(content)) for title, content in report.sections]
+    if report.longrepr is None or isinstance(report.longrepr, tuple):
+        return
+    text = report.longreprtext
+    clean = scrub(text)
+    if clean != text:
+        report.longrepr = clean
 
 
 def _failed(item: pytest.Item) -> bool:
