@@ -1,10 +1,9 @@
 """A warm pool: while a test runs, the next VM of the same shape is already being started.
 
-The pool works in one long-lived thread. That matters: QEMU is started with
-``PR_SET_PDEATHSIG``, which fires when the *thread* that started it exits, so VMs must not be
-started from short-lived threads. A pooled VM is started (normally as a snapshot clone) and
-warmed up: one ``sh -c true`` translates the exec path under TCG, so the test's first command
-doesn't pay for it. The pool never starts a VM the host cannot afford (:func:`capacity_allows`);
+The pool works in one long-lived thread (a VMM's lifetime is tied to this process by a
+watchdog, not to the thread that started it). A pooled VM is started (normally as a
+snapshot clone) and warmed up: one ``sh -c true`` translates the exec path under TCG, so the
+test's first command doesn't pay for it. The pool never starts a VM the host cannot afford (:func:`capacity_allows`);
 a test that finds no ready VM starts its own in its own thread, as if there were no pool.
 """
 

@@ -291,3 +291,20 @@ def test_forward_connect_that_hangs_blocks_no_other_connection(server_vm: SmolVM
                     hanging.recv(1)
         finally:
             netns.run(ns, ["nft", "delete", "table", "ip", table])
+
+
+def test_vm_from_the_pool_outlives_the_pool_thread() -> None:
+    cfg = VMConfig()
+    pool = VMPool(size=1)
+    try:
+        with pool.acquire(cfg, QemuDriver()):
+            assert pool.wait_idle(timeout=90)
+        vm = pool.acquire(cfg, QemuDriver())  # started by the pool thread
+    finally:
+        pool.close()
+    with vm:
+        assert pool.stats["hits"] == 1
+        assert pool._thread is not None and not pool._thread.is_alive()
+        time.sleep(1.0)
+        assert vm.run("echo still here").stdout == "still here\n"
+    assert _run_state() == (set(), set())
