@@ -22,6 +22,9 @@ ACCELS: Final = ("auto", "kvm", "hvf", "tcg")
 BACKENDS: Final = ("auto", "qemu", "firecracker")
 MIN_MEMORY_MIB: Final = 128
 DEFAULT_MAX_OUTPUT: Final = 16 * 1024 * 1024
+#: Egress caps of a networked VM: KiB/s through the uplink, new connections per second.
+DEFAULT_EGRESS_KIB_PER_S: Final = 10240
+DEFAULT_EGRESS_CONNS_PER_S: Final = 50
 
 
 class SecretEnv(Mapping[str, str]):
@@ -78,6 +81,8 @@ class VMConfig:
     ``lifetime`` caps the wall-clock seconds a VM may serve its user (from when it is handed
     over): then it is destroyed and every call raises GuestDied saying so. ``uplink`` is the
     network namespace ``nat`` traffic leaves through (None: the host's root namespace).
+    ``egress_kib_per_s`` and ``egress_conns_per_s`` cap what a networked VM sends through
+    the uplink (KiB per second, new connections per second); beyond them packets are dropped.
     """
 
     vcpus: int = 1
@@ -98,6 +103,8 @@ class VMConfig:
     snapshot: bool = True
     lifetime: float | None = None
     uplink: str | None = None
+    egress_kib_per_s: int = DEFAULT_EGRESS_KIB_PER_S
+    egress_conns_per_s: int = DEFAULT_EGRESS_CONNS_PER_S
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -281,6 +288,8 @@ def check_field(name: str, value: Any) -> Any:
         return None if value in (None, "", "none") else _float(name, value, 0.0)
     if name == "uplink":
         return _uplink(value)
+    if name in ("egress_kib_per_s", "egress_conns_per_s"):
+        return _int(name, value, 1)
     raise ConfigError(f"unknown setting {name!r}; known: {', '.join(sorted(FIELD_NAMES))}")
 
 

@@ -42,7 +42,7 @@ from .guest.ssh import SSHKeys
 from .host import process_start_time
 from .network.forward import PortForward
 from .network.hub import VMNetwork
-from .network.policy import Denied
+from .network.policy import Caps, Denied
 from .paths import cache_dir, check_name, make_private_dirs, runtime_dir
 from .reporting import clip, redact
 from .snapshots import SnapshotError, SnapshotWarning, default_store
@@ -169,6 +169,17 @@ class NetworkState:
         """Like ``denied``, with the number of packets dropped for each."""
         return self._net.denied() if self._net else []
 
+    @property
+    def unitemised(self) -> int:
+        """Packets denied while the run's denial ledger was full (dropped, not in ``denied``)."""
+        return self._net.counters().get("unitemised", 0) if self._net else 0
+
+    @property
+    def capped(self) -> dict[str, int]:
+        """Packets the egress caps dropped: ``bandwidth`` and new ``connections``."""
+        found = self._net.counters() if self._net else {}
+        return {"bandwidth": found.get("bandwidth", 0), "connections": found.get("connections", 0)}
+
 
 class SmolVM:
     """One microVM. Use as a context manager, or call :meth:`start` and :meth:`close`.
@@ -261,7 +272,8 @@ class SmolVM:
                 from .network.hub import attach
 
                 self._net = attach(self.name, self.run_id, self.config.network, self.config.allow,
-                                   self.config.uplink)
+                                   self.config.uplink, Caps(self.config.egress_kib_per_s,
+                                                            self.config.egress_conns_per_s))
                 self.network._net = self._net
             if self._wants_snapshot(driver):
                 try:

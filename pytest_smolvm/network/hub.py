@@ -23,22 +23,25 @@ import hashlib
 import ipaddress
 import os
 import re
+import secrets
 import socket
 import threading
 from pathlib import Path
 from typing import Final
 
+from ..config import DEFAULT_EGRESS_CONNS_PER_S, DEFAULT_EGRESS_KIB_PER_S
 from ..errors import NetworkError
 from ..paths import runtime_dir
 from . import netns, policy
 from .addressing import DEFAULT_BASE, Addressing, addressing, slot_count
 from .allocator import Lease, SlotTable, shared_lock
-from .policy import Denied
+from .policy import Caps, Denied
 
 #: Link-local /30s for the uplink veth: never routed, so never one of the host's networks.
 UPLINK_BASE: Final = ipaddress.IPv4Network("169.254.0.0/16")
 UPLINK_AVOID: Final = ipaddress.IPv4Network("169.254.169.0/24")  # cloud metadata services
 NETNS_PREFIX: Final = "smolvm-"
+DEFAULT_CAPS: Final = Caps(DEFAULT_EGRESS_KIB_PER_S, DEFAULT_EGRESS_CONNS_PER_S)
 
 
 def run_tag(run_id: str) -> str:
@@ -89,7 +92,10 @@ class VMNetwork:
     lease: Lease
     tap_fd: int
     egress: list[str]
+    caps: Caps
+    mark: int
     final_denied: list[Denied] | None = None
+    final_counters: dict[str, int] | None = None
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -107,6 +113,15 @@ class VMNetwork:
             return list(self.final_denied)
         res = netns.run(self.netns, ["nft", "-j", "list", "set", "inet", policy.RUN_TABLE, "denied"])
         return policy.parse_denied(res.stdout).get(self.addr.tap, [])
+
+    def counters(self) -> dict[str, int]:
+        """Packets dropped without an itemised denial (``unitemised``, the ledger was full),
+        and by the ``bandwidth`` and new-``connections`` caps (live)."""
+        if self.final_counters is not None:
+            return dict(self.final_counters)
+        res = netns.run(self.netns, ["nft", "-j", "list", "counters", "table", "inet", policy.RUN_TABLE])
+        found = policy.parse_counters(res.stdout)
+        return {kind: found.get(f"{obj}_{self.addr.tap}", 0) for kind, obj in policy.COUNTERS.items()}
 
     def connect(self, port: int, timeout: float = 10.0) -> socket.socket:
         """A TCP connection from the VM's gateway to ``port`` on the guest."""
@@ -126,6 +141,10 @@ class VMNetwork:
                 self.final_denied = self.denied()
             except NetworkError:
                 self.final_denied = []
+            try:
+                self.final_counters = self.counters()
+            except NetworkError:
+                self.final_counters = {}
             table = slot_table(self.run_id)
             errors: list[str] = []
             try:
@@ -133,8 +152,8 @@ class VMNetwork:
                     try:
                         if netns.exists(self.netns):
                             netns.run(self.netns, ["nft", "-f", "-"], input=policy.vm_removal(
-                                self.addr.tap, self.addr.host_ip, self.egress,
-                                [d.as_tuple() for d in self.final_denied]), check=False)
+                                self.addr.tap, self.addr.host_ip, self.addr.guest_ip, self.addr.mac, self.mark,
+                                self.egress, [d.as_tuple() for d in self.final_denied]), check=False)
                     finally:
                         if self.tap_fd >= 0:
                             os.close(self.tap_fd)
@@ -150,9 +169,10 @@ class VMNetwork:
                                    f"(python -m pytest_smolvm reap removes what is left)")
 
 
-def attach(vm: str, run_id: str, policy_name: str, allow: tuple[str, ...], uplink: str | None) -> VMNetwork:
-    """Lease a slot for ``vm`` and give it a TAP with ``policy_name`` in force. On failure
-    nothing is left behind (no lease, TAP, namespace or rules)."""
+def attach(vm: str, run_id: str, policy_name: str, allow: tuple[str, ...], uplink: str | None,
+           caps: Caps = DEFAULT_CAPS) -> VMNetwork:
+    """Lease a slot for ``vm`` and give it a TAP with ``policy_name`` and ``caps`` in force.
+    On failure nothing is left behind (no lease, TAP, namespace or rules)."""
     if policy_name not in ("isolated", "nat"):
         raise NetworkError(f"invalid network={policy_name!r}: only 'isolated' and 'nat' have a NIC")
     if uplink and not netns.exists(uplink):
@@ -162,6 +182,9 @@ def attach(vm: str, run_id: str, policy_name: str, allow: tuple[str, ...], uplin
     table = slot_table(run_id)
     _forget_at_exit.add(run_id)
     egress = policy.egress_networks(policy_name, allow)
+    # Stamped on this VM's connections; fresh per VM, so state a VM before it left on the
+    # same TAP belongs to no one.
+    mark = secrets.randbelow(2**31 - 1) + 1
     try:
         with table.lock:
             lease = table.lease(vm, netns=ns, uplink=uplink or "")
@@ -174,7 +197,8 @@ def attach(vm: str, run_id: str, policy_name: str, allow: tuple[str, ...], uplin
                     _ensure_uplink(ns, run_id, uplink)
                 tap_fd = netns.open_tap(ns, addr.tap)
                 _configure_tap(ns, addr)
-                netns.run(ns, ["nft", "-f", "-"], input=policy.vm_elements(addr.tap, addr.host_ip, egress))
+                netns.run(ns, ["nft", "-f", "-"], input=policy.vm_elements(
+                    addr.tap, addr.host_ip, addr.guest_ip, addr.mac, mark, egress, caps))
             except BaseException:
                 if tap_fd >= 0:
                     os.close(tap_fd)
@@ -186,7 +210,7 @@ def attach(vm: str, run_id: str, policy_name: str, allow: tuple[str, ...], uplin
         raise
     except Exception as exc:  # filelock Timeout, pyroute2's errors
         raise NetworkError(f"{vm}: setting up network={policy_name!r} failed: {type(exc).__name__}: {exc}") from exc
-    return VMNetwork(vm, run_id, policy_name, allow, uplink, ns, addr, lease, tap_fd, egress)
+    return VMNetwork(vm, run_id, policy_name, allow, uplink, ns, addr, lease, tap_fd, egress, caps, mark)
 
 
 def _create_namespace(ns: str) -> None:
@@ -330,20 +354,39 @@ class StaleNetwork:
 
 
 def _tables() -> dict[str, str]:
-    """run tag -> run id, for every slot table in the runtime directory."""
+    """run tag -> run id, for every run of this runtime directory (its slot tables and run
+    directories): the only runs a reap from here may judge."""
     out = {}
     for p in runtime_dir().glob("*.net.json"):
         run_id = p.name[: -len(".net.json")]
         out[run_tag(run_id)] = run_id
+    for p in runtime_dir().iterdir():
+        if p.is_dir():
+            out.setdefault(run_tag(p.name), p.name)
     return out
 
 
+def _live_runs(tables: dict[str, str]) -> tuple[set[str], dict[str, str | None]]:
+    """(tags of runs that must be spared, namespace -> its uplink). A run is live while a
+    lease's owner is alive, or while one of its VMs is kept (``--smolvm-keep-failed``: the
+    VMM outlives the owner, and still uses its TAP)."""
+    live: set[str] = set()
+    uplinks: dict[str, str | None] = {}
+    for tag, run_id in tables.items():
+        for entry in slot_table(run_id).leases().values():
+            uplinks[entry.get("netns", "")] = entry.get("uplink") or None
+        if slot_table(run_id).leases(live_only=True) or any((runtime_dir() / run_id).glob("*/kept")):
+            live.add(tag)
+    return live, uplinks
+
+
 def reap_networks(*, dry_run: bool = False) -> list[StaleNetwork]:
-    """Remove run namespaces, uplink veths/tables and slot tables of runs with no live VM
-    holding a slot (never a live run's: a lease names its owner's pid and start time)."""
-    if not runtime_dir().is_dir() and not netns.names(NETNS_PREFIX):
+    """Remove run namespaces, uplink veths/tables and slot tables of this runtime directory's
+    runs with no live VM holding a slot and no kept VM (never a live run's: a lease names its
+    owner's pid and start time; never another runtime directory's runs: they are not ours
+    to judge)."""
+    if not runtime_dir().is_dir():
         return []
-    runtime_dir().mkdir(parents=True, exist_ok=True)
     found: list[StaleNetwork] = []
     lock = shared_lock(lock_path())
     try:
@@ -352,34 +395,28 @@ def reap_networks(*, dry_run: bool = False) -> list[StaleNetwork]:
         return found  # a run is setting up its network right now; the next reap will do it
     try:
         tables = _tables()
-        live: set[str] = set()
-        uplinks: dict[str, str | None] = {}
-        for tag, run_id in tables.items():
-            for entry in slot_table(run_id).leases().values():
-                uplinks[entry.get("netns", "")] = entry.get("uplink") or None
-            if slot_table(run_id).leases(live_only=True):
-                live.add(tag)
+        live, uplinks = _live_runs(tables)
+        stale = {tag: run_id for tag, run_id in tables.items() if tag not in live}
         for ns in netns.names(NETNS_PREFIX):
             tag, _, utag = ns[len(NETNS_PREFIX):].rpartition("-")
-            if tag in live:
+            if tag not in stale:
                 continue
-            run_id = tables.get(tag, tag)
-            found.append(StaleNetwork(f"network namespace {ns}", run_id, "no live VM holds a slot in it"))
+            found.append(StaleNetwork(f"network namespace {ns}", stale[tag], "no live VM holds a slot in it"))
             if not dry_run:
                 uplink = uplinks.get(ns) if utag != "root" else None
                 if utag == "root" or uplink:
-                    remove_namespace(run_id, uplink)
+                    remove_namespace(stale[tag], uplink)
                 else:  # its uplink is unknown: the namespace alone (the uplink's own goes with it)
                     netns.remove(ns)
         # Root-namespace uplink tables and veths whose run is gone.
         res = netns.run(None, ["nft", "-j", "list", "tables"], check=False)
-        for name in re.findall(r'"name": "(smolvm-([0-9a-z]+)-root)"', res.stdout):
-            if name[1] not in live:
-                found.append(StaleNetwork(f"nft table ip {name[0]}", tables.get(name[1], name[1]), "run is gone"))
+        for name, tag in re.findall(r'"name": "(smolvm-([0-9a-z]+)-root)"', res.stdout):
+            if tag in stale:
+                found.append(StaleNetwork(f"nft table ip {name}", stale[tag], "run is gone"))
                 if not dry_run:
-                    _remove_uplink(tables.get(name[1], name[1]), None)
-        for tag, run_id in tables.items():
-            if tag not in live:
+                    _remove_uplink(stale[tag], None)
+        for run_id in stale.values():
+            if table_path(run_id).exists():
                 found.append(StaleNetwork(f"slot table {table_path(run_id)}", run_id, "no live lease"))
                 if not dry_run:
                     table_path(run_id).unlink(missing_ok=True)

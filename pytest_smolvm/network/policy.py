@@ -2,19 +2,32 @@
 
 Two tables, each named after its run:
 
-- ``inet smolvm`` inside the run's own namespace guards every TAP before routing
-  (prerouting), so an attempt is judged and counted whether or not a route exists:
+- ``inet smolvm`` inside the run's own namespace judges every TAP (``sv*``) packet, and
+  fails closed: both base chains drop what no rule positively accepts.
 
-  1. replies on connections the host opened (forwards, SSH) pass;
-  2. a guest may reach its own gateway (``@gateway``: TAP . host address);
-  3. any other address of the namespace (another VM's gateway, the uplink) and the whole VM
+  ``guard`` (prerouting, after conntrack; the uplink ``svup`` only brings replies):
+
+  1. a packet whose TAP . source address . source MAC is not that VM's lease (``@lease``)
+     is dropped before anything else, established traffic included;
+  2. established/related traffic passes only if its connection belongs to that TAP
+     (``@owner``: TAP . ct mark; the mark is stamped from ``@tapmark`` when a TAP's guest
+     opens a connection, or in ``output`` when the host opens one towards it);
+  3. a guest may reach its own gateway (``@gateway``: TAP . host address);
+  4. any other address of the namespace (another VM's gateway, the uplink) and the whole VM
      range (other VMs) are denied;
-  4. ``nat`` VMs may send to their ``@egress`` networks (TAP . CIDR; ``0.0.0.0/0``
-     without ``allow``), which the forward chain lets out through the uplink only;
-  5. everything else is denied, and recorded in ``@denied`` (TAP . address . protocol .
-     port, with a packet counter): that is ``vm.network.denied``.
+  5. ``nat`` VMs may send to their ``@egress`` networks (TAP . CIDR, never link-local
+     169.254.0.0/16 unless an ``allow`` CIDR inside it names it);
+  6. everything else is denied.
 
-  The forward chain only lets TAP traffic out through the uplink, never into another TAP.
+  ``deny`` records the attempt in ``@denied`` (TAP . address . protocol . port, with a
+  packet counter): that is ``vm.network.denied``. The ledger is telemetry only: when it
+  cannot record (the set is full) the packet is counted in the TAP's ``unitemised`` counter
+  instead, and dropped all the same.
+
+  ``forward`` lets TAP traffic out through the uplink only, re-checking the VM's source,
+  egress networks and connection owner, then its caps (named ``limit`` objects per TAP:
+  new connections per second, bytes per second; drops are counted per TAP). Replies come
+  back only into the TAP that owns the connection.
 
 - ``ip smolvm-<run>`` in the uplink namespace (``nat`` only): masquerade of the run's uplink
   address, and nothing arriving over the uplink veth may reach that namespace's own
@@ -34,19 +47,61 @@ from ..errors import NetworkError
 RUN_TABLE: Final = "smolvm"
 TAP_PREFIX: Final = "sv"
 UPLINK_IF: Final = "svup"
+#: Entries of the run's denial ledger; beyond it denials are only counted.
+DENIED_SET_SIZE: Final = 65536
+LINK_LOCAL: Final = ipaddress.IPv4Network("169.254.0.0/16")
+#: Per-TAP counters (named ``<kind>_<tap>``): denials the ledger could not itemise, and
+#: packets dropped by the bandwidth and the new-connection caps.
+COUNTERS: Final = {"unitemised": "nolog", "bandwidth": "bwhit", "connections": "cpshit"}
+MIN_BURST_BYTES: Final = 128 * 1024  # above one GSO packet (64 KiB) at any rate, or TCP would stall
 
 
-def run_ruleset(vm_range: ipaddress.IPv4Network) -> str:
+@dataclasses.dataclass(frozen=True)
+class Caps:
+    """A VM's egress caps: KiB per second through the uplink, new connections per second.
+
+    The kernel's byte bucket holds one second at the cap plus ``burst_bytes``
+    (``tokens_max = unit * (rate + burst) / rate`` in nft_limit.c), so over ``t`` seconds at
+    most ``kib_per_s * 1024 * (t + 1) + burst_bytes`` bytes get out; new connections get
+    ``conns_per_s`` per second plus a burst of as many.
+    """
+
+    kib_per_s: int
+    conns_per_s: int
+
+    @property
+    def burst_bytes(self) -> int:
+        return MIN_BURST_BYTES
+
+    def describe(self) -> str:
+        return f"egress caps {self.kib_per_s} KiB/s, {self.conns_per_s} new connections/s"
+
+
+def run_ruleset(vm_range: ipaddress.IPv4Network, denied_size: int = DENIED_SET_SIZE) -> str:
     """The run namespace's table (created once, with the namespace)."""
     return f"""table inet {RUN_TABLE} {{
   set gateway {{ type ifname . ipv4_addr; }}
   set egress {{ type ifname . ipv4_addr; flags interval; }}
-  set denied {{ type ifname . ipv4_addr . inet_proto . inet_service; flags dynamic; counter; size 65536; }}
+  set lease {{ type ifname . ipv4_addr . ether_addr; }}
+  set source {{ type ifname . ipv4_addr; }}
+  map tapmark {{ type ifname : mark; }}
+  set owner {{ type ifname . mark; }}
+  map unitemised {{ type ifname : counter; }}
+  map bwcap {{ type ifname : limit; }}
+  map bwhit {{ type ifname : counter; }}
+  map cpscap {{ type ifname : limit; }}
+  map cpshit {{ type ifname : counter; }}
+  set denied {{ type ifname . ipv4_addr . inet_proto . inet_service; flags dynamic; counter; size {denied_size}; }}
   chain guard {{
-    type filter hook prerouting priority -150; policy accept;
+    type filter hook prerouting priority -150; policy drop;
+    iifname "{UPLINK_IF}" ct state established,related accept
+    iifname "{UPLINK_IF}" drop
     iifname != "{TAP_PREFIX}*" accept
-    meta nfproto ipv6 drop
-    ct state established,related accept
+    meta nfproto != ipv4 drop
+    iifname . ip saddr . ether saddr != @lease drop
+    ct state established,related iifname . ct mark @owner accept
+    ct state != new goto deny
+    ct mark set iifname map @tapmark
     iifname . ip daddr @gateway accept
     fib daddr type local goto deny
     ip daddr {vm_range} goto deny
@@ -55,12 +110,31 @@ def run_ruleset(vm_range: ipaddress.IPv4Network) -> str:
   }}
   chain deny {{
     meta l4proto {{ tcp, udp }} add @denied {{ iifname . ip daddr . meta l4proto . th dport }} drop
-    add @denied {{ iifname . ip daddr . meta l4proto . 0 }} drop
+    meta l4proto != {{ tcp, udp }} add @denied {{ iifname . ip daddr . meta l4proto . 0 }} drop
+    counter name iifname map @unitemised drop
+    drop
+  }}
+  chain output {{
+    type filter hook output priority -150; policy drop;
+    oifname != "{TAP_PREFIX}*" accept
+    ct state new ct mark set oifname map @tapmark accept
+    ct state established,related oifname . ct mark @owner accept
   }}
   chain forward {{
     type filter hook forward priority 0; policy drop;
-    ct state established,related accept
-    iifname "{TAP_PREFIX}*" oifname "{UPLINK_IF}" accept
+    iifname "{TAP_PREFIX}*" oifname "{UPLINK_IF}" goto egress_out
+    iifname "{UPLINK_IF}" oifname "{TAP_PREFIX}*" goto reply_in
+  }}
+  chain reply_in {{
+    ct state established,related oifname . ip daddr @source oifname . ct mark @owner accept
+  }}
+  chain egress_out {{
+    iifname . ip saddr != @source drop
+    iifname . ip daddr != @egress drop
+    iifname . ct mark != @owner drop
+    ct state new ct status ! confirmed limit name iifname map @cpscap counter name iifname map @cpshit drop
+    limit name iifname map @bwcap counter name iifname map @bwhit drop
+    accept
   }}
   chain postrouting {{
     type nat hook postrouting priority srcnat; policy accept;
@@ -94,33 +168,74 @@ def _elements(pairs: Iterable[tuple[str, str]]) -> str:
     return ", ".join(f'"{a}" . {b}' for a, b in pairs)
 
 
-def vm_elements(tap: str, gateway: ipaddress.IPv4Address, egress: Iterable[str]) -> str:
-    """nft commands that give one VM its gateway and its egress networks."""
-    lines = [f"add element inet {RUN_TABLE} gateway {{ {_elements([(tap, str(gateway))])} }}"]
+def _vm_sets(tap: str, gateway: ipaddress.IPv4Address, guest: ipaddress.IPv4Address, mac: str,
+             mark: int, egress: Iterable[str]) -> list[tuple[str, str]]:
+    """(set or map, elements) of one VM."""
+    out = [("gateway", _elements([(tap, str(gateway))])),
+           ("lease", f'"{tap}" . {guest} . {mac}'),
+           ("source", _elements([(tap, str(guest))])),
+           ("tapmark", f'"{tap}" : {mark}'),
+           ("owner", f'"{tap}" . {mark}')]
+    out += [(m, f'"{tap}" : "{obj}_{tap}"') for m, obj in
+            (("unitemised", "nolog"), ("bwcap", "bw"), ("bwhit", "bwhit"), ("cpscap", "cps"), ("cpshit", "cpshit"))]
     nets = list(egress)
     if nets:
-        lines.append(f"add element inet {RUN_TABLE} egress {{ {_elements((tap, n) for n in nets)} }}")
+        out.append(("egress", _elements((tap, n) for n in nets)))
+    return out
+
+
+def vm_elements(tap: str, gateway: ipaddress.IPv4Address, guest: ipaddress.IPv4Address, mac: str, mark: int,
+                egress: Iterable[str], caps: Caps) -> str:
+    """nft commands that give one VM its lease, gateway, egress networks, connection mark,
+    caps and counters (one transaction: all or nothing)."""
+    t = f"inet {RUN_TABLE}"
+    lines = [f"add counter {t} {obj}_{tap}" for obj in COUNTERS.values()]
+    lines.append(f"add limit {t} bw_{tap} {{ rate over {caps.kib_per_s} kbytes/second "
+                 f"burst {caps.burst_bytes} bytes; }}")
+    lines.append(f"add limit {t} cps_{tap} {{ rate over {caps.conns_per_s}/second burst {caps.conns_per_s} packets; }}")
+    lines += [f"add element {t} {name} {{ {elems} }}" for name, elems in
+              _vm_sets(tap, gateway, guest, mac, mark, egress)]
     return "\n".join(lines) + "\n"
 
 
-def vm_removal(tap: str, gateway: ipaddress.IPv4Address, egress: Iterable[str],
-               denied: Iterable[tuple[str, int, str]]) -> str:
+def vm_removal(tap: str, gateway: ipaddress.IPv4Address, guest: ipaddress.IPv4Address, mac: str, mark: int,
+               egress: Iterable[str], denied: Iterable[tuple[str, int, str]]) -> str:
     """nft commands that forget one VM (so the next VM on its TAP starts clean)."""
-    lines = [f"delete element inet {RUN_TABLE} gateway {{ {_elements([(tap, str(gateway))])} }}"]
-    nets = list(egress)
-    if nets:
-        lines.append(f"delete element inet {RUN_TABLE} egress {{ {_elements((tap, n) for n in nets)} }}")
-    for addr, port, proto in denied:
-        lines.append(f'delete element inet {RUN_TABLE} denied {{ "{tap}" . {addr} . {proto} . {port} }}')
+    t = f"inet {RUN_TABLE}"
+    lines = [f"delete element {t} {name} {{ {elems} }}" for name, elems in
+             _vm_sets(tap, gateway, guest, mac, mark, egress)]
+    lines += [f"delete counter {t} {obj}_{tap}" for obj in COUNTERS.values()]
+    lines += [f"delete limit {t} bw_{tap}", f"delete limit {t} cps_{tap}"]
+    lines += [f'delete element {t} denied {{ "{tap}" . {addr} . {proto} . {port} }}' for addr, port, proto in denied]
     return "\n".join(lines) + "\n"
 
 
 def egress_networks(policy: str, allow: tuple[str, ...]) -> list[str]:
-    """Where a VM may send to through the uplink: nothing, its allow list, or anywhere (IPv4)."""
+    """Where a VM may send to through the uplink (IPv4, merged so the interval set takes
+    them): nothing, its allow list, or anywhere; never link-local 169.254.0.0/16 (cloud
+    metadata services) unless an allow CIDR lies inside it."""
     if policy != "nat":
         return []
-    nets = [n for n in allow if ipaddress.ip_network(n).version == 4]
-    return nets if allow else ["0.0.0.0/0"]
+    wanted = [ipaddress.ip_network(n) for n in allow] if allow else [ipaddress.IPv4Network("0.0.0.0/0")]
+    nets: list[ipaddress.IPv4Network] = []
+    for net in wanted:
+        if not isinstance(net, ipaddress.IPv4Network):
+            continue
+        if net.subnet_of(LINK_LOCAL) or not net.overlaps(LINK_LOCAL):
+            nets.append(net)
+        else:
+            nets.extend(net.address_exclude(LINK_LOCAL))
+    return [str(n) for n in ipaddress.collapse_addresses(nets)]
+
+
+def parse_counters(nft_json: str) -> dict[str, int]:
+    """``nft -j list counters table inet smolvm`` → packets per counter name."""
+    try:
+        data = json.loads(nft_json)
+    except ValueError as exc:
+        raise NetworkError(f"nft printed something that is not JSON: {exc}") from exc
+    return {str(c["name"]): int(c.get("packets", 0)) for item in data.get("nftables", [])
+            if isinstance(c := item.get("counter"), dict) and "name" in c}
 
 
 @dataclasses.dataclass(frozen=True, order=True)

@@ -1,0 +1,323 @@
+"""The network policy fails closed against a hostile guest (real microVMs).
+
+"The internet" is the pair of namespaces of tests/nettopo.py, created and removed here;
+every packet these tests send stays inside them, the run's own namespace, or loopback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from nettopo import ALLOWED_HOST, ALLOWED_NET, OTHER_HOST, UPLINK_ADDR, Internet
+from test_network import fetch
+
+from pytest_smolvm import SmolVM
+from pytest_smolvm.network import hub, netns, policy
+
+Factory = Callable[..., SmolVM]
+
+METADATA = "169.254.169.254"
+ECHO_PORT, SINK_PORT = 7, 9
+
+#: UDP to every port of one address, then ``extra`` ports of another: more distinct
+#: (address, port) pairs than the denial ledger holds.
+FLOOD = textwrap.dedent("""
+    import socket, sys
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for host, last in ((sys.argv[1], 65535), (sys.argv[2], int(sys.argv[3]))):
+        for port in range(1, last + 1):
+            try:
+                s.sendto(b"x", (host, port))
+            except OSError:
+                pass
+""")
+
+#: One UDP datagram in a hand-made Ethernet frame: any source MAC and IP the guest likes.
+RAW_SEND = textwrap.dedent("""
+    import os, socket, struct, sys
+    src_mac, dst_mac, src_ip, dst_ip, sport, dport = sys.argv[1:7]
+    nic = [n for n in sorted(os.listdir("/sys/class/net")) if n != "lo"][0]
+    data = b"spoofed"
+    udp = struct.pack("!HHHH", int(sport), int(dport), 8 + len(data), 0) + data
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0,
+                     socket.inet_aton(src_ip), socket.inet_aton(dst_ip))
+    words = sum(struct.unpack("!10H", ip))
+    words = (words & 0xFFFF) + (words >> 16)
+    ip = ip[:10] + struct.pack("!H", ~((words & 0xFFFF) + (words >> 16)) & 0xFFFF) + ip[12:]
+    mac = lambda m: bytes.fromhex(m.replace(":", ""))
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+    s.bind((nic, 0))
+    for _ in range(3):
+        s.send(mac(dst_mac) + mac(src_mac) + b"\\x08\\x00" + ip + udp)
+""")
+
+#: Wait for a datagram on ``port``; if one comes, answer its sender from that port (which
+#: would ride on the conntrack entry it created) and report whether that got a reply too.
+LISTEN = textwrap.dedent("""
+    import socket, sys
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("0.0.0.0", int(sys.argv[1])))
+    s.settimeout(float(sys.argv[2]))
+    try:
+        data, peer = s.recvfrom(2048)
+    except OSError:
+        print("NOTHING", flush=True); sys.exit()
+    s.sendto(b"answer", peer)
+    try:
+        s.recvfrom(2048)
+        print("GOT", peer, "AND-ANSWERED", flush=True)
+    except OSError:
+        print("GOT", peer, flush=True)
+""")
+
+#: A UDP echo server (port 7) and sink (port 9) that write what they saw to a JSON file.
+SERVERS = textwrap.dedent("""
+    import json, selectors, socket, sys, time
+    host, out = sys.argv[1], sys.argv[2]
+    sel = selectors.DefaultSelector()
+    stats = {"echo": 0, "flows": 0, "sink_bytes": 0, "sink_first": 0.0, "sink_last": 0.0}
+    for port in (7, 9):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        s.bind((host, port)); s.setblocking(False); sel.register(s, selectors.EVENT_READ, port)
+    last = 0.0
+    while True:
+        for key, _ in sel.select(0.1):
+            while True:
+                try:
+                    data, peer = key.fileobj.recvfrom(65536)
+                except BlockingIOError:
+                    break
+                if key.data == 7:
+                    stats["echo"] += 1; key.fileobj.sendto(data, peer)
+                elif len(data) == 1:  # one datagram per new flow
+                    stats["flows"] += 1
+                else:
+                    stats["sink_bytes"] += len(data)
+                    stats["sink_last"] = time.monotonic()
+                    stats["sink_first"] = stats["sink_first"] or stats["sink_last"]
+        if time.monotonic() - last > 0.1:
+            open(out + ".tmp", "w").write(json.dumps(stats)); __import__("os").replace(out + ".tmp", out)
+            last = time.monotonic()
+""")
+
+
+_stats_files: dict[str, Path] = {}  # internet namespace -> where its UDP servers count
+
+
+@pytest.fixture(scope="module")
+def internet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Internet]:
+    """The test internet, plus a "metadata service" at 169.254.169.254 and UDP servers."""
+    root = tmp_path_factory.mktemp("internet")
+    net = Internet.create(root)
+    try:
+        subprocess.run(["ip", "-n", net.inet_ns, "addr", "add", f"{METADATA}/32", "dev", "lo"], check=True)
+        (root / "md").mkdir()
+        (root / "md" / "index.html").write_text("metadata")
+        net.servers.append(subprocess.Popen(
+            ["ip", "netns", "exec", net.inet_ns, sys.executable, "-m", "http.server", "80", "--bind", METADATA,
+             "--directory", str(root / "md")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        net.servers.append(subprocess.Popen(
+            ["ip", "netns", "exec", net.inet_ns, sys.executable, "-c", SERVERS, OTHER_HOST,
+             str(root / "udp.json")]))
+        Internet.wait_listening(net.inet_ns, METADATA)
+        while not (root / "udp.json").exists():
+            time.sleep(0.05)
+        _stats_files[net.inet_ns] = root / "udp.json"
+        yield net
+    finally:
+        net.destroy()
+
+
+def udp_stats(net: Internet) -> dict[str, float]:
+    time.sleep(0.5)  # the servers write their counts every 0.1 s
+    stats: dict[str, float] = json.loads(_stats_files[net.inet_ns].read_text())
+    return stats
+
+
+def test_a_full_denial_ledger_still_drops(smolvm_factory: Factory, internet: Internet) -> None:
+    vm = smolvm_factory(network="nat", allow=[ALLOWED_NET], uplink=internet.uplink)
+    vm.run(["python3", "-c", FLOOD, OTHER_HOST, UPLINK_ADDR, "2000"], timeout=300, check=True)
+    assert fetch(vm, OTHER_HOST).startswith("ERR")  # the ledger is full: must still be dropped
+    assert fetch(vm, ALLOWED_HOST) == "OK allowed-host"
+    assert len(vm.network.denied) <= 65536
+    unitemised = vm.network.unitemised
+    assert unitemised > 0
+    from pytest_smolvm.plugin import network_section
+
+    assert f"{unitemised} more denials not itemised" in network_section(vm)
+
+
+def _tap_mac(vm: SmolVM) -> str:
+    assert vm.network.netns and vm.network.tap
+    out = netns.run(vm.network.netns, ["ip", "-o", "link", "show", vm.network.tap]).stdout.split()
+    return out[out.index("link/ether") + 1]
+
+
+def _guest_mac(vm: SmolVM) -> str:
+    return vm.run("cat /sys/class/net/$(ls /sys/class/net | grep -v '^lo$' | head -1)/address").stdout.strip()
+
+
+def listened(vm: SmolVM) -> str:
+    """What the guest's LISTEN script reported (waits for it to finish)."""
+    for _ in range(300):
+        out = vm.run("cat /tmp/listen.out").stdout.strip()
+        if out:
+            return out
+        time.sleep(0.1)
+    return "still listening"
+
+
+def test_a_spoofed_source_never_borrows_another_vms_identity(smolvm_factory: Factory, internet: Internet) -> None:
+    """A nat VM sends with an isolated VM's address: the reply must not reach (and then
+    open the internet for) the isolated VM; a foreign source MAC is dropped as well."""
+    attacker = smolvm_factory(network="nat", uplink=internet.uplink)
+    victim = smolvm_factory(network="isolated", uplink=internet.uplink)
+    assert victim.network.guest_ip and attacker.network.guest_ip
+    victim.run(f"(python3 -c '{LISTEN}' 5555 12 > /tmp/listen.out 2>&1 &)", check=True)
+    echoes = udp_stats(internet)["echo"]
+    gw = _tap_mac(attacker)
+    attacker.run(["python3", "-c", RAW_SEND, _guest_mac(attacker), gw, victim.network.guest_ip, OTHER_HOST,
+                  "5555", str(ECHO_PORT)], check=True)
+    # Its own address, but another MAC: dropped too (a reply would come back to its port).
+    attacker.run(f"(python3 -c '{LISTEN}' 6666 8 > /tmp/listen.out 2>&1 &)", check=True)
+    attacker.run(["python3", "-c", RAW_SEND, "02:00:00:00:00:99", gw, attacker.network.guest_ip, OTHER_HOST,
+                  "6666", str(ECHO_PORT)], check=True)
+    assert listened(victim) == "NOTHING"
+    assert listened(attacker) == "NOTHING"
+    assert udp_stats(internet)["echo"] == echoes, "a spoofed datagram reached the internet"
+    # ...while the attacker's honest traffic still works.
+    assert fetch(attacker, OTHER_HOST) == "OK other-host"
+
+
+def test_link_local_metadata_is_out_of_reach_unless_allowed(smolvm_factory: Factory, internet: Internet) -> None:
+    vm = smolvm_factory(network="nat", uplink=internet.uplink)
+    assert fetch(vm, OTHER_HOST) == "OK other-host"
+    assert fetch(vm, METADATA).startswith("ERR")
+    assert (METADATA, 80, "tcp") in vm.network.denied
+    named = smolvm_factory(network="nat", allow=[ALLOWED_NET, f"{METADATA}/32"], uplink=internet.uplink)
+    assert fetch(named, METADATA) == "OK metadata"
+
+
+#: UDP as fast as it goes for ``seconds`` (one flow), then ``flows`` new flows back to back.
+BLAST = textwrap.dedent("""
+    import socket, sys, time
+    host, port, seconds, flows = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    payload, sent, t0 = b"x" * 1400, 0, time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        try:
+            sent += s.sendto(payload, (host, port))
+        except OSError:
+            pass
+    blast = time.monotonic() - t0
+    time.sleep(1)  # the bandwidth cap refills: the flows below meet the connection cap only
+    t1 = time.monotonic()
+    for _ in range(flows):
+        c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            c.sendto(b"f", (host, port))
+        except OSError:
+            pass
+        c.close()
+    print(sent, blast, time.monotonic() - t1)
+""")
+
+
+def test_egress_caps_bound_a_flood(smolvm_factory: Factory, internet: Internet) -> None:
+    rate_kib, conns, flows = 256, 5, 200
+    vm = smolvm_factory(network="nat", uplink=internet.uplink, egress_kib_per_s=rate_kib,
+                        egress_conns_per_s=conns)
+    before = udp_stats(internet)
+    out = vm.run(["python3", "-c", BLAST, OTHER_HOST, str(SINK_PORT), "2", str(flows)], timeout=120,
+                 check=True).stdout.split()
+    sent, blast, flows_time = int(out[0]), float(out[1]), float(out[2])
+    after = udp_stats(internet)
+    got, got_flows = after["sink_bytes"] - before["sink_bytes"], after["flows"] - before["flows"]
+    # Over the time the sink saw the flood (the guest's queues drain after it stops sending).
+    seen = after["sink_last"] - after["sink_first"]
+    bucket = rate_kib * 1024 + policy.MIN_BURST_BYTES  # one second at the cap + the burst
+    print(f"guest sent {sent} B in {blast:.2f}s; the sink got {got} B over {seen:.2f}s "
+          f"(cap {rate_kib} KiB/s, bucket {bucket} B: {(got - bucket) / max(seen, 0.01) / 1024:.0f} KiB/s "
+          f"beyond the bucket); "
+          f"{flows} new flows in {flows_time:.2f}s, {got_flows} arrived (cap {conns}/s, burst {conns})")
+    assert sent > 2 * got  # the guest really tried harder than the cap
+    assert got <= rate_kib * 1024 * seen + bucket + 1500
+    assert got_flows <= conns * (flows_time + 1) + conns
+    capped = vm.network.capped
+    assert capped["bandwidth"] > 0 and capped["connections"] > 0, capped
+    from pytest_smolvm.plugin import network_section
+
+    assert "bandwidth cap hit" in network_section(vm)
+
+
+HOLD = """
+import os, sys, time
+from pytest_smolvm.network import hub
+net = hub.attach("v1", sys.argv[1], "isolated", (), None)
+if sys.argv[2] == "kept":
+    d = hub.runtime_dir() / sys.argv[1] / "v1"
+    d.mkdir(parents=True)
+    (d / "owner.json").write_text('{"pid": %d}' % os.getpid())
+    (d / "kept").write_text("{}")
+print(net.netns, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.fixture
+def held_run(tmp_path: Path) -> Iterator[Callable[[str, str], tuple[str, subprocess.Popen[str]]]]:
+    """Start a process that holds a run namespace (no VM) under its own runtime directory."""
+    started: list[tuple[str, subprocess.Popen[str]]] = []
+
+    def start(name: str, mode: str) -> tuple[str, subprocess.Popen[str]]:
+        env = {**os.environ, "SMOLVM_RUNTIME_DIR": str(tmp_path / name)}
+        proc = subprocess.Popen([sys.executable, "-c", HOLD, os.urandom(4).hex(), mode], env=env,
+                                stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None
+        ns = proc.stdout.readline().strip()
+        started.append((ns, proc))
+        return ns, proc
+
+    yield start
+    for ns, proc in started:  # only what this test made (never a reap: it must not judge others)
+        proc.kill()
+        proc.wait()
+        if ns:
+            netns.remove(ns)
+
+
+def forget_kept(rt: Path) -> None:
+    for kept in rt.glob("*/*/kept"):
+        kept.unlink()
+
+
+Holder = Callable[[str, str], tuple[str, subprocess.Popen[str]]]
+
+
+def test_reap_spares_other_runtime_dirs_and_kept_vms(held_run: Holder, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    live_ns, _ = held_run("other", "live")
+    kept_ns, kept = held_run("mine", "kept")
+    kept.send_signal(signal.SIGKILL)
+    kept.wait()
+    assert netns.exists(live_ns) and netns.exists(kept_ns)
+    monkeypatch.setenv("SMOLVM_RUNTIME_DIR", str(tmp_path / "mine"))
+    listed = [s.what for s in hub.reap_networks(dry_run=True)]
+    assert not any(live_ns in w for w in listed), listed
+    assert not any(kept_ns in w for w in listed), listed
+    hub.reap_networks()
+    assert netns.exists(live_ns), "a live run of another runtime directory lost its namespace"
+    assert netns.exists(kept_ns), "a kept VM lost its namespace"
+    forget_kept(tmp_path / "mine")  # `reap --kept` removes the VM dir first
+    assert any(kept_ns in s.what for s in hub.reap_networks())
+    assert not netns.exists(kept_ns)

@@ -1,0 +1,101 @@
+"""The network policy's pure rules: egress intervals, the ruleset's shape, per-VM elements."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+
+import pytest
+
+from pytest_smolvm.network import policy
+
+VM_RANGE = ipaddress.IPv4Network("10.213.0.0/16")
+LINK_LOCAL = ipaddress.IPv4Network("169.254.0.0/16")
+
+
+def _covers(nets: list[str], addr: str) -> bool:
+    return any(ipaddress.IPv4Address(addr) in ipaddress.IPv4Network(n) for n in nets)
+
+
+@pytest.mark.parametrize("allow", [(), ("0.0.0.0/0",), ("169.0.0.0/8", "198.51.100.0/24"), ("169.254.0.0/15",)])
+def test_egress_never_includes_link_local_unless_named(allow: tuple[str, ...]) -> None:
+    nets = policy.egress_networks("nat", allow)
+    assert not any(ipaddress.IPv4Network(n).overlaps(LINK_LOCAL) for n in nets), nets
+    for net in allow:  # the rest of what was allowed is still allowed
+        for addr in (ipaddress.IPv4Network(net)[0], ipaddress.IPv4Network(net)[-1]):
+            if addr not in LINK_LOCAL:
+                assert _covers(nets, str(addr)), (net, addr, nets)
+
+
+def test_egress_without_allow_is_everything_but_link_local() -> None:
+    nets = policy.egress_networks("nat", ())
+    total = sum(ipaddress.IPv4Network(n).num_addresses for n in nets)
+    assert total == 2**32 - LINK_LOCAL.num_addresses
+    assert _covers(nets, "203.0.113.10") and not _covers(nets, "169.254.169.254")
+
+
+@pytest.mark.parametrize("named", ["169.254.169.254/32", "169.254.0.0/16", "169.254.169.0/24"])
+def test_a_cidr_inside_link_local_is_allowed_explicitly(named: str) -> None:
+    nets = policy.egress_networks("nat", ("198.51.100.0/24", named))
+    assert _covers(nets, str(ipaddress.IPv4Network(named)[0]))
+    assert not _covers(nets, "169.254.1.1") or named == "169.254.0.0/16"
+
+
+def test_overlapping_allow_entries_are_merged_for_the_interval_set() -> None:
+    nets = policy.egress_networks("nat", ("10.0.0.0/8", "10.1.0.0/16", "10.0.0.0/9"))
+    assert nets == ["10.0.0.0/8"]
+
+
+def test_no_egress_without_nat() -> None:
+    assert policy.egress_networks("isolated", ()) == []
+
+
+def _chain(ruleset: str, name: str) -> list[str]:
+    body = re.search(r"chain " + name + r" \{\n(.*?)\n  \}", ruleset, re.S)
+    assert body, name
+    return [ln.strip() for ln in body.group(1).splitlines() if ln.strip()]
+
+
+def test_tap_traffic_falls_through_to_drop_and_the_ledger_never_decides() -> None:
+    rules = policy.run_ruleset(VM_RANGE)
+    guard = _chain(rules, "guard")
+    assert "policy drop;" in guard[0]
+    deny = _chain(rules, "deny")
+    assert deny[-1] == "drop"  # whatever the ledger could or could not record
+    assert any("@unitemised" in r for r in deny)
+    forward = _chain(rules, "forward")
+    assert "policy drop;" in forward[0]
+    assert not any(r == f'iifname "{policy.TAP_PREFIX}*" oifname "{policy.UPLINK_IF}" accept' for r in forward)
+
+
+def test_the_lease_is_checked_before_any_accept() -> None:
+    guard = _chain(policy.run_ruleset(VM_RANGE), "guard")
+    lease = next(i for i, r in enumerate(guard) if "@lease" in r)
+    first_tap_accept = next(i for i, r in enumerate(guard) if r.endswith("accept")
+                            and "iifname !=" not in r and policy.UPLINK_IF not in r)
+    assert lease < first_tap_accept
+    assert any("ct state established,related" in r and "@owner" in r for r in guard)
+    assert not any(r == "ct state established,related accept" for r in guard)
+
+
+def test_vm_elements_name_the_lease_owner_and_caps() -> None:
+    caps = policy.Caps(kib_per_s=256, conns_per_s=5)
+    text = policy.vm_elements("sv1", ipaddress.IPv4Address("10.213.0.1"), ipaddress.IPv4Address("10.213.0.2"),
+                              "02:53:00:00:00:00", 77, ["0.0.0.0/1"], caps)
+    assert '"sv1" . 10.213.0.2 . 02:53:00:00:00:00' in text
+    assert '"sv1" . 77' in text
+    assert "rate over 256 kbytes/second" in text and "rate over 5/second" in text
+    removal = policy.vm_removal("sv1", ipaddress.IPv4Address("10.213.0.1"), ipaddress.IPv4Address("10.213.0.2"),
+                                "02:53:00:00:00:00", 77, ["0.0.0.0/1"], [("203.0.113.10", 80, "tcp")])
+    for obj in ("counter", "limit"):  # every per-VM object is removed with it
+        assert text.count(f"add {obj} ") == removal.count(f"delete {obj} ")
+
+
+def test_counters_are_parsed_per_object() -> None:
+    doc = {"nftables": [{"metainfo": {}},
+                        {"counter": {"family": "inet", "name": "nolog_sv1", "table": "smolvm",
+                                     "packets": 12, "bytes": 400}},
+                        {"counter": {"family": "inet", "name": "bwhit_sv1", "table": "smolvm",
+                                     "packets": 3, "bytes": 4200}}]}
+    assert policy.parse_counters(json.dumps(doc)) == {"nolog_sv1": 12, "bwhit_sv1": 3}
