@@ -101,11 +101,13 @@ def _cmd_reap(args: argparse.Namespace) -> int:
 
 
 def _cmd_shell(args: argparse.Namespace) -> int:
-    """A line-at-a-time shell into a kept VM, through its control socket."""
+    """A line-at-a-time shell into a kept VM, through its control socket. What the guest
+    prints is shown sanitised (it cannot drive this terminal) and its replies are validated."""
     import socket
 
-    from .guest.channel import Channel
-    from .reporting import sanitize
+    from .guest import replies
+    from .guest.channel import Channel, ChannelClosed, ReplyTimeout
+    from .reporting import clip, sanitize
 
     workdir = Path(args.workdir)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -115,23 +117,34 @@ def _cmd_shell(args: argparse.Namespace) -> int:
         print(f"cannot connect to {workdir / 'ctl.sock'}: {exc}", file=sys.stderr)
         return 1
     chan = Channel(sock, lambda: True, max_body=64 << 20)
-    chan.call({"op": "hello"}, timeout=10)
-    print(f"connected to {workdir.name}; commands run with /bin/sh -c; Ctrl-D to leave")
-    while True:
-        try:
-            line = input("smolvm# ")
-        except EOFError:
-            print()
-            return 0
-        if not line.strip():
-            continue
-        reply, body = chan.call({"op": "exec", "argv": ["/bin/sh", "-c", line], "timeout": args.timeout,
-                                 "max_output": 16 << 20}, timeout=args.timeout + 10)
-        split = int(reply.get("stdout_len", 0))
-        sys.stdout.write(sanitize(body[:split].decode(errors="replace")))
-        sys.stdout.write(sanitize(body[split:].decode(errors="replace")))
-        if reply.get("exit_code"):
-            print(f"[exit {reply['exit_code']}]")
+    try:
+        chan.call({"op": "hello"}, timeout=10)
+        print(f"connected to {sanitize(workdir.name)}; commands run with /bin/sh -c; Ctrl-D to leave")
+        while True:
+            try:
+                line = input("smolvm# ")
+            except EOFError:
+                print()
+                return 0
+            if not line.strip():
+                continue
+            reply, body = chan.call({"op": "exec", "argv": ["/bin/sh", "-c", line], "timeout": args.timeout,
+                                     "max_output": 16 << 20}, timeout=args.timeout + 10)
+            result = replies.parse_exec(reply, body)
+            if isinstance(result, replies.AgentError):
+                print(f"[agent error: {result.message}]")
+                continue
+            sys.stdout.write(sanitize(result.stdout.decode(errors="replace")))
+            sys.stdout.write(sanitize(result.stderr.decode(errors="replace")))
+            if result.exit_code or result.timed_out:
+                print(f"[exit {result.exit_code}{', timed out' if result.timed_out else ''}]")
+    except ReplyTimeout:
+        print("the guest agent did not answer; the VM may be overloaded or its agent stopped", file=sys.stderr)
+    except ChannelClosed as exc:
+        print(f"the VM went away: {clip(str(exc), 200)}", file=sys.stderr)
+    finally:
+        chan.close()
+    return 1
 
 
 def build_parser() -> argparse.ArgumentParser:

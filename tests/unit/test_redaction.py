@@ -4,6 +4,9 @@ validation errors may show (pure; the real-VM proofs are in tests/integration/te
 from __future__ import annotations
 
 import pickle
+import socket
+import threading
+from pathlib import Path
 
 import pytest
 
@@ -134,3 +137,41 @@ def test_guest_facing_errors_sanitise_and_bound_their_message(make: object) -> N
     exc = make()  # type: ignore[operator]
     assert_harmless(str(exc))
     assert len(str(exc)) < 50_000
+
+
+def test_cli_shell_shows_guest_output_escaped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from pytest_smolvm import cli
+    from pytest_smolvm.guest import protocol
+
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(tmp_path / "ctl.sock"))
+    server.listen(1)
+
+    def agent() -> None:  # answers hello, then one exec with hostile output
+        conn, _ = server.accept()
+        with conn:
+            reader = conn.makefile("rb")
+            for _ in range(2):
+                req, _ = protocol.decode(reader.read, 1 << 20)
+                body = HOSTILE.encode() if req["op"] == "exec" else b""
+                conn.sendall(protocol.encode({"op": "result" if body else "hello", "id": req["id"], "exit_code": 1,
+                                              "stdout_len": len(body)}, body))
+
+    thread = threading.Thread(target=agent, daemon=True)
+    thread.start()
+    lines = iter(["cat evil"])
+
+    def no_more(_prompt: str) -> str:
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", no_more)
+    assert cli.main(["shell", str(tmp_path)]) == 0
+    thread.join(5)
+    server.close()
+    out = capsys.readouterr().out
+    assert_harmless(out)
+    assert "\\x1b]0;pwned" in out and "\\u202e" in out and "[exit 1]" in out
