@@ -620,8 +620,12 @@ class SmolVM:
         except GuestDied:
             self._record(shown, "guest died", time.monotonic() - t0, b"", b"")
             raise
-        parsed = self._parse(lambda: replies.parse_exec(reply, body))
-        duration = time.monotonic() - t0
+        return self._result(shown, float(limit), self._parse(lambda: replies.parse_exec(reply, body)),
+                            time.monotonic() - t0, check)
+
+    def _result(self, shown: str, limit: float, parsed: replies.ExecReply | replies.AgentError,
+                duration: float, check: bool) -> RunResult:
+        """Turn a validated exec reply into run()'s result or error, and record it."""
         if isinstance(parsed, replies.AgentError):
             self._record(shown, "agent error", duration, b"", b"")
             raise GuestError(self.redact(f"{self.name}: the guest agent could not run {shown!r}: {parsed.message}"))
@@ -630,7 +634,7 @@ class SmolVM:
             self._record(shown, f"timeout after {limit:g}s", duration, out_b, err_b)
             raise CommandTimeout(
                 self.redact(f"{self.name}: run({shown!r}) timed out after {limit:g}s; its process group was killed"),
-                command=shown, timeout=float(limit),
+                command=shown, timeout=limit,
                 stdout=out_b.decode(errors="replace"), stderr=err_b.decode(errors="replace"))
         result = RunResult(
             command=shown, exit_code=parsed.exit_code,
