@@ -7,7 +7,9 @@ import os
 import platform
 import shutil
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -107,6 +109,27 @@ def process_alive(pid: int, started: float | None) -> bool:
         ticks = process_start_ticks(pid)
         return ticks is None or ticks == started
     return abs(now - started) <= START_TOLERANCE
+
+
+def owner_stamp(pid: int) -> dict[str, Any]:
+    """What names process ``pid`` in an owner record (owner.json, network leases).
+
+    ``create_time`` is what this version compares. ``pid_start`` keeps the /proc clock ticks
+    that older versions wrote and compare (None without /proc): an older pytest-smolvm running
+    beside this one on the same host then still sees this run's owners as alive, instead of
+    reaping a live run's VMs and namespaces."""
+    return {"pid": pid, "pid_start": process_start_ticks(pid), "create_time": process_start_time(pid)}
+
+
+def stamp_alive(stamp: Mapping[str, Any]) -> bool:
+    """Whether the process an owner record names still runs (see :func:`owner_stamp`)."""
+    pid = stamp.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool):
+        return False
+    started = stamp.get("create_time")
+    if not isinstance(started, float):
+        started = stamp.get("pid_start")
+    return process_alive(pid, started if isinstance(started, (int, float)) else None)
 
 
 def host_arch() -> str:

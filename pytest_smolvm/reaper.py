@@ -32,7 +32,7 @@ from typing import Any
 
 import psutil
 
-from .host import START_TOLERANCE, process_alive
+from .host import START_TOLERANCE, process_alive, stamp_alive
 from .paths import NAME_RE, cache_dir, runtime_dir
 
 #: Basenames (prefixes) of the VMM binaries the drivers start.
@@ -165,7 +165,7 @@ def _verdict(vm_dir: Path, include_kept: bool) -> tuple[bool, str] | None:
     if kept:
         return (True, "kept for inspection") if include_kept else None
     pid = owner.get("pid")
-    if isinstance(pid, int) and process_alive(pid, owner.get("pid_start")):
+    if stamp_alive(owner):
         return None
     return False, f"owner pid {pid} is gone" if pid else "no owner stamp"
 

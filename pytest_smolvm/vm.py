@@ -39,7 +39,7 @@ from .errors import (
 from .guest import replies
 from .guest.channel import Channel, ChannelClosed, ReplyTimeout
 from .guest.ssh import SSHKeys
-from .host import process_start_time
+from .host import owner_stamp
 from .network.forward import PortForward
 from .network.hub import VMNetwork
 from .network.policy import Caps, Denied
@@ -265,8 +265,7 @@ class SmolVM:
             driver = self._driver or default_driver(self.config)
             make_private_dirs(self.workdir, runtime_dir())
             (self.workdir / "owner.json").write_text(json.dumps(
-                {"pid": os.getpid(), "pid_start": process_start_time(os.getpid()),
-                 "run_id": self.run_id, "vm": self.name, "started": time.time()}))
+                {**owner_stamp(os.getpid()), "run_id": self.run_id, "vm": self.name, "started": time.time()}))
             _live.add(self)
             if self.config.network != "none":
                 from .network.hub import attach

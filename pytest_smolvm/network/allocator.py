@@ -17,7 +17,7 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from ..errors import NetworkError
-from ..host import process_alive, process_start_time
+from ..host import owner_stamp, stamp_alive
 
 LOCK_TIMEOUT = 10.0
 CURSOR = "cursor"  # the table's one non-slot key: where the next search starts
@@ -81,14 +81,14 @@ class SlotTable:
                 raw_cursor: Any = table.pop(CURSOR, 0)
                 cursor = int(raw_cursor) if isinstance(raw_cursor, int) else 0
                 for key, entry in list(table.items()):
-                    if not process_alive(int(entry.get("pid", -1)), entry.get("pid_start")):
+                    if not stamp_alive(entry):
                         del table[key]  # its owner died without releasing it
                 order = [(cursor + i) % self.slots for i in range(self.slots)]
                 slot = next((s for s in order if str(s) not in table), None)
                 if slot is None:
                     raise NetworkError(f"all {self.slots} network slots of run {self.run_id} are in use")
-                table[str(slot)] = {"run_id": self.run_id, "worker": worker, "vm": vm, "pid": pid,
-                                    "pid_start": process_start_time(pid), "at": time.time(), **extra}
+                table[str(slot)] = {"run_id": self.run_id, "worker": worker, "vm": vm, **owner_stamp(pid),
+                                    "at": time.time(), **extra}
                 table[CURSOR] = (slot + 1) % self.slots  # type: ignore[assignment]
                 self._write(table)
         except Timeout as exc:
@@ -114,4 +114,4 @@ class SlotTable:
         with self.lock:
             return {int(k): v for k, v in self._read().items()
                     if k != CURSOR
-                    and (not live_only or process_alive(int(v.get("pid", -1)), v.get("pid_start")))}
+                    and (not live_only or stamp_alive(v))}
