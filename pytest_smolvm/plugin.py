@@ -86,16 +86,24 @@ class Terminated(KeyboardInterrupt):
 
 class SigtermUnwinder:
     """While installed, SIGTERM raises :class:`Terminated` in the main thread; a second one
-    kills the process at once (the default action), as a second Ctrl-C would."""
+    kills the process at once (the default action), as a second Ctrl-C would. An inherited
+    SIG_IGN for SIGINT is replaced by Python's KeyboardInterrupt handler."""
 
     def __init__(self) -> None:
         self.previous: Any = None
+
+        self.previous_int: Any = None
 
     def install(self) -> None:
         # Only the main thread may set handlers, and a handler someone else installed (or an
         # inherited SIG_IGN) is their decision: only the default action is replaced.
         if threading.current_thread() is not threading.main_thread():
             return
+        # A shell starts background jobs (`pytest … &` in a script) with SIGINT ignored, and
+        # Python then installs no KeyboardInterrupt handler: `kill -INT` was swallowed and the
+        # run went on to report a pass. A test run that was asked to stop must stop.
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            self.previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
         if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
             return
         self.previous = signal.signal(signal.SIGTERM, self._raise)
@@ -105,6 +113,10 @@ class SigtermUnwinder:
         raise Terminated(f"pytest-smolvm: {signal.Signals(signum).name} received, tearing the VMs down")
 
     def restore(self) -> None:
+        if self.previous_int is not None:
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                signal.signal(signal.SIGINT, self.previous_int)
+            self.previous_int = None
         if self.previous is None:
             return
         if signal.getsignal(signal.SIGTERM) in (self._raise, signal.SIG_DFL):

@@ -50,15 +50,19 @@ def _wait_gone(run_id: str, timeout: float) -> tuple[list[int], list[Path]]:
 class PytestRun:
     """``python3 -m pytest`` on one test file, in its own directory, with its own run id."""
 
-    def __init__(self, tmp_path: Path, body: str, *args: str) -> None:
+    def __init__(self, tmp_path: Path, body: str, *args: str, sigint_ignored: bool = False) -> None:
         self.dir = tmp_path
         self.run_id = f"sig{secrets.token_hex(3)}"
         (tmp_path / "test_victim.py").write_text(textwrap.dedent(body))
         env = {**os.environ, "PYTHONPATH": str(REPO), "SMOLVM_RUN_ID": self.run_id}
         env.pop("SMOLVM_NETWORK", None)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "test_victim.py", *args],
-            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "test_victim.py", *args]
+        if sigint_ignored:
+            # What a shell does to a background job (`pytest … &` in a script): SIGINT starts
+            # ignored. exec keeps the pid, so the signal still goes to the python binary.
+            argv = [sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+                    "os.execv(sys.executable, sys.argv[1:])", *argv]
+        self.proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
     def wait_started(self) -> None:
         """Until the test says its guest command is about to run."""
@@ -96,8 +100,8 @@ SLEEPER = f"""
 def victim(tmp_path: Path) -> Iterator[Callable[..., PytestRun]]:
     runs: list[PytestRun] = []
 
-    def start(body: str, *args: str) -> PytestRun:
-        run = PytestRun(tmp_path, body, *args)
+    def start(body: str, *args: str, sigint_ignored: bool = False) -> PytestRun:
+        run = PytestRun(tmp_path, body, *args, sigint_ignored=sigint_ignored)
         runs.append(run)
         return run
 
@@ -106,9 +110,12 @@ def victim(tmp_path: Path) -> Iterator[Callable[..., PytestRun]]:
         run.cleanup()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_signal_stops_the_run_and_tears_the_vms_down(victim: Callable[..., PytestRun], sig: signal.Signals) -> None:
-    run = victim(SLEEPER)
+@pytest.mark.parametrize(("sig", "sigint_ignored"), [(signal.SIGINT, False), (signal.SIGTERM, False),
+                                                     (signal.SIGINT, True)],
+                         ids=["SIGINT", "SIGTERM", "SIGINT-inherited-ignore"])
+def test_signal_stops_the_run_and_tears_the_vms_down(victim: Callable[..., PytestRun], sig: signal.Signals,
+                                                     sigint_ignored: bool) -> None:
+    run = victim(SLEEPER, sigint_ignored=sigint_ignored)
     run.wait_started()
     t0 = time.monotonic()
     run.proc.send_signal(sig)
