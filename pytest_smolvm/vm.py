@@ -447,8 +447,16 @@ class SmolVM:
             if self._state in ("closed", "new"):
                 self._state = "closed"
                 return
+            # "closing" until the teardown has run to its end: a Ctrl-C or SIGTERM that lands
+            # inside it leaves the VM closable, so a later close() (a fixture finaliser, the
+            # atexit hook) finishes the job instead of finding it "closed" and doing nothing.
+            self._state = "closing"
+            try:
+                self._teardown()
+            except Exception:
+                self._state = "closed"
+                raise
             self._state = "closed"
-            self._teardown()
 
     def detach(self) -> None:
         """Leave the VM running for inspection and forget it (``--smolvm-keep-failed``).

@@ -315,3 +315,30 @@ def test_vm_from_the_pool_outlives_the_pool_thread() -> None:
         time.sleep(1.0)
         assert vm.run("echo still here").stdout == "still here\n"
     assert _run_state() == (set(), set())
+
+
+def test_close_interrupted_half_way_is_finished_by_the_next_close() -> None:
+    """A Ctrl-C that lands inside teardown must not leave the VM marked closed with its VMM
+    and directory still there: the next close() (finaliser, atexit) finishes it."""
+    vm = SmolVM(VMConfig()).start()
+    pid, workdir = vm.pid, vm.workdir
+    assert pid is not None
+    machine = vm._machine
+    assert machine is not None
+    real_kill = machine.kill
+    calls = []
+
+    def interrupted_kill() -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        real_kill()
+
+    machine.kill = interrupted_kill  # type: ignore[method-assign]
+    with pytest.raises(KeyboardInterrupt):
+        vm.close()
+    assert workdir.exists()  # the teardown really was cut short
+    vm.close()
+    assert len(calls) >= 2
+    assert not workdir.exists()
+    assert pid not in qemu_processes()
