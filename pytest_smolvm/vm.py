@@ -368,8 +368,9 @@ class SmolVM:
                 chan.call({"op": "hello"}, timeout=self.config.boot_timeout)
                 if self._grows_root:
                     reply, _ = chan.call({"op": "setup", "grow_root": True}, timeout=120)
-                    if reply.get("resize", {}).get("exit_code"):
-                        raise SnapshotError(f"growing the template's root failed: {reply['resize']}")
+                    resize = replies.parse_step(reply, "resize")
+                    if resize and resize.exit_code:
+                        raise SnapshotError(f"growing the template's root failed: {resize.output}")
                 chan.call({"op": "sync"}, timeout=60)
             except (ReplyTimeout, ChannelClosed, ProtocolError) as exc:
                 raise SnapshotError(f"the snapshot template did not come up ({exc}): "
@@ -431,15 +432,16 @@ class SmolVM:
             req["net"] = self._net.guest_setup()
         reply, _ = self._call(req, secrets.token_bytes(64), timeout=60.0, what="guest setup")
         if "error" in reply:
-            raise BootError(f"{self.name}: guest setup failed: {reply['error']}", self._console_tail())
-        nic = reply.get("net")
-        if self._net is not None and (not nic or nic.get("exit_code")):
+            raise BootError(f"{self.name}: guest setup failed: {replies.parse_error(reply, 'setup').message}",
+                            self._console_tail())
+        nic = replies.parse_step(reply, "net")
+        if self._net is not None and (not nic or nic.exit_code):
             raise NetworkError(f"{self.name}: configuring the guest's NIC failed: "
-                               f"{(nic or {}).get('output', 'the agent did not configure it')}")
-        resize = reply.get("resize")
-        if resize and resize.get("exit_code"):
+                               f"{nic.output if nic else 'the agent did not configure it'}")
+        resize = replies.parse_step(reply, "resize")
+        if resize and resize.exit_code:
             raise BootError(f"{self.name}: growing the root filesystem to "
-                            f"{self.config.disk_size_mib} MiB failed: {resize.get('output')}")
+                            f"{self.config.disk_size_mib} MiB failed: {resize.output}")
 
     def close(self) -> None:
         """Stop the VM and remove everything it created. Idempotent."""

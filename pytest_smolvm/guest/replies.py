@@ -90,3 +90,24 @@ def parse_file(header: dict[str, Any], what: str) -> AgentError | None:
     if _op(header, what, ("ok",)) == "error":
         return parse_error(header, what)
     return None
+
+
+@dataclasses.dataclass(frozen=True)
+class StepResult:
+    """One step the agent ran at ``setup`` (NIC configuration, root filesystem growth)."""
+
+    exit_code: int
+    output: str
+
+
+def parse_step(header: dict[str, Any], field: str) -> StepResult | None:
+    """``header[field]`` of a ``setup`` reply: absent, or ``{"exit_code": int, "output": str}``."""
+    step = header.get(field)
+    if step is None:
+        return None
+    if not isinstance(step, dict):
+        raise _bad("setup", field, step, "is not an object")
+    output = step.get("output", "")
+    if not isinstance(output, str):
+        raise _bad("setup", f"{field}.output", output, "is not a string")
+    return StepResult(_int(step, "setup", "exit_code", EXIT_CODES, default=0), clip(output, MAX_ERROR))

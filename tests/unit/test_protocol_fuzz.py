@@ -193,3 +193,22 @@ def test_put_get_timeouts_are_smolvm_errors(call: str, monkeypatch: pytest.Monke
     finally:
         vm._state = "closed"
         agent.close()
+
+
+@pytest.mark.parametrize(("field", "step"), [
+    ("net", "x"), ("net", {"exit_code": "1"}), ("resize", {"exit_code": 1e309}), ("resize", {"output": 7}),
+    ("net", {"exit_code": True}),
+])
+def test_malformed_setup_steps_are_protocol_errors(field: str, step: object) -> None:
+    from pytest_smolvm.guest import replies
+
+    with pytest.raises(ProtocolError):
+        replies.parse_step({"op": "setup", field: step}, field)
+
+
+def test_setup_steps_parse() -> None:
+    from pytest_smolvm.guest import replies
+
+    step = replies.parse_step({"net": {"exit_code": 2, "output": "\x1b[2Jno"}}, "net")
+    assert step is not None and step.exit_code == 2 and "\x1b" not in step.output
+    assert replies.parse_step({}, "resize") is None
