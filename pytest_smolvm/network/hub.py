@@ -354,15 +354,12 @@ class StaleNetwork:
 
 
 def _tables() -> dict[str, str]:
-    """run tag -> run id, for every run of this runtime directory (its slot tables and run
-    directories): the only runs a reap from here may judge."""
+    """run tag -> run id, for every slot table of this runtime directory: the only runs a
+    reap from here may judge (a namespace without one here belongs to another directory)."""
     out = {}
     for p in runtime_dir().glob("*.net.json"):
         run_id = p.name[: -len(".net.json")]
         out[run_tag(run_id)] = run_id
-    for p in runtime_dir().iterdir():
-        if p.is_dir():
-            out.setdefault(run_tag(p.name), p.name)
     return out
 
 
