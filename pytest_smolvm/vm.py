@@ -694,30 +694,26 @@ class SmolVM:
         header: dict[str, Any] = {"op": "put", "path": dest}
         if mode is not None:
             header["mode"] = mode
-        wait = 60.0 + len(data) / 5e6
-        try:
-            reply, _ = self._call(header, data, timeout=wait, what=f"put({dest!r})")
-        except ReplyTimeout:
-            raise GuestTimeout(f"{self.name}: put({dest!r}): the guest agent did not answer within "
-                               f"{wait:.0f}s (the guest is overloaded or its agent was stopped)") from None
-        error = self._parse(lambda: replies.parse_file(reply, "put"))
-        if error is not None:
-            raise GuestFileError(error.errno, f"{self.name}: put({dest!r}) failed in the guest: {error.message}",
-                                 dest)
+        self._file_call(header, data, timeout=60.0 + len(data) / 5e6, what=f"put({dest!r})", path=dest)
 
     def get(self, path: str, *, max_size: int = DEFAULT_GET_LIMIT) -> bytes:
         """Read the guest file ``path`` (at most ``max_size`` bytes, else GuestFileError)."""
         self._check_guest_path(path, "get")
+        return self._file_call({"op": "get", "path": path, "max": max_size}, b"", timeout=GET_TIMEOUT,
+                               what=f"get({path!r})", path=path, max_body=max_size)
+
+    def _file_call(self, header: dict[str, Any], body: bytes, *, timeout: float, what: str, path: str,
+                   max_body: int | None = None) -> bytes:
+        """One ``put``/``get`` round trip: a silent agent is a GuestTimeout, a failure in the
+        guest a GuestFileError; returns the reply's body."""
         try:
-            reply, data = self._call({"op": "get", "path": path, "max": max_size}, timeout=GET_TIMEOUT,
-                                     what=f"get({path!r})", max_body=max_size)
+            reply, data = self._call(header, body, timeout=timeout, what=what, max_body=max_body)
         except ReplyTimeout:
-            raise GuestTimeout(f"{self.name}: get({path!r}): the guest agent did not answer within "
-                               f"{GET_TIMEOUT:.0f}s (the guest is overloaded or its agent was stopped)") from None
-        error = self._parse(lambda: replies.parse_file(reply, "get"))
+            raise GuestTimeout(f"{self.name}: {what}: the guest agent did not answer within {timeout:.0f}s "
+                               f"(the guest is overloaded or its agent was stopped)") from None
+        error = self._parse(lambda: replies.parse_file(reply, header["op"]))
         if error is not None:
-            raise GuestFileError(error.errno, f"{self.name}: get({path!r}) failed in the guest: {error.message}",
-                                 path)
+            raise GuestFileError(error.errno, f"{self.name}: {what} failed in the guest: {error.message}", path)
         return data
 
     @staticmethod
