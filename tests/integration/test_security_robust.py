@@ -25,7 +25,6 @@ from pytest_smolvm.drivers.qemu import QemuDriver, QemuMachine
 from pytest_smolvm.network import netns
 from pytest_smolvm.paths import runtime_dir
 from pytest_smolvm.pool import VMPool
-from pytest_smolvm.vm import current_run_id
 
 REPO = Path(__file__).resolve().parents[2]
 GUEST_SLEEP = 25
@@ -155,25 +154,27 @@ class FlakyDriver(QemuDriver):
     def __init__(self, failures: list[BaseException]) -> None:
         super().__init__()
         self.failures = failures
+        #: Every VM directory this driver was asked to launch in (other tests' VMs of the
+        #: same run, e.g. module-scoped ones or the plugin's spares, are not this test's).
+        self.workdirs: set[Path] = set()
 
-    def _maybe_fail(self) -> None:
+    def _maybe_fail(self, workdir: Path) -> None:
+        self.workdirs.add(workdir)
         if threading.current_thread().name == "smolvm-pool" and self.failures:
             raise self.failures.pop(0)
 
     def launch(self, *args: Any, **kw: Any) -> QemuMachine:
-        self._maybe_fail()
+        self._maybe_fail(args[2])
         return super().launch(*args, **kw)
 
     def launch_clone(self, *args: Any, **kw: Any) -> QemuMachine:
-        self._maybe_fail()
+        self._maybe_fail(args[3])
         return super().launch_clone(*args, **kw)
 
-
-def _run_state() -> tuple[set[int], set[str]]:
-    """This process's QEMU processes and VM directories."""
-    run_dir = runtime_dir() / current_run_id()
-    procs = {pid for pid, cmd in qemu_processes().items() if f"{run_dir}/" in cmd}
-    return procs, {p.name for p in run_dir.iterdir()} if run_dir.is_dir() else set()
+    def state(self) -> tuple[set[int], set[str]]:
+        """QEMU processes and VM directories of the VMs this driver launched."""
+        procs = {pid for pid, cmd in qemu_processes().items() if any(f"{w}/" in cmd for w in self.workdirs)}
+        return procs, {w.name for w in self.workdirs if w.exists()}
 
 
 def test_pool_thread_survives_any_warmup_failure_and_leaks_nothing() -> None:
@@ -189,7 +190,7 @@ def test_pool_thread_survives_any_warmup_failure_and_leaks_nothing() -> None:
                 assert pool._thread is not None and pool._thread.is_alive()
                 assert isinstance(pool.errors[-1], type(failure) if failure else CommandTimeout)
                 # The failed warm-up left nothing: only the test's own VM exists.
-                assert _run_state() == ({vm.pid}, {vm.name})
+                assert driver.state() == ({vm.pid}, {vm.name})
         assert pool.stats == {"hits": 0, "misses": 3, "prestarted": 0}
         pool.warmup = "true"
         with pool.acquire(cfg, driver):
@@ -199,7 +200,7 @@ def test_pool_thread_survives_any_warmup_failure_and_leaks_nothing() -> None:
         assert pool.stats["hits"] == 1
     finally:
         pool.close()
-    assert _run_state() == (set(), set())
+    assert driver.state() == (set(), set())
 
 
 # ------------------------------------------------------------------ port forwards
@@ -303,10 +304,11 @@ def test_forward_connect_that_hangs_blocks_no_other_connection(server_vm: SmolVM
 def test_vm_from_the_pool_outlives_the_pool_thread() -> None:
     cfg = VMConfig()
     pool = VMPool(size=1)
+    driver = FlakyDriver([])
     try:
-        with pool.acquire(cfg, QemuDriver()):
+        with pool.acquire(cfg, driver):
             assert pool.wait_idle(timeout=90)
-        vm = pool.acquire(cfg, QemuDriver())  # started by the pool thread
+        vm = pool.acquire(cfg, driver)  # started by the pool thread
     finally:
         pool.close()
     with vm:
@@ -314,7 +316,7 @@ def test_vm_from_the_pool_outlives_the_pool_thread() -> None:
         assert pool._thread is not None and not pool._thread.is_alive()
         time.sleep(1.0)
         assert vm.run("echo still here").stdout == "still here\n"
-    assert _run_state() == (set(), set())
+    assert driver.state() == (set(), set())
 
 
 def test_close_interrupted_half_way_is_finished_by_the_next_close() -> None:
