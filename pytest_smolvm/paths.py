@@ -21,12 +21,22 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 def cache_dir() -> Path:
-    """Images and probe verdicts: ``$SMOLVM_CACHE_DIR``, else ``$XDG_CACHE_HOME/pytest-smolvm``."""
+    """Images, snapshots, retained disks and probe verdicts: ``$SMOLVM_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/pytest-smolvm`` (``~/.cache/pytest-smolvm``).
+
+    Everything in it is trusted (QEMU opens it before dropping root), so it is held to the
+    runtime directory's rules: created 0700, ours, not writable by others, and on a path
+    (symlinks resolved) that only we or root can change."""
     env = os.environ.get("SMOLVM_CACHE_DIR")
     if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "pytest-smolvm"
+        path, source = Path(env).expanduser(), "SMOLVM_CACHE_DIR"
+    else:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        path = (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "pytest-smolvm"
+        source = "XDG_CACHE_HOME" if xdg else "the default"
+    path = _secure_parent(Path(os.path.abspath(path)), "cache directory", source)
+    _ensure_private_dir(path, source, "cache directory", "SMOLVM_CACHE_DIR")
+    return path
 
 
 def runtime_dir() -> Path:
@@ -39,7 +49,9 @@ def runtime_dir() -> Path:
     """
     env = os.environ.get("SMOLVM_RUNTIME_DIR")
     path = Path(env).expanduser().absolute() if env else Path(f"/tmp/smolvm-{os.getuid()}")
-    _ensure_private_dir(path, "SMOLVM_RUNTIME_DIR" if env else "the default")
+    source = "SMOLVM_RUNTIME_DIR" if env else "the default"
+    path = _secure_parent(path, "runtime directory", source)
+    _ensure_private_dir(path, source, "runtime directory", "SMOLVM_RUNTIME_DIR")
     return path
 
 
@@ -62,44 +74,56 @@ def make_private_dirs(path: Path, base: Path) -> None:
     os.mkdir(path, 0o700)
 
 
-def _ensure_private_dir(path: Path, source: str) -> None:
-    fix = f"remove it (rm -rf {path}) or set SMOLVM_RUNTIME_DIR to a directory only you can write"
-    _check_parent(path.parent, path, source)
+def _secure_parent(path: Path, what: str, source: str) -> Path:
+    """``path`` with its parent's symlinks resolved, after checking that no one but us or
+    root can change any directory on the way to it (OpenSSH's safe-path rule): each one is
+    owned by us or root, and writable by others only with the sticky bit (like /tmp), where
+    the next one must again be ours or root's. Missing parents are created 0700."""
+    parent = Path(os.path.realpath(path.parent))
+    for part in [*reversed(parent.parents), parent]:
+        try:
+            st = os.stat(part)
+        except FileNotFoundError:
+            try:
+                os.mkdir(part, 0o700)
+            except OSError as exc:
+                raise ConfigError(f"cannot create {part} for the {what} {path} (from {source}): {exc}") from exc
+            continue
+        if st.st_uid not in (0, os.getuid()):
+            raise ConfigError(f"{what} {path} (from {source}) is below {part}, which belongs to uid "
+                              f"{st.st_uid}: that user could swap what is in it; use a path that only "
+                              f"you or root own")
+        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+            raise ConfigError(f"{what} {path} (from {source}) is below {part}, which others can write "
+                              f"without the sticky bit (mode {stat.S_IMODE(st.st_mode):o}), so they could "
+                              f"replace what is in it; use a directory below a private or sticky parent "
+                              f"(like /tmp)")
+    return parent / path.name
+
+
+def _ensure_private_dir(path: Path, source: str, what: str, env: str) -> None:
+    fix = f"remove it (rm -rf {path}) or set {env} to a directory only you can write"
     try:
         os.mkdir(path, 0o700)
     except FileExistsError:
         pass
     except OSError as exc:
-        raise ConfigError(f"cannot create the runtime directory {path} (from {source}): {exc}") from exc
+        raise ConfigError(f"cannot create the {what} {path} (from {source}): {exc}") from exc
     try:  # O_NOFOLLOW: a symlink fails here, whatever it points to
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     except OSError as exc:
-        what = "a symlink" if path.is_symlink() else "not a directory" if path.exists() else str(exc)
-        raise ConfigError(f"runtime directory {path} (from {source}) is {what}: another user may have "
+        kind = "a symlink" if path.is_symlink() else "not a directory" if path.exists() else str(exc)
+        raise ConfigError(f"{what} {path} (from {source}) is {kind}: another user may have "
                           f"planted it; {fix}") from None
     try:
         st = os.fstat(fd)
         if st.st_uid != os.getuid():
-            raise ConfigError(f"runtime directory {path} (from {source}) is owned by uid {st.st_uid}, not "
+            raise ConfigError(f"{what} {path} (from {source}) is owned by uid {st.st_uid}, not "
                               f"by you (uid {os.getuid()}): another user may have planted it; {fix}")
         if st.st_mode & 0o022:
-            raise ConfigError(f"runtime directory {path} (from {source}) is writable by group or others "
+            raise ConfigError(f"{what} {path} (from {source}) is writable by group or others "
                               f"(mode {stat.S_IMODE(st.st_mode):o}): they could plant files in it; {fix}")
         if st.st_mode & 0o077:  # ours, merely readable: older versions made it 0755
             os.fchmod(fd, 0o700)
     finally:
         os.close(fd)
-
-
-def _check_parent(parent: Path, path: Path, source: str) -> None:
-    """Refuse a parent where others could rename our directory away and put theirs in its
-    place (writable by them, no sticky bit)."""
-    try:
-        st = os.stat(parent)
-    except FileNotFoundError:
-        parent.mkdir(parents=True, exist_ok=True)
-        return
-    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
-        raise ConfigError(f"runtime directory {path} (from {source}) is in {parent}, which others can write "
-                          f"without the sticky bit (mode {stat.S_IMODE(st.st_mode):o}), so they could "
-                          f"replace it; use a directory below a private or sticky parent (like /tmp)")

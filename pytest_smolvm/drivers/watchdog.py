@@ -29,6 +29,7 @@ import os, signal, sys, time
 for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
     signal.signal(s, signal.SIG_IGN)
 uids = {int(u) for u in sys.argv[1].split(",")}
+VMMS = ("qemu-system", "firecracker")  # never a shell or `tail -f` that merely names the VM dir
 paths, buf = set(), b""
 while True:
     try:
@@ -53,7 +54,8 @@ for delay in (0, 0.2, 0.3, 0.5, 1.0):
     for proc in psutil.process_iter(["cmdline", "uids"]):
         try:
             argv = proc.info["cmdline"] or []
-            if proc.info["uids"].real in uids and any(p in a for a in argv for p in paths):
+            if (proc.info["uids"].real in uids and argv and os.path.basename(argv[0]).startswith(VMMS)
+                    and any(p in a for a in argv for p in paths)):
                 proc.kill()
         except (psutil.Error, TypeError, AttributeError):
             pass

@@ -100,3 +100,50 @@ def test_relative_env_path_is_made_absolute(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("SMOLVM_RUNTIME_DIR", "rel-rt")
     assert runtime_dir() == tmp_path / "rel-rt"
+
+
+# Found by review after the first round: only the direct parent was checked, and only its
+# mode, so a parent (or any directory above) owned by another user, or reached through their
+# symlink, let them swap the runtime directory for a link after the check.
+
+
+@pytest.mark.parametrize("planted", ["ancestor", "symlinked-ancestor"])
+def test_a_path_through_another_users_directory_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           planted: str) -> None:
+    theirs = tmp_path / "theirs"
+    (theirs / "evil").mkdir(parents=True)
+    os.chown(theirs, NOBODY, NOBODY)        # mode 0755: not writable by others, but theirs
+    base = theirs
+    if planted == "symlinked-ancestor":
+        base = tmp_path / "link"
+        base.symlink_to(theirs)
+    monkeypatch.setenv("SMOLVM_RUNTIME_DIR", str(base / "evil" / "rt"))
+    with pytest.raises(ConfigError, match="belongs to uid 65534"):
+        runtime_dir()
+    assert not (theirs / "evil" / "rt").exists()
+
+
+def test_symlinked_ancestors_of_our_own_are_resolved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "alias").symlink_to(tmp_path / "real")
+    monkeypatch.setenv("SMOLVM_RUNTIME_DIR", str(tmp_path / "alias" / "rt"))
+    assert runtime_dir() == tmp_path / "real" / "rt"
+
+
+def test_cache_dir_is_held_to_the_same_rules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pytest_smolvm.paths import cache_dir
+
+    monkeypatch.setenv("SMOLVM_CACHE_DIR", str(tmp_path / "cache"))
+    assert cache_dir() == tmp_path / "cache" and mode(tmp_path / "cache") == 0o700
+    os.chmod(tmp_path / "cache", 0o775)
+    with pytest.raises(ConfigError, match=r"cache directory .* writable by group or others"):
+        cache_dir()
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, NOBODY, NOBODY)
+    monkeypatch.setenv("SMOLVM_CACHE_DIR", str(theirs))
+    with pytest.raises(ConfigError, match="owned by uid 65534"):
+        cache_dir()
+    monkeypatch.setenv("SMOLVM_CACHE_DIR", str(theirs / "sub"))
+    with pytest.raises(ConfigError, match="belongs to uid 65534"):
+        cache_dir()

@@ -17,14 +17,18 @@ ENGINE = textwrap.dedent("""
     from pathlib import Path
     from pytest_smolvm.drivers.watchdog import WATCHDOG
     guarded, other, done = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
-    SLEEP = [sys.executable, "-c", "import time; time.sleep(300)"]
+    SLEEP = ["qemu-system-standin", "-c", "import time; time.sleep(300)"]  # argv[0] names a VMM
+    def spawn(*argv):
+        return subprocess.Popen([*argv], executable=sys.executable, start_new_session=True)
     WATCHDOG.register(guarded, None)
-    vmm = subprocess.Popen([*SLEEP, f"{guarded}/ctl.sock"], start_new_session=True)
+    vmm = spawn(*SLEEP, f"{guarded}/ctl.sock")
     WATCHDOG.register(done, None)
-    finished = subprocess.Popen([*SLEEP, f"{done}/ctl.sock"], start_new_session=True)
+    finished = spawn(*SLEEP, f"{done}/ctl.sock")
     WATCHDOG.unregister(done)  # its VMM was reaped (here: it lives on, but is no longer ours)
-    bystander = subprocess.Popen([*SLEEP, f"{other}/ctl.sock"], start_new_session=True)
-    print(WATCHDOG.pid, vmm.pid, finished.pid, bystander.pid, flush=True)
+    bystander = spawn(*SLEEP, f"{other}/ctl.sock")
+    # Not a VMM, though it names the guarded VM's directory (an admin's `tail -f`): spared.
+    viewer = spawn("tail-standin", "-c", "import time; time.sleep(300)", f"{guarded}/console.log")
+    print(WATCHDOG.pid, vmm.pid, finished.pid, bystander.pid, viewer.pid, flush=True)
     time.sleep(300)
 """)
 
@@ -43,7 +47,7 @@ def test_engine_killed_takes_only_its_registered_vmms(tmp_path: Path) -> None:
     try:
         assert engine.stdout is not None
         pids = [int(p) for p in engine.stdout.readline().split()]
-        watchdog, vmm, finished, bystander = pids
+        watchdog, vmm, finished, bystander, viewer = pids
         time.sleep(0.3)
         assert all(map(_alive, pids))
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -58,6 +62,7 @@ def test_engine_killed_takes_only_its_registered_vmms(tmp_path: Path) -> None:
         assert not _alive(vmm), "the registered VMM outlived its engine"
         assert _alive(finished), "an unregistered directory's process was killed"
         assert _alive(bystander), "a directory that merely starts like a registered one was killed"
+        assert _alive(viewer), "a process that is not a VMM was killed for naming a VM directory"
         deadline = time.monotonic() + 15
         while _alive(watchdog) and time.monotonic() < deadline:
             time.sleep(0.05)
