@@ -31,7 +31,8 @@ Two tables, each named after its run:
 
 - ``ip smolvm-<run>`` in the uplink namespace (``nat`` only): masquerade of the run's uplink
   address, and nothing arriving over the uplink veth may reach that namespace's own
-  addresses (the host's other interfaces).
+  addresses (the host's other interfaces), nor its broadcast and multicast: dropped at
+  prerouting -300, before a DNAT of the host's (dstnat, -100) could forward it to a service.
 """
 
 from __future__ import annotations
@@ -150,11 +151,16 @@ def uplink_table(run_tag: str) -> str:
 
 def uplink_ruleset(run_tag: str, veth: str, run_side_ip: ipaddress.IPv4Address) -> str:
     """The uplink namespace's table for one run: masquerade the run's uplink address, and
-    keep it away from the uplink namespace's own addresses."""
+    keep it away from the uplink namespace's own addresses, judged before any DNAT there
+    (Docker ``-p``, libvirt, NodePorts: dstnat at -100) can turn them into forwarded traffic."""
     return f"""table ip {uplink_table(run_tag)} {{
   chain postrouting {{
     type nat hook postrouting priority srcnat; policy accept;
     ip saddr {run_side_ip} oifname != "{veth}" masquerade
+  }}
+  chain prerouting {{
+    type filter hook prerouting priority -300; policy accept;
+    iifname "{veth}" fib daddr type {{ local, broadcast, multicast }} drop
   }}
   chain input {{
     type filter hook input priority filter; policy accept;

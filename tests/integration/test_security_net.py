@@ -321,3 +321,25 @@ def test_reap_spares_other_runtime_dirs_and_kept_vms(held_run: Holder, tmp_path:
     forget_kept(tmp_path / "mine")  # `reap --kept` removes the VM dir first
     assert any(kept_ns in s.what for s in hub.reap_networks())
     assert not netns.exists(kept_ns)
+
+
+@pytest.fixture
+def uplink_dnat(internet: Internet) -> Iterator[int]:
+    """A Docker -p style DNAT in the test uplink namespace only: uplink-address:8080 -> the
+    test internet's web server (removed afterwards)."""
+    port, table = 8080, "svtestdnat"
+    rules = (f"table ip {table} {{ chain pre {{ type nat hook prerouting priority dstnat; policy accept;\n"
+             f"ip daddr {UPLINK_ADDR} tcp dport {port} dnat to {OTHER_HOST}:80\n}}\n}}\n")
+    netns.run(internet.host_ns, ["nft", "-f", "-"], input=rules)
+    try:
+        yield port
+    finally:
+        netns.run(internet.host_ns, ["nft", "delete", "table", "ip", table], check=False)
+
+
+def test_a_dnat_in_the_uplink_never_exposes_its_services(smolvm_factory: Factory, internet: Internet,
+                                                         uplink_dnat: int) -> None:
+    vm = smolvm_factory(network="nat", uplink=internet.uplink)
+    assert fetch(vm, OTHER_HOST) == "OK other-host"  # the DNAT target itself is reachable...
+    assert fetch(vm, UPLINK_ADDR, uplink_dnat).startswith("ERR")  # ...but not through the host's address
+    assert fetch(vm, UPLINK_ADDR).startswith("ERR")

@@ -99,3 +99,11 @@ def test_counters_are_parsed_per_object() -> None:
                         {"counter": {"family": "inet", "name": "bwhit_sv1", "table": "smolvm",
                                      "packets": 3, "bytes": 4200}}]}
     assert policy.parse_counters(json.dumps(doc)) == {"nolog_sv1": 12, "bwhit_sv1": 3}
+
+
+def test_the_uplink_drops_its_own_addresses_before_any_dnat() -> None:
+    rules = policy.uplink_ruleset("abc-root", "svuabc", ipaddress.IPv4Address("169.254.1.2"))
+    pre = _chain(rules, "prerouting")
+    assert "hook prerouting priority -300;" in pre[0]  # before dstnat (-100)
+    assert 'iifname "svuabc" fib daddr type { local, broadcast, multicast } drop' in pre
+    assert 'iifname "svuabc" drop' in _chain(rules, "input")
