@@ -13,8 +13,9 @@ Two tables, each named after its run:
      (``@owner``: TAP . ct mark; the mark is stamped from ``@tapmark`` when a TAP's guest
      opens a connection, or in ``output`` when the host opens one towards it);
   3. a guest may reach its own gateway (``@gateway``: TAP . host address);
-  4. any other address of the namespace (another VM's gateway, the uplink) and the whole VM
-     range (other VMs) are denied;
+  4. any other address of the namespace (another VM's gateway, the uplink), its broadcast
+     and multicast (``255.255.255.255``, ``224.0.0.0/4``: else delivered to the namespace's
+     own sockets) and the whole VM range (other VMs) are denied;
   5. ``nat`` VMs may send to their ``@egress`` networks (TAP . CIDR, never link-local
      169.254.0.0/16 unless an ``allow`` CIDR inside it names it);
   6. everything else is denied.
@@ -104,7 +105,7 @@ def run_ruleset(vm_range: ipaddress.IPv4Network, denied_size: int = DENIED_SET_S
     ct state != new goto deny
     ct mark set iifname map @tapmark
     iifname . ip daddr @gateway accept
-    fib daddr type local goto deny
+    fib daddr type {{ local, broadcast, multicast }} goto deny
     ip daddr {vm_range} goto deny
     iifname . ip daddr @egress accept
     goto deny

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -343,3 +344,37 @@ def test_a_dnat_in_the_uplink_never_exposes_its_services(smolvm_factory: Factory
     assert fetch(vm, OTHER_HOST) == "OK other-host"  # the DNAT target itself is reachable...
     assert fetch(vm, UPLINK_ADDR, uplink_dnat).startswith("ERR")  # ...but not through the host's address
     assert fetch(vm, UPLINK_ADDR).startswith("ERR")
+
+
+#: Datagrams to the limited broadcast address and to a multicast group, on one port.
+BCAST = textwrap.dedent("""
+    import socket, sys
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+    for _ in range(5):
+        for dest in ("255.255.255.255", sys.argv[2]):
+            s.sendto(dest.encode(), (dest, int(sys.argv[1])))
+""")
+
+
+def test_broadcast_and_multicast_never_reach_the_run_namespace(smolvm_factory: Factory, internet: Internet) -> None:
+    vm = smolvm_factory(network="nat", uplink=internet.uplink)
+    assert vm.network.netns and vm.network.host_ip
+    port, group = 5454, "239.255.0.1"
+    with netns.entered(vm.network.netns):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("0.0.0.0", port))
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP,
+                        socket.inet_aton(group) + socket.inet_aton(vm.network.host_ip))
+        sock.settimeout(2)
+        vm.run(["python3", "-c", BCAST, str(port), group], check=True)
+        got: set[bytes] = set()
+        try:
+            while True:
+                got.add(sock.recvfrom(2048)[0])
+        except TimeoutError:
+            pass
+    assert not got, f"a guest's broadcast or multicast reached the run namespace's own stack: {got}"
+    assert fetch(vm, OTHER_HOST) == "OK other-host"

@@ -107,3 +107,9 @@ def test_the_uplink_drops_its_own_addresses_before_any_dnat() -> None:
     assert "hook prerouting priority -300;" in pre[0]  # before dstnat (-100)
     assert 'iifname "svuabc" fib daddr type { local, broadcast, multicast } drop' in pre
     assert 'iifname "svuabc" drop' in _chain(rules, "input")
+
+
+def test_the_namespace_denies_its_own_broadcast_and_multicast() -> None:
+    guard = _chain(policy.run_ruleset(VM_RANGE), "guard")
+    deny = guard.index("fib daddr type { local, broadcast, multicast } goto deny")
+    assert deny < next(i for i, r in enumerate(guard) if "@egress" in r)  # egress has 0.0.0.0/0 in it
