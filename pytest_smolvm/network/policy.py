@@ -12,7 +12,9 @@ Two tables, each named after its run:
   2. established/related traffic passes only if its connection belongs to that TAP
      (``@owner``: TAP . ct mark; the mark is stamped from ``@tapmark`` when a TAP's guest
      opens a connection, or in ``output`` when the host opens one towards it);
-  3. a guest may reach its own gateway (``@gateway``: TAP . host address);
+  3. a guest may reach its own gateway (``@gateway``: TAP . host address), once it has fewer
+     than ``MAX_CONNS`` connections tracked (``@conns``: ``ct count`` per TAP; the conntrack
+     table is shared with the host, so a guest must not fill it, by gateway or egress);
   4. any other address of the namespace (another VM's gateway, the uplink), its broadcast
      and multicast (``255.255.255.255``, ``224.0.0.0/4``: else delivered to the namespace's
      own sockets) and the whole VM range (other VMs) are denied;
@@ -55,6 +57,9 @@ LINK_LOCAL: Final = ipaddress.IPv4Network("169.254.0.0/16")
 #: Per-TAP counters (named ``<kind>_<tap>``): denials the ledger could not itemise, and
 #: packets dropped by the bandwidth and the new-connection caps.
 COUNTERS: Final = {"unitemised": "nolog", "bandwidth": "bwhit", "connections": "cpshit"}
+#: Connections a VM's guest may have tracked at once (gateway and egress alike): the
+#: conntrack table is shared with the host (``nf_conntrack_max``).
+MAX_CONNS: Final = 4096
 MIN_BURST_BYTES: Final = 128 * 1024  # above one GSO packet (64 KiB) at any rate, or TCP would stall
 
 
@@ -93,6 +98,7 @@ def run_ruleset(vm_range: ipaddress.IPv4Network, denied_size: int = DENIED_SET_S
   map bwhit {{ type ifname : counter; }}
   map cpscap {{ type ifname : limit; }}
   map cpshit {{ type ifname : counter; }}
+  set conns {{ type ifname; flags dynamic; size 65536; }}
   set denied {{ type ifname . ipv4_addr . inet_proto . inet_service; flags dynamic; counter; size {denied_size}; }}
   chain guard {{
     type filter hook prerouting priority -150; policy drop;
@@ -104,6 +110,7 @@ def run_ruleset(vm_range: ipaddress.IPv4Network, denied_size: int = DENIED_SET_S
     ct state established,related iifname . ct mark @owner accept
     ct state != new goto deny
     ct mark set iifname map @tapmark
+    add @conns {{ iifname ct count over {MAX_CONNS} }} goto deny
     iifname . ip daddr @gateway accept
     fib daddr type {{ local, broadcast, multicast }} goto deny
     ip daddr {vm_range} goto deny

@@ -14,12 +14,13 @@ import subprocess
 import sys
 import textwrap
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from nettopo import ALLOWED_HOST, ALLOWED_NET, OTHER_HOST, UPLINK_ADDR, Internet
-from test_network import fetch
+from test_network import fetch, serve
 
 from pytest_smolvm import SmolVM
 from pytest_smolvm.network import hub, netns, policy
@@ -378,3 +379,28 @@ def test_broadcast_and_multicast_never_reach_the_run_namespace(smolvm_factory: F
             pass
     assert not got, f"a guest's broadcast or multicast reached the run namespace's own stack: {got}"
     assert fetch(vm, OTHER_HOST) == "OK other-host"
+
+
+#: UDP to ``count`` ports of one address (each one a new tracked connection).
+PORT_SWEEP = textwrap.dedent("""
+    import socket, sys
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for port in range(1, int(sys.argv[2]) + 1):
+        try:
+            s.sendto(b"x", (sys.argv[1], port))
+        except OSError:
+            pass
+""")
+
+
+def test_the_gateway_cannot_fill_the_conntrack_table(smolvm_factory: Factory, internet: Internet) -> None:
+    vm = smolvm_factory(network="isolated", uplink=internet.uplink)
+    assert vm.network.netns and vm.network.host_ip
+    serve(vm, 8080, "guest-page")
+    vm.run(["python3", "-c", PORT_SWEEP, vm.network.host_ip, "6000"], timeout=300, check=True)
+    tracked = int(netns.read_sysctl(vm.network.netns, "net.netfilter.nf_conntrack_count"))
+    print(f"6000 UDP ports of the gateway: {tracked} connections tracked in the run namespace")
+    assert tracked <= 4096 + 16  # the per-VM cap (+ this test's own few)
+    port = vm.forward(8080)  # the host's way in still works
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/index.html", timeout=30) as resp:
+        assert resp.read() == b"guest-page\n"

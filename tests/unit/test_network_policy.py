@@ -113,3 +113,10 @@ def test_the_namespace_denies_its_own_broadcast_and_multicast() -> None:
     guard = _chain(policy.run_ruleset(VM_RANGE), "guard")
     deny = guard.index("fib daddr type { local, broadcast, multicast } goto deny")
     assert deny < next(i for i, r in enumerate(guard) if "@egress" in r)  # egress has 0.0.0.0/0 in it
+
+
+def test_new_connections_meet_the_per_vm_conntrack_cap_before_any_accept() -> None:
+    guard = _chain(policy.run_ruleset(VM_RANGE), "guard")
+    cap = guard.index(f"add @conns {{ iifname ct count over {policy.MAX_CONNS} }} goto deny")
+    assert cap < next(i for i, r in enumerate(guard) if "@gateway" in r)
+    assert cap < next(i for i, r in enumerate(guard) if "@egress" in r)
