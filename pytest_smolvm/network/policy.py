@@ -1,6 +1,6 @@
 """nftables rules for network policies (pure: text in, text or data out).
 
-Two tables, each named after its run:
+Three tables, each named after its run:
 
 - ``inet smolvm`` inside the run's own namespace judges every TAP (``sv*``) packet, and
   fails closed: both base chains drop what no rule positively accepts.
@@ -31,6 +31,11 @@ Two tables, each named after its run:
   egress networks and connection owner, then its caps (named ``limit`` objects per TAP:
   new connections per second, bytes per second; drops are counted per TAP). Replies come
   back only into the TAP that owns the connection.
+
+- ``arp smolvm`` in the run namespace: ARP from a TAP whose sender address and MAC are not
+  that VM's lease (``@arplease``, added and removed with ``@lease``) is dropped, so a guest
+  cannot fill the neighbour table (shared with the host, ``gc_thresh3``) with made-up
+  senders; the inet table never sees ARP.
 
 - ``ip smolvm-<run>`` in the uplink namespace (``nat`` only): masquerade of the run's uplink
   address, and nothing arriving over the uplink veth may reach that namespace's own
@@ -150,6 +155,14 @@ def run_ruleset(vm_range: ipaddress.IPv4Network, denied_size: int = DENIED_SET_S
     oifname "{UPLINK_IF}" masquerade
   }}
 }}
+table arp {RUN_TABLE} {{
+  set arplease {{ type ifname . ipv4_addr . ether_addr; }}
+  chain input {{
+    type filter hook input priority filter; policy accept;
+    iifname "{UPLINK_IF}" accept
+    iifname "{TAP_PREFIX}*" iifname . arp saddr ip . arp saddr ether != @arplease drop
+  }}
+}}
 """
 
 
@@ -209,6 +222,7 @@ def vm_elements(tap: str, gateway: ipaddress.IPv4Address, guest: ipaddress.IPv4A
     lines.append(f"add limit {t} cps_{tap} {{ rate over {caps.conns_per_s}/second burst {caps.conns_per_s} packets; }}")
     lines += [f"add element {t} {name} {{ {elems} }}" for name, elems in
               _vm_sets(tap, gateway, guest, mac, mark, egress)]
+    lines.append(f'add element arp {RUN_TABLE} arplease {{ "{tap}" . {guest} . {mac} }}')
     return "\n".join(lines) + "\n"
 
 
@@ -218,6 +232,7 @@ def vm_removal(tap: str, gateway: ipaddress.IPv4Address, guest: ipaddress.IPv4Ad
     t = f"inet {RUN_TABLE}"
     lines = [f"delete element {t} {name} {{ {elems} }}" for name, elems in
              _vm_sets(tap, gateway, guest, mac, mark, egress)]
+    lines.append(f'delete element arp {RUN_TABLE} arplease {{ "{tap}" . {guest} . {mac} }}')
     lines += [f"delete counter {t} {obj}_{tap}" for obj in COUNTERS.values()]
     lines += [f"delete limit {t} bw_{tap}", f"delete limit {t} cps_{tap}"]
     lines += [f'delete element {t} denied {{ "{tap}" . {addr} . {proto} . {port} }}' for addr, port, proto in denied]

@@ -404,3 +404,49 @@ def test_the_gateway_cannot_fill_the_conntrack_table(smolvm_factory: Factory, in
     port = vm.forward(8080)  # the host's way in still works
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/index.html", timeout=30) as resp:
         assert resp.read() == b"guest-page\n"
+
+
+#: ARP requests for the gateway from ``count`` made-up sender addresses (10.0.0.0/8), for
+#: ``seconds`` seconds, so the gateway would learn a neighbour for each.
+ARP_FLOOD = textwrap.dedent("""
+    import os, socket, struct, sys, time
+    gw, count, seconds = socket.inet_aton(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+    nic = [n for n in sorted(os.listdir("/sys/class/net")) if n != "lo"][0]
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+    s.bind((nic, 0))
+    t0, sent = time.monotonic(), 0
+    while time.monotonic() - t0 < seconds:
+        for i in range(count):
+            mac = bytes([2, 0x66, 0, (i >> 16) & 255, (i >> 8) & 255, i & 255])
+            sip = struct.pack("!I", (10 << 24) + 0x10000 + i)
+            arp = struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + mac + sip + bytes(6) + gw
+            s.send(b"\\xff" * 6 + mac + b"\\x08\\x06" + arp)
+            sent += 1
+    print(sent)
+""")
+
+
+def test_an_arp_flood_does_not_cut_off_the_other_vms(smolvm_factory: Factory, internet: Internet) -> None:
+    attacker = smolvm_factory(network="isolated", uplink=internet.uplink)
+    victim = smolvm_factory(network="isolated", uplink=internet.uplink)
+    ns = victim.network.netns
+    assert ns and ns == attacker.network.netns and attacker.network.host_ip
+    serve(victim, 8080, "guest-page")
+    attacker.run(f"(python3 -c '{ARP_FLOOD}' {attacker.network.host_ip} 3000 15 > /tmp/arp.out 2>&1 &)",
+                 check=True)
+    time.sleep(4)
+    neighbours = len(netns.run(ns, ["ip", "neigh", "show"]).stdout.splitlines())
+    netns.run(ns, ["ip", "neigh", "flush", "dev", str(victim.network.tap)])  # it must be learnt anew
+    port = victim.forward(8080)
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/index.html", timeout=10) as resp:
+            page = resp.read()
+    except OSError as exc:
+        page = str(exc).encode()
+    print(f"ARP flood: {neighbours} neighbours in the run namespace; the victim's forward got {page!r}")
+    assert page == b"guest-page\n"
+    assert neighbours <= 8
+    for _ in range(300):  # the flood ends (the attacker's own output says how much it sent)
+        if attacker.run("cat /tmp/arp.out").stdout.strip():
+            break
+        time.sleep(0.1)

@@ -120,3 +120,13 @@ def test_new_connections_meet_the_per_vm_conntrack_cap_before_any_accept() -> No
     cap = guard.index(f"add @conns {{ iifname ct count over {policy.MAX_CONNS} }} goto deny")
     assert cap < next(i for i, r in enumerate(guard) if "@gateway" in r)
     assert cap < next(i for i, r in enumerate(guard) if "@egress" in r)
+
+
+def test_arp_from_a_tap_must_match_its_lease() -> None:
+    rules = policy.run_ruleset(VM_RANGE)
+    arp = rules[rules.index("table arp "):]
+    assert 'iifname "sv*" iifname . arp saddr ip . arp saddr ether != @arplease drop' in _chain(arp, "input")
+    args = ("sv1", ipaddress.IPv4Address("10.213.0.1"), ipaddress.IPv4Address("10.213.0.2"), "02:53:00:00:00:00", 7)
+    element = '"sv1" . 10.213.0.2 . 02:53:00:00:00:00'
+    assert f"add element arp smolvm arplease {{ {element} }}" in policy.vm_elements(*args, [], policy.Caps(1, 1))
+    assert f"delete element arp smolvm arplease {{ {element} }}" in policy.vm_removal(*args, [], [])
