@@ -150,10 +150,7 @@ class VMNetwork:
             try:
                 with table.lock:
                     try:
-                        if netns.exists(self.netns):
-                            netns.run(self.netns, ["nft", "-f", "-"], input=policy.vm_removal(
-                                self.addr.tap, self.addr.host_ip, self.addr.guest_ip, self.addr.mac, self.mark,
-                                self.egress, [d.as_tuple() for d in self.final_denied]), check=False)
+                        errors += self._forget_elements(self.final_denied)
                     finally:
                         if self.tap_fd >= 0:
                             os.close(self.tap_fd)
@@ -167,6 +164,27 @@ class VMNetwork:
             if errors:
                 raise NetworkError(f"{self.vm}: network teardown was incomplete: {'; '.join(errors)} "
                                    f"(python -m pytest_smolvm reap removes what is left)")
+
+
+    def _forget_elements(self, denied: list[Denied]) -> list[str]:
+        """Remove this VM's nft elements, counters and limits; returns what could not go.
+        One transaction first; if it fails (something is already gone), each command alone,
+        so one missing element never keeps the VM's lease or connection owner behind."""
+        if not netns.exists(self.netns):
+            return []
+        commands = policy.vm_removal(self.addr.tap, self.addr.host_ip, self.addr.guest_ip, self.addr.mac,
+                                     self.mark, self.egress, [d.as_tuple() for d in denied])
+        try:
+            netns.run(self.netns, ["nft", "-f", "-"], input=commands)
+            return []
+        except NetworkError:
+            pass
+        failed = []
+        for command in commands.splitlines():
+            res = netns.run(self.netns, ["nft", "-f", "-"], input=command + "\n", check=False)
+            if res.returncode != 0:
+                failed.append(f"nft {command!r} failed in {self.netns}: {res.stderr.strip()[:300]}")
+        return failed
 
 
 def attach(vm: str, run_id: str, policy_name: str, allow: tuple[str, ...], uplink: str | None,

@@ -6,6 +6,7 @@ every packet these tests send stays inside them, the run's own namespace, or loo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -23,6 +24,7 @@ from nettopo import ALLOWED_HOST, ALLOWED_NET, OTHER_HOST, UPLINK_ADDR, Internet
 from test_network import fetch, serve
 
 from pytest_smolvm import SmolVM
+from pytest_smolvm.errors import NetworkError
 from pytest_smolvm.network import hub, netns, policy
 
 Factory = Callable[..., SmolVM]
@@ -450,3 +452,25 @@ def test_an_arp_flood_does_not_cut_off_the_other_vms(smolvm_factory: Factory, in
         if attacker.run("cat /tmp/arp.out").stdout.strip():
             break
         time.sleep(0.1)
+
+
+def test_a_failed_rule_removal_is_reported_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SMOLVM_RUNTIME_DIR", str(tmp_path / "rt"))
+    run_id = os.urandom(4).hex()
+    net = hub.attach("v1", run_id, "isolated", (), None)
+    other = hub.attach("v2", run_id, "isolated", (), None)  # keeps the namespace
+    try:
+        # Someone else's hand (or a bug) took the ARP table: the lease element there cannot go.
+        netns.run(net.netns, ["nft", "delete", "table", "arp", policy.RUN_TABLE])
+        with pytest.raises(NetworkError, match=r"(?s)network teardown was incomplete.*arplease"):
+            net.close()
+        net.close()  # idempotent: reported once
+        assert net.tap_fd == -1
+        for name in ("lease", "owner", "gateway"):  # ...and everything else of it did go
+            listed = netns.run(net.netns, ["nft", "list", "set", "inet", policy.RUN_TABLE, name]).stdout
+            assert net.addr.tap not in listed, (name, listed)
+    finally:
+        for n in (net, other):
+            with contextlib.suppress(NetworkError):
+                n.close()
+        netns.remove(net.netns)
