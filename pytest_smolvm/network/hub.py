@@ -425,7 +425,8 @@ def reap_networks(*, dry_run: bool = False) -> list[StaleNetwork]:
                     netns.remove(ns)
         # Root-namespace uplink tables and veths whose run is gone.
         res = netns.run(None, ["nft", "-j", "list", "tables"], check=False)
-        for name, tag in re.findall(r'"name": "(smolvm-([0-9a-z]+)-root)"', res.stdout):
+        tables = policy.parse_uplink_tables(res.stdout) if res.returncode == 0 and res.stdout.strip() else {}
+        for name, tag in tables.items():
             if tag in stale:
                 found.append(StaleNetwork(f"nft table ip {name}", stale[tag], "run is gone"))
                 if not dry_run:

@@ -48,6 +48,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import json
+import re
 from collections.abc import Iterable
 from typing import Any, Final
 
@@ -255,6 +256,25 @@ def egress_networks(policy: str, allow: tuple[str, ...]) -> list[str]:
         else:
             nets.extend(net.address_exclude(LINK_LOCAL))
     return [str(n) for n in ipaddress.collapse_addresses(nets)]
+
+
+def parse_uplink_tables(nft_json: str) -> dict[str, str]:
+    """``nft -j list tables`` (in an uplink namespace) → {table name: run tag} for the
+    ``ip smolvm-<run>-root`` tables runs leave there."""
+    try:
+        data = json.loads(nft_json)
+    except ValueError as exc:
+        raise NetworkError(f"nft printed something that is not JSON: {exc}") from exc
+    out: dict[str, str] = {}
+    items = data.get("nftables", []) if isinstance(data, dict) else []
+    for item in items if isinstance(items, list) else []:
+        table = item.get("table") if isinstance(item, dict) else None
+        if not isinstance(table, dict) or table.get("family") != "ip":
+            continue
+        m = re.fullmatch(r"smolvm-([0-9a-z]+)-root", str(table.get("name", "")))
+        if m:
+            out[m[0]] = m[1]
+    return out
 
 
 def parse_counters(nft_json: str) -> dict[str, int]:

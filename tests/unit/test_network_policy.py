@@ -8,6 +8,7 @@ import re
 
 import pytest
 
+from pytest_smolvm.errors import NetworkError
 from pytest_smolvm.network import policy
 
 VM_RANGE = ipaddress.IPv4Network("10.213.0.0/16")
@@ -130,3 +131,17 @@ def test_arp_from_a_tap_must_match_its_lease() -> None:
     element = '"sv1" . 10.213.0.2 . 02:53:00:00:00:00'
     assert f"add element arp smolvm arplease {{ {element} }}" in policy.vm_elements(*args, [], policy.Caps(1, 1))
     assert f"delete element arp smolvm arplease {{ {element} }}" in policy.vm_removal(*args, [], [])
+
+
+def test_uplink_tables_are_read_from_nft_json_not_by_regex() -> None:
+    listing = json.dumps({"nftables": [
+        {"metainfo": {"version": "1.0.6"}},
+        {"table": {"family": "ip", "name": "smolvm-ab12cd34-root", "handle": 3}},
+        {"table": {"family": "inet", "name": "smolvm-ffff0000-root", "handle": 4}},   # not ours: family
+        {"table": {"family": "ip", "name": "smolvm-ab12cd34-root-x", "handle": 5}},   # not ours: name
+        {"table": {"family": "ip", "name": "filter", "comment": '"name": "smolvm-deadbeef-root"'}},
+    ]})
+    assert policy.parse_uplink_tables(listing) == {"smolvm-ab12cd34-root": "ab12cd34"}
+    assert policy.parse_uplink_tables('{"nftables": "junk"}') == {}
+    with pytest.raises(NetworkError):
+        policy.parse_uplink_tables("not json")
