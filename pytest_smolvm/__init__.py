@@ -24,8 +24,9 @@ from .errors import (
     ProtocolError,
     SmolVMError,
 )
+from .results import RunResult
 from .snapshots import SnapshotWarning
-from .vm import RunResult, SmolVM
+from .vm import SmolVM
 
 __all__ = [
     "BootError",

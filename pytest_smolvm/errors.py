@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from .reporting import clip, redact
 
 if TYPE_CHECKING:
-    from .vm import RunResult
+    from .results import RunResult
 
 #: How much guest text (output tail, console tail) an exception message carries at most.
 MESSAGE_TAIL = 2000

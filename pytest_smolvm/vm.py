@@ -45,6 +45,7 @@ from .network.hub import VMNetwork
 from .network.policy import Caps, Denied
 from .paths import cache_dir, check_name, make_private_dirs, runtime_dir
 from .reporting import clip, redact
+from .results import RunResult as RunResult  # re-exported: it was defined here
 from .snapshots import SnapshotError, SnapshotWarning, default_store
 
 #: How long a restored clone may take to answer before the VM falls back to a cold boot.
@@ -85,32 +86,6 @@ def set_run_id(run_id: str) -> None:
     global _run_id
     with _run_id_lock:
         _run_id = run_id
-
-
-@dataclasses.dataclass(frozen=True)
-class RunResult:
-    """What ``run()`` returns. ``stdout``/``stderr`` are decoded UTF-8 (errors replaced);
-    the raw bytes are in ``stdout_bytes``/``stderr_bytes``. A negative ``exit_code`` means the
-    process was killed by that signal (as with :mod:`subprocess`)."""
-
-    command: str
-    exit_code: int
-    stdout: str
-    stderr: str
-    duration: float
-    stdout_bytes: bytes = b""
-    stderr_bytes: bytes = b""
-    stdout_truncated: bool = False
-    stderr_truncated: bool = False
-
-    @property
-    def ok(self) -> bool:
-        return self.exit_code == 0
-
-    @property
-    def truncated(self) -> bool:
-        """True if either stream went over ``max_output`` and was cut."""
-        return self.stdout_truncated or self.stderr_truncated
 
 
 @dataclasses.dataclass(frozen=True)

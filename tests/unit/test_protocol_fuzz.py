@@ -14,11 +14,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pytest_smolvm import SmolVM, VMConfig
+from pytest_smolvm import RunResult, SmolVM, VMConfig
 from pytest_smolvm.errors import GuestError, ProtocolError, SmolVMError
 from pytest_smolvm.guest import protocol
 from pytest_smolvm.guest.channel import Channel
-from pytest_smolvm.vm import RunResult
 
 MAX_BODY = 1 << 20
 

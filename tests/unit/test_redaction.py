@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from pytest_smolvm import VMConfig, reporting
+from pytest_smolvm import RunResult, VMConfig, reporting
 from pytest_smolvm.errors import BootError, CommandFailed, CommandTimeout, ConfigError, GuestDied, ProtocolError
 from pytest_smolvm.reporting import sanitize
-from pytest_smolvm.vm import RunResult
 
 SECRET = "s3cr3t-Tok3n-value"
 HOSTILE = "\x1b]0;pwned\x07\x1b[2J\u202eevil\u2066"
