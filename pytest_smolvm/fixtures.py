@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, Protocol, cast
 
 import pytest
 
@@ -12,17 +12,26 @@ from .config import VMConfig, config_from_layers
 from .errors import ConfigError
 from .vm import SmolVM
 
-if TYPE_CHECKING:
-    from .plugin import SmolVMPlugin
+#: The name the plugin's per-session state is registered under (plugin.py registers it;
+#: fixtures find it by name, so neither module imports the other's internals both ways).
+PLUGIN_NAME = "smolvm-state"
 
 
-def _plugin(config: pytest.Config) -> SmolVMPlugin:
-    from .plugin import PLUGIN_NAME
+class SessionState(Protocol):
+    """What the fixtures need from the plugin's per-session state (plugin.SmolVMPlugin)."""
 
+    def config_for_item(self, item: pytest.Item) -> VMConfig: ...
+    def session_config(self) -> VMConfig: ...
+    def ceiling_violation(self, cfg: VMConfig) -> str | None: ...
+    def start_vm(self, request: pytest.FixtureRequest, cfg: VMConfig) -> SmolVM: ...
+    def finish_vm(self, request: pytest.FixtureRequest, vm: SmolVM) -> None: ...
+
+
+def _plugin(config: pytest.Config) -> SessionState:
     plugin = config.pluginmanager.get_plugin(PLUGIN_NAME)
     if plugin is None:  # pragma: no cover - registered in pytest_configure
         raise RuntimeError("pytest-smolvm plugin state is not registered")
-    return cast("SmolVMPlugin", plugin)
+    return cast(SessionState, plugin)
 
 
 def apply_configure_hook(request: pytest.FixtureRequest, cfg: VMConfig) -> VMConfig:

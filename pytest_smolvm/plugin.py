@@ -16,7 +16,7 @@ from . import hookspecs
 from .config import VMConfig, config_from_layers
 from .drivers import Driver, default_driver
 from .errors import BootError, ConfigError, SmolVMError
-from .fixtures import smolvm, smolvm_config, smolvm_factory, smolvm_session
+from .fixtures import PLUGIN_NAME, smolvm, smolvm_config, smolvm_factory, smolvm_session
 from .markers import MARKER_DOC, marker_layers
 from .pool import VMPool
 from .reaper import Leftover, reap
@@ -26,7 +26,6 @@ from .vm import SmolVM, current_run_id, set_run_id
 
 __all__ = ["smolvm", "smolvm_config", "smolvm_factory", "smolvm_session"]
 
-PLUGIN_NAME = "smolvm-state"
 VM_FIXTURES = frozenset({"smolvm", "smolvm_factory", "smolvm_config"})
 CONFIG_KEY = pytest.StashKey[VMConfig]()
 VMS_KEY = pytest.StashKey[list[tuple[SmolVM, int]]]()
