@@ -24,7 +24,6 @@ from .errors import SmolVMError
 from .images.build import sha256_file
 from .paths import cache_dir
 
-FILES = ("mem", "state", "disk.qcow2")
 #: The snapshot's disk: a qcow2 overlay (QEMU) or a raw copy (Firecracker has no qcow2).
 DISK_FILES = ("disk.qcow2", "disk.ext4")
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-
 from .. import host
 from ..config import VMConfig
 from ..errors import ConfigError
@@ -15,7 +13,7 @@ def firecracker_status(image_name: str = "default") -> tuple[bool, str]:
     KVM canary boot of the image's kernel when QEMU is there to run it)."""
     from .firecracker import INSTALL_HINT
 
-    binary = shutil.which("firecracker")
+    binary = host.firecracker_binary()
     if not binary:
         return False, f"the firecracker binary is not on PATH; fix: {INSTALL_HINT}"
     usable, why = host.kvm_device_status()
@@ -54,7 +52,7 @@ def default_driver(config: VMConfig) -> Driver:
 
         return FirecrackerDriver()
     if config.backend == "auto" and config.accel in ("auto", "kvm") and config.network == "none" \
-            and shutil.which("firecracker"):
+            and host.firecracker_binary():
         from .firecracker import FirecrackerDriver, guest_vsock_support
 
         if guest_vsock_support(config.image)[0] and firecracker_status(config.image)[0]:

@@ -24,7 +24,6 @@ import hashlib
 import http.client
 import json
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -409,7 +408,7 @@ class FirecrackerDriver:
     name = "firecracker"
 
     def __init__(self, binary: str | None = None, *, extra_cmdline: Sequence[str] = ()) -> None:
-        found = binary or shutil.which("firecracker")
+        found = binary or host.firecracker_binary()
         if not found:
             raise ConfigError(f"backend 'firecracker' needs the firecracker binary, which is not on PATH; "
                               f"{INSTALL_HINT}")

@@ -11,7 +11,6 @@ import functools
 import hashlib
 import json
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -478,6 +477,3 @@ def choose_accel(requested: str, binary: str, image: Image) -> Accel:
         raise ConfigError(f"invalid accel='kvm': KVM does not work on this host: {why}")
     return Accel("tcg", f"KVM unusable ({why}); using TCG software emulation")
 
-
-def remove_workdir(workdir: Path) -> None:
-    shutil.rmtree(workdir, ignore_errors=True)
