@@ -20,8 +20,8 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from .digest import sha256_file
 from .errors import SmolVMError
-from .images.build import sha256_file
 from .paths import cache_dir
 
 #: The snapshot's disk: a qcow2 overlay (QEMU) or a raw copy (Firecracker has no qcow2).

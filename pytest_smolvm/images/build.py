@@ -8,7 +8,6 @@ atomically under ``<cache>/images/<name>/<digest>`` and never modified afterward
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from ..digest import sha256_file
 from ..errors import ImageError
 from .recipe import BOOT_MODULES, NET_MODULES, VSOCK_MODULES, Recipe
 from .store import Image, images_dir, resolve
@@ -124,15 +124,6 @@ def _extract_arm64_image(vmlinuz: Path, target: Path) -> None:
 
 
 ARM64_IMAGE_MAGIC = b"ARM\x64"
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def build(recipe: Recipe, *, force: bool = False, progress: Progress = _default_progress) -> Image:
