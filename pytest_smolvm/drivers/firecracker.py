@@ -37,7 +37,8 @@ from ..errors import BootError, ConfigError, ImageError
 from ..images import Image
 from ..images.recipe import VSOCK_MODULES
 from .base import TEMPLATE_MAC, Accel, Nic, Spawned, VMMProcess, guest_flags, spawn_vmm
-from .qemu import kernel_cmdline, shared_disk
+from .disks import checked_disk_size, shared_disk
+from .kernel import kernel_cmdline
 
 #: The guest port the agent listens on (AF_VSOCK) when it runs under Firecracker.
 AGENT_VSOCK_PORT: Final = 1024
@@ -444,10 +445,7 @@ class FirecrackerDriver:
 
     def prepare_disk(self, config: VMConfig, image: Image, workdir: Path) -> Path:
         """The VM's raw root disk: a private copy (isolated) or the shared disk (shared)."""
-        size = config.disk_size_mib
-        if size is not None and size < image.rootfs_mib:
-            raise ConfigError(f"invalid disk_size_mib={size}: smaller than image {image.name!r} "
-                              f"({image.rootfs_mib} MiB); use at least {image.rootfs_mib}")
+        size = checked_disk_size(config, image)
         if config.disk_mode == "shared":
             return shared_disk(image, size)
         return copy_disk(image.rootfs, workdir / DISK_NAME, size)

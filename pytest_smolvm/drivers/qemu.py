@@ -17,14 +17,15 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from filelock import FileLock
-
 from .. import host
 from ..config import VMConfig
 from ..errors import BootError, ConfigError
 from ..images import Image
 from ..paths import cache_dir
 from .base import TEMPLATE_MAC, Accel, Nic, Spawned, VMMProcess, guest_flags, spawn_vmm, vmm_uid, vmm_user
+from .disks import checked_disk_size, shared_disk
+from .kernel import BASE_CMDLINE as BASE_CMDLINE
+from .kernel import kernel_cmdline as kernel_cmdline
 from .qmp import QMP
 
 TCG_CPU = "qemu64,+rdrand,+arat"
@@ -38,30 +39,6 @@ SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=de
 #: exec (the other way up, through a setuid binary) stays denied by spawn=deny.
 SANDBOX_DROPPED = "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny"
 CANARY_TIMEOUT = 8.0  # a working KVM reaches the initramfs in well under 1 s
-
-# Measured on Debian 12 under TCG (see PLATFORM.md): together these take time-to-/init
-# from 1.80 s to 1.31 s. tsc_early_khz keeps the guest from declaring the TSC unstable.
-BASE_CMDLINE = (
-    "console=ttyS0", "quiet", "panic=-1", "cryptomgr.notests", "lsm=", "tsc=reliable",
-    "ftrace=none", "mitigations=off", "audit=0", "no_timer_check", "random.trust_cpu=on",
-    # Initcalls a test VM never needs, measured with initcall_debug under TCG: kprobe
-    # tracing (155 ms), the SP800-108 KDF self-test (43 ms), the module-signing keyring
-    # (26 ms, and without it insmod skips RSA verification), IMA (8 ms).
-    "initcall_blacklist=init_kprobe_trace,crypto_kdf108_init,load_system_certificate_list,init_ima",
-)
-
-
-def kernel_cmdline(accel: str, tsc_khz: int | None, extra: Sequence[str] = (), vcpus: int = 1) -> str:
-    """The guest kernel command line for ``accel`` (pure)."""
-    parts = list(BASE_CMDLINE)
-    # With exactly one possible CPU the kernel rewrites every LOCK prefix in its text for
-    # uniprocessor use; under TCG that patching freezes boot for ~0.5 s.
-    parts.append(f"possible_cpus={max(vcpus, 2)}")
-    if accel == "tcg" and tsc_khz:
-        parts.append(f"tsc_early_khz={tsc_khz}")
-    parts.extend(extra)
-    return " ".join(parts)
-
 
 def accel_args(accel: str) -> list[str]:
     """``-accel``/``-cpu`` for an accelerator (pure)."""
@@ -238,10 +215,7 @@ class QemuDriver:
 
     def prepare_disk(self, config: VMConfig, image: Image, workdir: Path) -> tuple[Path, str]:
         """Create the VM's root disk; returns (path, qemu format)."""
-        size = config.disk_size_mib
-        if size is not None and size < image.rootfs_mib:
-            raise ConfigError(f"invalid disk_size_mib={size}: smaller than image {image.name!r} "
-                              f"({image.rootfs_mib} MiB); use at least {image.rootfs_mib}")
+        size = checked_disk_size(config, image)
         if config.disk_mode == "shared":
             return shared_disk(image, size), "raw"
         return create_overlay(image.rootfs, "raw", workdir / "disk.qcow2", size), "qcow2"
@@ -393,21 +367,6 @@ def sandbox_supported(binary: str) -> bool:
     except (OSError, subprocess.SubprocessError):
         return False
     return res.returncode == 0
-
-
-def shared_disk(image: Image, size_mib: int | None) -> Path:
-    """The one writable disk ``disk_mode='shared'`` VMs of ``image`` use (a copy, never the cache)."""
-    d = cache_dir() / "shared"
-    d.mkdir(parents=True, exist_ok=True)
-    target = d / f"{image.name}-{image.digest}.ext4"
-    with FileLock(str(target) + ".lock", timeout=300):
-        if not target.exists():
-            tmp = target.with_suffix(".tmp")
-            subprocess.run(["cp", "--sparse=always", str(image.rootfs), str(tmp)], check=True)
-            os.replace(tmp, target)
-        if size_mib is not None and target.stat().st_size < size_mib << 20:
-            os.truncate(target, size_mib << 20)
-    return target
 
 
 # ---------------------------------------------------------------- accelerator choice
