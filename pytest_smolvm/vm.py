@@ -390,6 +390,12 @@ class SmolVM:
                             f"{timeout:.0f}s (accel {self.accel.name if self.accel else '?'})",
                             self._console_tail()) from None
         except (ChannelClosed, ProtocolError) as exc:
+            # The control stream can break a moment before QEMU exits (a panic's reboot under
+            # -no-reboot): give it time to exit, so its last console lines are read too.
+            deadline = time.monotonic() + EXIT_GRACE
+            while self._machine is not None and self._machine.exit_status() is None \
+                    and time.monotonic() < deadline:
+                time.sleep(0.01)
             raise BootError(f"{self.name}: the VM stopped while booting ({exc}); "
                             f"VMM status {self._machine.exit_status() if self._machine else '?'}; "
                             f"{self._machine.diagnostics() if self._machine else ''}",
