@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import itertools
 import json
 import os
 import secrets
@@ -164,14 +165,14 @@ class SmolVM:
     'hi\\n'
     """
 
-    _counter = 0
+    #: Numbers VM names; the warm-pool thread and the test's thread both create VMs.
+    _counter = itertools.count(1)
 
     def __init__(self, config: VMConfig | None = None, *, driver: Driver | None = None,
                  name: str | None = None) -> None:
         self.config = config or VMConfig()
         self._driver = driver
-        SmolVM._counter += 1
-        self.name = check_name(name or f"vm{SmolVM._counter}-{secrets.token_hex(2)}", "VM name")
+        self.name = check_name(name or f"vm{next(SmolVM._counter)}-{secrets.token_hex(2)}", "VM name")
         self.run_id = check_name(current_run_id(), "run id (SMOLVM_RUN_ID)")
         self.workdir = runtime_dir() / self.run_id / self.name
         self.transcript: list[TranscriptEntry] = []
