@@ -32,11 +32,11 @@ from typing import Any
 
 import psutil
 
+from .drivers.base import vmm_uid
+from .drivers.watchdog import VMM_NAMES, owner_uids
 from .host import START_TOLERANCE, process_alive, stamp_alive
 from .paths import NAME_RE, cache_dir, runtime_dir
 
-#: Basenames (prefixes) of the VMM binaries the drivers start.
-VMM_NAMES = ("qemu-system", "firecracker")
 #: Pid files of older versions (pid only, no start time): trusted only with a matching argv.
 LEGACY_PID_FILES = ("qemu.pid", "firecracker.pid")
 #: A VM directory without ``owner.json`` younger than this is being created right now.
@@ -60,13 +60,7 @@ class Leftover:
 
 def _vmm_uids() -> set[int]:
     """Whose processes may be our VMMs: ours, and the user VMMs drop to when run as root."""
-    uids = {os.getuid(), os.geteuid()}
-    try:
-        from .drivers.base import vmm_uid  # type: ignore[attr-defined,unused-ignore]
-    except ImportError:  # pragma: no cover - drivers without privilege dropping
-        return uids
-    dropped = vmm_uid()
-    return uids | ({dropped} if isinstance(dropped, int) else set())
+    return owner_uids(vmm_uid())
 
 
 def _own_dirs(parent: Path) -> list[Path]:

@@ -22,14 +22,24 @@ from pathlib import Path
 
 import psutil
 
+#: Basenames (prefixes) of the VMM binaries the drivers start: the only processes the
+#: watchdog and the reaper ever kill (never a shell or `tail -f` that merely names a VM dir).
+VMM_NAMES = ("qemu-system", "firecracker")
+
+
+def owner_uids(dropped: int | None) -> set[int]:
+    """Whose processes may be our VMMs: ours, and ``dropped``, the user VMMs drop to as root."""
+    return {os.getuid(), os.geteuid()} | ({dropped} if dropped is not None else set())
+
+
 #: Runs in ``python3 -I -S``: stdlib only until the engine is gone, then psutil (whose
-#: directory argv[2] names) to find and kill what is left.
+#: directory argv[2] names) to find and kill what is left. argv[3] is VMM_NAMES.
 WATCHDOG_SOURCE = r"""
 import os, signal, sys, time
 for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
     signal.signal(s, signal.SIG_IGN)
 uids = {int(u) for u in sys.argv[1].split(",")}
-VMMS = ("qemu-system", "firecracker")  # never a shell or `tail -f` that merely names the VM dir
+VMMS = tuple(sys.argv[3].split(","))
 paths, buf = set(), b""
 while True:
     try:
@@ -76,7 +86,7 @@ class Watchdog:
         """Guard processes whose argv names ``workdir``: call *before* spawning the VMM."""
         key = os.fspath(workdir).rstrip("/")
         with self._lock:
-            uids = tuple(sorted({os.geteuid(), os.getuid()} | ({vmm_uid} if vmm_uid is not None else set())))
+            uids = tuple(sorted(owner_uids(vmm_uid)))
             if self._proc is None or self._proc.poll() is not None or not set(uids) <= set(self.uids):
                 self._start(uids)
             self._paths[key] = self._paths.get(key, 0) + 1
@@ -109,7 +119,8 @@ class Watchdog:
         try:
             site = os.path.dirname(os.path.dirname(psutil.__file__))
             self._proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-c", WATCHDOG_SOURCE, ",".join(map(str, uids)), site],
+                [sys.executable, "-I", "-S", "-c", WATCHDOG_SOURCE, ",".join(map(str, uids)), site,
+                 ",".join(VMM_NAMES)],
                 stdin=read_fd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 close_fds=True, start_new_session=True, cwd="/")
         except BaseException:
