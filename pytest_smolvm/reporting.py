@@ -55,5 +55,10 @@ def redact(text: str, secrets: Iterable[str]) -> str:
     return text
 
 
-def tail(text: str, lines: int) -> str:
-    return "\n".join(text.splitlines()[-lines:])
+def tail(text: str, lines: int = 40, max_line: int = 1000) -> str:
+    """The last ``lines`` lines of ``text``, each cut to ``max_line`` characters (guest text
+    can hold a line of any length)."""
+    out = []
+    for line in text[-lines * (max_line + 1) * 4:].splitlines()[-lines:]:
+        out.append(line if len(line) <= max_line else line[:max_line] + f" [... line cut at {max_line} chars]")
+    return "\n".join(out)

@@ -23,7 +23,7 @@ from . import images
 from .config import VMConfig, WireEnv
 from .drivers import Accel, Driver, Machine, default_driver
 from .drivers.base import TEMPLATE_MAC, Nic, SnapshotDriver
-from .drivers.consolelog import read_bounded, tail_lines
+from .drivers.consolelog import read_bounded
 from .errors import (
     BootError,
     CommandFailed,
@@ -45,7 +45,7 @@ from .network.forward import PortForward
 from .network.hub import VMNetwork
 from .network.policy import Caps, Denied
 from .paths import cache_dir, check_name, make_private_dirs, runtime_dir
-from .reporting import clip, redact
+from .reporting import clip, redact, tail
 from .results import RunResult as RunResult  # re-exported: it was defined here
 from .snapshots import SnapshotError, SnapshotWarning, default_store
 
@@ -516,7 +516,7 @@ class SmolVM:
         return self._read_console()
 
     def _console_tail(self, lines: int = 40) -> str:
-        return tail_lines(self.console_log, lines)
+        return tail(self.console_log, lines)
 
     # ------------------------------------------------------------------ calls
 

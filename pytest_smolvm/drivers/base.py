@@ -23,7 +23,8 @@ import psutil
 
 from ..config import VMConfig
 from ..images import Image
-from .consolelog import COLLECTOR, CappedLog, read_bounded, tail_lines
+from ..reporting import tail
+from .consolelog import COLLECTOR, CappedLog, read_bounded
 from .watchdog import WATCHDOG
 
 #: The user VMMs drop to when the engine runs as root: this one if it exists (create it with
@@ -195,7 +196,7 @@ class VMMProcess:
 
     def console_tail(self, lines: int = 40) -> str:
         self.sync_logs()
-        return tail_lines(read_bounded(self.console_path, 64 << 10), lines)
+        return tail(read_bounded(self.console_path, 64 << 10), lines)
 
 
 @runtime_checkable

@@ -6,7 +6,7 @@ reach the host as pipes, and one collector thread per engine process reads all o
 marker where bytes were cut, and cut overlong lines. When the collector falls behind, the
 pipe fills and the guest's UART waits, like a real one; the engine itself never waits on it
 except, bounded, for a dead VMM's last bytes. Every reader of these files reads a bounded
-amount (:func:`read_bounded`, :func:`tail_lines`).
+amount (:func:`read_bounded`, ``reporting.tail``).
 """
 
 from __future__ import annotations
@@ -244,11 +244,3 @@ def read_bounded(path: Path, limit: int = READ_LIMIT) -> str:
     except OSError:
         return ""
     return data.decode(errors="replace")
-
-
-def tail_lines(text: str, lines: int = 40, max_line: int = 1000) -> str:
-    """The last ``lines`` lines of ``text``, each cut to ``max_line`` characters."""
-    out = []
-    for line in text[-lines * (max_line + 1) * 4:].splitlines()[-lines:]:
-        out.append(line if len(line) <= max_line else line[:max_line] + f" [... line cut at {max_line} chars]")
-    return "\n".join(out)

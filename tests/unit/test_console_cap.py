@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pytest_smolvm.drivers.consolelog import COLLECTOR, CappedLog, read_bounded, tail_lines
+from pytest_smolvm.drivers.consolelog import COLLECTOR, CappedLog, read_bounded
+from pytest_smolvm.reporting import tail
 
 
 def test_under_the_caps_the_file_is_the_whole_stream(tmp_path: Path) -> None:
@@ -62,4 +63,4 @@ def test_readers_are_bounded(tmp_path: Path) -> None:
     assert "[... 9000 bytes of big.log not read ...]" in text and len(text) < 1100
     assert read_bounded(tmp_path / "missing") == ""
     long = "start\n" + "z" * 100_000 + "\nend"
-    assert tail_lines(long, 2, max_line=50) == "z" * 50 + " [... line cut at 50 chars]\nend"
+    assert tail(long, 2, max_line=50) == "z" * 50 + " [... line cut at 50 chars]\nend"
