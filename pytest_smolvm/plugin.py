@@ -73,7 +73,7 @@ def pytest_configure(config: pytest.Config) -> None:
         except ConfigError as exc:  # an unsafe runtime directory: stop before using it
             raise pytest.UsageError(f"pytest-smolvm: {exc}") from None
     config.pluginmanager.register(state, PLUGIN_NAME)
-    state.sigterm.install()
+    state.signals.install()
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(_XdistHooks(), "smolvm-xdist")
 
@@ -83,14 +83,13 @@ class Terminated(KeyboardInterrupt):
     tears its VMs down instead of leaving them to the parent-death signal and the next reap."""
 
 
-class SigtermUnwinder:
+class SignalUnwinder:
     """While installed, SIGTERM raises :class:`Terminated` in the main thread; a second one
     kills the process at once (the default action), as a second Ctrl-C would. An inherited
     SIG_IGN for SIGINT is replaced by Python's KeyboardInterrupt handler."""
 
     def __init__(self) -> None:
         self.previous: Any = None
-
         self.previous_int: Any = None
 
     def install(self) -> None:
@@ -148,7 +147,7 @@ class SmolVMPlugin:
         self.kept: list[tuple[str, SmolVM]] = []
         self.reaped: list[Leftover] = []
         self.session_cfg = config_from_layers(self.layers)
-        self.sigterm = SigtermUnwinder()
+        self.signals = SignalUnwinder()
 
     # ------------------------------------------------------------- configs
 
@@ -306,7 +305,7 @@ class SmolVMPlugin:
                 close()
 
     def pytest_unconfigure(self) -> None:
-        self.sigterm.restore()
+        self.signals.restore()
 
 
 def network_section(vm: SmolVM) -> str:

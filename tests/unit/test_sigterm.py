@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from pytest_smolvm.plugin import SigtermUnwinder, Terminated
+from pytest_smolvm.plugin import SignalUnwinder, Terminated
 
 
 @pytest.fixture
@@ -21,7 +21,7 @@ def default_sigterm() -> Iterator[None]:
 
 @pytest.mark.usefixtures("default_sigterm")
 def test_sigterm_raises_once_then_the_default_action_is_back() -> None:
-    unwinder = SigtermUnwinder()
+    unwinder = SignalUnwinder()
     unwinder.install()
     with pytest.raises(Terminated, match="SIGTERM received"):
         signal.raise_signal(signal.SIGTERM)
@@ -33,7 +33,7 @@ def test_sigterm_raises_once_then_the_default_action_is_back() -> None:
 
 @pytest.mark.usefixtures("default_sigterm")
 def test_restore_puts_the_default_back() -> None:
-    unwinder = SigtermUnwinder()
+    unwinder = SignalUnwinder()
     unwinder.install()
     assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
     unwinder.restore()
@@ -48,7 +48,7 @@ def test_someone_elses_handler_or_ignore_is_left_alone() -> None:
 
     for handler in (theirs, signal.SIG_IGN):
         signal.signal(signal.SIGTERM, handler)
-        unwinder = SigtermUnwinder()
+        unwinder = SignalUnwinder()
         unwinder.install()
         assert signal.getsignal(signal.SIGTERM) is handler
         unwinder.restore()
@@ -57,7 +57,7 @@ def test_someone_elses_handler_or_ignore_is_left_alone() -> None:
 
 @pytest.mark.usefixtures("default_sigterm")
 def test_not_installed_from_another_thread() -> None:
-    unwinder = SigtermUnwinder()
+    unwinder = SignalUnwinder()
     t = threading.Thread(target=unwinder.install)
     t.start()
     t.join()
