@@ -391,16 +391,21 @@ class SmolVM:
                             f"{timeout:.0f}s (accel {self.accel.name if self.accel else '?'})",
                             self._console_tail()) from None
         except (ChannelClosed, ProtocolError) as exc:
-            # The control stream can break a moment before QEMU exits (a panic's reboot under
-            # -no-reboot): give it time to exit, so its last console lines are read too.
-            deadline = time.monotonic() + EXIT_GRACE
-            while self._machine is not None and self._machine.exit_status() is None \
-                    and time.monotonic() < deadline:
-                time.sleep(0.01)
+            # A panic's reboot under -no-reboot: let QEMU exit, so its last console lines are read.
+            self._vmm_exit_status()
             raise BootError(f"{self.name}: the VM stopped while booting ({exc}); "
                             f"VMM status {self._machine.exit_status() if self._machine else '?'}; "
                             f"{self._machine.diagnostics() if self._machine else ''}",
                             self._console_tail()) from None
+
+    def _vmm_exit_status(self) -> int | None:
+        """The VMM's exit status, after waiting up to EXIT_GRACE for it: the control stream
+        can close a moment before QEMU exits by itself. None if it still runs."""
+        deadline = time.monotonic() + EXIT_GRACE
+        while self._machine is not None and self._machine.exit_status() is None \
+                and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self._machine.exit_status() if self._machine is not None else None
 
     def _setup(self, *, grow_root: bool) -> None:
         """Make the guest current and unique: clock, RNG reseed, hostname, machine-id (and
@@ -530,18 +535,13 @@ class SmolVM:
             return self._channel.call(header, body, timeout=timeout, max_body=max_body)
         except ChannelClosed as exc:
             status, killed = None, False
-            if self._machine is not None:
-                # The control stream can close a moment before QEMU exits after a guest
-                # poweroff: give it time to exit by itself before judging how it ended.
-                deadline = time.monotonic() + EXIT_GRACE
-                while (status := self._machine.exit_status()) is None and time.monotonic() < deadline:
-                    time.sleep(0.01)
-                if status is None:
-                    # The VMM lives but its guest broke off (a frame stalled half-way): the
-                    # guest's doing, so it is destroyed and the test fails (not an ERROR).
-                    killed = True
-                    self._machine.kill()
-                    status = self._machine.exit_status()
+            # After a guest poweroff, judge how it ended only once QEMU has exited.
+            if self._machine is not None and (status := self._vmm_exit_status()) is None:
+                # The VMM lives but its guest broke off (a frame stalled half-way): the
+                # guest's doing, so it is destroyed and the test fails (not an ERROR).
+                killed = True
+                self._machine.kill()
+                status = self._machine.exit_status()
             self._state = "dead"
             # A guest poweroff or panic (panic=-1 reboots, -no-reboot exits) ends QEMU with 0;
             # anything else the VMM did by itself means the VMM itself died.
