@@ -31,6 +31,7 @@ from typing import Final
 
 from ..config import DEFAULT_EGRESS_CONNS_PER_S, DEFAULT_EGRESS_KIB_PER_S
 from ..errors import NetworkError
+from ..host import stamp_alive
 from ..paths import runtime_dir
 from . import netns, policy
 from .addressing import DEFAULT_BASE, Addressing, addressing, slot_count
@@ -388,9 +389,10 @@ def _live_runs(tables: dict[str, str]) -> tuple[set[str], dict[str, str | None]]
     live: set[str] = set()
     uplinks: dict[str, str | None] = {}
     for tag, run_id in tables.items():
-        for entry in slot_table(run_id).leases().values():
+        entries = slot_table(run_id).leases().values()  # one read of the table, under its lock
+        for entry in entries:
             uplinks[entry.get("netns", "")] = entry.get("uplink") or None
-        if slot_table(run_id).leases(live_only=True) or any((runtime_dir() / run_id).glob("*/kept")):
+        if any(stamp_alive(e) for e in entries) or any((runtime_dir() / run_id).glob("*/kept")):
             live.add(tag)
     return live, uplinks
 
@@ -425,8 +427,8 @@ def reap_networks(*, dry_run: bool = False) -> list[StaleNetwork]:
                     netns.remove(ns)
         # Root-namespace uplink tables and veths whose run is gone.
         res = netns.run(None, ["nft", "-j", "list", "tables"], check=False)
-        tables = policy.parse_uplink_tables(res.stdout) if res.returncode == 0 and res.stdout.strip() else {}
-        for name, tag in tables.items():
+        uplink_tables = policy.parse_uplink_tables(res.stdout) if res.returncode == 0 and res.stdout.strip() else {}
+        for name, tag in uplink_tables.items():
             if tag in stale:
                 found.append(StaleNetwork(f"nft table ip {name}", stale[tag], "run is gone"))
                 if not dry_run:
