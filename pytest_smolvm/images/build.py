@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from filelock import FileLock, Timeout
@@ -160,90 +161,147 @@ def _point_current(name_dir: Path, digest: str) -> None:
     os.replace(tmp, name_dir / "current")
 
 
+@dataclass
+class _Build:
+    """One build's working state, which each step reads and fills in for the next."""
+
+    recipe: Recipe
+    final: Path
+    work: Path
+    progress: Progress
+    started: float
+    done: int = 0
+    kernel_deb: Path = Path()
+    kernel_package: str = ""
+    kernel_release: str = ""
+    guest_python: str | None = None
+
+    @property
+    def out(self) -> Path:
+        return self.work / "out"
+
+    @property
+    def kernel_root(self) -> Path:
+        return self.work / "kernel"
+
+    @property
+    def rootfs_dir(self) -> Path:
+        return self.work / "root"
+
+    def announce(self, msg: str) -> None:
+        self.done += 1
+        self.progress(f"[{self.done}/{len(_STEPS)}] {msg} (+{self.elapsed():.1f}s)")
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+
+def _download_kernel(b: _Build) -> None:
+    recipe = b.recipe
+    b.announce(f"downloading kernel package {recipe.kernel_package}")
+    kpkg = recipe.kernel_package if recipe.arch == "amd64" else f"{recipe.kernel_package}:{recipe.arch}"
+    deps = _run(["apt-cache", "depends", "--important", kpkg], "apt-cache depends")
+    concrete = next((ln.split(":", 1)[1].strip() for ln in deps.splitlines()
+                     if ln.strip().startswith("Depends:") and "linux-image-" in ln), None)
+    if concrete is None:
+        raise ImageError(f"cannot resolve {recipe.kernel_package} to a kernel package; "
+                         f"run 'apt-get update' first (apt-cache said: {deps[-300:]})")
+    dl = b.work / "dl"
+    dl.mkdir()
+    # A foreign architecture's kernel needs `dpkg --add-architecture arm64 && apt-get update`.
+    pkg = concrete if recipe.arch == "amd64" else f"{concrete}:{recipe.arch}"
+    _run(["apt-get", "download", pkg], "apt-get download", cwd=dl)
+    debs = list(dl.glob("*.deb"))
+    b.kernel_deb = debs[0]
+    b.kernel_package = concrete
+    _run(["dpkg-deb", "-x", str(b.kernel_deb), str(b.kernel_root)], "dpkg-deb -x")
+
+
+def _extract_kernel(b: _Build) -> None:
+    b.announce(f"extracting the kernel ELF and modules from {b.kernel_deb.name}")
+    vmlinuz = next(b.kernel_root.glob("boot/vmlinuz-*"))
+    b.kernel_release = vmlinuz.name.removeprefix("vmlinuz-")
+    if b.recipe.arch == "arm64":
+        _extract_arm64_image(vmlinuz, b.out / "vmlinux")  # same name: the kernel the VMM boots
+    else:
+        _extract_elf(vmlinuz, b.out / "vmlinux")
+    (b.out / "modules").mkdir()
+    for mod in BOOT_MODULES + NET_MODULES:
+        if not _copy_module(b, mod):
+            raise ImageError(f"kernel {b.kernel_release} has no module {mod}.ko")
+    for mod in VSOCK_MODULES:  # optional: only Firecracker's vsock channel needs them
+        _copy_module(b, mod)
+    shutil.copyfile(BUSYBOX, b.out / "busybox")
+
+
+def _copy_module(b: _Build, mod: str) -> bool:
+    hits = list(b.kernel_root.glob(f"lib/modules/{b.kernel_release}/kernel/**/{mod}.ko"))
+    if hits:
+        shutil.copyfile(hits[0], b.out / "modules" / f"{mod}.ko")
+    return bool(hits)
+
+
+def _bootstrap_rootfs(b: _Build) -> None:
+    recipe = b.recipe
+    b.announce(f"building the {recipe.suite} rootfs with mmdebstrap ({', '.join(recipe.packages)})")
+    sources = host_apt_sources(recipe.suite)
+    if not sources:
+        raise ImageError(f"no apt source on this host mentions suite {recipe.suite!r}; "
+                         f"point SMOLVM_APT_SOURCES at a sources file for it")
+    optfile = b.work / "apt-acquire.conf"
+    optfile.write_text("".join(f"{o}\n" for o in _host_acquire_options()))
+    arch_opt = [] if recipe.arch == "amd64" else [f"--architectures={recipe.arch}"]
+    _run(["mmdebstrap", "--variant=minbase", *arch_opt, f"--include={','.join(recipe.packages)}",
+          f"--aptopt={optfile}", "--format=directory", recipe.suite, str(b.rootfs_dir), *sources],
+         "mmdebstrap", b.progress)
+    _customise_rootfs(b.rootfs_dir, b.out)
+    b.guest_python = _guest_python(b.rootfs_dir)
+
+
+def _write_ext4(b: _Build) -> None:
+    b.announce(f"writing the ext4 rootfs ({b.recipe.rootfs_mib} MiB, sparse)")
+    _run(["mkfs.ext4", "-q", "-F", "-L", "smolvm-root", "-d", str(b.rootfs_dir),
+          str(b.out / "rootfs.ext4"), f"{b.recipe.rootfs_mib}M"], "mkfs.ext4")
+    shutil.rmtree(b.rootfs_dir)
+
+
+def _publish(b: _Build) -> None:
+    b.announce("publishing")
+    files = {}
+    for f in sorted(p for p in b.out.rglob("*") if p.is_file()):
+        files[str(f.relative_to(b.out))] = {"size": f.stat().st_size, "sha256": sha256_file(f)}
+    recipe = b.recipe
+    manifest = {
+        "name": recipe.name, "digest": recipe.digest(), "recipe": recipe.to_json(),
+        "kernel_package": b.kernel_package, "kernel_release": b.kernel_release, "rootfs_mib": recipe.rootfs_mib,
+        "guest_python": b.guest_python,
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": files,
+    }
+    (b.out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    if b.final.exists():
+        shutil.rmtree(b.final)
+    try:
+        os.rename(b.out, b.final)
+    except OSError:
+        if not (b.final / "manifest.json").exists():  # not a lost race: a real failure
+            raise
+
+
+#: Run in order; each announces itself as ``[i/n]`` and leaves in :class:`_Build` what the next needs.
+_STEPS: tuple[Callable[[_Build], None], ...] = (
+    _download_kernel, _extract_kernel, _bootstrap_rootfs, _write_ext4, _publish,
+)
+
+
 def _build_into(recipe: Recipe, final: Path, progress: Progress) -> None:
     started = time.monotonic()
-    steps = 5
-
-    def step(i: int, msg: str) -> None:
-        progress(f"[{i}/{steps}] {msg} (+{time.monotonic() - started:.1f}s)")
-
     work = Path(tempfile.mkdtemp(prefix=".build-", dir=final.parent))
     try:
-        out = work / "out"
-        out.mkdir()
-        step(1, f"downloading kernel package {recipe.kernel_package}")
-        kpkg = recipe.kernel_package if recipe.arch == "amd64" else f"{recipe.kernel_package}:{recipe.arch}"
-        deps = _run(["apt-cache", "depends", "--important", kpkg], "apt-cache depends")
-        concrete = next((ln.split(":", 1)[1].strip() for ln in deps.splitlines()
-                         if ln.strip().startswith("Depends:") and "linux-image-" in ln), None)
-        if concrete is None:
-            raise ImageError(f"cannot resolve {recipe.kernel_package} to a kernel package; "
-                             f"run 'apt-get update' first (apt-cache said: {deps[-300:]})")
-        dl = work / "dl"
-        dl.mkdir()
-        # A foreign architecture's kernel needs `dpkg --add-architecture arm64 && apt-get update`.
-        pkg = concrete if recipe.arch == "amd64" else f"{concrete}:{recipe.arch}"
-        _run(["apt-get", "download", pkg], "apt-get download", cwd=dl)
-        debs = list(dl.glob("*.deb"))
-        kroot = work / "kernel"
-        _run(["dpkg-deb", "-x", str(debs[0]), str(kroot)], "dpkg-deb -x")
-        step(2, f"extracting the kernel ELF and modules from {debs[0].name}")
-        vmlinuz = next(kroot.glob("boot/vmlinuz-*"))
-        release = vmlinuz.name.removeprefix("vmlinuz-")
-        if recipe.arch == "arm64":
-            _extract_arm64_image(vmlinuz, out / "vmlinux")  # same name: the kernel the VMM boots
-        else:
-            _extract_elf(vmlinuz, out / "vmlinux")
-        (out / "modules").mkdir()
-        for mod in BOOT_MODULES + NET_MODULES:
-            hits = list(kroot.glob(f"lib/modules/{release}/kernel/**/{mod}.ko"))
-            if not hits:
-                raise ImageError(f"kernel {release} has no module {mod}.ko")
-            shutil.copyfile(hits[0], out / "modules" / f"{mod}.ko")
-        for mod in VSOCK_MODULES:  # optional: only Firecracker's vsock channel needs them
-            hits = list(kroot.glob(f"lib/modules/{release}/kernel/**/{mod}.ko"))
-            if hits:
-                shutil.copyfile(hits[0], out / "modules" / f"{mod}.ko")
-        shutil.copyfile(BUSYBOX, out / "busybox")
-        step(3, f"building the {recipe.suite} rootfs with mmdebstrap ({', '.join(recipe.packages)})")
-        sources = host_apt_sources(recipe.suite)
-        if not sources:
-            raise ImageError(f"no apt source on this host mentions suite {recipe.suite!r}; "
-                             f"point SMOLVM_APT_SOURCES at a sources file for it")
-        optfile = work / "apt-acquire.conf"
-        optfile.write_text("".join(f"{o}\n" for o in _host_acquire_options()))
-        root = work / "root"
-        arch_opt = [] if recipe.arch == "amd64" else [f"--architectures={recipe.arch}"]
-        _run(["mmdebstrap", "--variant=minbase", *arch_opt, f"--include={','.join(recipe.packages)}",
-              f"--aptopt={optfile}", "--format=directory", recipe.suite, str(root), *sources],
-             "mmdebstrap", progress)
-        _customise_rootfs(root, out)
-        guest_python = _guest_python(root)
-        step(4, f"writing the ext4 rootfs ({recipe.rootfs_mib} MiB, sparse)")
-        _run(["mkfs.ext4", "-q", "-F", "-L", "smolvm-root", "-d", str(root),
-              str(out / "rootfs.ext4"), f"{recipe.rootfs_mib}M"], "mkfs.ext4")
-        shutil.rmtree(root)
-        step(5, "publishing")
-        files = {}
-        for f in sorted(p for p in out.rglob("*") if p.is_file()):
-            rel = str(f.relative_to(out))
-            files[rel] = {"size": f.stat().st_size, "sha256": sha256_file(f)}
-        manifest = {
-            "name": recipe.name, "digest": recipe.digest(), "recipe": recipe.to_json(),
-            "kernel_package": concrete, "kernel_release": release, "rootfs_mib": recipe.rootfs_mib,
-            "guest_python": guest_python,
-            "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": files,
-        }
-        (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        try:
-            os.rename(out, final)
-        except OSError:
-            if not (final / "manifest.json").exists():  # not a lost race: a real failure
-                raise
-        progress(f"built image {recipe.name!r} ({recipe.digest()}) at {final} "
-                 f"in {time.monotonic() - started:.1f}s")
+        b = _Build(recipe, final, work, progress, started)
+        b.out.mkdir()
+        for step in _STEPS:
+            step(b)
+        progress(f"built image {recipe.name!r} ({recipe.digest()}) at {final} in {b.elapsed():.1f}s")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
