@@ -102,6 +102,79 @@ def test_macos() -> None:
     assert "qemu-system-aarch64 not found" in none["qemu + tcg"].detail
 
 
+MAC = Probes(system="Darwin", arch="arm64", qemu=None, image=None, image_error="not built",
+             hvf=(False, "qemu-system-aarch64 is not installed"))
+REINSTALL = ("fix: python -m pytest_smolvm image build --force (if the image is damaged), or reinstall QEMU: "
+             "apt-get install -y qemu-system-x86 qemu-utils")
+PVM_FIX = ("fix: none on this host: kvm_pvm (nested PVM) cannot run Linux guests; run on hardware "
+           "virtualisation (VT-x/AMD-V). accel=auto uses TCG here")
+PVM_FAILED = "/dev/kvm present (kvm_pvm) but canary failed: KVM canary boot failed (exit -6): failed to set MSR 0x10a"
+
+
+@pytest.mark.parametrize(("probes", "expected"), [
+    pytest.param(dataclasses.replace(HERE, tcg_canary=(False, "TCG canary boot timed out after 30s")), [
+        "qemu + tcg: /usr/bin/qemu-system-x86_64 (QEMU emulator version 7.2): TCG canary boot timed out after 30s; "
+        + REINSTALL,
+        "backend auto: no backend works on this host; fix: apt-get install -y qemu-system-x86 qemu-utils",
+    ], id="tcg-canary-failed"),
+    pytest.param(dataclasses.replace(HERE, tcg_canary=None), [
+        "qemu + tcg: /usr/bin/qemu-system-x86_64 (QEMU emulator version 7.2): the TCG canary was not run; "
+        + REINSTALL,
+    ], id="tcg-canary-not-run"),
+    pytest.param(dataclasses.replace(HERE, image=None, image_error="guest image 'default' is not built",
+                                     tcg_canary=None, kvm_canary=None), [
+        "qemu + kvm: /dev/kvm present (kvm_pvm) but the canary could not run (guest image 'default' is not built); "
+        "fix: python -m pytest_smolvm image build",
+    ], id="kvm-canary-not-run-no-image"),
+    pytest.param(dataclasses.replace(HERE, kvm_canary=None), [
+        "qemu + kvm: /dev/kvm present (kvm_pvm) but the canary could not run (no image); "
+        "fix: python -m pytest_smolvm image build",
+    ], id="kvm-canary-not-run-no-image-error"),
+    pytest.param(dataclasses.replace(HERE, arch="aarch64", qemu=None, tcg_canary=None, kvm_canary=None), [
+        "qemu + tcg: qemu-system-aarch64 not found on PATH; fix: apt-get install -y qemu-system-x86 qemu-utils",
+        "qemu + kvm: /dev/kvm present (kvm_pvm) but the canary could not run (no QEMU); "
+        "fix: apt-get install -y qemu-system-x86 qemu-utils",
+    ], id="linux-arm64-no-qemu"),
+    pytest.param(dataclasses.replace(HERE, kvm_module="kvm_intel",
+                                     kvm_canary=(False, "KVM canary boot failed (exit 1)")), [
+        "qemu + kvm: /dev/kvm present (kvm_intel) but canary failed: KVM canary boot failed (exit 1); "
+        "fix: check dmesg for KVM errors; accel=auto uses TCG meanwhile",
+        "backend auto: works (uses qemu + tcg)",
+    ], id="kvm-canary-failed-on-hardware"),
+    pytest.param(dataclasses.replace(HERE, kvm_module=None, kvm_device=(True, "/dev/kvm is available"),
+                                     kvm_canary=(True, "KVM canary boot succeeded in 0.2s")), [
+        "qemu + kvm: works (/dev/kvm (?); KVM canary boot succeeded in 0.2s)",
+        "backend auto: works (uses qemu + kvm)",
+    ], id="kvm-works-unknown-module"),
+    pytest.param(dataclasses.replace(HERE, firecracker="/usr/bin/firecracker", firecracker_version="v1.12"), [
+        f"qemu + kvm: {PVM_FAILED}; {PVM_FIX}",
+        f"firecracker: /usr/bin/firecracker (v1.12) found, but it needs a working KVM: {PVM_FAILED}; {PVM_FIX}",
+    ], id="firecracker-inherits-the-kvm-fix"),
+    pytest.param(MAC, [
+        "qemu + tcg: qemu-system-aarch64 not found on PATH; fix: brew install qemu",
+        "qemu + hvf: qemu-system-aarch64 is not installed; fix: brew install qemu",
+        "firecracker: not applicable (Linux with KVM only)",
+        "backend auto: no backend works on this host; fix: brew install qemu",
+    ], id="macos-no-qemu"),
+    pytest.param(dataclasses.replace(MAC, qemu="/opt/homebrew/bin/qemu-system-aarch64",
+                                     hvf=(False, "kern.hv_support=0: this Mac has no Hypervisor.framework")), [
+        "qemu + tcg: no guest image to boot (not built); fix: python -m pytest_smolvm image build",
+        "qemu + hvf: kern.hv_support=0: this Mac has no Hypervisor.framework; fix: run on a Mac with "
+        "Hypervisor.framework (not inside a VM without nested virtualisation)",
+    ], id="macos-without-hypervisor-framework"),
+])
+def test_verdict_texts(probes: Probes, expected: list[str]) -> None:
+    rendered = {v.what: v.render() for v in verdicts(probes)}
+    for line in expected:
+        what = line.split(": ", 1)[0]
+        assert rendered[what] == line
+
+
+def test_verdict_order() -> None:
+    assert [v.what for v in verdicts(HERE)] == ["qemu + tcg", "qemu + kvm", "qemu + hvf", "firecracker",
+                                                "backend auto"]
+
+
 def test_report_lines_and_exit_status() -> None:
     lines, ok = report(dataclasses.replace(HERE, builder_missing=("lz4",)))
     assert ok and lines[0] == "host: Linux x86_64"
