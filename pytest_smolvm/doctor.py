@@ -64,86 +64,100 @@ class Verdict:
 
 def verdicts(p: Probes) -> list[Verdict]:
     """One verdict per backend x accelerator, then what ``auto`` picks (pure)."""
-    macos = p.system == "Darwin"
-    out: list[Verdict] = []
-    install_qemu = BREW_QEMU if macos else APT_QEMU
-    qemu_name = "qemu-system-aarch64" if p.arch in ("arm64", "aarch64") else "qemu-system-x86_64"
+    kvm = _qemu_kvm(p)
+    found = [_qemu_tcg(p), kvm, _qemu_hvf(p), _firecracker(p, kvm)]
+    return [*found, _auto(p, found)]
 
-    # qemu + tcg: the baseline, proven by booting the image's kernel to its initramfs.
+
+def _macos(p: Probes) -> bool:
+    return p.system == "Darwin"
+
+
+def _install_qemu(p: Probes) -> str:
+    return BREW_QEMU if _macos(p) else APT_QEMU
+
+
+def _qemu_tcg(p: Probes) -> Verdict:
+    """The baseline, proven by booting the image's kernel to its initramfs."""
     if not p.qemu:
-        out.append(Verdict("qemu + tcg", False, f"{qemu_name} not found on PATH", install_qemu))
-    elif p.image is None:
-        out.append(Verdict("qemu + tcg", False, f"no guest image to boot ({p.image_error})", BUILD_IMAGE))
-    elif p.tcg_canary is None or not p.tcg_canary[0]:
+        qemu_name = "qemu-system-aarch64" if p.arch in ("arm64", "aarch64") else "qemu-system-x86_64"
+        return Verdict("qemu + tcg", False, f"{qemu_name} not found on PATH", _install_qemu(p))
+    if p.image is None:
+        return Verdict("qemu + tcg", False, f"no guest image to boot ({p.image_error})", BUILD_IMAGE)
+    if p.tcg_canary is None or not p.tcg_canary[0]:
         why = p.tcg_canary[1] if p.tcg_canary else "the TCG canary was not run"
-        out.append(Verdict("qemu + tcg", False, f"{p.qemu} ({p.qemu_version}): {why}",
-                           f"{BUILD_IMAGE} --force (if the image is damaged), or reinstall QEMU: {install_qemu}"))
-    else:
-        out.append(Verdict("qemu + tcg", True, f"{p.tcg_canary[1]}; {p.qemu_version}"))
+        return Verdict("qemu + tcg", False, f"{p.qemu} ({p.qemu_version}): {why}",
+                       f"{BUILD_IMAGE} --force (if the image is damaged), or reinstall QEMU: {_install_qemu(p)}")
+    return Verdict("qemu + tcg", True, f"{p.tcg_canary[1]}; {p.qemu_version}")
 
-    # qemu + kvm: /dev/kvm opening is not enough (nested PVM opens it, runs no Linux guest).
+
+def _qemu_kvm(p: Probes) -> Verdict:
+    """Opening /dev/kvm is not enough (nested PVM opens it, runs no Linux guest): the canary decides."""
     kvm_ok, kvm_why = p.kvm_device
-    if macos:
-        kvm = Verdict("qemu + kvm", None, "Linux only; macOS has HVF")
-    elif not kvm_ok:
+    module = p.kvm_module or "?"
+    if _macos(p):
+        return Verdict("qemu + kvm", None, "Linux only; macOS has HVF")
+    if not kvm_ok:
         if "not read/writable" in kvm_why:
             fix = "sudo usermod -aG kvm $USER (then log in again), or chmod 666 /dev/kvm"
         else:
             fix = ("sudo modprobe kvm_intel (or kvm_amd) after enabling VT-x/AMD-V in the firmware, or use a "
                    "cloud instance with nested virtualisation; accel=auto falls back to TCG meanwhile")
-        kvm = Verdict("qemu + kvm", False, kvm_why, fix)
-    elif p.kvm_canary is None:
-        kvm = Verdict("qemu + kvm", False, f"/dev/kvm present ({p.kvm_module or '?'}) but the canary could not run "
-                      f"({'no QEMU' if not p.qemu else p.image_error or 'no image'})",
-                      install_qemu if not p.qemu else BUILD_IMAGE)
-    elif not p.kvm_canary[0]:
+        return Verdict("qemu + kvm", False, kvm_why, fix)
+    if p.kvm_canary is None:
+        return Verdict("qemu + kvm", False, f"/dev/kvm present ({module}) but the canary could not run "
+                       f"({'no QEMU' if not p.qemu else p.image_error or 'no image'})",
+                       _install_qemu(p) if not p.qemu else BUILD_IMAGE)
+    if not p.kvm_canary[0]:
         fix = ("none on this host: kvm_pvm (nested PVM) cannot run Linux guests; run on hardware "
                "virtualisation (VT-x/AMD-V). accel=auto uses TCG here" if p.kvm_module == "kvm_pvm" else
                "check dmesg for KVM errors; accel=auto uses TCG meanwhile")
-        kvm = Verdict("qemu + kvm", False,
-                      f"/dev/kvm present ({p.kvm_module or '?'}) but canary failed: {p.kvm_canary[1]}", fix)
-    else:
-        kvm = Verdict("qemu + kvm", True, f"/dev/kvm ({p.kvm_module or '?'}); {p.kvm_canary[1]}")
-    out.append(kvm)
+        return Verdict("qemu + kvm", False, f"/dev/kvm present ({module}) but canary failed: {p.kvm_canary[1]}", fix)
+    return Verdict("qemu + kvm", True, f"/dev/kvm ({module}); {p.kvm_canary[1]}")
 
-    # qemu + hvf
-    if not macos:
-        out.append(Verdict("qemu + hvf", None, "macOS only"))
-    elif p.hvf[0]:
-        out.append(Verdict("qemu + hvf", True, p.hvf[1]))
-    else:
-        fix = BREW_QEMU if "not installed" in p.hvf[1] or "entitlement" in p.hvf[1] else \
-            "run on a Mac with Hypervisor.framework (not inside a VM without nested virtualisation)"
-        if "entitlement" in p.hvf[1]:
-            fix = f"brew reinstall qemu (Homebrew's QEMU is signed with {host.HVF_ENTITLEMENT})"
-        out.append(Verdict("qemu + hvf", False, p.hvf[1], fix))
 
-    # firecracker (KVM only)
+def _qemu_hvf(p: Probes) -> Verdict:
+    works, why = p.hvf
+    if not _macos(p):
+        return Verdict("qemu + hvf", None, "macOS only")
+    if works:
+        return Verdict("qemu + hvf", True, why)
+    if "entitlement" in why:
+        fix = f"brew reinstall qemu (Homebrew's QEMU is signed with {host.HVF_ENTITLEMENT})"
+    elif "not installed" in why:
+        fix = BREW_QEMU
+    else:
+        fix = "run on a Mac with Hypervisor.framework (not inside a VM without nested virtualisation)"
+    return Verdict("qemu + hvf", False, why, fix)
+
+
+def _firecracker(p: Probes, kvm: Verdict) -> Verdict:
+    """KVM only, and the guest must serve the agent over vsock."""
     from .drivers.firecracker import INSTALL_HINT
 
-    if macos:
-        fc = Verdict("firecracker", None, "Linux with KVM only")
-    elif not p.firecracker:
-        fc = Verdict("firecracker", False, "binary not found on PATH", INSTALL_HINT)
-    elif not kvm.works:
-        fc = Verdict("firecracker", False, f"{p.firecracker} ({p.firecracker_version}) found, but it needs a "
-                     f"working KVM: {kvm.detail}", kvm.fix)
-    elif not p.guest_vsock[0]:
-        fc = Verdict("firecracker", False, f"{p.firecracker} ({p.firecracker_version}) on KVM, but the guest "
-                     f"cannot serve the agent over vsock: {p.guest_vsock[1]}", "use backend='qemu'")
-    else:
-        fc = Verdict("firecracker", True, f"{p.firecracker} ({p.firecracker_version}) on KVM")
-    out.append(fc)
+    if _macos(p):
+        return Verdict("firecracker", None, "Linux with KVM only")
+    if not p.firecracker:
+        return Verdict("firecracker", False, "binary not found on PATH", INSTALL_HINT)
+    binary = f"{p.firecracker} ({p.firecracker_version})"
+    if not kvm.works:
+        return Verdict("firecracker", False, f"{binary} found, but it needs a working KVM: {kvm.detail}", kvm.fix)
+    if not p.guest_vsock[0]:
+        return Verdict("firecracker", False, f"{binary} on KVM, but the guest cannot serve the agent over vsock: "
+                       f"{p.guest_vsock[1]}", "use backend='qemu'")
+    return Verdict("firecracker", True, f"{binary} on KVM")
 
-    # what auto picks
-    by_name = {v.what: v for v in out}
-    for what in ("firecracker", "qemu + kvm", "qemu + hvf", "qemu + tcg"):
+
+#: What ``backend="auto"`` tries, best first.
+_AUTO_ORDER = ("firecracker", "qemu + kvm", "qemu + hvf", "qemu + tcg")
+
+
+def _auto(p: Probes, found: list[Verdict]) -> Verdict:
+    by_name = {v.what: v for v in found}
+    for what in _AUTO_ORDER:
         if by_name[what].works:
-            out.append(Verdict("backend auto", True, f"uses {what}"))
-            break
-    else:
-        out.append(Verdict("backend auto", False, "no backend works on this host", install_qemu))
-    return out
+            return Verdict("backend auto", True, f"uses {what}")
+    return Verdict("backend auto", False, "no backend works on this host", _install_qemu(p))
 
 
 def tcg_canary(binary: str, image: Image, timeout: float = 30.0) -> tuple[bool, str]:
