@@ -295,6 +295,70 @@ def test_field_names_cover_dataclass() -> None:
         check_field(name, getattr(VMConfig(), name))
 
 
+@pytest.mark.parametrize(
+    ("field", "raw", "expected"),
+    [
+        ("snapshot", "no", False),
+        ("snapshot", True, True),
+        ("lifetime", None, None),
+        ("lifetime", "", None),
+        ("lifetime", "none", None),
+        ("lifetime", "2.5", 2.5),
+        ("uplink", None, None),
+        ("uplink", "root", None),
+        ("uplink", " ROOT ", None),
+        ("uplink", "", None),
+        ("uplink", " ci-ns ", "ci-ns"),
+        ("egress_kib_per_s", "512", 512),
+        ("egress_conns_per_s", 5, 5),
+    ],
+)
+def test_check_field_normalises(field: str, raw: object, expected: object) -> None:
+    value = check_field(field, raw)
+    assert value == expected
+    assert type(value) is type(expected)
+
+
+# One rejection per field, message in full: the text users see, whatever dispatches it.
+@pytest.mark.parametrize(
+    ("field", "bad", "message"),
+    [
+        ("vcpus", "x", "invalid vcpus='x': expected an integer"),
+        ("memory_mib", 1, "invalid memory_mib=1: must be >= 128"),
+        ("disk_mode", "x", "invalid disk_mode='x': expected one of isolated, shared"),
+        ("disk_size_mib", 10, "invalid disk_size_mib=10: must be >= 64"),
+        ("network", "wifi", "invalid network='wifi': expected one of none, isolated, nat"),
+        ("allow", 42, "invalid allow=42: expected a list of CIDRs such as ['198.51.100.0/24']"),
+        ("image", "", "invalid image='': expected an image name (e.g. 'default') or a path to an image directory"),
+        ("timeout", 0, "invalid timeout=0: must be > 0"),
+        ("boot_timeout", "x", "invalid boot_timeout='x': expected a number of seconds"),
+        ("env", [], "invalid env (a list, not shown: env values are secret): "
+                    "expected a mapping of str to str such as {'TOKEN': '...'}"),
+        ("accel", "xen", "invalid accel='xen': expected one of auto, kvm, hvf, tcg"),
+        ("backend", "vbox", "invalid backend='vbox': expected one of auto, qemu, firecracker"),
+        ("max_output", 0, "invalid max_output=0: must be >= 1"),
+        ("retain_disk_on_delete", "maybe", "invalid retain_disk_on_delete='maybe': expected true or false"),
+        ("aslr", "sometimes", "invalid aslr='sometimes': expected true or false"),
+        ("snapshot", None, "invalid snapshot=None: expected true or false"),
+        ("snapshot", "maybe", "invalid snapshot='maybe': expected true or false"),
+        ("lifetime", 0, "invalid lifetime=0: must be > 0"),
+        ("lifetime", "x", "invalid lifetime='x': expected a number of seconds"),
+        ("uplink", "bad name!", "invalid uplink='bad name!': expected 'root' or the name of a network namespace "
+                                "(ip netns list)"),
+        ("uplink", 3, "invalid uplink=3: expected 'root' or the name of a network namespace (ip netns list)"),
+        ("egress_kib_per_s", 0, "invalid egress_kib_per_s=0: must be >= 1"),
+        ("egress_conns_per_s", "many", "invalid egress_conns_per_s='many': expected an integer"),
+        ("colour", "red", "unknown setting 'colour'; known: accel, allow, aslr, backend, boot_timeout, disk_mode, "
+                          "disk_size_mib, egress_conns_per_s, egress_kib_per_s, env, image, lifetime, max_output, "
+                          "memory_mib, network, retain_disk_on_delete, snapshot, timeout, uplink, vcpus"),
+    ],
+)
+def test_check_field_messages(field: str, bad: object, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        check_field(field, bad)
+    assert str(info.value) == message
+
+
 # ---------------------------------------------------------------- layers
 
 
