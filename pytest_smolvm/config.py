@@ -11,7 +11,7 @@ import dataclasses
 import ipaddress
 import math
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Final
 
 from .errors import ConfigError
@@ -248,49 +248,41 @@ def _image(value: object) -> str:
     return value.strip()
 
 
+#: One checker per VMConfig field, ``(name, value) -> normalised value``.
+_CHECKS: Final[Mapping[str, Callable[[str, Any], Any]]] = {
+    "vcpus": lambda name, v: _int(name, v, 1),
+    "memory_mib": lambda name, v: _int(name, v, MIN_MEMORY_MIB),
+    "disk_mode": lambda name, v: _choice(name, v, DISK_MODES),
+    "disk_size_mib": lambda name, v: None if v is None else _int(name, v, 64),
+    "network": lambda name, v: _choice(name, v, NETWORK_POLICIES),
+    "allow": lambda _, v: _allow(v),
+    "image": lambda _, v: _image(v),
+    "timeout": lambda name, v: _float(name, v, 0.0),
+    "boot_timeout": lambda name, v: _float(name, v, 0.0),
+    "env": lambda _, v: _env(v),
+    "accel": lambda name, v: _choice(name, v, ACCELS),
+    "backend": lambda name, v: _choice(name, v, BACKENDS),
+    "max_output": lambda name, v: _int(name, v, 1),
+    "retain_disk_on_delete": _bool,
+    "aslr": lambda name, v: None if v is None else _bool(name, v),
+    "snapshot": _bool,
+    "lifetime": lambda name, v: None if v in (None, "", "none") else _float(name, v, 0.0),
+    "uplink": lambda _, v: _uplink(v),
+    "egress_kib_per_s": lambda name, v: _int(name, v, 1),
+    "egress_conns_per_s": lambda name, v: _int(name, v, 1),
+}
+
+
 def check_field(name: str, value: Any) -> Any:
     """Validate and normalise one VMConfig field; raise :class:`ConfigError` naming the value.
 
     Strings are accepted for every field (they come from the command line, environment and
     ini files) and converted to the field's type.
     """
-    if name == "vcpus":
-        return _int(name, value, 1)
-    if name == "memory_mib":
-        return _int(name, value, MIN_MEMORY_MIB)
-    if name == "disk_mode":
-        return _choice(name, value, DISK_MODES)
-    if name == "disk_size_mib":
-        return None if value is None else _int(name, value, 64)
-    if name == "network":
-        return _choice(name, value, NETWORK_POLICIES)
-    if name == "allow":
-        return _allow(value)
-    if name == "image":
-        return _image(value)
-    if name in ("timeout", "boot_timeout"):
-        return _float(name, value, 0.0)
-    if name == "env":
-        return _env(value)
-    if name == "accel":
-        return _choice(name, value, ACCELS)
-    if name == "backend":
-        return _choice(name, value, BACKENDS)
-    if name == "max_output":
-        return _int(name, value, 1)
-    if name == "retain_disk_on_delete":
-        return _bool(name, value)
-    if name == "aslr":
-        return None if value is None else _bool(name, value)
-    if name == "snapshot":
-        return _bool(name, value)
-    if name == "lifetime":
-        return None if value in (None, "", "none") else _float(name, value, 0.0)
-    if name == "uplink":
-        return _uplink(value)
-    if name in ("egress_kib_per_s", "egress_conns_per_s"):
-        return _int(name, value, 1)
-    raise ConfigError(f"unknown setting {name!r}; known: {', '.join(sorted(FIELD_NAMES))}")
+    check = _CHECKS.get(name)
+    if check is None:
+        raise ConfigError(f"unknown setting {name!r}; known: {', '.join(sorted(FIELD_NAMES))}")
+    return check(name, value)
 
 
 def config_from_layers(layers: Iterable[tuple[str, Mapping[str, Any]]]) -> VMConfig:
