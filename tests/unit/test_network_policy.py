@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+import string
 
 import pytest
 
@@ -145,3 +146,94 @@ def test_uplink_tables_are_read_from_nft_json_not_by_regex() -> None:
     assert policy.parse_uplink_tables('{"nftables": "junk"}') == {}
     with pytest.raises(NetworkError):
         policy.parse_uplink_tables("not json")
+
+
+# The run namespace's whole ruleset, pinned so that a change to the generated text is a
+# deliberate one (and refactoring run_ruleset cannot make one).
+RUN_RULESET = string.Template("""\
+table inet smolvm {
+  set gateway { type ifname . ipv4_addr; }
+  set egress { type ifname . ipv4_addr; flags interval; }
+  set lease { type ifname . ipv4_addr . ether_addr; }
+  set source { type ifname . ipv4_addr; }
+  map tapmark { type ifname : mark; }
+  set owner { type ifname . mark; }
+  map unitemised { type ifname : counter; }
+  map bwcap { type ifname : limit; }
+  map bwhit { type ifname : counter; }
+  map cpscap { type ifname : limit; }
+  map cpshit { type ifname : counter; }
+  set conns { type ifname; flags dynamic; size 65536; }
+  set denied { type ifname . ipv4_addr . inet_proto . inet_service; flags dynamic; counter; size $denied_size; }
+  chain guard {
+    type filter hook prerouting priority -150; policy drop;
+    iifname "svup" ct state established,related accept
+    iifname "svup" drop
+    iifname != "sv*" accept
+    meta nfproto != ipv4 drop
+    iifname . ip saddr . ether saddr != @lease drop
+    ct state established,related iifname . ct mark @owner accept
+    ct state != new goto deny
+    ct mark set iifname map @tapmark
+    add @conns { iifname ct count over 4096 } goto deny
+    iifname . ip daddr @gateway accept
+    fib daddr type { local, broadcast, multicast } goto deny
+    ip daddr $vm_range goto deny
+    iifname . ip daddr @egress accept
+    goto deny
+  }
+  chain deny {
+    meta l4proto { tcp, udp } add @denied { iifname . ip daddr . meta l4proto . th dport } drop
+    meta l4proto != { tcp, udp } add @denied { iifname . ip daddr . meta l4proto . 0 } drop
+    counter name iifname map @unitemised drop
+    drop
+  }
+  chain output {
+    type filter hook output priority -150; policy drop;
+    oifname != "sv*" accept
+    ct state new ct mark set oifname map @tapmark accept
+    ct state established,related oifname . ct mark @owner accept
+  }
+  chain forward {
+    type filter hook forward priority 0; policy drop;
+    iifname "sv*" oifname "svup" goto egress_out
+    iifname "svup" oifname "sv*" goto reply_in
+  }
+  chain reply_in {
+    ct state established,related oifname . ip daddr @source oifname . ct mark @owner accept
+  }
+  chain egress_out {
+    iifname . ip saddr != @source drop
+    iifname . ip daddr != @egress drop
+    iifname . ct mark != @owner drop
+    ct state new ct status ! confirmed limit name iifname map @cpscap counter name iifname map @cpshit drop
+    limit name iifname map @bwcap counter name iifname map @bwhit drop
+    accept
+  }
+  chain postrouting {
+    type nat hook postrouting priority srcnat; policy accept;
+    oifname "svup" masquerade
+  }
+}
+table arp smolvm {
+  set arplease { type ifname . ipv4_addr . ether_addr; }
+  chain input {
+    type filter hook input priority filter; policy accept;
+    iifname "svup" accept
+    iifname "sv*" iifname . arp saddr ip . arp saddr ether != @arplease drop
+  }
+}
+""")
+
+
+@pytest.mark.parametrize(("vm_range", "denied_size"), [
+    ("10.213.0.0/16", policy.DENIED_SET_SIZE),
+    ("172.30.0.0/20", policy.DENIED_SET_SIZE),
+    ("10.213.0.0/16", 16),
+])
+def test_run_ruleset_text_is_pinned(vm_range: str, denied_size: int) -> None:
+    net = ipaddress.IPv4Network(vm_range)
+    expected = RUN_RULESET.substitute(vm_range=vm_range, denied_size=denied_size)
+    if denied_size == policy.DENIED_SET_SIZE:
+        assert policy.run_ruleset(net) == expected
+    assert policy.run_ruleset(net, denied_size) == expected
