@@ -91,80 +91,109 @@ class Caps:
 
 
 def run_ruleset(vm_range: ipaddress.IPv4Network, denied_size: int = DENIED_SET_SIZE) -> str:
-    """The run namespace's table (created once, with the namespace)."""
-    return f"""table inet {RUN_TABLE} {{
-  set gateway {{ type ifname . ipv4_addr; }}
-  set egress {{ type ifname . ipv4_addr; flags interval; }}
-  set lease {{ type ifname . ipv4_addr . ether_addr; }}
-  set source {{ type ifname . ipv4_addr; }}
-  map tapmark {{ type ifname : mark; }}
-  set owner {{ type ifname . mark; }}
-  map unitemised {{ type ifname : counter; }}
-  map bwcap {{ type ifname : limit; }}
-  map bwhit {{ type ifname : counter; }}
-  map cpscap {{ type ifname : limit; }}
-  map cpshit {{ type ifname : counter; }}
-  set conns {{ type ifname; flags dynamic; size 65536; }}
-  set denied {{ type ifname . ipv4_addr . inet_proto . inet_service; flags dynamic; counter; size {denied_size}; }}
-  chain guard {{
-    type filter hook prerouting priority -150; policy drop;
-    iifname "{UPLINK_IF}" ct state established,related accept
-    iifname "{UPLINK_IF}" drop
-    iifname != "{TAP_PREFIX}*" accept
-    meta nfproto != ipv4 drop
-    iifname . ip saddr . ether saddr != @lease drop
-    ct state established,related iifname . ct mark @owner accept
-    ct state != new goto deny
-    ct mark set iifname map @tapmark
-    add @conns {{ iifname ct count over {MAX_CONNS} }} goto deny
-    iifname . ip daddr @gateway accept
-    fib daddr type {{ local, broadcast, multicast }} goto deny
-    ip daddr {vm_range} goto deny
-    iifname . ip daddr @egress accept
-    goto deny
-  }}
-  chain deny {{
-    meta l4proto {{ tcp, udp }} add @denied {{ iifname . ip daddr . meta l4proto . th dport }} drop
-    meta l4proto != {{ tcp, udp }} add @denied {{ iifname . ip daddr . meta l4proto . 0 }} drop
-    counter name iifname map @unitemised drop
-    drop
-  }}
-  chain output {{
-    type filter hook output priority -150; policy drop;
-    oifname != "{TAP_PREFIX}*" accept
-    ct state new ct mark set oifname map @tapmark accept
-    ct state established,related oifname . ct mark @owner accept
-  }}
-  chain forward {{
-    type filter hook forward priority 0; policy drop;
-    iifname "{TAP_PREFIX}*" oifname "{UPLINK_IF}" goto egress_out
-    iifname "{UPLINK_IF}" oifname "{TAP_PREFIX}*" goto reply_in
-  }}
-  chain reply_in {{
-    ct state established,related oifname . ip daddr @source oifname . ct mark @owner accept
-  }}
-  chain egress_out {{
-    iifname . ip saddr != @source drop
-    iifname . ip daddr != @egress drop
-    iifname . ct mark != @owner drop
-    ct state new ct status ! confirmed limit name iifname map @cpscap counter name iifname map @cpshit drop
-    limit name iifname map @bwcap counter name iifname map @bwhit drop
-    accept
-  }}
-  chain postrouting {{
-    type nat hook postrouting priority srcnat; policy accept;
-    oifname "{UPLINK_IF}" masquerade
-  }}
-}}
-table arp {RUN_TABLE} {{
-  set arplease {{ type ifname . ipv4_addr . ether_addr; }}
-  chain input {{
-    type filter hook input priority filter; policy accept;
-    iifname "{UPLINK_IF}" accept
-    iifname "{TAP_PREFIX}*" iifname . arp saddr ip . arp saddr ether != @arplease drop
-  }}
-}}
-"""
+    """The run namespace's tables (created once, with the namespace)."""
+    inet = [_run_sets(denied_size), _guard_chain(vm_range), _deny_chain(), _output_chain(), *_forward_chains(),
+            _chain("postrouting", "type nat hook postrouting priority srcnat; policy accept;",
+                   f'oifname "{UPLINK_IF}" masquerade')]
+    return f"table inet {RUN_TABLE} {{\n" + "".join(inet) + "}\n" + _arp_table()
+
+
+def _chain(name: str, *rules: str) -> str:
+    body = "".join(f"    {rule}\n" for rule in rules)
+    return f"  chain {name} {{\n{body}  }}\n"
+
+
+def _run_sets(denied_size: int) -> str:
+    """The sets and maps the chains look up, filled per VM by :func:`vm_elements`."""
+    decls = [
+        "set gateway { type ifname . ipv4_addr; }",
+        "set egress { type ifname . ipv4_addr; flags interval; }",
+        "set lease { type ifname . ipv4_addr . ether_addr; }",
+        "set source { type ifname . ipv4_addr; }",
+        "map tapmark { type ifname : mark; }",
+        "set owner { type ifname . mark; }",
+        "map unitemised { type ifname : counter; }",
+        "map bwcap { type ifname : limit; }",
+        "map bwhit { type ifname : counter; }",
+        "map cpscap { type ifname : limit; }",
+        "map cpshit { type ifname : counter; }",
+        "set conns { type ifname; flags dynamic; size 65536; }",
+        "set denied { type ifname . ipv4_addr . inet_proto . inet_service; flags dynamic; counter; "
+        f"size {denied_size}; }}",
+    ]
+    return "".join(f"  {d}\n" for d in decls)
+
+
+def _guard_chain(vm_range: ipaddress.IPv4Network) -> str:
+    """Steps 1-6 of the module docstring, in that order."""
+    return _chain(
+        "guard",
+        "type filter hook prerouting priority -150; policy drop;",
+        f'iifname "{UPLINK_IF}" ct state established,related accept',
+        f'iifname "{UPLINK_IF}" drop',
+        f'iifname != "{TAP_PREFIX}*" accept',
+        "meta nfproto != ipv4 drop",
+        "iifname . ip saddr . ether saddr != @lease drop",
+        "ct state established,related iifname . ct mark @owner accept",
+        "ct state != new goto deny",
+        "ct mark set iifname map @tapmark",
+        f"add @conns {{ iifname ct count over {MAX_CONNS} }} goto deny",
+        "iifname . ip daddr @gateway accept",
+        "fib daddr type { local, broadcast, multicast } goto deny",
+        f"ip daddr {vm_range} goto deny",
+        "iifname . ip daddr @egress accept",
+        "goto deny",
+    )
+
+
+def _deny_chain() -> str:
+    """Record in the ledger if it can, count if it cannot, drop either way."""
+    return _chain(
+        "deny",
+        "meta l4proto { tcp, udp } add @denied { iifname . ip daddr . meta l4proto . th dport } drop",
+        "meta l4proto != { tcp, udp } add @denied { iifname . ip daddr . meta l4proto . 0 } drop",
+        "counter name iifname map @unitemised drop",
+        "drop",
+    )
+
+
+def _output_chain() -> str:
+    return _chain(
+        "output",
+        "type filter hook output priority -150; policy drop;",
+        f'oifname != "{TAP_PREFIX}*" accept',
+        "ct state new ct mark set oifname map @tapmark accept",
+        "ct state established,related oifname . ct mark @owner accept",
+    )
+
+
+def _forward_chains() -> list[str]:
+    """TAP to uplink through the egress checks and caps; replies back only to the owner TAP."""
+    return [
+        _chain("forward",
+               "type filter hook forward priority 0; policy drop;",
+               f'iifname "{TAP_PREFIX}*" oifname "{UPLINK_IF}" goto egress_out',
+               f'iifname "{UPLINK_IF}" oifname "{TAP_PREFIX}*" goto reply_in'),
+        _chain("reply_in",
+               "ct state established,related oifname . ip daddr @source oifname . ct mark @owner accept"),
+        _chain("egress_out",
+               "iifname . ip saddr != @source drop",
+               "iifname . ip daddr != @egress drop",
+               "iifname . ct mark != @owner drop",
+               "ct state new ct status ! confirmed limit name iifname map @cpscap "
+               "counter name iifname map @cpshit drop",
+               "limit name iifname map @bwcap counter name iifname map @bwhit drop",
+               "accept"),
+    ]
+
+
+def _arp_table() -> str:
+    return f"table arp {RUN_TABLE} {{\n  set arplease {{ type ifname . ipv4_addr . ether_addr; }}\n" + _chain(
+        "input",
+        "type filter hook input priority filter; policy accept;",
+        f'iifname "{UPLINK_IF}" accept',
+        f'iifname "{TAP_PREFIX}*" iifname . arp saddr ip . arp saddr ether != @arplease drop',
+    ) + "}\n"
 
 
 def uplink_table(run_tag: str) -> str:
