@@ -189,113 +189,157 @@ def _close(*fds: int) -> None:
 
 
 def do_exec(chan: Channel, req: dict[str, Any], stdin_data: bytes) -> None:
-    rid = req["id"]
-    argv = req["argv"]
-    env = dict(BASE_ENV)
-    env.update(req.get("env") or {})
-    cwd = req.get("cwd") or "/root"
-    timeout = req.get("timeout")
-    cap = int(req.get("max_output", 16 << 20))
-    start = time.monotonic()
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
-    in_r, in_w = os.pipe() if stdin_data else (os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC), -1)
-    try:
-        pid = spawn_retrying(argv, env, cwd, (in_r, out_w, err_w))
-    except OSError as exc:
-        _close(out_r, out_w, err_r, err_w, in_r, in_w)
-        where = f"cwd {cwd}" if exc.filename == cwd else str(argv[0])
-        msg = f"smolvm: cannot execute {where}: {exc.strerror}\n".encode()
-        chan.send({"op": "result", "id": rid, "exit_code": 127 if exc.errno == errno.ENOENT else 126,
-                   "stdout_len": 0, "duration": time.monotonic() - start}, msg)
-        return
-    _close(out_w, err_w, in_r)
-    pidfd = os.pidfd_open(pid)
-    poller = select.poll()
-    bufs = {out_r: bytearray(), err_r: bytearray()}
-    truncated = {out_r: False, err_r: False}
-    live = {out_r, err_r}
-    for fd in live:
-        os.set_blocking(fd, False)
-        poller.register(fd, READ)
-    poller.register(pidfd, select.POLLIN)
-    pending = memoryview(stdin_data)
-    if in_w >= 0:
-        os.set_blocking(in_w, False)
-        poller.register(in_w, select.POLLOUT | select.POLLERR)
+    Execution(chan, req, stdin_data).run()
 
-    def read_some(fd: int) -> str:
+
+class Execution:
+    """One ``exec`` request, from spawn to reply and beyond: a poll loop whose events (the
+    command's exit, stdin room, output, the deadline) each have a method."""
+
+    def __init__(self, chan: Channel, req: dict[str, Any], stdin_data: bytes) -> None:
+        self.chan = chan
+        self.rid = req["id"]
+        self.argv = req["argv"]
+        self.env = dict(BASE_ENV)
+        self.env.update(req.get("env") or {})
+        self.cwd = req.get("cwd") or "/root"
+        self.cap = int(req.get("max_output", 16 << 20))
+        self.start = time.monotonic()
+        timeout = req.get("timeout")
+        self.deadline = self.start + float(timeout) if timeout else None
+        self.pending = memoryview(stdin_data)
+        self.timed_out = self.exited = False
+        self.poller = select.poll()
+        self.pid = self.pidfd = -1
+
+    def run(self) -> None:
+        if not self.spawn():
+            return
+        self.watch()
+        while not self.exited:
+            self.wait()
+        self.take_leftovers()
+        self.reply()
+        self.drain_background()
+
+    def spawn(self) -> bool:
+        """Start the command on fresh pipes; on failure reply as a shell would (127/126)."""
+        self.out_r, out_w = os.pipe()
+        self.err_r, err_w = os.pipe()
+        if self.pending:
+            in_r, self.in_w = os.pipe()
+        else:
+            in_r, self.in_w = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC), -1
+        try:
+            self.pid = spawn_retrying(self.argv, self.env, self.cwd, (in_r, out_w, err_w))
+        except OSError as exc:
+            _close(self.out_r, out_w, self.err_r, err_w, in_r, self.in_w)
+            where = f"cwd {self.cwd}" if exc.filename == self.cwd else str(self.argv[0])
+            msg = f"smolvm: cannot execute {where}: {exc.strerror}\n".encode()
+            self.chan.send({"op": "result", "id": self.rid, "exit_code": 127 if exc.errno == errno.ENOENT else 126,
+                            "stdout_len": 0, "duration": time.monotonic() - self.start}, msg)
+            return False
+        _close(out_w, err_w, in_r)
+        return True
+
+    def watch(self) -> None:
+        self.pidfd = os.pidfd_open(self.pid)
+        self.bufs = {self.out_r: bytearray(), self.err_r: bytearray()}
+        self.truncated = {self.out_r: False, self.err_r: False}
+        self.live = {self.out_r, self.err_r}
+        for fd in self.live:
+            os.set_blocking(fd, False)
+            self.poller.register(fd, READ)
+        self.poller.register(self.pidfd, select.POLLIN)
+        if self.in_w >= 0:
+            os.set_blocking(self.in_w, False)
+            self.poller.register(self.in_w, select.POLLOUT | select.POLLERR)
+
+    def wait(self) -> None:
+        """One poll, and the events it returned."""
+        deadline = self.deadline
+        events = self.poller.poll(None if deadline is None else max(0.0, deadline - time.monotonic()) * 1000)
+        if not events and deadline is not None and time.monotonic() >= deadline:
+            self.kill_on_timeout()
+            return
+        for fd, _ in events:
+            if fd == self.pidfd:
+                self.exited = True  # noticed through the pidfd, not the pipes (see module docstring)
+            elif fd == self.in_w:
+                self.feed_stdin()
+            elif fd in self.live:
+                self.read_output(fd)
+
+    def kill_on_timeout(self) -> None:
+        self.timed_out, self.deadline = True, None
+        try:
+            os.killpg(self.pid, SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def feed_stdin(self) -> None:
+        try:
+            self.pending = self.pending[os.write(self.in_w, self.pending[:CHUNK]):]
+        except BlockingIOError:
+            return
+        except OSError:  # the command closed its stdin
+            self.pending = self.pending[:0]
+        if not self.pending:
+            self.poller.unregister(self.in_w)
+            _close(self.in_w)
+            self.in_w = -1
+
+    def read_output(self, fd: int) -> str:
+        """Read one chunk, keeping up to the cap and dropping the rest: "data", "empty" or "eof"."""
         try:
             chunk = os.read(fd, CHUNK)
         except BlockingIOError:
             return "empty"
         if not chunk:
-            poller.unregister(fd)
-            live.discard(fd)
+            self.poller.unregister(fd)
+            self.live.discard(fd)
             return "eof"
-        room = cap - len(bufs[fd])
+        room = self.cap - len(self.bufs[fd])
         if room > 0:
-            bufs[fd] += chunk[:room]
+            self.bufs[fd] += chunk[:room]
         if len(chunk) > room:
-            truncated[fd] = True
+            self.truncated[fd] = True
         return "data"
 
-    deadline = start + float(timeout) if timeout else None
-    timed_out = exited = False
-    while not exited:
-        wait = None if deadline is None else max(0.0, deadline - time.monotonic()) * 1000
-        events = poller.poll(wait)
-        if not events and deadline is not None and time.monotonic() >= deadline:
-            timed_out, deadline = True, None
-            try:
-                os.killpg(pid, SIGKILL)
-            except ProcessLookupError:
-                pass
-            continue
-        for fd, _ in events:
-            if fd == pidfd:
-                exited = True
-            elif fd == in_w:
+    def take_leftovers(self) -> None:
+        """What is already in the pipes once the command exited (bounded, since a background
+        child that keeps writing must not hold up the reply)."""
+        for fd in (self.out_r, self.err_r):
+            for _ in range(1024):
+                if fd not in self.live or self.read_output(fd) != "data":
+                    break
+
+    def reply(self) -> None:
+        code = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+        self.poller.unregister(self.pidfd)
+        _close(self.pidfd)
+        if self.in_w >= 0:
+            self.poller.unregister(self.in_w)
+            _close(self.in_w)
+        out, err = self.out_r, self.err_r
+        self.chan.send({
+            "op": "result", "id": self.rid, "exit_code": code, "timed_out": self.timed_out,
+            "stdout_len": len(self.bufs[out]), "stdout_truncated": self.truncated[out],
+            "stderr_truncated": self.truncated[err], "duration": time.monotonic() - self.start,
+        }, bytes(self.bufs[out]) + bytes(self.bufs[err]))
+
+    def drain_background(self) -> None:
+        """Read and discard from pipes still held by background children until they close,
+        so those children never get SIGPIPE."""
+        while self.live:
+            for fd, _ in self.poller.poll():
                 try:
-                    pending = pending[os.write(in_w, pending[:CHUNK]):]
+                    if not os.read(fd, CHUNK):
+                        self.poller.unregister(fd)
+                        self.live.discard(fd)
                 except BlockingIOError:
-                    continue
-                except OSError:  # the command closed its stdin
-                    pending = pending[:0]
-                if not pending:
-                    poller.unregister(in_w)
-                    _close(in_w)
-                    in_w = -1
-            elif fd in live:
-                read_some(fd)
-    # The command exited: take what is already in the pipes (bounded, since a background
-    # child that keeps writing must not hold up the reply).
-    for fd in (out_r, err_r):
-        for _ in range(1024):
-            if fd not in live or read_some(fd) != "data":
-                break
-    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-    poller.unregister(pidfd)
-    _close(pidfd)
-    if in_w >= 0:
-        poller.unregister(in_w)
-        _close(in_w)
-    chan.send({
-        "op": "result", "id": rid, "exit_code": code, "timed_out": timed_out,
-        "stdout_len": len(bufs[out_r]), "stdout_truncated": truncated[out_r],
-        "stderr_truncated": truncated[err_r], "duration": time.monotonic() - start,
-    }, bytes(bufs[out_r]) + bytes(bufs[err_r]))
-    # Pipes still held by background children: read and discard until they close, so
-    # those children never get SIGPIPE.
-    while live:
-        for fd, _ in poller.poll():
-            try:
-                if not os.read(fd, CHUNK):
-                    poller.unregister(fd)
-                    live.discard(fd)
-            except BlockingIOError:
-                pass
-    _close(out_r, err_r)
+                    pass
+        _close(self.out_r, self.err_r)
 
 
 def run_simple(argv: list[str]) -> tuple[int, str]:
