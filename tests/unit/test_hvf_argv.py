@@ -159,3 +159,136 @@ def test_default_driver_on_macos_is_the_hvf_driver(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr("shutil.which", lambda name: None)
     driver = default_driver(VMConfig())
     assert isinstance(driver, hvf.HvfQemuDriver) and driver.name == "qemu"
+
+
+# ---------------------------------------------------------------- full argv, pinned
+# (as when the argv builders were refactored onto one spec object, issue 13)
+
+ARM = "/opt/homebrew/bin/qemu-system-aarch64"
+X86 = "/usr/local/bin/qemu-system-x86_64"
+
+
+def guest_part(kernel: str, initrd: str, cmdline: str, ctl: str) -> list[str]:
+    return ["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-kernel", kernel, "-initrd", initrd, "-append", cmdline,
+            "-chardev", "stdio,id=con,signal=off", "-serial", "chardev:con",
+            "-device", "virtio-serial-device",
+            "-chardev", f"socket,id=ctl,path={ctl},server=on,wait=off",
+            "-device", "virtserialport,chardev=ctl,name=smolvm.ctl"]
+
+
+FIXED = {"vcpus": 2, "memory_mib": 512, "kernel": Path("/i/Image"), "initrd": Path("/i/boot.cpio"),
+         "cmdline": "console=x", "control": Path("/r/vm/ctl.sock"), "disk": Path("/r/vm/disk.qcow2")}
+GUEST = guest_part("/i/Image", "/i/boot.cpio", "console=x", "/r/vm/ctl.sock")
+DRIVE = ["-drive", "id=root,file=/r/vm/disk.qcow2,format=qcow2,if=none,cache=unsafe,discard=unmap",
+         "-device", "virtio-blk-device,drive=root"]
+
+
+def test_virt_argv_is_pinned() -> None:
+    assert hvf.virt_argv(binary=ARM, accel="tcg", **FIXED) == [
+        ARM, "-M", "virt,gic-version=max", "-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "512",
+        *GUEST, *DRIVE]
+    clone = hvf.virt_argv(binary=ARM, accel="hvf", **FIXED, qmp=Path("/r/vm/qmp.sock"), memory_file=Path("/s/mem"),
+                          incoming=True, nic=Nic(5, "tap0", "02:00:00:00:00:01"))
+    assert clone == [
+        ARM, "-M", "virt,memory-backend=mem", "-accel", "hvf", "-cpu", "host", "-smp", "2", "-m", "512",
+        *GUEST, *DRIVE,
+        "-netdev", "tap,id=net0,fd=5", "-device", "virtio-net-device,netdev=net0,mac=02:00:00:00:00:01",
+        "-object", "memory-backend-file,id=mem,size=512M,mem-path=/s/mem,share=off",
+        "-qmp", "unix:/r/vm/qmp.sock,server=on,wait=off", "-incoming", "defer"]
+    template = hvf.virt_argv(binary=ARM, accel="kvm", **FIXED, memory_file=Path("/s/mem"), memory_shared=True,
+                             sandbox=True)
+    assert template == [
+        ARM, "-M", "virt,memory-backend=mem", "-accel", "kvm", "-cpu", "host", "-smp", "2", "-m", "512",
+        *GUEST, *DRIVE,
+        "-object", "memory-backend-file,id=mem,size=512M,mem-path=/s/mem,share=on",
+        "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
+
+
+def test_hvf_argv_is_pinned() -> None:
+    assert hvf.hvf_argv("arm64", binary=ARM, sandbox=True, **FIXED) == [
+        ARM, "-M", "virt", "-accel", "hvf", "-cpu", "host", "-smp", "2", "-m", "512", *GUEST, *DRIVE]
+    assert hvf.hvf_argv("x86_64", binary=X86, accel="tcg", sandbox=True, **FIXED) == [
+        X86, "-M", "microvm", "-accel", "hvf", "-cpu", "host", "-smp", "2", "-m", "512", *GUEST, *DRIVE]
+
+
+class _Proc:
+    pid = 4242
+
+    def poll(self) -> int | None:
+        return None
+
+
+@pytest.fixture
+def spawned(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The argv the HVF driver would start, with QEMU, qemu-img and the host out of the way."""
+    from pytest_smolvm.drivers import qemu
+    from pytest_smolvm.drivers.base import Spawned
+
+    argvs: list[list[str]] = []
+
+    def spawn(argv: list[str], workdir: Path, **kw: Any) -> Spawned:
+        argvs.append(list(argv))
+        return Spawned(_Proc(), (), False)  # type: ignore[arg-type]
+
+    def overlay(backing: Path, backing_format: str, path: Path, size_mib: int | None = None) -> Path:
+        path.write_bytes(b"QFI\xfb")
+        return path
+
+    monkeypatch.setattr(qemu, "spawn_vmm", spawn)
+    monkeypatch.setattr(qemu, "create_overlay", overlay)
+    monkeypatch.setattr(host, "host_tsc_khz", lambda: 2_400_000)
+    monkeypatch.setattr(qemu, "vmm_user", lambda: ("smolvm", 990, 991))
+    return argvs
+
+
+CMDLINE = ("quiet panic=-1 cryptomgr.notests lsm= ftrace=none mitigations=off audit=0 no_timer_check "
+           "random.trust_cpu=on initcall_blacklist=init_kprobe_trace,crypto_kdf108_init,"
+           "load_system_certificate_list,init_ima")
+
+
+def hvf_driver(arch: str, binary: str) -> hvf.HvfQemuDriver:
+    driver = hvf.HvfQemuDriver(binary, host_arch=arch)
+    driver.select_accel = lambda requested, image: Accel("hvf", "test")  # type: ignore[method-assign]
+    return driver
+
+
+def test_hvf_driver_launch_is_pinned(tmp_path: Path, spawned: list[list[str]]) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "x").mkdir()
+    image = fake_image(tmp_path)
+    hvf_driver("arm64", ARM).launch(VMConfig(vcpus=2), image, tmp_path / "a")
+    hvf_driver("x86_64", X86).launch(VMConfig(network="isolated"), image, tmp_path / "x",
+                                     Nic(5, "tap0", "02:00:00:00:00:01"))
+    t = str(tmp_path)
+    assert spawned == [
+        [ARM, "-M", "virt", "-accel", "hvf", "-cpu", "host", "-smp", "2", "-m", "256",
+         *guest_part(f"{t}/vmlinux", f"{t}/boot.cpio", f"console=ttyAMA0 {CMDLINE} possible_cpus=2",
+                     f"{t}/a/ctl.sock"),
+         "-drive", f"id=root,file={t}/a/disk.qcow2,format=qcow2,if=none,cache=unsafe,discard=unmap",
+         "-device", "virtio-blk-device,drive=root", "-qmp", f"unix:{t}/a/qmp.sock,server=on,wait=off"],
+        [X86, "-M", "microvm", "-accel", "hvf", "-cpu", "host", "-smp", "1", "-m", "256",
+         *guest_part(f"{t}/vmlinux", f"{t}/boot.cpio",
+                     f"console=ttyS0 {CMDLINE.replace('lsm= ', 'lsm= tsc=reliable ')} possible_cpus=2 smolvm.net=1",
+                     f"{t}/x/ctl.sock"),
+         "-drive", f"id=root,file={t}/x/disk.qcow2,format=qcow2,if=none,cache=unsafe,discard=unmap",
+         "-device", "virtio-blk-device,drive=root",
+         "-netdev", "tap,id=net0,fd=5", "-device", "virtio-net-device,netdev=net0,mac=02:00:00:00:00:01",
+         "-qmp", f"unix:{t}/x/qmp.sock,server=on,wait=off"],
+    ]
+
+
+def test_hvf_driver_template_is_pinned(tmp_path: Path, spawned: list[list[str]]) -> None:
+    for d in ("vm", "snap"):
+        (tmp_path / d).mkdir()
+    hvf_driver("arm64", ARM).launch_template(VMConfig(), fake_image(tmp_path), tmp_path / "vm", tmp_path / "snap")
+    t = str(tmp_path)
+    assert spawned == [
+        [ARM, "-M", "virt,memory-backend=mem", "-accel", "hvf", "-cpu", "host", "-smp", "1", "-m", "256",
+         *guest_part(f"{t}/vmlinux", f"{t}/boot.cpio", f"console=ttyAMA0 {CMDLINE} possible_cpus=2",
+                     f"{t}/vm/ctl.sock"),
+         "-drive", f"id=root,file={t}/snap/disk.qcow2,format=qcow2,if=none,cache=unsafe,discard=unmap",
+         "-device", "virtio-blk-device,drive=root",
+         "-object", f"memory-backend-file,id=mem,size=256M,mem-path={t}/snap/mem,share=on",
+         "-qmp", f"unix:{t}/vm/qmp.sock,server=on,wait=off"],
+    ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -9,9 +10,10 @@ import pytest
 
 from pytest_smolvm.config import VMConfig
 from pytest_smolvm.drivers import qemu
-from pytest_smolvm.drivers.base import Accel, guest_flags
+from pytest_smolvm.drivers.base import TEMPLATE_MAC, Accel, Nic, Spawned, guest_flags
 from pytest_smolvm.drivers.qemu import accel_args, choose_accel, kernel_cmdline, qemu_argv
 from pytest_smolvm.errors import ConfigError
+from pytest_smolvm.images import Image
 
 
 def argv_for(tmp_path: Path, **overrides: Any) -> list[str]:
@@ -345,3 +347,264 @@ def test_driver_drops_only_as_root(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     driver.drop_privileges = True
     monkeypatch.setattr(qemu, "vmm_user", lambda: None)  # not root
     assert driver._drop_args(tmp_path) == {}
+
+
+# ---------------------------------------------------------------- full argv, pinned
+#
+# Each configuration's whole argv as it was when the argv builders were refactored onto one
+# spec object (issue 13): any change to a pinned list changes what QEMU runs, and the
+# snapshot keys derived from it.
+
+BIN = "/usr/bin/qemu-system-x86_64"
+R = Path("/r/vm")
+HEAD = ["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]
+
+
+def guest_part(kernel: str, initrd: str, cmdline: str, ctl: str) -> list[str]:
+    return [*HEAD, "-kernel", kernel, "-initrd", initrd, "-append", cmdline,
+            "-chardev", "stdio,id=con,signal=off", "-serial", "chardev:con",
+            "-device", "virtio-serial-device",
+            "-chardev", f"socket,id=ctl,path={ctl},server=on,wait=off",
+            "-device", "virtserialport,chardev=ctl,name=smolvm.ctl"]
+
+
+PINNED_BUILDER: dict[str, tuple[dict[str, Any], list[str]]] = {
+    "tcg, no disk options": (
+        {"binary": BIN, "accel": "tcg", "vcpus": 1, "memory_mib": 256, "kernel": Path("/i/vmlinux"),
+         "initrd": Path("/i/boot-1.cpio"), "cmdline": "console=ttyS0 quiet", "control": R / "ctl.sock",
+         "disk": R / "disk.qcow2"},
+        [BIN, "-M", "microvm", "-accel", "tcg", "-cpu", "qemu64,+rdrand,+arat", "-smp", "1", "-m", "256",
+         *guest_part("/i/vmlinux", "/i/boot-1.cpio", "console=ttyS0 quiet", "/r/vm/ctl.sock"),
+         "-drive", "id=root,file=/r/vm/disk.qcow2,format=qcow2,if=none,cache=unsafe,discard=unmap",
+         "-device", "virtio-blk-device,drive=root"]),
+    "kvm, network, shared raw disk, sandbox": (
+        {"binary": BIN, "accel": "kvm", "vcpus": 4, "memory_mib": 1024, "kernel": Path("/i/vmlinux"),
+         "initrd": Path("/i/boot-1.cpio"), "cmdline": "c", "control": R / "ctl.sock",
+         "disk": Path("/c/shared/default.ext4"), "disk_format": "raw", "qmp": R / "qmp.sock", "sandbox": True,
+         "nic": Nic(7, "smv0", "02:53:56:00:00:01")},
+        [BIN, "-M", "microvm", "-accel", "kvm", "-cpu", "host", "-smp", "4", "-m", "1024",
+         *guest_part("/i/vmlinux", "/i/boot-1.cpio", "c", "/r/vm/ctl.sock"),
+         "-drive", "id=root,file=/c/shared/default.ext4,format=raw,if=none,cache=writeback,discard=unmap",
+         "-device", "virtio-blk-device,drive=root",
+         "-netdev", "tap,id=net0,fd=7", "-device", "virtio-net-device,netdev=net0,mac=02:53:56:00:00:01",
+         "-qmp", "unix:/r/vm/qmp.sock,server=on,wait=off",
+         "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]),
+    "snapshot template, privilege drop": (
+        {"binary": BIN, "accel": "tcg", "vcpus": 2, "memory_mib": 512, "kernel": Path("/i/vmlinux"),
+         "initrd": Path("/i/boot-1.cpio"), "cmdline": "c", "control": R / "ctl.sock",
+         "disk": Path("/s/k,1/disk.qcow2"), "qmp": R / "qmp.sock", "memory_file": Path("/s/k,1/mem"),
+         "memory_shared": True, "sandbox": True, "runas": "990:990", "chroot": R, "disk_fds": (11, 12)},
+        [BIN, "-M", "microvm,memory-backend=mem", "-accel", "tcg", "-cpu", "qemu64,+rdrand,+arat",
+         "-smp", "2", "-m", "512", *guest_part("/i/vmlinux", "/i/boot-1.cpio", "c", "/r/vm/ctl.sock"),
+         "-add-fd", "fd=11,set=1,opaque=/s/k,,1/disk.qcow2", "-add-fd", "fd=12,set=1",
+         "-drive", "id=root,file=/dev/fdset/1,format=qcow2,if=none,cache=unsafe,discard=unmap",
+         "-device", "virtio-blk-device,drive=root",
+         "-object", "memory-backend-file,id=mem,size=512M,mem-path=/s/k,,1/mem,share=on",
+         "-qmp", "unix:/r/vm/qmp.sock,server=on,wait=off",
+         "-sandbox", "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny",
+         "-chroot", "/r/vm", "-runas", "990:990"]),
+    "snapshot clone, network, privilege drop": (
+        {"binary": BIN, "accel": "kvm", "vcpus": 2, "memory_mib": 512, "kernel": Path("/i/vmlinux"),
+         "initrd": Path("/i/boot-1.cpio"), "cmdline": "c", "control": R / "ctl.sock",
+         "disk": R / "disk.qcow2", "qmp": R / "qmp.sock", "memory_file": Path("/s/k/mem"), "incoming": True,
+         "sandbox": True, "nic": Nic(5, "smv1", "02:53:56:00:00:01"), "runas": "990:990", "chroot": R,
+         "disk_fds": (8, 9)},
+        [BIN, "-M", "microvm,memory-backend=mem", "-accel", "kvm", "-cpu", "host", "-smp", "2", "-m", "512",
+         *guest_part("/i/vmlinux", "/i/boot-1.cpio", "c", "/r/vm/ctl.sock"),
+         "-add-fd", "fd=8,set=1,opaque=/r/vm/disk.qcow2", "-add-fd", "fd=9,set=1",
+         "-drive", "id=root,file=/dev/fdset/1,format=qcow2,if=none,cache=unsafe,discard=unmap",
+         "-device", "virtio-blk-device,drive=root",
+         "-netdev", "tap,id=net0,fd=5", "-device", "virtio-net-device,netdev=net0,mac=02:53:56:00:00:01",
+         "-object", "memory-backend-file,id=mem,size=512M,mem-path=/s/k/mem,share=off",
+         "-qmp", "unix:/r/vm/qmp.sock,server=on,wait=off", "-incoming", "defer",
+         "-sandbox", "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny",
+         "-chroot", "/r/vm", "-runas", "990:990"]),
+}
+
+
+@pytest.mark.parametrize("case", PINNED_BUILDER)
+def test_builder_argv_is_pinned(case: str) -> None:
+    kwargs, expected = PINNED_BUILDER[case]
+    assert qemu_argv(**kwargs) == expected
+
+
+class _Proc:
+    pid = 4242
+
+    def poll(self) -> int | None:
+        return None
+
+
+class _QMP:
+    """Answers a clone's restore: the guest is running once the state is in."""
+
+    def __init__(self, path: Path) -> None:
+        pass
+
+    def command(self, name: str, **args: Any) -> dict[str, Any]:
+        return {"status": "running"} if name == "query-status" else {}
+
+    def send_file(self, name: str, path: Path, flags: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+TSC_KHZ = 2_400_000
+CMDLINE = ("console=ttyS0 quiet panic=-1 cryptomgr.notests lsm= tsc=reliable ftrace=none mitigations=off audit=0 "
+           "no_timer_check random.trust_cpu=on "
+           "initcall_blacklist=init_kprobe_trace,crypto_kdf108_init,load_system_certificate_list,init_ima")
+
+
+def fake_image(tmp_path: Path, *, mkdir: bool = True) -> Image:
+    d = tmp_path / "img"
+    if mkdir:
+        d.mkdir(exist_ok=True)
+    return Image(name="default", path=d, kernel=d / "vmlinux", initrd=d / "boot-abc.cpio", rootfs=d / "rootfs.ext4",
+                 rootfs_mib=1024, digest="d" * 16, kernel_release="6.1", ssh_host_key_pub="")
+
+
+@pytest.fixture
+def spawned(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """What the QEMU driver would start, with QEMU, qemu-img and the host out of the way."""
+    calls: list[dict[str, Any]] = []
+
+    def spawn(argv: list[str], workdir: Path, **kw: Any) -> Spawned:
+        calls.append({"argv": list(argv), "workdir": workdir, **kw})
+        return Spawned(_Proc(), (), False)  # type: ignore[arg-type]
+
+    def overlay(backing: Path, backing_format: str, path: Path, size_mib: int | None = None) -> Path:
+        path.write_bytes(b"QFI\xfb")
+        return path
+
+    monkeypatch.setattr(qemu, "spawn_vmm", spawn)
+    monkeypatch.setattr(qemu, "create_overlay", overlay)
+    monkeypatch.setattr(qemu, "QMP", _QMP)
+    monkeypatch.setattr(qemu, "sandbox_supported", lambda binary: True)
+    monkeypatch.setattr(qemu.host, "host_tsc_khz", lambda: TSC_KHZ)
+    monkeypatch.setattr(qemu.host, "qemu_version", lambda binary: "QEMU emulator version 7.2.11")
+    monkeypatch.setattr(qemu, "vmm_user", lambda: ("smolvm", 990, 991))
+    monkeypatch.setattr(qemu, "vmm_uid", lambda: 990)
+    return calls
+
+
+def qemu_driver(accel: str = "tcg", *, drop: bool = True) -> qemu.QemuDriver:
+    driver = qemu.QemuDriver(BIN)
+    driver.select_accel = lambda requested, image: Accel(accel, "test")  # type: ignore[method-assign]
+    driver.drop_privileges = drop
+    return driver
+
+
+def norm(argv: list[str], tmp_path: Path) -> list[str]:
+    return [a.replace(str(tmp_path), "<T>") for a in argv]
+
+
+SANDBOX_ARGS = ["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
+DROPPED_ARGS = ["-sandbox", "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny"]
+
+
+def launched_part(workdir: str, cmdline: str) -> list[str]:
+    return guest_part("<T>/img/vmlinux", "<T>/img/boot-abc.cpio", cmdline, f"{workdir}/ctl.sock")
+
+
+def test_launch_tcg_without_network_or_drop(tmp_path: Path, spawned: list[dict[str, Any]]) -> None:
+    (tmp_path / "vm").mkdir()
+    qemu_driver(drop=False).launch(VMConfig(), fake_image(tmp_path), tmp_path / "vm")
+    (call,) = spawned
+    assert norm(call["argv"], tmp_path) == [
+        BIN, "-M", "microvm", "-accel", "tcg", "-cpu", "qemu64,+rdrand,+arat", "-smp", "1", "-m", "256",
+        *launched_part("<T>/vm", f"{CMDLINE} possible_cpus=2 tsc_early_khz={TSC_KHZ} smolvm.aslr=0"),
+        "-drive", "id=root,file=<T>/vm/disk.qcow2,format=qcow2,if=none,cache=unsafe,discard=unmap",
+        "-device", "virtio-blk-device,drive=root",
+        "-qmp", "unix:<T>/vm/qmp.sock,server=on,wait=off", *SANDBOX_ARGS]
+    assert call["pass_fds"] == () and call["uid"] == os.geteuid()
+    assert (call["driver"], call["stderr_name"], call["watch"]) == ("qemu", "qemu.log", True)
+
+
+def test_launch_kvm_with_network_and_drop(tmp_path: Path, spawned: list[dict[str, Any]]) -> None:
+    (tmp_path / "vm").mkdir()
+    config = VMConfig(network="isolated", vcpus=2, memory_mib=384)
+    qemu_driver("kvm").launch(config, fake_image(tmp_path), tmp_path / "vm", Nic(7, "smv0", TEMPLATE_MAC))
+    (call,) = spawned
+    rw, ro = call["pass_fds"][:2]
+    assert call["pass_fds"] == (rw, ro, 7) and call["uid"] == 990
+    assert norm(call["argv"], tmp_path) == [
+        BIN, "-M", "microvm", "-accel", "kvm", "-cpu", "host", "-smp", "2", "-m", "384",
+        *launched_part("<T>/vm", f"{CMDLINE} possible_cpus=2 smolvm.net=1"),
+        "-add-fd", f"fd={rw},set=1,opaque=<T>/vm/disk.qcow2", "-add-fd", f"fd={ro},set=1",
+        "-drive", "id=root,file=/dev/fdset/1,format=qcow2,if=none,cache=unsafe,discard=unmap",
+        "-device", "virtio-blk-device,drive=root",
+        "-netdev", "tap,id=net0,fd=7", "-device", f"virtio-net-device,netdev=net0,mac={TEMPLATE_MAC}",
+        "-qmp", "unix:<T>/vm/qmp.sock,server=on,wait=off", *DROPPED_ARGS,
+        "-chroot", "<T>/vm", "-runas", "990:991"]
+
+
+def test_launch_template_with_drop(tmp_path: Path, spawned: list[dict[str, Any]]) -> None:
+    for d in ("vm", "snap"):
+        (tmp_path / d).mkdir()
+    qemu_driver().launch_template(VMConfig(), fake_image(tmp_path), tmp_path / "vm", tmp_path / "snap")
+    (call,) = spawned
+    rw, ro = call["pass_fds"]
+    assert norm(call["argv"], tmp_path) == [
+        BIN, "-M", "microvm,memory-backend=mem", "-accel", "tcg", "-cpu", "qemu64,+rdrand,+arat",
+        "-smp", "1", "-m", "256",
+        *launched_part("<T>/vm", f"{CMDLINE} possible_cpus=2 tsc_early_khz={TSC_KHZ} smolvm.aslr=0"),
+        "-add-fd", f"fd={rw},set=1,opaque=<T>/snap/disk.qcow2", "-add-fd", f"fd={ro},set=1",
+        "-drive", "id=root,file=/dev/fdset/1,format=qcow2,if=none,cache=unsafe,discard=unmap",
+        "-device", "virtio-blk-device,drive=root",
+        "-object", "memory-backend-file,id=mem,size=256M,mem-path=<T>/snap/mem,share=on",
+        "-qmp", "unix:<T>/vm/qmp.sock,server=on,wait=off", *DROPPED_ARGS,
+        "-chroot", "<T>/vm", "-runas", "990:991"]
+
+
+def test_launch_clone_with_network_without_drop(tmp_path: Path, spawned: list[dict[str, Any]]) -> None:
+    for d in ("vm", "snap"):
+        (tmp_path / d).mkdir()
+    config = VMConfig(network="nat", aslr=True)
+    qemu_driver(drop=False).launch_clone(config, fake_image(tmp_path), tmp_path / "snap", tmp_path / "vm",
+                                         Nic(6, "smv2", TEMPLATE_MAC))
+    (call,) = spawned
+    assert call["pass_fds"] == (6,)
+    assert norm(call["argv"], tmp_path) == [
+        BIN, "-M", "microvm,memory-backend=mem", "-accel", "tcg", "-cpu", "qemu64,+rdrand,+arat",
+        "-smp", "1", "-m", "256",
+        *launched_part("<T>/vm", f"{CMDLINE} possible_cpus=2 tsc_early_khz={TSC_KHZ} smolvm.net=1"),
+        "-drive", "id=root,file=<T>/vm/disk.qcow2,format=qcow2,if=none,cache=unsafe,discard=unmap",
+        "-device", "virtio-blk-device,drive=root",
+        "-netdev", "tap,id=net0,fd=6", "-device", f"virtio-net-device,netdev=net0,mac={TEMPLATE_MAC}",
+        "-object", "memory-backend-file,id=mem,size=256M,mem-path=<T>/snap/mem,share=off",
+        "-qmp", "unix:<T>/vm/qmp.sock,server=on,wait=off", "-incoming", "defer", *SANDBOX_ARGS]
+
+
+def test_launch_clone_with_drop(tmp_path: Path, spawned: list[dict[str, Any]]) -> None:
+    for d in ("vm", "snap"):
+        (tmp_path / d).mkdir()
+    qemu_driver("kvm").launch_clone(VMConfig(), fake_image(tmp_path), tmp_path / "snap", tmp_path / "vm")
+    (call,) = spawned
+    rw, ro = call["pass_fds"]
+    assert norm(call["argv"], tmp_path) == [
+        BIN, "-M", "microvm,memory-backend=mem", "-accel", "kvm", "-cpu", "host", "-smp", "1", "-m", "256",
+        *launched_part("<T>/vm", f"{CMDLINE} possible_cpus=2"),
+        "-add-fd", f"fd={rw},set=1,opaque=<T>/vm/disk.qcow2", "-add-fd", f"fd={ro},set=1",
+        "-drive", "id=root,file=/dev/fdset/1,format=qcow2,if=none,cache=unsafe,discard=unmap",
+        "-device", "virtio-blk-device,drive=root",
+        "-object", "memory-backend-file,id=mem,size=256M,mem-path=<T>/snap/mem,share=off",
+        "-qmp", "unix:<T>/vm/qmp.sock,server=on,wait=off", "-incoming", "defer", *DROPPED_ARGS,
+        "-chroot", "<T>/vm", "-runas", "990:991"]
+
+
+#: snapshot_key hashes the argv with placeholder paths: these pin that argv too.
+PINNED_KEYS = {
+    ("tcg", False, "none"): "8159e8843d7fe47a7ca2",
+    ("tcg", True, "none"): "3293c5446604c5d7e936",
+    ("tcg", True, "isolated"): "51213e3689e45c7ed3ec",
+    ("kvm", True, "nat"): "630bb5b99183e8014583",
+}
+
+
+@pytest.mark.parametrize(("accel", "drop", "network"), PINNED_KEYS)
+def test_snapshot_key_is_pinned(spawned: list[dict[str, Any]], accel: str, drop: bool, network: str) -> None:
+    key = qemu_driver(accel, drop=drop).snapshot_key(VMConfig(network=network), fake_image(Path("/"), mkdir=False))
+    assert key == PINNED_KEYS[accel, drop, network]
+    assert not spawned
