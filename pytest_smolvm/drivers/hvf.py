@@ -10,16 +10,18 @@ the QEMU driver with them, and runs only on macOS.
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 from collections.abc import Sequence
-from pathlib import Path
 
 from .. import host
 from ..config import VMConfig
 from ..errors import ConfigError
 from ..images import Image
-from .base import Accel, Nic, guest_flags
-from .qemu import BASE_CMDLINE, QemuDriver, guest_args, kernel_cmdline, qemu_argv
+from .base import Accel, guest_flags
+from .kernel import BASE_CMDLINE, kernel_cmdline
+from .qemu import QemuDriver, guest_args, qemu_argv
+from .spec import MachineSpec
 
 #: Host CPU architecture (``platform.machine()``) -> QEMU system emulator.
 QEMU_SYSTEM: dict[str, str] = {"x86_64": "qemu-system-x86_64", "amd64": "qemu-system-x86_64",
@@ -35,54 +37,33 @@ def aarch64_kernel_cmdline(extra: Sequence[str] = (), vcpus: int = 1) -> str:
     return " ".join(parts)
 
 
-def virt_argv(
-    *,
-    binary: str,
-    accel: str,
-    vcpus: int,
-    memory_mib: int,
-    kernel: Path,
-    initrd: Path,
-    cmdline: str,
-    control: Path,
-    disk: Path | None,
-    disk_format: str = "qcow2",
-    qmp: Path | None = None,
-    memory_file: Path | None = None,
-    memory_shared: bool = False,
-    incoming: bool = False,
-    sandbox: bool = False,
-    nic: Nic | None = None,
-) -> list[str]:
+def virt_argv(spec: MachineSpec) -> list[str]:
     """Full ``qemu-system-aarch64 -M virt`` argv for one VM (pure): the arm64 counterpart of
-    :func:`qemu_argv`, same keywords, same virtio-mmio devices (``virt`` has virtio-mmio
+    :func:`qemu_argv`, same spec, same virtio-mmio devices (``virt`` has virtio-mmio
     transports), so the control channel is the same virtio-serial port as on Linux/x86.
     ``accel`` is ``hvf`` (Apple silicon), ``kvm`` (arm64 Linux) or ``tcg`` (``-cpu max``)."""
-    if accel not in ("hvf", "kvm", "tcg"):
-        raise ConfigError(f"invalid accel={accel!r}: expected hvf, kvm or tcg")
-    machine = "virt,gic-version=max" if accel == "tcg" else "virt"
-    if memory_file is not None:
+    if spec.accel not in ("hvf", "kvm", "tcg"):
+        raise ConfigError(f"invalid accel={spec.accel!r}: expected hvf, kvm or tcg")
+    machine = "virt,gic-version=max" if spec.accel == "tcg" else "virt"
+    if spec.ram is not None:
         machine += ",memory-backend=mem"
-    return [binary, "-M", machine, "-accel", accel, "-cpu", "max" if accel == "tcg" else "host",
-            "-smp", str(vcpus), "-m", str(memory_mib),
-            *guest_args(memory_mib=memory_mib, kernel=kernel, initrd=initrd, cmdline=cmdline,
-                        control=control, disk=disk, disk_format=disk_format, qmp=qmp, memory_file=memory_file,
-                        memory_shared=memory_shared, incoming=incoming, sandbox=sandbox, nic=nic)]
+    return [spec.binary, "-M", machine, "-accel", spec.accel, "-cpu", "max" if spec.accel == "tcg" else "host",
+            "-smp", str(spec.vcpus), "-m", str(spec.memory_mib), *guest_args(spec)]
 
 
-def hvf_argv(host_arch: str, **kwargs: object) -> list[str]:
+def hvf_argv(host_arch: str, spec: MachineSpec) -> list[str]:
     """The argv of an HVF guest on a macOS host of ``host_arch`` (pure).
 
     Apple silicon (``arm64``): ``qemu-system-aarch64 -M virt -accel hvf -cpu host`` with an
     arm64 image. Intel Macs (``x86_64``): ``qemu-system-x86_64 -M microvm -accel hvf -cpu
     host``, the Linux argv with HVF for KVM. macOS QEMU has no seccomp: never ``-sandbox``.
-    Keywords are those of :func:`qemu_argv` except ``accel``.
+    The spec's ``accel`` and ``sandbox`` are overridden accordingly.
     """
-    kwargs = {**kwargs, "accel": "hvf", "sandbox": False}
+    spec = dataclasses.replace(spec, accel="hvf", sandbox=False)
     if QEMU_SYSTEM.get(host_arch) == "qemu-system-aarch64":
-        return virt_argv(**kwargs)  # type: ignore[arg-type]
+        return virt_argv(spec)
     if QEMU_SYSTEM.get(host_arch) == "qemu-system-x86_64":
-        return qemu_argv(**kwargs)  # type: ignore[arg-type]
+        return qemu_argv(spec)
     raise ConfigError(f"invalid host architecture {host_arch!r} for HVF: expected arm64 or x86_64")
 
 
@@ -117,16 +98,18 @@ class HvfQemuDriver(QemuDriver):
             return Accel("tcg", "requested with accel=tcg")
         raise ConfigError(f"invalid accel={requested!r} on macOS: expected auto, hvf or tcg")
 
-    def _argv(self, config: VMConfig, image: Image, workdir: Path, accel: Accel, disk: Path | None,
-              fmt: str = "qcow2", *, nic: Nic | None = None, **extra: object) -> list[str]:
+    @property
+    def _aarch64(self) -> bool:
+        return QEMU_SYSTEM.get(self.host_arch) == "qemu-system-aarch64"
+
+    def _cmdline(self, config: VMConfig, accel: Accel) -> str:
         flags = [*guest_flags(config, accel), *self.extra_cmdline]
-        aarch64 = QEMU_SYSTEM.get(self.host_arch) == "qemu-system-aarch64"
-        cmdline = aarch64_kernel_cmdline(flags, config.vcpus) if aarch64 else \
-            kernel_cmdline(accel.name, host.host_tsc_khz(), flags, config.vcpus)
-        build = virt_argv if aarch64 else qemu_argv
-        return build(
-            binary=self.binary, accel=accel.name, vcpus=config.vcpus, memory_mib=config.memory_mib,
-            kernel=image.kernel, initrd=image.initrd, cmdline=cmdline,
-            control=workdir / "ctl.sock", disk=disk, disk_format=fmt,
-            qmp=workdir / "qmp.sock", sandbox=False, nic=nic, **extra,  # type: ignore[arg-type]
-        )
+        if self._aarch64:
+            return aarch64_kernel_cmdline(flags, config.vcpus)
+        return kernel_cmdline(accel.name, host.host_tsc_khz(), flags, config.vcpus)
+
+    def _sandbox(self) -> bool:
+        return False  # macOS QEMU has no seccomp
+
+    def _argv(self, spec: MachineSpec) -> list[str]:
+        return virt_argv(spec) if self._aarch64 else qemu_argv(spec)

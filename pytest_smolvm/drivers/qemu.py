@@ -1,7 +1,7 @@
 """QEMU driver: ``-M microvm`` with virtio-mmio devices, on KVM, HVF or TCG.
 
-The argv and kernel command line are built by pure functions (unit-tested); process
-handling lives in :class:`QemuMachine`.
+The argv is built by pure functions (unit-tested) of one :class:`~.spec.MachineSpec`,
+which the driver builds once per launch; process handling lives in :class:`QemuMachine`.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from ..images import Image
 from ..paths import cache_dir
 from .base import TEMPLATE_MAC, Accel, Nic, Spawned, VMMProcess, guest_flags, spawn_vmm, vmm_uid, vmm_user
 from .disks import checked_disk_size, shared_disk
-from .kernel import BASE_CMDLINE as BASE_CMDLINE
 from .kernel import kernel_cmdline as kernel_cmdline
 from .qmp import QMP
+from .spec import MachineSpec, RamFile
 
 TCG_CPU = "qemu64,+rdrand,+arat"
 CONTROL_PORT = "smolvm.ctl"
@@ -54,106 +54,75 @@ def _opt(path: Path | str) -> str:
     return str(path).replace(",", ",,")
 
 
-def qemu_argv(
-    *,
-    binary: str,
-    accel: str,
-    vcpus: int,
-    memory_mib: int,
-    kernel: Path,
-    initrd: Path,
-    cmdline: str,
-    control: Path,
-    disk: Path | None,
-    disk_format: str = "qcow2",
-    qmp: Path | None = None,
-    memory_file: Path | None = None,
-    memory_shared: bool = False,
-    incoming: bool = False,
-    sandbox: bool = False,
-    nic: Nic | None = None,
-    runas: str | None = None,
-    chroot: Path | None = None,
-    disk_fds: tuple[int, int] | None = None,
-) -> list[str]:
-    """Full QEMU argv for one microVM (pure).
-
-    ``memory_file`` backs guest RAM with a file: ``memory_shared=True`` for a snapshot
-    template (guest writes reach the file), False for a clone (a private copy-on-write view).
-    ``incoming`` waits for a migration stream (a snapshot restore) started over QMP.
-    ``nic`` attaches a virtio-net device to an inherited TAP descriptor.
-    ``runas`` (``uid:gid``) and ``chroot``: what QEMU drops to once every file, socket and
-    descriptor is open. ``disk_fds`` (read-write, read-only) of ``disk``: QEMU reopens a disk
-    by name when it (de)activates it around a migration, which it cannot do by path once
-    chrooted and unprivileged; through an fd set it picks the inherited descriptor instead.
-    """
-    machine = "microvm" if memory_file is None else "microvm,memory-backend=mem"
-    return [binary, "-M", machine, *accel_args(accel), "-smp", str(vcpus), "-m", str(memory_mib),
-            *guest_args(memory_mib=memory_mib, kernel=kernel, initrd=initrd, cmdline=cmdline,
-                        control=control, disk=disk, disk_format=disk_format, qmp=qmp, memory_file=memory_file,
-                        memory_shared=memory_shared, incoming=incoming, sandbox=sandbox, nic=nic,
-                        runas=runas, chroot=chroot, disk_fds=disk_fds)]
+def qemu_argv(spec: MachineSpec) -> list[str]:
+    """Full QEMU ``-M microvm`` argv for one VM (pure)."""
+    machine = "microvm" if spec.ram is None else "microvm,memory-backend=mem"
+    return [spec.binary, "-M", machine, *accel_args(spec.accel), "-smp", str(spec.vcpus), "-m", str(spec.memory_mib),
+            *guest_args(spec)]
 
 
-def guest_args(
-    *,
-    memory_mib: int,
-    kernel: Path,
-    initrd: Path,
-    cmdline: str,
-    control: Path,
-    disk: Path | None,
-    disk_format: str,
-    qmp: Path | None,
-    memory_file: Path | None,
-    memory_shared: bool,
-    incoming: bool,
-    sandbox: bool,
-    nic: Nic | None,
-    runas: str | None = None,
-    chroot: Path | None = None,
-    disk_fds: tuple[int, int] | None = None,
-) -> list[str]:
-    """Everything of a QEMU argv after machine, accelerator, CPUs and memory size (pure):
-    kernel, console, control port, disk, NIC, RAM backend, QMP, incoming, sandbox, privilege
-    drop. The same on every machine type (microvm, virt).
+def guest_args(spec: MachineSpec) -> list[str]:
+    """Everything of a QEMU argv after machine, accelerator, CPUs and memory size (pure).
+    The same on every machine type (microvm, virt)."""
+    return [*_boot_args(spec), *_disk_args(spec), *_nic_args(spec), *_ram_args(spec), *_monitor_args(spec),
+            *_confinement_args(spec)]
 
-    The serial console is QEMU's stdout, a pipe the engine caps (a file chardev would grow
-    without limit under a guest's ``yes > /dev/console``)."""
-    argv = [
+
+def _boot_args(spec: MachineSpec) -> list[str]:
+    """Kernel, console and control port. The serial console is QEMU's stdout, a pipe the
+    engine caps (a file chardev would grow without limit under a guest's ``yes > /dev/console``)."""
+    return [
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-        "-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline,
+        "-kernel", str(spec.kernel), "-initrd", str(spec.initrd), "-append", spec.cmdline,
         "-chardev", "stdio,id=con,signal=off", "-serial", "chardev:con",
         "-device", "virtio-serial-device",
-        "-chardev", f"socket,id=ctl,path={_opt(control)},server=on,wait=off",
+        "-chardev", f"socket,id=ctl,path={_opt(spec.control)},server=on,wait=off",
         "-device", f"virtserialport,chardev=ctl,name={CONTROL_PORT}",
     ]
-    if disk is not None:
-        cache = "unsafe" if disk_format == "qcow2" else "writeback"
-        file = _opt(disk)
-        if disk_fds is not None:
-            argv += ["-add-fd", f"fd={disk_fds[0]},set=1,opaque={file}", "-add-fd", f"fd={disk_fds[1]},set=1"]
-            file = "/dev/fdset/1"
-        argv += [
-            "-drive", f"id=root,file={file},format={disk_format},if=none,cache={cache},discard=unmap",
-            "-device", "virtio-blk-device,drive=root",
-        ]
-    if nic is not None:
-        argv += ["-netdev", f"tap,id=net0,fd={nic.tap_fd}",
-                 "-device", f"virtio-net-device,netdev=net0,mac={nic.mac}"]
-    if memory_file is not None:
-        argv += ["-object", f"memory-backend-file,id=mem,size={memory_mib}M,mem-path={_opt(memory_file)},"
-                            f"share={'on' if memory_shared else 'off'}"]
-    if qmp is not None:
-        argv += ["-qmp", f"unix:{_opt(qmp)},server=on,wait=off"]
-    if incoming:
+
+
+def _disk_args(spec: MachineSpec) -> list[str]:
+    if spec.disk is None:
+        return []
+    cache = "unsafe" if spec.disk_format == "qcow2" else "writeback"
+    file = _opt(spec.disk)
+    argv = []
+    if spec.disk_fds is not None:
+        argv += ["-add-fd", f"fd={spec.disk_fds[0]},set=1,opaque={file}", "-add-fd", f"fd={spec.disk_fds[1]},set=1"]
+        file = "/dev/fdset/1"
+    return [*argv, "-drive", f"id=root,file={file},format={spec.disk_format},if=none,cache={cache},discard=unmap",
+            "-device", "virtio-blk-device,drive=root"]
+
+
+def _nic_args(spec: MachineSpec) -> list[str]:
+    if spec.nic is None:
+        return []
+    return ["-netdev", f"tap,id=net0,fd={spec.nic.tap_fd}",
+            "-device", f"virtio-net-device,netdev=net0,mac={spec.nic.mac}"]
+
+
+def _ram_args(spec: MachineSpec) -> list[str]:
+    if spec.ram is None:
+        return []
+    return ["-object", f"memory-backend-file,id=mem,size={spec.memory_mib}M,mem-path={_opt(spec.ram.path)},"
+                       f"share={'on' if spec.ram.shared else 'off'}"]
+
+
+def _monitor_args(spec: MachineSpec) -> list[str]:
+    """QMP, and waiting on it for a snapshot restore's migration stream."""
+    argv = [] if spec.qmp is None else ["-qmp", f"unix:{_opt(spec.qmp)},server=on,wait=off"]
+    if spec.ram is not None and spec.ram.incoming:
         argv += ["-incoming", "defer"]
-    if sandbox:
-        argv += ["-sandbox", SANDBOX_DROPPED if runas else SANDBOX]
-    if chroot is not None:
-        argv += ["-chroot", str(chroot)]
-    if runas is not None:
-        argv += ["-runas", runas]
+    return argv
+
+
+def _confinement_args(spec: MachineSpec) -> list[str]:
+    """Seccomp, then the chroot and user QEMU drops to once everything is open."""
+    argv = ["-sandbox", SANDBOX_DROPPED if spec.runas else SANDBOX] if spec.sandbox else []
+    if spec.chroot is not None:
+        argv += ["-chroot", str(spec.chroot)]
+    if spec.runas is not None:
+        argv += ["-runas", spec.runas]
     return argv
 
 
@@ -220,48 +189,54 @@ class QemuDriver:
             return shared_disk(image, size), "raw"
         return create_overlay(image.rootfs, "raw", workdir / "disk.qcow2", size), "qcow2"
 
-    def _argv(self, config: VMConfig, image: Image, workdir: Path, accel: Accel, disk: Path | None,
-              fmt: str = "qcow2", *, nic: Nic | None, **extra: object) -> list[str]:
+    def _cmdline(self, config: VMConfig, accel: Accel) -> str:
+        return kernel_cmdline(accel.name, host.host_tsc_khz(), [*guest_flags(config, accel), *self.extra_cmdline],
+                              config.vcpus)
+
+    def _sandbox(self) -> bool:
+        return sandbox_supported(self.binary)
+
+    def _privilege_drop(self, workdir: Path) -> tuple[str, Path] | None:
+        """(``runas``, ``chroot``): as root, QEMU drops to the VMM user inside ``workdir``."""
+        user = vmm_user() if self.drop_privileges else None
+        return None if user is None else (f"{user[1]}:{user[2]}", workdir)
+
+    def _spec(self, config: VMConfig, image: Image, workdir: Path, accel: Accel, disk: Path | None,
+              fmt: str = "qcow2", *, nic: Nic | None, ram: RamFile | None = None,
+              disk_fds: tuple[int, int] | None = None) -> MachineSpec:
+        """The one spec of a launch: sockets in ``workdir``, the disk, NIC and RAM file given."""
         if (nic is None) != (config.network == "none"):
             raise ConfigError(f"network={config.network!r} needs a NIC exactly when it is not 'none' "
                               f"(got {'none' if nic is None else nic.tap})")
-        return qemu_argv(
+        runas, chroot = self._privilege_drop(workdir) or (None, None)
+        return MachineSpec(
             binary=self.binary, accel=accel.name, vcpus=config.vcpus, memory_mib=config.memory_mib,
-            kernel=image.kernel, initrd=image.initrd,
-            cmdline=kernel_cmdline(accel.name, host.host_tsc_khz(),
-                                   [*guest_flags(config, accel), *self.extra_cmdline], config.vcpus),
-            control=workdir / "ctl.sock", disk=disk, disk_format=fmt,
-            qmp=workdir / "qmp.sock", sandbox=sandbox_supported(self.binary), nic=nic,
-            **self._drop_args(workdir), **extra,  # type: ignore[arg-type]
-        )
+            kernel=image.kernel, initrd=image.initrd, cmdline=self._cmdline(config, accel),
+            control=workdir / "ctl.sock", disk=disk, disk_format=fmt, disk_fds=disk_fds, qmp=workdir / "qmp.sock",
+            ram=ram, nic=nic, sandbox=self._sandbox(), runas=runas, chroot=chroot)
 
-    def _drop_args(self, workdir: Path) -> dict[str, object]:
-        """``runas``/``chroot`` for qemu_argv: as root, drop to the VMM user inside ``workdir``."""
-        user = vmm_user() if self.drop_privileges else None
-        if user is None:
-            return {}
-        return {"runas": f"{user[1]}:{user[2]}", "chroot": workdir}
+    def _argv(self, spec: MachineSpec) -> list[str]:
+        return qemu_argv(spec)
 
     def _start(self, config: VMConfig, image: Image, workdir: Path, accel: Accel, disk: Path, fmt: str = "qcow2",
-               *, nic: Nic | None, **extra: object) -> QemuMachine:
-        """Build the argv and start QEMU; when it drops privileges, the disk goes in as descriptors."""
+               *, nic: Nic | None, ram: RamFile | None = None) -> QemuMachine:
+        """Build the spec and start QEMU; when it drops privileges, the disk goes in as descriptors."""
         fds = None
-        if self._drop_args(workdir):
+        if self._privilege_drop(workdir):
             fds = (os.open(disk, os.O_RDWR | os.O_CLOEXEC), os.open(disk, os.O_RDONLY | os.O_CLOEXEC))
-            extra["disk_fds"] = fds
         try:
-            argv = self._argv(config, image, workdir, accel, disk, fmt, nic=nic, **extra)
-            return self._spawn(argv, accel, workdir, disk, nic, fds or ())
+            spec = self._spec(config, image, workdir, accel, disk, fmt, nic=nic, ram=ram, disk_fds=fds)
+            return self._spawn(spec, accel, workdir, disk)
         finally:
             for fd in fds or ():
                 os.close(fd)
 
-    def _spawn(self, argv: list[str], accel: Accel, workdir: Path, disk: Path, nic: Nic | None,
-               fds: Sequence[int] = ()) -> QemuMachine:
-        dropped = vmm_uid() if "-runas" in argv else None
+    def _spawn(self, spec: MachineSpec, accel: Accel, workdir: Path, disk: Path) -> QemuMachine:
+        dropped = vmm_uid() if spec.runas is not None else None
         uid = os.geteuid() if dropped is None else dropped
-        spawned = spawn_vmm(argv, workdir, driver="qemu", uid=uid, stderr_name="qemu.log",
-                            pass_fds=(*fds, *((nic.tap_fd,) if nic is not None else ())), watch=self.die_with_parent)
+        pass_fds = (*(spec.disk_fds or ()), *((spec.nic.tap_fd,) if spec.nic is not None else ()))
+        spawned = spawn_vmm(self._argv(spec), workdir, driver="qemu", uid=uid, stderr_name="qemu.log",
+                            pass_fds=pass_fds, watch=self.die_with_parent)
         (workdir / "qemu.pid").write_text(str(spawned.proc.pid))  # read by reaper.py and older runs
         return QemuMachine(spawned.proc, accel, workdir, disk, spawned)
 
@@ -281,10 +256,9 @@ class QemuDriver:
         accel = self.select_accel(config.accel, image)
         placeholder = Path("/SNAP")
         nic = None if config.network == "none" else Nic(3, "tap", TEMPLATE_MAC)  # fd: a placeholder
-        extra: dict[str, object] = {"memory_file": placeholder / "mem"}
-        if self._drop_args(placeholder):
-            extra["disk_fds"] = (4, 5)  # placeholders, like the NIC's
-        argv = self._argv(config, image, placeholder, accel, placeholder / "disk.qcow2", "qcow2", nic=nic, **extra)
+        fds = (4, 5) if self._privilege_drop(placeholder) else None  # placeholders, like the NIC's
+        argv = self._argv(self._spec(config, image, placeholder, accel, placeholder / "disk.qcow2", "qcow2", nic=nic,
+                                     ram=RamFile(placeholder / "mem"), disk_fds=fds))
         blob = json.dumps({"argv": argv, "qemu": host.qemu_version(self.binary), "image": image.id,
                            "disk_size_mib": config.disk_size_mib, "format": 1})
         return hashlib.sha256(blob.encode()).hexdigest()[:20]
@@ -295,8 +269,7 @@ class QemuDriver:
         Sockets and logs stay in ``workdir`` (short AF_UNIX paths)."""
         accel = self.select_accel(config.accel, image)
         disk, fmt = self.prepare_disk(config, image, target)
-        return self._start(config, image, workdir, accel, disk, fmt, memory_file=target / "mem",
-                           memory_shared=True, nic=nic)
+        return self._start(config, image, workdir, accel, disk, fmt, nic=nic, ram=RamFile(target / "mem", shared=True))
 
     def save_snapshot(self, machine: QemuMachine, target: Path) -> None:
         """Save device state to ``target/state`` (RAM is already in ``target/mem``), then stop
@@ -318,8 +291,8 @@ class QemuDriver:
         """Restore a snapshot: private copy-on-write RAM, a fresh overlay on the snapshot's disk."""
         accel = self.select_accel(config.accel, image)
         overlay = create_overlay(snapshot / "disk.qcow2", "qcow2", workdir / "disk.qcow2")
-        machine = self._start(config, image, workdir, accel, overlay, memory_file=snapshot / "mem",
-                              memory_shared=False, incoming=True, nic=nic)
+        machine = self._start(config, image, workdir, accel, overlay, nic=nic,
+                              ram=RamFile(snapshot / "mem", incoming=True))
         try:
             qmp = QMP(machine.qmp_path)
             try:

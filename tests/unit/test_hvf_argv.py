@@ -12,6 +12,7 @@ from pytest_smolvm.config import VMConfig
 from pytest_smolvm.drivers import hvf
 from pytest_smolvm.drivers.base import Accel, Nic
 from pytest_smolvm.drivers.qemu import CONTROL_PORT
+from pytest_smolvm.drivers.spec import MachineSpec, RamFile
 from pytest_smolvm.errors import ConfigError
 from pytest_smolvm.images import Image
 from pytest_smolvm.images.recipe import KERNEL_PACKAGES, Recipe, arm64_recipe, stage1_init
@@ -20,13 +21,14 @@ from pytest_smolvm.images.recipe import KERNEL_PACKAGES, Recipe, arm64_recipe, s
 DEFAULT_DIGEST_BEFORE_ARCH = "9b043e654da5590b"
 
 
-def kwargs(tmp_path: Path, **over: Any) -> dict[str, Any]:
-    kw: dict[str, Any] = {"binary": "/opt/homebrew/bin/qemu-system-aarch64", "vcpus": 2, "memory_mib": 512,
+def spec(tmp_path: Path, **over: Any) -> MachineSpec:
+    kw: dict[str, Any] = {"binary": "/opt/homebrew/bin/qemu-system-aarch64", "accel": "hvf", "vcpus": 2,
+                          "memory_mib": 512,
                           "kernel": tmp_path / "vmlinux", "initrd": tmp_path / "boot.cpio", "cmdline": "console=x",
                           "control": tmp_path / "ctl.sock",
                           "disk": tmp_path / "disk.qcow2"}
     kw.update(over)
-    return kw
+    return MachineSpec(**kw)
 
 
 def one(argv: list[str], flag: str) -> str:
@@ -37,7 +39,7 @@ def one(argv: list[str], flag: str) -> str:
 
 @pytest.mark.parametrize("arch", ["arm64", "aarch64"])
 def test_apple_silicon_is_aarch64_virt_with_hvf(tmp_path: Path, arch: str) -> None:
-    argv = hvf.hvf_argv(arch, **kwargs(tmp_path))
+    argv = hvf.hvf_argv(arch, spec(tmp_path))
     assert argv[0] == "/opt/homebrew/bin/qemu-system-aarch64"
     assert one(argv, "-M") == "virt"
     i = argv.index("-accel")
@@ -52,7 +54,7 @@ def test_apple_silicon_is_aarch64_virt_with_hvf(tmp_path: Path, arch: str) -> No
 
 
 def test_intel_mac_is_microvm_with_hvf(tmp_path: Path) -> None:
-    argv = hvf.hvf_argv("x86_64", **kwargs(tmp_path, binary="/usr/local/bin/qemu-system-x86_64"))
+    argv = hvf.hvf_argv("x86_64", spec(tmp_path, binary="/usr/local/bin/qemu-system-x86_64"))
     assert argv[0] == "/usr/local/bin/qemu-system-x86_64"
     assert one(argv, "-M") == "microvm"
     assert one(argv, "-accel") == "hvf" and one(argv, "-cpu") == "host"
@@ -61,12 +63,12 @@ def test_intel_mac_is_microvm_with_hvf(tmp_path: Path) -> None:
 
 def test_unknown_host_arch_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="host architecture 'riscv64'"):
-        hvf.hvf_argv("riscv64", **kwargs(tmp_path))
+        hvf.hvf_argv("riscv64", spec(tmp_path))
 
 
 def test_virt_snapshot_clone_and_nic(tmp_path: Path) -> None:
-    argv = hvf.virt_argv(accel="hvf", **kwargs(tmp_path, memory_file=tmp_path / "mem", incoming=True,
-                                                qmp=tmp_path / "qmp.sock", nic=Nic(5, "tap0", "02:00:00:00:00:01")))
+    argv = hvf.virt_argv(spec(tmp_path, ram=RamFile(tmp_path / "mem", incoming=True), qmp=tmp_path / "qmp.sock",
+                              nic=Nic(5, "tap0", "02:00:00:00:00:01")))
     assert one(argv, "-M") == "virt,memory-backend=mem"
     assert one(argv, "-object").endswith(f"mem-path={tmp_path / 'mem'},share=off")
     assert one(argv, "-incoming") == "defer"
@@ -75,11 +77,11 @@ def test_virt_snapshot_clone_and_nic(tmp_path: Path) -> None:
 
 
 def test_virt_tcg_and_kvm_variants(tmp_path: Path) -> None:
-    tcg = hvf.virt_argv(accel="tcg", **kwargs(tmp_path))
+    tcg = hvf.virt_argv(spec(tmp_path, accel="tcg"))
     assert one(tcg, "-M") == "virt,gic-version=max" and one(tcg, "-cpu") == "max"
-    assert one(hvf.virt_argv(accel="kvm", **kwargs(tmp_path)), "-cpu") == "host"
+    assert one(hvf.virt_argv(spec(tmp_path, accel="kvm")), "-cpu") == "host"
     with pytest.raises(ConfigError, match="accel='whpx'"):
-        hvf.virt_argv(accel="whpx", **kwargs(tmp_path))
+        hvf.virt_argv(spec(tmp_path, accel="whpx"))
 
 
 def test_aarch64_cmdline_uses_the_pl011_console_and_no_tsc_flags() -> None:
@@ -103,8 +105,8 @@ def test_hvf_driver_argv_per_platform(tmp_path: Path, monkeypatch: pytest.Monkey
                                       binary: str) -> None:
     monkeypatch.setattr(host, "host_tsc_khz", lambda: None)
     driver = hvf.HvfQemuDriver(f"/opt/homebrew/bin/{binary}", host_arch=arch)
-    argv = driver._argv(VMConfig(vcpus=2), fake_image(tmp_path), tmp_path, Accel("hvf", "test"),
-                        tmp_path / "disk.qcow2")
+    argv = driver._argv(driver._spec(VMConfig(vcpus=2), fake_image(tmp_path), tmp_path, Accel("hvf", "test"),
+                                     tmp_path / "disk.qcow2", nic=None))
     assert argv[0].endswith(binary) and one(argv, "-M") == machine and one(argv, "-accel") == "hvf"
     assert "-sandbox" not in argv
 
@@ -177,7 +179,7 @@ def guest_part(kernel: str, initrd: str, cmdline: str, ctl: str) -> list[str]:
             "-device", "virtserialport,chardev=ctl,name=smolvm.ctl"]
 
 
-FIXED = {"vcpus": 2, "memory_mib": 512, "kernel": Path("/i/Image"), "initrd": Path("/i/boot.cpio"),
+FIXED: dict[str, Any] = {"vcpus": 2, "memory_mib": 512, "kernel": Path("/i/Image"), "initrd": Path("/i/boot.cpio"),
          "cmdline": "console=x", "control": Path("/r/vm/ctl.sock"), "disk": Path("/r/vm/disk.qcow2")}
 GUEST = guest_part("/i/Image", "/i/boot.cpio", "console=x", "/r/vm/ctl.sock")
 DRIVE = ["-drive", "id=root,file=/r/vm/disk.qcow2,format=qcow2,if=none,cache=unsafe,discard=unmap",
@@ -185,19 +187,20 @@ DRIVE = ["-drive", "id=root,file=/r/vm/disk.qcow2,format=qcow2,if=none,cache=uns
 
 
 def test_virt_argv_is_pinned() -> None:
-    assert hvf.virt_argv(binary=ARM, accel="tcg", **FIXED) == [
+    assert hvf.virt_argv(MachineSpec(binary=ARM, accel="tcg", **FIXED)) == [
         ARM, "-M", "virt,gic-version=max", "-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "512",
         *GUEST, *DRIVE]
-    clone = hvf.virt_argv(binary=ARM, accel="hvf", **FIXED, qmp=Path("/r/vm/qmp.sock"), memory_file=Path("/s/mem"),
-                          incoming=True, nic=Nic(5, "tap0", "02:00:00:00:00:01"))
+    clone = hvf.virt_argv(MachineSpec(binary=ARM, accel="hvf", **FIXED, qmp=Path("/r/vm/qmp.sock"),
+                                      ram=RamFile(Path("/s/mem"), incoming=True),
+                                      nic=Nic(5, "tap0", "02:00:00:00:00:01")))
     assert clone == [
         ARM, "-M", "virt,memory-backend=mem", "-accel", "hvf", "-cpu", "host", "-smp", "2", "-m", "512",
         *GUEST, *DRIVE,
         "-netdev", "tap,id=net0,fd=5", "-device", "virtio-net-device,netdev=net0,mac=02:00:00:00:00:01",
         "-object", "memory-backend-file,id=mem,size=512M,mem-path=/s/mem,share=off",
         "-qmp", "unix:/r/vm/qmp.sock,server=on,wait=off", "-incoming", "defer"]
-    template = hvf.virt_argv(binary=ARM, accel="kvm", **FIXED, memory_file=Path("/s/mem"), memory_shared=True,
-                             sandbox=True)
+    template = hvf.virt_argv(MachineSpec(binary=ARM, accel="kvm", **FIXED, ram=RamFile(Path("/s/mem"), shared=True),
+                                         sandbox=True))
     assert template == [
         ARM, "-M", "virt,memory-backend=mem", "-accel", "kvm", "-cpu", "host", "-smp", "2", "-m", "512",
         *GUEST, *DRIVE,
@@ -206,9 +209,9 @@ def test_virt_argv_is_pinned() -> None:
 
 
 def test_hvf_argv_is_pinned() -> None:
-    assert hvf.hvf_argv("arm64", binary=ARM, sandbox=True, **FIXED) == [
+    assert hvf.hvf_argv("arm64", MachineSpec(binary=ARM, accel="tcg", sandbox=True, **FIXED)) == [
         ARM, "-M", "virt", "-accel", "hvf", "-cpu", "host", "-smp", "2", "-m", "512", *GUEST, *DRIVE]
-    assert hvf.hvf_argv("x86_64", binary=X86, accel="tcg", sandbox=True, **FIXED) == [
+    assert hvf.hvf_argv("x86_64", MachineSpec(binary=X86, accel="tcg", sandbox=True, **FIXED)) == [
         X86, "-M", "microvm", "-accel", "hvf", "-cpu", "host", "-smp", "2", "-m", "512", *GUEST, *DRIVE]
 
 

@@ -12,6 +12,7 @@ from pytest_smolvm.config import VMConfig
 from pytest_smolvm.drivers import qemu
 from pytest_smolvm.drivers.base import TEMPLATE_MAC, Accel, Nic, Spawned, guest_flags
 from pytest_smolvm.drivers.qemu import accel_args, choose_accel, kernel_cmdline, qemu_argv
+from pytest_smolvm.drivers.spec import MachineSpec, RamFile
 from pytest_smolvm.errors import ConfigError
 from pytest_smolvm.images import Image
 
@@ -29,7 +30,7 @@ def argv_for(tmp_path: Path, **overrides: Any) -> list[str]:
         "disk": tmp_path / "vm" / "disk.qcow2",
     }
     kwargs.update(overrides)
-    return qemu_argv(**kwargs)
+    return qemu_argv(MachineSpec(**kwargs))
 
 
 def option(argv: list[str], flag: str) -> list[str]:
@@ -341,12 +342,12 @@ def test_argv_drops_to_a_user_inside_the_vm_dir(tmp_path: Path) -> None:
 def test_driver_drops_only_as_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     driver = qemu.QemuDriver("/usr/bin/qemu-system-x86_64")
     monkeypatch.setattr(qemu, "vmm_user", lambda: ("nobody", 65534, 65534))
-    assert driver._drop_args(tmp_path) == {"runas": "65534:65534", "chroot": tmp_path}
+    assert driver._privilege_drop(tmp_path) == ("65534:65534", tmp_path)
     driver.drop_privileges = False
-    assert driver._drop_args(tmp_path) == {}
+    assert driver._privilege_drop(tmp_path) is None
     driver.drop_privileges = True
     monkeypatch.setattr(qemu, "vmm_user", lambda: None)  # not root
-    assert driver._drop_args(tmp_path) == {}
+    assert driver._privilege_drop(tmp_path) is None
 
 
 # ---------------------------------------------------------------- full argv, pinned
@@ -392,8 +393,8 @@ PINNED_BUILDER: dict[str, tuple[dict[str, Any], list[str]]] = {
     "snapshot template, privilege drop": (
         {"binary": BIN, "accel": "tcg", "vcpus": 2, "memory_mib": 512, "kernel": Path("/i/vmlinux"),
          "initrd": Path("/i/boot-1.cpio"), "cmdline": "c", "control": R / "ctl.sock",
-         "disk": Path("/s/k,1/disk.qcow2"), "qmp": R / "qmp.sock", "memory_file": Path("/s/k,1/mem"),
-         "memory_shared": True, "sandbox": True, "runas": "990:990", "chroot": R, "disk_fds": (11, 12)},
+         "disk": Path("/s/k,1/disk.qcow2"), "qmp": R / "qmp.sock", "ram": RamFile(Path("/s/k,1/mem"), shared=True),
+         "sandbox": True, "runas": "990:990", "chroot": R, "disk_fds": (11, 12)},
         [BIN, "-M", "microvm,memory-backend=mem", "-accel", "tcg", "-cpu", "qemu64,+rdrand,+arat",
          "-smp", "2", "-m", "512", *guest_part("/i/vmlinux", "/i/boot-1.cpio", "c", "/r/vm/ctl.sock"),
          "-add-fd", "fd=11,set=1,opaque=/s/k,,1/disk.qcow2", "-add-fd", "fd=12,set=1",
@@ -406,7 +407,7 @@ PINNED_BUILDER: dict[str, tuple[dict[str, Any], list[str]]] = {
     "snapshot clone, network, privilege drop": (
         {"binary": BIN, "accel": "kvm", "vcpus": 2, "memory_mib": 512, "kernel": Path("/i/vmlinux"),
          "initrd": Path("/i/boot-1.cpio"), "cmdline": "c", "control": R / "ctl.sock",
-         "disk": R / "disk.qcow2", "qmp": R / "qmp.sock", "memory_file": Path("/s/k/mem"), "incoming": True,
+         "disk": R / "disk.qcow2", "qmp": R / "qmp.sock", "ram": RamFile(Path("/s/k/mem"), incoming=True),
          "sandbox": True, "nic": Nic(5, "smv1", "02:53:56:00:00:01"), "runas": "990:990", "chroot": R,
          "disk_fds": (8, 9)},
         [BIN, "-M", "microvm,memory-backend=mem", "-accel", "kvm", "-cpu", "host", "-smp", "2", "-m", "512",
@@ -425,7 +426,7 @@ PINNED_BUILDER: dict[str, tuple[dict[str, Any], list[str]]] = {
 @pytest.mark.parametrize("case", PINNED_BUILDER)
 def test_builder_argv_is_pinned(case: str) -> None:
     kwargs, expected = PINNED_BUILDER[case]
-    assert qemu_argv(**kwargs) == expected
+    assert qemu_argv(MachineSpec(**kwargs)) == expected
 
 
 class _Proc:
