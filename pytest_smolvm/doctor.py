@@ -162,7 +162,7 @@ def _auto(p: Probes, found: list[Verdict]) -> Verdict:
 
 def tcg_canary(binary: str, image: Image, timeout: float = 30.0) -> tuple[bool, str]:
     """Boot the image's kernel under TCG to its initramfs and back, like the KVM canary."""
-    from .drivers.qemu import canary_boot
+    from .drivers.accel import canary_boot
 
     return canary_boot(binary, image, "tcg", timeout)
 
@@ -185,7 +185,7 @@ def collect(image_name: str = "default") -> Probes:
     if qemu and image is not None:
         tcg = tcg_canary(qemu, image)
         if kvm_device[0]:
-            from .drivers.qemu import kvm_canary as run_kvm_canary
+            from .drivers.accel import kvm_canary as run_kvm_canary
 
             kvm_canary = run_kvm_canary(qemu, image)
     fc = host.firecracker_binary()

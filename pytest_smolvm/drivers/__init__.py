@@ -23,7 +23,7 @@ def firecracker_status(image_name: str = "default") -> tuple[bool, str]:
     if qemu:
         from ..errors import ImageError
         from ..images import resolve
-        from .qemu import kvm_canary
+        from .accel import kvm_canary
 
         try:
             image = resolve(image_name)

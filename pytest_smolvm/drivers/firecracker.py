@@ -36,6 +36,7 @@ from ..config import VMConfig
 from ..errors import BootError, ConfigError, ImageError
 from ..images import Image
 from ..images.recipe import VSOCK_MODULES
+from .accel import kvm_canary
 from .base import TEMPLATE_MAC, Accel, Nic, Spawned, VMMProcess, guest_flags, spawn_vmm
 from .disks import checked_disk_size, shared_disk
 from .kernel import kernel_cmdline
@@ -429,8 +430,6 @@ class FirecrackerDriver:
                 raise ConfigError(f"backend 'firecracker' needs KVM: {why}")
             qemu = host.qemu_binary()
             if qemu:  # the same canary the QEMU driver trusts; without QEMU, trust the device
-                from .qemu import kvm_canary
-
                 ok, reason = kvm_canary(qemu, image)
                 if not ok:
                     raise ConfigError(f"backend 'firecracker' needs a working KVM: {why}; {reason}")

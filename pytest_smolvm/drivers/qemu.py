@@ -21,16 +21,14 @@ from .. import host
 from ..config import VMConfig
 from ..errors import BootError, ConfigError
 from ..images import Image
-from ..paths import cache_dir
+from .accel import accel_args, choose_accel
 from .base import TEMPLATE_MAC, Accel, Nic, Spawned, VMMProcess, guest_flags, spawn_vmm, vmm_uid, vmm_user
 from .disks import checked_disk_size, shared_disk
 from .kernel import kernel_cmdline as kernel_cmdline
 from .qmp import QMP
 from .spec import MachineSpec, RamFile
 
-TCG_CPU = "qemu64,+rdrand,+arat"
 CONTROL_PORT = "smolvm.ctl"
-CANARY_MARK = "SMOLVM-CANARY-OK"
 #: QEMU's seccomp filter: no obsolete syscalls, no privilege changes, no spawning helpers,
 #: no scheduler/affinity changes. Migrations use fd: URIs, so nothing needs to spawn.
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
@@ -38,15 +36,6 @@ SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=de
 #: its own setuid(). Once it runs as an unprivileged user, set*id cannot gain anything and
 #: exec (the other way up, through a setuid binary) stays denied by spawn=deny.
 SANDBOX_DROPPED = "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny"
-CANARY_TIMEOUT = 8.0  # a working KVM reaches the initramfs in well under 1 s
-
-def accel_args(accel: str) -> list[str]:
-    """``-accel``/``-cpu`` for an accelerator (pure)."""
-    if accel == "tcg":
-        return ["-accel", "tcg", "-cpu", TCG_CPU]
-    if accel in ("kvm", "hvf"):
-        return ["-accel", accel, "-cpu", "host"]
-    raise ConfigError(f"invalid accel={accel!r}: expected kvm, hvf or tcg")
 
 
 def _opt(path: Path | str) -> str:
@@ -340,72 +329,3 @@ def sandbox_supported(binary: str) -> bool:
     except (OSError, subprocess.SubprocessError):
         return False
     return res.returncode == 0
-
-
-# ---------------------------------------------------------------- accelerator choice
-
-
-def _verdict_path(binary: str, image: Image) -> Path:
-    key = json.dumps([host.kernel_release(), host.qemu_version(binary), image.digest])
-    return cache_dir() / "probes" / f"kvm-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
-
-
-def kvm_canary(binary: str, image: Image, timeout: float = CANARY_TIMEOUT) -> tuple[bool, str]:
-    """Boot the image's kernel under KVM to its initramfs and back. Cached per host kernel,
-    QEMU version and image. ``/dev/kvm`` opening is not enough: nested PVM hosts open it but
-    cannot run Linux guests (PLATFORM.md)."""
-    path = _verdict_path(binary, image)
-    try:
-        data = json.loads(path.read_text())
-        return bool(data["ok"]), str(data["reason"])
-    except (OSError, ValueError, KeyError):
-        pass
-    ok, reason = canary_boot(binary, image, "kvm", timeout)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"ok": ok, "reason": reason, "at": time.time()}))
-    os.replace(tmp, path)
-    return ok, reason
-
-
-def canary_boot(binary: str, image: Image, accel: str, timeout: float) -> tuple[bool, str]:
-    """Boot the image's kernel under ``accel`` to its initramfs, which prints the canary mark
-    and powers off: (worked, why)."""
-    tsc = host.host_tsc_khz() if accel == "tcg" else None
-    argv = [binary, "-M", "microvm", *accel_args(accel), "-smp", "1", "-m", "128",
-            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-            "-kernel", str(image.kernel), "-initrd", str(image.initrd),
-            "-append", kernel_cmdline(accel, tsc, ["smolvm.canary=1"]), "-serial", "stdio"]
-    what = accel.upper()
-    started = time.monotonic()
-    try:
-        res = subprocess.run(argv, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        return False, f"{what} canary boot did not finish within {timeout:.0f}s"
-    except OSError as exc:
-        return False, f"cannot run {binary}: {exc}"
-    out = res.stdout.decode(errors="replace") + res.stderr.decode(errors="replace")
-    if CANARY_MARK in out:
-        return True, f"{what} canary boot succeeded in {time.monotonic() - started:.2f}s"
-    last = [ln for ln in out.strip().splitlines() if ln.strip()][-1:] or ["(no output)"]
-    return False, f"{what} canary boot failed (exit {res.returncode}): {last[0][:200]}"
-
-
-def choose_accel(requested: str, binary: str, image: Image) -> Accel:
-    """Pick the accelerator for ``requested`` (``auto``, ``kvm``, ``hvf`` or ``tcg``)."""
-    if requested == "tcg":
-        return Accel("tcg", "requested with accel=tcg")
-    if requested == "hvf" or (requested == "auto" and host.is_macos()):
-        if not host.is_macos():
-            raise ConfigError("invalid accel='hvf': HVF exists only on macOS hosts")
-        return Accel("hvf", "macOS Hypervisor.framework")
-    usable, why = host.kvm_device_status()
-    if usable:
-        ok, reason = kvm_canary(binary, image)
-        if ok:
-            return Accel("kvm", reason)
-        why = f"{why}; {reason}"
-    if requested == "kvm":
-        raise ConfigError(f"invalid accel='kvm': KVM does not work on this host: {why}")
-    return Accel("tcg", f"KVM unusable ({why}); using TCG software emulation")
-

@@ -49,7 +49,8 @@ def _qemu_tcg() -> Backend:
 
 
 def _qemu_kvm() -> Backend:
-    from pytest_smolvm.drivers.qemu import QemuDriver, kvm_canary
+    from pytest_smolvm.drivers.accel import kvm_canary
+    from pytest_smolvm.drivers.qemu import QemuDriver
 
     qemu = host.qemu_binary()
     if qemu is None:

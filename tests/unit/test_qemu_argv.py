@@ -9,9 +9,11 @@ from typing import Any
 import pytest
 
 from pytest_smolvm.config import VMConfig
+from pytest_smolvm.drivers import accel as accel_probe
 from pytest_smolvm.drivers import qemu
+from pytest_smolvm.drivers.accel import accel_args, choose_accel
 from pytest_smolvm.drivers.base import TEMPLATE_MAC, Accel, Nic, Spawned, guest_flags
-from pytest_smolvm.drivers.qemu import accel_args, choose_accel, kernel_cmdline, qemu_argv
+from pytest_smolvm.drivers.qemu import kernel_cmdline, qemu_argv
 from pytest_smolvm.drivers.spec import MachineSpec, RamFile
 from pytest_smolvm.errors import ConfigError
 from pytest_smolvm.images import Image
@@ -243,12 +245,12 @@ class Dummy:
 
 @pytest.fixture
 def linux(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    monkeypatch.setattr(qemu.host, "is_macos", lambda: False)
+    monkeypatch.setattr(accel_probe.host, "is_macos", lambda: False)
 
     def no_canary(*args: Any, **kwargs: Any) -> tuple[bool, str]:
         raise AssertionError("kvm_canary must not run here")
 
-    monkeypatch.setattr(qemu, "kvm_canary", no_canary)
+    monkeypatch.setattr(accel_probe, "kvm_canary", no_canary)
     return monkeypatch
 
 
@@ -256,7 +258,7 @@ def test_choose_tcg_never_probes(linux: pytest.MonkeyPatch) -> None:
     def no_probe() -> tuple[bool, str]:
         raise AssertionError("probed /dev/kvm")
 
-    linux.setattr(qemu.host, "kvm_device_status", no_probe)
+    linux.setattr(accel_probe.host, "kvm_device_status", no_probe)
     accel = choose_accel("tcg", "/nonexistent/qemu", Dummy())  # type: ignore[arg-type]
     assert accel.name == "tcg"
     assert accel.reason
@@ -268,13 +270,13 @@ def test_choose_hvf_on_linux(linux: pytest.MonkeyPatch) -> None:
 
 
 def test_choose_hvf_and_auto_on_macos(linux: pytest.MonkeyPatch) -> None:
-    linux.setattr(qemu.host, "is_macos", lambda: True)
+    linux.setattr(accel_probe.host, "is_macos", lambda: True)
     assert choose_accel("hvf", "qemu", Dummy()).name == "hvf"  # type: ignore[arg-type]
     assert choose_accel("auto", "qemu", Dummy()).name == "hvf"  # type: ignore[arg-type]
 
 
 def test_choose_kvm_without_device(linux: pytest.MonkeyPatch) -> None:
-    linux.setattr(qemu.host, "kvm_device_status", lambda: (False, "no /dev/kvm"))
+    linux.setattr(accel_probe.host, "kvm_device_status", lambda: (False, "no /dev/kvm"))
     with pytest.raises(ConfigError) as info:
         choose_accel("kvm", "qemu", Dummy())  # type: ignore[arg-type]
     assert "no /dev/kvm" in str(info.value)
@@ -282,14 +284,14 @@ def test_choose_kvm_without_device(linux: pytest.MonkeyPatch) -> None:
 
 
 def test_choose_kvm_with_failing_canary(linux: pytest.MonkeyPatch) -> None:
-    linux.setattr(qemu.host, "kvm_device_status", lambda: (True, "/dev/kvm is available"))
-    linux.setattr(qemu, "kvm_canary", lambda binary, image: (False, "canary failed"))
+    linux.setattr(accel_probe.host, "kvm_device_status", lambda: (True, "/dev/kvm is available"))
+    linux.setattr(accel_probe, "kvm_canary", lambda binary, image: (False, "canary failed"))
     with pytest.raises(ConfigError, match="canary failed"):
         choose_accel("kvm", "qemu", Dummy())  # type: ignore[arg-type]
 
 
 def test_choose_auto_without_device_uses_tcg(linux: pytest.MonkeyPatch) -> None:
-    linux.setattr(qemu.host, "kvm_device_status", lambda: (False, "no /dev/kvm"))
+    linux.setattr(accel_probe.host, "kvm_device_status", lambda: (False, "no /dev/kvm"))
     accel = choose_accel("auto", "qemu", Dummy())  # type: ignore[arg-type]
     assert accel.name == "tcg"
     assert "no /dev/kvm" in accel.reason
@@ -303,8 +305,8 @@ def test_choose_auto_canary_fails_uses_tcg(linux: pytest.MonkeyPatch) -> None:
         return False, "canary failed"
 
     image = Dummy()
-    linux.setattr(qemu.host, "kvm_device_status", lambda: (True, "/dev/kvm is available"))
-    linux.setattr(qemu, "kvm_canary", canary)
+    linux.setattr(accel_probe.host, "kvm_device_status", lambda: (True, "/dev/kvm is available"))
+    linux.setattr(accel_probe, "kvm_canary", canary)
     accel = choose_accel("auto", "/usr/bin/qemu-system-x86_64", image)  # type: ignore[arg-type]
     assert accel.name == "tcg"
     assert "canary failed" in accel.reason
@@ -313,8 +315,8 @@ def test_choose_auto_canary_fails_uses_tcg(linux: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize("requested", ["auto", "kvm"])
 def test_choose_kvm_when_canary_passes(linux: pytest.MonkeyPatch, requested: str) -> None:
-    linux.setattr(qemu.host, "kvm_device_status", lambda: (True, "/dev/kvm is available"))
-    linux.setattr(qemu, "kvm_canary", lambda binary, image: (True, "ok"))
+    linux.setattr(accel_probe.host, "kvm_device_status", lambda: (True, "/dev/kvm is available"))
+    linux.setattr(accel_probe, "kvm_canary", lambda binary, image: (True, "ok"))
     accel = choose_accel(requested, "qemu", Dummy())  # type: ignore[arg-type]
     assert accel == Accel("kvm", "ok")
 

@@ -1,0 +1,101 @@
+"""Which accelerator a QEMU guest runs on, and the canary boot that proves KVM works.
+
+``/dev/kvm`` opening is not enough: nested PVM hosts open it but cannot run Linux guests
+(PLATFORM.md), so KVM is trusted only once the image's kernel has booted under it. The
+verdict is cached per host kernel, QEMU version and image. Both drivers ask here: QEMU to
+choose between KVM and TCG, Firecracker (KVM only) to refuse a host where KVM fails.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from .. import host
+from ..errors import ConfigError
+from ..images import Image
+from ..paths import cache_dir
+from .base import Accel
+from .kernel import kernel_cmdline
+
+TCG_CPU = "qemu64,+rdrand,+arat"
+CANARY_MARK = "SMOLVM-CANARY-OK"
+CANARY_TIMEOUT = 8.0  # a working KVM reaches the initramfs in well under 1 s
+
+
+def accel_args(accel: str) -> list[str]:
+    """``-accel``/``-cpu`` for an accelerator (pure)."""
+    if accel == "tcg":
+        return ["-accel", "tcg", "-cpu", TCG_CPU]
+    if accel in ("kvm", "hvf"):
+        return ["-accel", accel, "-cpu", "host"]
+    raise ConfigError(f"invalid accel={accel!r}: expected kvm, hvf or tcg")
+
+
+def _verdict_path(binary: str, image: Image) -> Path:
+    key = json.dumps([host.kernel_release(), host.qemu_version(binary), image.digest])
+    return cache_dir() / "probes" / f"kvm-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+
+def kvm_canary(binary: str, image: Image, timeout: float = CANARY_TIMEOUT) -> tuple[bool, str]:
+    """Boot the image's kernel under KVM to its initramfs and back: (worked, why). Cached per
+    host kernel, QEMU version and image."""
+    path = _verdict_path(binary, image)
+    try:
+        data = json.loads(path.read_text())
+        return bool(data["ok"]), str(data["reason"])
+    except (OSError, ValueError, KeyError):
+        pass
+    ok, reason = canary_boot(binary, image, "kvm", timeout)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"ok": ok, "reason": reason, "at": time.time()}))
+    os.replace(tmp, path)
+    return ok, reason
+
+
+def canary_boot(binary: str, image: Image, accel: str, timeout: float) -> tuple[bool, str]:
+    """Boot the image's kernel under ``accel`` to its initramfs, which prints the canary mark
+    and powers off: (worked, why)."""
+    tsc = host.host_tsc_khz() if accel == "tcg" else None
+    argv = [binary, "-M", "microvm", *accel_args(accel), "-smp", "1", "-m", "128",
+            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-kernel", str(image.kernel), "-initrd", str(image.initrd),
+            "-append", kernel_cmdline(accel, tsc, ["smolvm.canary=1"]), "-serial", "stdio"]
+    what = accel.upper()
+    started = time.monotonic()
+    try:
+        res = subprocess.run(argv, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return False, f"{what} canary boot did not finish within {timeout:.0f}s"
+    except OSError as exc:
+        return False, f"cannot run {binary}: {exc}"
+    out = res.stdout.decode(errors="replace") + res.stderr.decode(errors="replace")
+    if CANARY_MARK in out:
+        return True, f"{what} canary boot succeeded in {time.monotonic() - started:.2f}s"
+    last = [ln for ln in out.strip().splitlines() if ln.strip()][-1:] or ["(no output)"]
+    return False, f"{what} canary boot failed (exit {res.returncode}): {last[0][:200]}"
+
+
+def choose_accel(requested: str, binary: str, image: Image) -> Accel:
+    """Pick the accelerator for ``requested`` (``auto``, ``kvm``, ``hvf`` or ``tcg``)."""
+    if requested == "tcg":
+        return Accel("tcg", "requested with accel=tcg")
+    if requested == "hvf" or (requested == "auto" and host.is_macos()):
+        if not host.is_macos():
+            raise ConfigError("invalid accel='hvf': HVF exists only on macOS hosts")
+        return Accel("hvf", "macOS Hypervisor.framework")
+    usable, why = host.kvm_device_status()
+    if usable:
+        ok, reason = kvm_canary(binary, image)
+        if ok:
+            return Accel("kvm", reason)
+        why = f"{why}; {reason}"
+    if requested == "kvm":
+        raise ConfigError(f"invalid accel='kvm': KVM does not work on this host: {why}")
+    return Accel("tcg", f"KVM unusable ({why}); using TCG software emulation")
+
