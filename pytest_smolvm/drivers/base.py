@@ -106,7 +106,8 @@ def spawn_vmm(argv: Sequence[str], workdir: Path, *, driver: str, uid: int, stde
     """Start a VMM in its own session with the console (stdout) and ``stderr_name`` (None:
     merged into the console) piped into capped logs. With ``watch``, the VM directory is
     registered with the watchdog first, so the VMM cannot outlive this process.
-    Writes ``vmm.json`` (pid, create_time, uid, driver) for the reaper."""
+    Writes ``vmm.json`` (pid, create_time, uid, driver) for the reaper: the VMM's only pid
+    record (the reaper still reads older versions' ``qemu.pid`` / ``firecracker.pid``)."""
     logs = [CappedLog(workdir / "console.log")]
     pipes = [os.pipe()]
     if stderr_name is not None:
@@ -146,8 +147,8 @@ def write_vmm_json(workdir: Path, pid: int, uid: int, driver: str) -> None:
 
 
 class VMMProcess:
-    """Process handling every VMM's Machine shares: the process, its console and stderr logs.
-    A driver's Machine adds how the control stream is reached (``connect``)."""
+    """The one owner of a VMM process: liveness, exit status, kill, and its console and stderr
+    logs. A driver's Machine adds only how the control stream is reached (``connect``)."""
 
     def __init__(self, proc: subprocess.Popen[bytes], accel: Accel, workdir: Path, disk: Path,
                  log_name: str, spawned: Spawned | None = None) -> None:

@@ -456,7 +456,6 @@ class FirecrackerDriver:
         # Firecracker's jailer (chroot, uid drop, cgroups) is not used: left for later.
         spawned = spawn_vmm(argv, workdir, driver="firecracker", uid=os.geteuid(), stderr_name=None,
                             watch=self.die_with_parent)
-        (workdir / "firecracker.pid").write_text(str(spawned.proc.pid))
         machine = FirecrackerMachine(spawned.proc, accel, workdir, disk, spawned=spawned)
         try:
             machine.api.wait_ready(machine.alive, API_TIMEOUT)

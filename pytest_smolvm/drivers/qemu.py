@@ -226,7 +226,6 @@ class QemuDriver:
         pass_fds = (*(spec.disk_fds or ()), *((spec.nic.tap_fd,) if spec.nic is not None else ()))
         spawned = spawn_vmm(self._argv(spec), workdir, driver="qemu", uid=uid, stderr_name="qemu.log",
                             pass_fds=pass_fds, watch=self.die_with_parent)
-        (workdir / "qemu.pid").write_text(str(spawned.proc.pid))  # read by reaper.py and older runs
         return QemuMachine(spawned.proc, accel, workdir, disk, spawned)
 
     def launch(self, config: VMConfig, image: Image, workdir: Path, nic: Nic | None = None) -> QemuMachine:

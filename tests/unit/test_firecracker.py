@@ -483,7 +483,8 @@ def test_launch_configures_over_the_api_and_kill_reaps(short_dir: Path, fake_bin
     try:
         assert machine.alive()
         assert machine.disk_path == vmdir / "disk.ext4" and machine.disk_path.read_bytes() == b"x"
-        assert (vmdir / "firecracker.pid").read_text() == str(machine.pid)
+        assert json.loads((vmdir / "vmm.json").read_text())["pid"] == machine.pid
+        assert not (vmdir / "firecracker.pid").exists()  # vmm.json is the one record the reaper needs
     finally:
         machine.kill()
     machine.kill()  # idempotent
@@ -501,7 +502,7 @@ def test_launch_failure_names_the_fault_and_leaves_no_process(short_dir: Path,
     vmdir.mkdir()
     with pytest.raises(BootError, match="vCPU number is invalid"):
         fake_binary.launch(VMConfig(vcpus=8), fake_image(short_dir), vmdir)
-    pid = int((vmdir / "firecracker.pid").read_text())
+    pid = json.loads((vmdir / "vmm.json").read_text())["pid"]
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
 

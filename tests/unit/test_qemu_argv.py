@@ -522,6 +522,7 @@ def test_launch_tcg_without_network_or_drop(tmp_path: Path, spawned: list[dict[s
         "-device", "virtio-blk-device,drive=root",
         "-qmp", "unix:<T>/vm/qmp.sock,server=on,wait=off", *SANDBOX_ARGS]
     assert call["pass_fds"] == () and call["uid"] == os.geteuid()
+    assert not (tmp_path / "vm" / "qemu.pid").exists()  # spawn_vmm's vmm.json is the one record
     assert (call["driver"], call["stderr_name"], call["watch"]) == ("qemu", "qemu.log", True)
 
 
