@@ -105,8 +105,9 @@ def _cmd_shell(args: argparse.Namespace) -> int:
     prints is shown sanitised (it cannot drive this terminal) and its replies are validated."""
     import socket
 
-    from .guest import replies
     from .guest.channel import Channel, ChannelClosed, ReplyTimeout
+    from .guest.client import GuestClient
+    from .guest.replies import AgentError
     from .reporting import clip, sanitize
 
     workdir = Path(args.workdir)
@@ -116,9 +117,9 @@ def _cmd_shell(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"cannot connect to {workdir / 'ctl.sock'}: {exc}", file=sys.stderr)
         return 1
-    chan = Channel(sock, lambda: True, max_body=64 << 20)
+    guest = GuestClient(Channel(sock, lambda: True, max_body=64 << 20))
     try:
-        chan.call({"op": "hello"}, timeout=10)
+        guest.hello(timeout=10)
         print(f"connected to {sanitize(workdir.name)}; commands run with /bin/sh -c; Ctrl-D to leave")
         while True:
             try:
@@ -128,10 +129,9 @@ def _cmd_shell(args: argparse.Namespace) -> int:
                 return 0
             if not line.strip():
                 continue
-            reply, body = chan.call({"op": "exec", "argv": ["/bin/sh", "-c", line], "timeout": args.timeout,
-                                     "max_output": 16 << 20}, timeout=args.timeout + 10)
-            result = replies.parse_exec(reply, body)
-            if isinstance(result, replies.AgentError):
+            result = guest.exec(["/bin/sh", "-c", line], timeout=args.timeout, wait=args.timeout + 10,
+                                max_output=16 << 20)
+            if isinstance(result, AgentError):
                 print(f"[agent error: {result.message}]")
                 continue
             sys.stdout.write(sanitize(result.stdout.decode(errors="replace")))
@@ -143,7 +143,7 @@ def _cmd_shell(args: argparse.Namespace) -> int:
     except ChannelClosed as exc:
         print(f"the VM went away: {clip(str(exc), 200)}", file=sys.stderr)
     finally:
-        chan.close()
+        guest.close()
     return 1
 
 

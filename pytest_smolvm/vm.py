@@ -39,6 +39,7 @@ from .errors import (
 )
 from .guest import replies
 from .guest.channel import Channel, ChannelClosed, ReplyTimeout
+from .guest.client import GuestClient, exec_body_limit
 from .guest.ssh import SSHKeys
 from .host import owner_stamp
 from .network.forward import PortForward
@@ -183,7 +184,7 @@ class SmolVM:
         self.boot_mode: str | None = None
         self.disk_path: Path | None = None
         self._machine: Machine | None = None
-        self._channel: Channel | None = None
+        self._guest: GuestClient | None = None
         self._console_cache: str | None = None
         self._console_prefix = ""  # a clone's console starts with its snapshot's boot log
         self._state = "new"
@@ -338,21 +339,19 @@ class SmolVM:
         tdir.mkdir()
         machine = driver.launch_template(self.config, self.image, tdir, target, **self._nic_kw())
         try:
-            sock = machine.connect(timeout=10.0)
-            chan = Channel(sock, machine.alive, max_body=1 << 20)
+            guest = GuestClient(Channel(machine.connect(timeout=10.0), machine.alive, max_body=1 << 20))
             try:
-                chan.call({"op": "hello"}, timeout=self.config.boot_timeout)
+                guest.hello(timeout=self.config.boot_timeout)
                 if self._grows_root:
-                    reply, _ = chan.call({"op": "setup", "grow_root": True}, timeout=120)
-                    resize = replies.parse_step(reply, "resize")
+                    resize = guest.setup(grow_root=True, timeout=120).resize
                     if resize and resize.exit_code:
                         raise SnapshotError(f"growing the template's root failed: {resize.output}")
-                chan.call({"op": "sync"}, timeout=60)
+                guest.sync(timeout=60)
             except (ReplyTimeout, ChannelClosed, ProtocolError) as exc:
                 raise SnapshotError(f"the snapshot template did not come up ({exc}): "
                                     f"{machine.diagnostics()}") from None
             finally:
-                chan.close()
+                guest.close()
             driver.save_snapshot(machine, target)
             (target / "console.log").write_text(read_bounded(machine.console_path, BOOT_LOG_LIMIT))
         finally:
@@ -361,9 +360,9 @@ class SmolVM:
 
     def _discard_attempt(self) -> None:
         """Undo a failed clone attempt, keeping the VM directory for the cold boot."""
-        if self._channel is not None:
-            self._channel.close()
-            self._channel = None
+        if self._guest is not None:
+            self._guest.close()
+            self._guest = None
         if self._machine is not None:
             self._machine.kill()
             self._machine = None
@@ -378,14 +377,14 @@ class SmolVM:
     def _open_channel(self, t0: float, timeout: float) -> None:
         assert self._machine is not None
         sock = self._machine.connect(timeout=10.0)
-        self._channel = Channel(sock, self._machine.alive, max_body=2 * self.config.max_output + 4096)
+        self._guest = GuestClient(Channel(sock, self._machine.alive, max_body=exec_body_limit(self.config.max_output)))
         self._handshake(t0, timeout)
 
     def _handshake(self, t0: float, timeout: float) -> None:
-        assert self._channel is not None
+        assert self._guest is not None
         remaining = timeout - (time.monotonic() - t0)
         try:
-            self._channel.call({"op": "hello"}, timeout=max(remaining, 1.0))
+            self._guest.hello(timeout=max(remaining, 1.0))
         except ReplyTimeout:
             raise BootError(f"{self.name}: the guest agent did not answer within "
                             f"{timeout:.0f}s (accel {self.accel.name if self.accel else '?'})",
@@ -411,21 +410,17 @@ class SmolVM:
         """Make the guest current and unique: clock, RNG reseed, hostname, machine-id (and
         grow the root filesystem on a cold boot). Clones of one snapshot share RAM up to here."""
         assert self.image is not None
-        req: dict[str, Any] = {"op": "setup", "time_ns": time.time_ns(),
-                               "hostname": f"smolvm-{self.name}", "machine_id": secrets.token_hex(16)}
-        if grow_root:
-            req["grow_root"] = True
-        if self._net is not None:
-            req["net"] = self._net.guest_setup()
-        reply, _ = self._call(req, secrets.token_bytes(64), timeout=60.0, what="guest setup")
-        if "error" in reply:
-            raise BootError(f"{self.name}: guest setup failed: {replies.parse_error(reply, 'setup').message}",
-                            self._console_tail())
-        nic = replies.parse_step(reply, "net")
+        net = self._net.guest_setup() if self._net is not None else None
+        reply = self._call("guest setup", lambda guest: guest.setup(
+            time_ns=time.time_ns(), hostname=f"smolvm-{self.name}", machine_id=secrets.token_hex(16),
+            grow_root=grow_root, net=net, entropy=secrets.token_bytes(64), timeout=60.0))
+        if reply.error is not None:
+            raise BootError(f"{self.name}: guest setup failed: {reply.error.message}", self._console_tail())
+        nic = reply.net
         if self._net is not None and (not nic or nic.exit_code):
             raise NetworkError(f"{self.name}: configuring the guest's NIC failed: "
                                f"{nic.output if nic else 'the agent did not configure it'}")
-        resize = replies.parse_step(reply, "resize")
+        resize = reply.resize
         if resize and resize.exit_code:
             raise BootError(f"{self.name}: growing the root filesystem to "
                             f"{self.config.disk_size_mib} MiB failed: {resize.output}")
@@ -456,8 +451,8 @@ class SmolVM:
         with self._lock:
             if self._state != "running":
                 raise SmolVMError(f"{self.name} is not running (state {self._state}); cannot detach")
-            if self._channel is not None:
-                self._channel.close()
+            if self._guest is not None:
+                self._guest.close()
             (self.workdir / "kept").write_text(json.dumps({"pid": self.pid, "at": time.time()}))
             self._state = "detached"
             _live.discard(self)
@@ -475,8 +470,8 @@ class SmolVM:
                 client.close()
             except Exception:
                 pass
-        if self._channel is not None:
-            self._channel.close()
+        if self._guest is not None:
+            self._guest.close()
         if self._machine is not None:
             self._machine.kill()
             self._console_cache = self._read_console()
@@ -525,14 +520,14 @@ class SmolVM:
 
     # ------------------------------------------------------------------ calls
 
-    def _call(self, header: dict[str, Any], body: bytes = b"", *, timeout: float, what: str,
-              max_body: int | None = None) -> tuple[dict[str, Any], bytes]:
+    def _call(self, what: str, op: Callable[[GuestClient], T]) -> T:
+        """``op`` on this VM's guest client; a control stream that ends under it is GuestDied."""
         if self._expired and self._state == "dead":
             raise GuestDied(f"{self.name}: cannot {what}: {self._expired} (config lifetime)")
-        if self._channel is None or self._state not in ("starting", "running"):
+        if self._guest is None or self._state not in ("starting", "running"):
             raise SmolVMError(f"{self.name} is not running (state {self._state}); cannot {what}")
         try:
-            return self._channel.call(header, body, timeout=timeout, max_body=max_body)
+            return op(self._guest)
         except ChannelClosed as exc:
             status, killed = None, False
             # After a guest poweroff, judge how it ended only once QEMU has exited.
@@ -594,12 +589,11 @@ class SmolVM:
             merged_env.update(check_field("env", env))
             self._secrets.update(merged_env.values())
         data = input.encode() if isinstance(input, str) else bytes(input or b"")
-        req = {"op": "exec", "argv": argv, "env": merged_env, "cwd": cwd, "timeout": float(limit),
-               "max_output": cap}
         t0 = time.monotonic()
         try:
-            reply, body = self._call(req, data, timeout=float(limit) + REPLY_GRACE,
-                                     what=f"run({shown!r})", max_body=2 * cap + 4096)
+            parsed = self._call(f"run({shown!r})", lambda guest: guest.exec(
+                argv, timeout=float(limit), wait=float(limit) + REPLY_GRACE, max_output=cap, env=merged_env,
+                cwd=cwd, stdin=data))
         except ReplyTimeout:
             # No confirmation: the guest is overloaded or the test stopped its agent. Either
             # way it is the guest's doing, so the test fails (not an infrastructure ERROR).
@@ -611,8 +605,7 @@ class SmolVM:
         except GuestDied:
             self._record(shown, "guest died", time.monotonic() - t0, b"", b"")
             raise
-        return self._result(shown, float(limit), self._parse(lambda: replies.parse_exec(reply, body)),
-                            time.monotonic() - t0, check)
+        return self._result(shown, float(limit), parsed, time.monotonic() - t0, check)
 
     def _result(self, shown: str, limit: float, parsed: replies.ExecReply | replies.AgentError,
                 duration: float, check: bool) -> RunResult:
@@ -643,16 +636,6 @@ class SmolVM:
         """``text`` with this VM's env values (config and ``run(env=...)``) masked as ``***``."""
         return redact(text, self._secrets)
 
-    def _parse(self, parse: Callable[[], T]) -> T:
-        """Run a reply parser; a malformed reply means nothing more from this guest is
-        trusted, so the channel is closed for good."""
-        try:
-            return parse()
-        except ProtocolError as exc:
-            if self._channel is not None:
-                self._channel.poison(str(exc))
-            raise
-
     def _record(self, shown: str, outcome: str, duration: float, out: bytes, err: bytes) -> None:
         self.transcript.append(TranscriptEntry(
             self.redact(shown), outcome, duration,
@@ -673,30 +656,28 @@ class SmolVM:
         self._check_guest_path(dest, "put")
         if len(data) > MAX_PUT:
             raise ConfigError(f"put({dest!r}): {len(data)} bytes is over the {MAX_PUT}-byte limit of one transfer")
-        header: dict[str, Any] = {"op": "put", "path": dest}
-        if mode is not None:
-            header["mode"] = mode
-        self._file_call(header, data, timeout=60.0 + len(data) / 5e6, what=f"put({dest!r})", path=dest)
+        timeout = 60.0 + len(data) / 5e6
+        self._file_call(lambda guest: guest.put(dest, data, mode=mode, timeout=timeout), timeout=timeout,
+                        what=f"put({dest!r})", path=dest)
 
     def get(self, path: str, *, max_size: int = DEFAULT_GET_LIMIT) -> bytes:
         """Read the guest file ``path`` (at most ``max_size`` bytes, else GuestFileError)."""
         self._check_guest_path(path, "get")
-        return self._file_call({"op": "get", "path": path, "max": max_size}, b"", timeout=GET_TIMEOUT,
-                               what=f"get({path!r})", path=path, max_body=max_size)
+        return self._file_call(lambda guest: guest.get(path, max_size=max_size, timeout=GET_TIMEOUT),
+                               timeout=GET_TIMEOUT, what=f"get({path!r})", path=path)
 
-    def _file_call(self, header: dict[str, Any], body: bytes, *, timeout: float, what: str, path: str,
-                   max_body: int | None = None) -> bytes:
+    def _file_call(self, op: Callable[[GuestClient], bytes | replies.AgentError | None], *, timeout: float,
+                   what: str, path: str) -> bytes:
         """One ``put``/``get`` round trip: a silent agent is a GuestTimeout, a failure in the
-        guest a GuestFileError; returns the reply's body."""
+        guest a GuestFileError; returns what was read (nothing for a put)."""
         try:
-            reply, data = self._call(header, body, timeout=timeout, what=what, max_body=max_body)
+            outcome = self._call(what, op)
         except ReplyTimeout:
             raise GuestTimeout(f"{self.name}: {what}: the guest agent did not answer within {timeout:.0f}s "
                                f"(the guest is overloaded or its agent was stopped)") from None
-        error = self._parse(lambda: replies.parse_file(reply, header["op"]))
-        if error is not None:
-            raise GuestFileError(error.errno, f"{self.name}: {what} failed in the guest: {error.message}", path)
-        return data
+        if isinstance(outcome, replies.AgentError):
+            raise GuestFileError(outcome.errno, f"{self.name}: {what} failed in the guest: {outcome.message}", path)
+        return outcome or b""
 
     @staticmethod
     def _check_guest_path(path: object, what: str) -> None:

@@ -111,3 +111,18 @@ def parse_step(header: dict[str, Any], field: str) -> StepResult | None:
     if not isinstance(output, str):
         raise _bad("setup", f"{field}.output", output, "is not a string")
     return StepResult(_int(step, "setup", "exit_code", EXIT_CODES, default=0), clip(output, MAX_ERROR))
+
+
+@dataclasses.dataclass(frozen=True)
+class SetupReply:
+    """The reply to ``setup``: an error, or the steps the agent ran (each absent if not run)."""
+
+    error: AgentError | None
+    net: StepResult | None
+    resize: StepResult | None
+
+
+def parse_setup(header: dict[str, Any]) -> SetupReply:
+    if "error" in header:
+        return SetupReply(parse_error(header, "setup"), None, None)
+    return SetupReply(None, parse_step(header, "net"), parse_step(header, "resize"))

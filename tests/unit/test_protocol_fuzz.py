@@ -1,5 +1,5 @@
 """A hostile guest agent, played by hypothesis over a socketpair, against the host's call
-paths (Channel + SmolVM.run/put/get): whatever it answers, only SmolVMErrors escape."""
+paths (Channel + GuestClient + SmolVM.run/put/get): whatever it answers, only SmolVMErrors escape."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from pytest_smolvm import RunResult, SmolVM, VMConfig
 from pytest_smolvm.errors import GuestError, ProtocolError, SmolVMError
 from pytest_smolvm.guest import protocol
 from pytest_smolvm.guest.channel import Channel
+from pytest_smolvm.guest.client import GuestClient
 
 MAX_BODY = 1 << 20
 
@@ -96,7 +97,7 @@ def vm_talking_to(reply: tuple[str, bytes] | bytes) -> Iterator[SmolVM]:
     """A SmolVM whose control channel leads to a HostileAgent instead of a VMM."""
     agent = HostileAgent(reply)
     vm = SmolVM(VMConfig())
-    vm._channel = Channel(agent.host, lambda: True, MAX_BODY)
+    vm._guest = GuestClient(Channel(agent.host, lambda: True, MAX_BODY))
     vm._state = "running"
     try:
         yield vm
@@ -183,7 +184,7 @@ def test_put_get_timeouts_are_smolvm_errors(call: str, monkeypatch: pytest.Monke
     monkeypatch.setattr(Channel, "call", quick)
     agent = HostileAgent(b"", silent=True)  # reads the request, then says nothing
     vm = SmolVM(VMConfig())
-    vm._channel = Channel(agent.host, lambda: True, MAX_BODY)
+    vm._guest = GuestClient(Channel(agent.host, lambda: True, MAX_BODY))
     vm._state = "running"
     try:
         with pytest.raises(SmolVMError, match="did not answer") as info:
