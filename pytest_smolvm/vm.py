@@ -20,9 +20,9 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from . import images
+from .boot import Boot, VMHooks
 from .config import VMConfig, WireEnv
 from .drivers import Accel, Driver, Machine, default_driver
-from .drivers.base import TEMPLATE_MAC, Nic, SnapshotDriver
 from .drivers.consolelog import read_bounded
 from .errors import (
     BootError,
@@ -38,8 +38,8 @@ from .errors import (
     SmolVMError,
 )
 from .guest import replies
-from .guest.channel import Channel, ChannelClosed, ReplyTimeout
-from .guest.client import GuestClient, exec_body_limit
+from .guest.channel import ChannelClosed, ReplyTimeout
+from .guest.client import GuestClient
 from .guest.ssh import SSHKeys
 from .host import owner_stamp
 from .network.forward import PortForward
@@ -48,10 +48,8 @@ from .network.policy import Caps, Denied
 from .paths import cache_dir, check_name, make_private_dirs, runtime_dir
 from .reporting import clip, redact, tail
 from .results import RunResult as RunResult  # re-exported: it was defined here
-from .snapshots import SnapshotError, SnapshotWarning, default_store
+from .snapshots import SnapshotError, SnapshotWarning
 
-#: How long a restored clone may take to answer before the VM falls back to a cold boot.
-RESTORE_TIMEOUT = 30.0
 #: How long a VMM whose control stream closed may take to exit by itself.
 EXIT_GRACE = 3.0
 #: Extra seconds the host waits past a command's timeout for the agent's (killed) reply.
@@ -60,8 +58,6 @@ DEFAULT_GET_LIMIT = 256 * 1024 * 1024
 MAX_PUT = 1 << 30  # the agent's request-body limit
 TRANSCRIPT_HEAD = 1024
 GET_TIMEOUT = 120.0
-#: The most of a snapshot's boot log a clone's console starts with (the log is guest-fed).
-BOOT_LOG_LIMIT = 256 * 1024
 
 T = TypeVar("T")
 _live: weakref.WeakSet[SmolVM] = weakref.WeakSet()
@@ -251,16 +247,7 @@ class SmolVM:
                                    self.config.uplink, Caps(self.config.egress_kib_per_s,
                                                             self.config.egress_conns_per_s))
                 self.network._net = self._net
-            if self._wants_snapshot(driver):
-                try:
-                    self._start_clone(driver, t0)  # type: ignore[arg-type]
-                except (SnapshotError, BootError, GuestDied, ProtocolError) as exc:
-                    warnings.warn(f"{self.name}: starting from a snapshot failed ({exc}); cold-booting "
-                                  f"instead", SnapshotWarning, stacklevel=2)
-                    self._discard_attempt()
-                    self._start_cold(driver, t0)
-            else:
-                self._start_cold(driver, t0)
+            self._boot(driver, t0)
         except BaseException:
             self._state = "failed"
             self._teardown()
@@ -287,115 +274,33 @@ class SmolVM:
         if self._machine is not None:
             self._machine.kill()
 
-    @property
-    def _grows_root(self) -> bool:
-        """Whether the disk is bigger than the image, so the root filesystem must grow."""
+    def _boot(self, driver: Driver, t0: float) -> None:
+        """Clone the golden snapshot if this VM can, else (or if that fails) cold-boot."""
         assert self.image is not None
-        return bool(self.config.disk_size_mib and self.config.disk_size_mib > self.image.rootfs_mib)
-
-    def _wants_snapshot(self, driver: Driver) -> bool:
-        return (self.config.snapshot and self.config.disk_mode == "isolated"
-                and isinstance(driver, SnapshotDriver))
-
-    def _nic_kw(self) -> dict[str, Nic]:
-        """``nic=`` for a driver's launch methods (absent without a network, so drivers that
-        have no networking need not accept it)."""
-        if self._net is None:
-            return {}
-        return {"nic": Nic(self._net.tap_fd, self._net.addr.tap, TEMPLATE_MAC)}
-
-    def _start_cold(self, driver: Driver, t0: float) -> None:
-        assert self.image is not None
-        self._machine = driver.launch(self.config, self.image, self.workdir, **self._nic_kw())
-        self.disk_path = self._machine.disk_path
-        self._open_channel(t0, self.config.boot_timeout)
-        self._setup(grow_root=self._grows_root)
-        self.boot_mode = "cold"
-
-    def _start_clone(self, driver: SnapshotDriver, t0: float) -> None:
-        assert self.image is not None
-        store = default_store()
-        key = driver.snapshot_key(self.config, self.image)
-        try:
-            snap = store.lookup(key)
-        except SnapshotError:
-            store.discard(key)  # corrupt: this VM cold-boots, the next one rebuilds it
-            raise
-        if snap is None:
-            snap = store.create(key, lambda target: self._build_template(driver, target))
-        boot_log = read_bounded(snap / "console.log", BOOT_LOG_LIMIT)
-        self._console_prefix = f"{boot_log}--- {self.name}: restored from snapshot {key} ---\n"
-        self._machine = driver.launch_clone(self.config, self.image, snap, self.workdir, **self._nic_kw())
-        self.disk_path = self._machine.disk_path
-        self._open_channel(time.monotonic(), min(self.config.boot_timeout, RESTORE_TIMEOUT))
-        self._setup(grow_root=False)
-        self.boot_mode = "snapshot"
-
-    def _build_template(self, driver: SnapshotDriver, target: Path) -> None:
-        """Cold-boot a template into ``target``, bring it to the state every clone starts
-        from (root grown, disk synced, agent idle), and save it."""
-        assert self.image is not None
-        tdir = self.workdir / "template"
-        tdir.mkdir()
-        machine = driver.launch_template(self.config, self.image, tdir, target, **self._nic_kw())
-        try:
-            guest = GuestClient(Channel(machine.connect(timeout=10.0), machine.alive, max_body=1 << 20))
+        boot = Boot(self.name, self.config, self.image, self.workdir, driver, self._net, VMHooks(
+            launched=self._launched, connected=self._connected, call=self._call,
+            console_tail=self._console_tail, exit_status=self._vmm_exit_status))
+        if boot.wants_snapshot:
             try:
-                guest.hello(timeout=self.config.boot_timeout)
-                if self._grows_root:
-                    resize = guest.setup(grow_root=True, timeout=120).resize
-                    if resize and resize.exit_code:
-                        raise SnapshotError(f"growing the template's root failed: {resize.output}")
-                guest.sync(timeout=60)
-            except (ReplyTimeout, ChannelClosed, ProtocolError) as exc:
-                raise SnapshotError(f"the snapshot template did not come up ({exc}): "
-                                    f"{machine.diagnostics()}") from None
-            finally:
-                guest.close()
-            driver.save_snapshot(machine, target)
-            (target / "console.log").write_text(read_bounded(machine.console_path, BOOT_LOG_LIMIT))
-        finally:
-            machine.kill()
-            shutil.rmtree(tdir, ignore_errors=True)
+                boot.clone()
+            except (SnapshotError, BootError, GuestDied, ProtocolError) as exc:
+                # stacklevel 3: the line that called start()
+                warnings.warn(f"{self.name}: starting from a snapshot failed ({exc}); cold-booting "
+                              f"instead", SnapshotWarning, stacklevel=3)
+                boot.discard_attempt()
+                boot.cold(t0)
+        else:
+            boot.cold(t0)
+        self.boot_mode = boot.mode
 
-    def _discard_attempt(self) -> None:
-        """Undo a failed clone attempt, keeping the VM directory for the cold boot."""
-        if self._guest is not None:
-            self._guest.close()
-            self._guest = None
-        if self._machine is not None:
-            self._machine.kill()
-            self._machine = None
-        self._console_prefix = ""
-        for child in self.workdir.iterdir():
-            if child.name != "owner.json":
-                if child.is_dir():
-                    shutil.rmtree(child, ignore_errors=True)
-                else:
-                    child.unlink(missing_ok=True)
+    def _launched(self, machine: Machine | None, console_prefix: str) -> None:
+        self._machine = machine
+        self._console_prefix = console_prefix
+        if machine is not None:
+            self.disk_path = machine.disk_path
 
-    def _open_channel(self, t0: float, timeout: float) -> None:
-        assert self._machine is not None
-        sock = self._machine.connect(timeout=10.0)
-        self._guest = GuestClient(Channel(sock, self._machine.alive, max_body=exec_body_limit(self.config.max_output)))
-        self._handshake(t0, timeout)
-
-    def _handshake(self, t0: float, timeout: float) -> None:
-        assert self._guest is not None
-        remaining = timeout - (time.monotonic() - t0)
-        try:
-            self._guest.hello(timeout=max(remaining, 1.0))
-        except ReplyTimeout:
-            raise BootError(f"{self.name}: the guest agent did not answer within "
-                            f"{timeout:.0f}s (accel {self.accel.name if self.accel else '?'})",
-                            self._console_tail()) from None
-        except (ChannelClosed, ProtocolError) as exc:
-            # A panic's reboot under -no-reboot: let QEMU exit, so its last console lines are read.
-            self._vmm_exit_status()
-            raise BootError(f"{self.name}: the VM stopped while booting ({exc}); "
-                            f"VMM status {self._machine.exit_status() if self._machine else '?'}; "
-                            f"{self._machine.diagnostics() if self._machine else ''}",
-                            self._console_tail()) from None
+    def _connected(self, guest: GuestClient | None) -> None:
+        self._guest = guest
 
     def _vmm_exit_status(self) -> int | None:
         """The VMM's exit status, after waiting up to EXIT_GRACE for it: the control stream
@@ -405,25 +310,6 @@ class SmolVM:
                 and time.monotonic() < deadline:
             time.sleep(0.01)
         return self._machine.exit_status() if self._machine is not None else None
-
-    def _setup(self, *, grow_root: bool) -> None:
-        """Make the guest current and unique: clock, RNG reseed, hostname, machine-id (and
-        grow the root filesystem on a cold boot). Clones of one snapshot share RAM up to here."""
-        assert self.image is not None
-        net = self._net.guest_setup() if self._net is not None else None
-        reply = self._call("guest setup", lambda guest: guest.setup(
-            time_ns=time.time_ns(), hostname=f"smolvm-{self.name}", machine_id=secrets.token_hex(16),
-            grow_root=grow_root, net=net, entropy=secrets.token_bytes(64), timeout=60.0))
-        if reply.error is not None:
-            raise BootError(f"{self.name}: guest setup failed: {reply.error.message}", self._console_tail())
-        nic = reply.net
-        if self._net is not None and (not nic or nic.exit_code):
-            raise NetworkError(f"{self.name}: configuring the guest's NIC failed: "
-                               f"{nic.output if nic else 'the agent did not configure it'}")
-        resize = reply.resize
-        if resize and resize.exit_code:
-            raise BootError(f"{self.name}: growing the root filesystem to "
-                            f"{self.config.disk_size_mib} MiB failed: {resize.output}")
 
     def close(self) -> None:
         """Stop the VM and remove everything it created. Idempotent."""
