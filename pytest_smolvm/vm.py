@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import enum
 import itertools
 import json
 import os
@@ -84,6 +85,22 @@ def set_run_id(run_id: str) -> None:
     global _run_id
     with _run_id_lock:
         _run_id = run_id
+
+
+class VMState(enum.Enum):
+    """Where a SmolVM is in its life. Shown by value in messages and ``repr``."""
+
+    NEW = "new"
+    STARTING = "starting"
+    RUNNING = "running"
+    FAILED = "failed"  # start() failed; torn down
+    DEAD = "dead"  # the guest or VMM stopped during a call
+    CLOSING = "closing"
+    CLOSED = "closed"
+    DETACHED = "detached"  # left running for inspection (keep-failed)
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,7 +200,7 @@ class SmolVM:
         self._guest: GuestClient | None = None
         self._console_cache: str | None = None
         self._console_prefix = ""  # a clone's console starts with its snapshot's boot log
-        self._state = "new"
+        self._state = VMState.NEW
         self._lock = threading.Lock()
         self._lifetime_timer: threading.Timer | None = None
         self._expired: str | None = None
@@ -200,7 +217,7 @@ class SmolVM:
         return f"<SmolVM {self.name} {self._state} {self.config.describe()}>"
 
     def __enter__(self) -> SmolVM:
-        if self._state == "new":
+        if self._state == VMState.NEW:
             self.start()
         return self
 
@@ -220,7 +237,7 @@ class SmolVM:
 
     @property
     def alive(self) -> bool:
-        return self._state == "running" and self._machine is not None and self._machine.alive()
+        return self._state == VMState.RUNNING and self._machine is not None and self._machine.alive()
 
     def start(self) -> SmolVM:
         """Boot the VM and wait for its agent. On any failure nothing is left behind.
@@ -229,9 +246,9 @@ class SmolVM:
         (``config.snapshot``); if the snapshot cannot be built or restored, the VM is
         cold-booted instead and a :class:`~pytest_smolvm.snapshots.SnapshotWarning` says why.
         """
-        if self._state != "new":
+        if self._state != VMState.NEW:
             raise SmolVMError(f"{self.name} was already started (state {self._state})")
-        self._state = "starting"
+        self._state = VMState.STARTING
         t0 = time.monotonic()
         try:
             self.image = images.resolve(self.config.image)
@@ -249,10 +266,10 @@ class SmolVM:
                 self.network._net = self._net
             self._boot(driver, t0)
         except BaseException:
-            self._state = "failed"
+            self._state = VMState.FAILED
             self._teardown()
             raise
-        self._state = "running"
+        self._state = VMState.RUNNING
         self.boot_time = time.monotonic() - t0
         self.arm_lifetime()
         return self
@@ -262,7 +279,7 @@ class SmolVM:
         pre-started VM to a test, so time spent waiting as a spare does not count."""
         if self._lifetime_timer is not None:
             self._lifetime_timer.cancel()
-        if self.config.lifetime is not None and self._state == "running":
+        if self.config.lifetime is not None and self._state == VMState.RUNNING:
             self._lifetime_timer = threading.Timer(self.config.lifetime, self._expire)
             self._lifetime_timer.daemon = True
             self._lifetime_timer.start()
@@ -314,19 +331,19 @@ class SmolVM:
     def close(self) -> None:
         """Stop the VM and remove everything it created. Idempotent."""
         with self._lock:
-            if self._state in ("closed", "new"):
-                self._state = "closed"
+            if self._state in (VMState.CLOSED, VMState.NEW):
+                self._state = VMState.CLOSED
                 return
             # "closing" until the teardown has run to its end: a Ctrl-C or SIGTERM that lands
             # inside it leaves the VM closable, so a later close() (a fixture finaliser, the
             # atexit hook) finishes the job instead of finding it "closed" and doing nothing.
-            self._state = "closing"
+            self._state = VMState.CLOSING
             try:
                 self._teardown()
             except Exception:
-                self._state = "closed"
+                self._state = VMState.CLOSED
                 raise
-            self._state = "closed"
+            self._state = VMState.CLOSED
 
     def detach(self) -> None:
         """Leave the VM running for inspection and forget it (``--smolvm-keep-failed``).
@@ -335,12 +352,12 @@ class SmolVM:
         ``python -m pytest_smolvm reap --kept``.
         """
         with self._lock:
-            if self._state != "running":
+            if self._state != VMState.RUNNING:
                 raise SmolVMError(f"{self.name} is not running (state {self._state}); cannot detach")
             if self._guest is not None:
                 self._guest.close()
             (self.workdir / "kept").write_text(json.dumps({"pid": self.pid, "at": time.time()}))
-            self._state = "detached"
+            self._state = VMState.DETACHED
             _live.discard(self)
 
     def _teardown(self) -> None:
@@ -397,7 +414,7 @@ class SmolVM:
     def console_log(self) -> str:
         """What the guest printed on its serial console so far: all of it up to 2 MiB, else
         the first and last MiB around a marker line; lines cut at 4 KiB."""
-        if self._console_cache is not None and self._state == "closed":
+        if self._console_cache is not None and self._state == VMState.CLOSED:
             return self._console_cache
         return self._read_console()
 
@@ -408,9 +425,9 @@ class SmolVM:
 
     def _call(self, what: str, op: Callable[[GuestClient], T]) -> T:
         """``op`` on this VM's guest client; a control stream that ends under it is GuestDied."""
-        if self._expired and self._state == "dead":
+        if self._expired and self._state == VMState.DEAD:
             raise GuestDied(f"{self.name}: cannot {what}: {self._expired} (config lifetime)")
-        if self._guest is None or self._state not in ("starting", "running"):
+        if self._guest is None or self._state not in (VMState.STARTING, VMState.RUNNING):
             raise SmolVMError(f"{self.name} is not running (state {self._state}); cannot {what}")
         try:
             return op(self._guest)
@@ -423,7 +440,7 @@ class SmolVM:
                 killed = True
                 self._machine.kill()
                 status = self._machine.exit_status()
-            self._state = "dead"
+            self._state = VMState.DEAD
             # A guest poweroff or panic (panic=-1 reboots, -no-reboot exits) ends QEMU with 0;
             # anything else the VMM did by itself means the VMM itself died.
             console = self.redact(self._console_tail())
@@ -574,7 +591,7 @@ class SmolVM:
         if self._net is None:
             raise NetworkError(f"{self.name}: {what} needs network='isolated' or 'nat'; "
                                f"this VM has network={self.config.network!r}")
-        if self._state != "running":
+        if self._state != VMState.RUNNING:
             raise SmolVMError(f"{self.name} is not running (state {self._state}); cannot {what}")
         return self._net
 

@@ -19,6 +19,7 @@ from pytest_smolvm.errors import GuestError, ProtocolError, SmolVMError
 from pytest_smolvm.guest import protocol
 from pytest_smolvm.guest.channel import Channel
 from pytest_smolvm.guest.client import GuestClient
+from pytest_smolvm.vm import VMState
 
 MAX_BODY = 1 << 20
 
@@ -98,11 +99,11 @@ def vm_talking_to(reply: tuple[str, bytes] | bytes) -> Iterator[SmolVM]:
     agent = HostileAgent(reply)
     vm = SmolVM(VMConfig())
     vm._guest = GuestClient(Channel(agent.host, lambda: True, MAX_BODY))
-    vm._state = "running"
+    vm._state = VMState.RUNNING
     try:
         yield vm
     finally:
-        vm._state = "closed"
+        vm._state = VMState.CLOSED
         agent.close()
 
 
@@ -185,13 +186,13 @@ def test_put_get_timeouts_are_smolvm_errors(call: str, monkeypatch: pytest.Monke
     agent = HostileAgent(b"", silent=True)  # reads the request, then says nothing
     vm = SmolVM(VMConfig())
     vm._guest = GuestClient(Channel(agent.host, lambda: True, MAX_BODY))
-    vm._state = "running"
+    vm._state = VMState.RUNNING
     try:
         with pytest.raises(SmolVMError, match="did not answer") as info:
             CALLS[call](vm)
         assert isinstance(info.value, TimeoutError)
     finally:
-        vm._state = "closed"
+        vm._state = VMState.CLOSED
         agent.close()
 
 
