@@ -121,6 +121,28 @@ class TranscriptEntry:
         return "\n".join(lines)
 
 
+@dataclasses.dataclass(frozen=True)
+class ExecCall:
+    """One ``run()`` call, checked: the argv sent to the guest and the command as reports show it."""
+
+    argv: list[str]
+    shown: str
+    timeout: float
+    max_output: int
+    env: WireEnv
+    cwd: str | None
+    stdin: bytes
+
+
+def command_argv(command: object) -> tuple[list[str], str]:
+    """``run()``'s command as an argv and as shown: a string goes to ``/bin/sh -c``."""
+    if isinstance(command, str):
+        return ["/bin/sh", "-c", command], command
+    if isinstance(command, Sequence) and command and all(isinstance(a, str) for a in command):
+        return list(command), shlex.join(command)
+    raise ConfigError(f"invalid command {command!r}: expected a shell string or a non-empty list of str")
+
+
 class NetworkState:
     """``vm.network``: the policy in force, the VM's addresses, and the egress attempts the
     policy dropped (``denied``: ``(destination, port, protocol)`` tuples, read live)."""
@@ -473,12 +495,15 @@ class SmolVM:
         kills its whole process group and raises :class:`CommandTimeout`. ``env`` is added
         to the config's env for this call only and never written to the guest's disk.
         """
-        if isinstance(command, str):
-            argv, shown = ["/bin/sh", "-c", command], command
-        elif isinstance(command, Sequence) and command and all(isinstance(a, str) for a in command):
-            argv, shown = list(command), shlex.join(command)
-        else:
-            raise ConfigError(f"invalid command {command!r}: expected a shell string or a non-empty list of str")
+        call = self._exec_call(command, timeout=timeout, env=env, cwd=cwd, input=input, max_output=max_output)
+        t0 = time.monotonic()
+        parsed = self._exec(call, t0)
+        return self._result(call.shown, call.timeout, parsed, time.monotonic() - t0, check)
+
+    def _exec_call(self, command: str | Sequence[str], *, timeout: float | None, env: Mapping[str, str] | None,
+                   cwd: str | None, input: bytes | str | None, max_output: int | None) -> ExecCall:
+        """run()'s arguments, checked (a ConfigError names the bad one) and merged with the config."""
+        argv, shown = command_argv(command)
         limit = self.config.timeout if timeout is None else timeout
         if not (isinstance(limit, (int, float)) and limit > 0):
             raise ConfigError(f"invalid timeout={timeout!r} for run({shown!r}): expected seconds > 0")
@@ -492,23 +517,26 @@ class SmolVM:
             merged_env.update(check_field("env", env))
             self._secrets.update(merged_env.values())
         data = input.encode() if isinstance(input, str) else bytes(input or b"")
-        t0 = time.monotonic()
+        return ExecCall(argv, shown, float(limit), cap, merged_env, cwd, data)
+
+    def _exec(self, call: ExecCall, t0: float) -> replies.ExecReply | replies.AgentError:
+        """Send ``call`` to the guest and wait for its reply. A guest that never confirms the
+        kill is a CommandTimeout; it and a guest that died are recorded in the transcript."""
         try:
-            parsed = self._call(f"run({shown!r})", lambda guest: guest.exec(
-                argv, timeout=float(limit), wait=float(limit) + REPLY_GRACE, max_output=cap, env=merged_env,
-                cwd=cwd, stdin=data))
+            return self._call(f"run({call.shown!r})", lambda guest: guest.exec(
+                call.argv, timeout=call.timeout, wait=call.timeout + REPLY_GRACE, max_output=call.max_output,
+                env=call.env, cwd=call.cwd, stdin=call.stdin))
         except ReplyTimeout:
             # No confirmation: the guest is overloaded or the test stopped its agent. Either
             # way it is the guest's doing, so the test fails (not an infrastructure ERROR).
-            self._record(shown, "no reply", time.monotonic() - t0, b"", b"")
+            self._record(call.shown, "no reply", time.monotonic() - t0, b"", b"")
             raise CommandTimeout(self.redact(
-                f"{self.name}: run({shown!r}) timed out after {limit:g}s and the guest agent did not "
-                f"confirm the kill within {REPLY_GRACE:g}s more (the guest is overloaded or its agent "
-                f"was stopped)"), command=shown, timeout=float(limit)) from None
+                f"{self.name}: run({call.shown!r}) timed out after {call.timeout:g}s and the guest agent did "
+                f"not confirm the kill within {REPLY_GRACE:g}s more (the guest is overloaded or its agent "
+                f"was stopped)"), command=call.shown, timeout=call.timeout) from None
         except GuestDied:
-            self._record(shown, "guest died", time.monotonic() - t0, b"", b"")
+            self._record(call.shown, "guest died", time.monotonic() - t0, b"", b"")
             raise
-        return self._result(shown, float(limit), parsed, time.monotonic() - t0, check)
 
     def _result(self, shown: str, limit: float, parsed: replies.ExecReply | replies.AgentError,
                 duration: float, check: bool) -> RunResult:
