@@ -26,7 +26,7 @@ from .guest.client import GuestClient, exec_body_limit
 from .guest.replies import SetupReply
 from .images import Image
 from .network.hub import VMNetwork
-from .snapshots import SnapshotError, default_store
+from .snapshots import SnapshotError, SnapshotStore, default_store
 
 #: How long a restored clone may take to answer before the VM falls back to a cold boot.
 RESTORE_TIMEOUT = 30.0
@@ -53,10 +53,11 @@ class VMHooks:
 
 
 class Boot:
-    """One start of one VM (``name``, booting ``image`` with ``config`` in ``workdir``)."""
+    """One start of one VM (``name``, booting ``image`` with ``config`` in ``workdir``);
+    clones come from ``snapshots``."""
 
     def __init__(self, name: str, config: VMConfig, image: Image, workdir: Path, driver: Driver,
-                 net: VMNetwork | None, hooks: VMHooks) -> None:
+                 net: VMNetwork | None, hooks: VMHooks, *, snapshots: SnapshotStore | None = None) -> None:
         self.name = name
         self.config = config
         self.image = image
@@ -64,6 +65,7 @@ class Boot:
         self.driver = driver
         self.net = net
         self.hooks = hooks
+        self.snapshots = snapshots  # None: snapshots.default_store(), looked up when cloning
         #: "snapshot" (a clone of a golden snapshot) or "cold" (booted from scratch), once up.
         self.mode: str | None = None
         self._machine: Machine | None = None
@@ -103,7 +105,7 @@ class Boot:
         the caller should fall back to :meth:`cold` after :meth:`discard_attempt`."""
         driver = self.driver
         assert isinstance(driver, SnapshotDriver)
-        store = default_store()
+        store = self.snapshots if self.snapshots is not None else default_store()
         key = driver.snapshot_key(self.config, self.image)
         try:
             snap = store.lookup(key)

@@ -20,7 +20,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
-from . import images
+from . import images, paths
 from .boot import Boot, VMHooks
 from .config import VMConfig, WireEnv
 from .drivers import Accel, Driver, Machine, default_driver
@@ -43,13 +43,14 @@ from .guest.channel import ChannelClosed, ReplyTimeout
 from .guest.client import GuestClient
 from .guest.ssh import SSHKeys
 from .host import owner_stamp
+from .network import hub
 from .network.forward import PortForward
 from .network.hub import VMNetwork
 from .network.policy import Caps, Denied
-from .paths import cache_dir, check_name, make_private_dirs, runtime_dir
+from .paths import cache_dir, check_name, make_private_dirs
 from .reporting import clip, redact, tail
 from .results import RunResult as RunResult  # re-exported: it was defined here
-from .snapshots import SnapshotError, SnapshotWarning
+from .snapshots import SnapshotError, SnapshotStore, SnapshotWarning
 
 #: How long a VMM whose control stream closed may take to exit by itself.
 EXIT_GRACE = 3.0
@@ -61,6 +62,8 @@ TRANSCRIPT_HEAD = 1024
 GET_TIMEOUT = 120.0
 
 T = TypeVar("T")
+#: How a networked VM gets its NIC: ``network.hub.attach(vm, run_id, policy, allow, uplink, caps)``.
+AttachNetwork = Callable[[str, str, str, tuple[str, ...], str | None, Caps], VMNetwork]
 _live: weakref.WeakSet[SmolVM] = weakref.WeakSet()
 _run_id_lock = threading.Lock()
 _run_id: str | None = None
@@ -201,16 +204,30 @@ class SmolVM:
     'hi\\n'
     """
 
-    #: Numbers VM names; the warm-pool thread and the test's thread both create VMs.
+    #: Numbers VM names; the warm-pool thread and the test's thread both create VMs. The
+    #: lock makes that safe without leaning on the GIL (which makes a bare next() atomic
+    #: today, but not on a free-threaded build).
     _counter = itertools.count(1)
+    _counter_lock = threading.Lock()
 
     def __init__(self, config: VMConfig | None = None, *, driver: Driver | None = None,
-                 name: str | None = None) -> None:
+                 name: str | None = None, resolve_image: Callable[[str], images.Image] | None = None,
+                 snapshot_store: SnapshotStore | None = None, runtime_dir: Path | None = None,
+                 attach_network: AttachNetwork | None = None) -> None:
+        """``resolve_image``, ``snapshot_store``, ``runtime_dir`` and ``attach_network`` replace,
+        for this VM, the image store (``images.resolve``), the snapshot store
+        (``snapshots.default_store()``), the runtime directory (``paths.runtime_dir()``, which
+        ``reap`` searches; one given must exist and be trusted) and the network hub
+        (``network.hub.attach``); None means those."""
         self.config = config or VMConfig()
         self._driver = driver
-        self.name = check_name(name or f"vm{next(SmolVM._counter)}-{secrets.token_hex(2)}", "VM name")
+        self._resolve_image = resolve_image
+        self._snapshot_store = snapshot_store
+        self._runtime_dir = runtime_dir
+        self._attach_network = attach_network
+        self.name = check_name(name or f"vm{self._next_number()}-{secrets.token_hex(2)}", "VM name")
         self.run_id = check_name(current_run_id(), "run id (SMOLVM_RUN_ID)")
-        self.workdir = runtime_dir() / self.run_id / self.name
+        self.workdir = self._runtime_root() / self.run_id / self.name
         self.transcript: list[TranscriptEntry] = []
         self.network = NetworkState(self.config.network, self.config.allow, self.config.uplink)
         self.image: images.Image | None = None
@@ -232,6 +249,14 @@ class SmolVM:
         self._ssh_clients: list[Any] = []
         #: env values this VM was given (config and run()): masked in messages and transcripts.
         self._secrets: set[str] = set(self.config.env.values())
+
+    @classmethod
+    def _next_number(cls) -> int:
+        with cls._counter_lock:
+            return next(cls._counter)
+
+    def _runtime_root(self) -> Path:
+        return self._runtime_dir if self._runtime_dir is not None else paths.runtime_dir()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -273,19 +298,14 @@ class SmolVM:
         self._state = VMState.STARTING
         t0 = time.monotonic()
         try:
-            self.image = images.resolve(self.config.image)
+            self.image = (self._resolve_image or images.resolve)(self.config.image)
             driver = self._driver or default_driver(self.config)
-            make_private_dirs(self.workdir, runtime_dir())
+            make_private_dirs(self.workdir, self._runtime_root())
             (self.workdir / "owner.json").write_text(json.dumps(
                 {**owner_stamp(os.getpid()), "run_id": self.run_id, "vm": self.name, "started": time.time()}))
             _live.add(self)
             if self.config.network != "none":
-                from .network.hub import attach
-
-                self._net = attach(self.name, self.run_id, self.config.network, self.config.allow,
-                                   self.config.uplink, Caps(self.config.egress_kib_per_s,
-                                                            self.config.egress_conns_per_s))
-                self.network._net = self._net
+                self._attach()
             self._boot(driver, t0)
         except BaseException:
             self._state = VMState.FAILED
@@ -313,12 +333,19 @@ class SmolVM:
         if self._machine is not None:
             self._machine.kill()
 
+    def _attach(self) -> None:
+        """Give the VM its NIC, with the config's network policy in force."""
+        attach = self._attach_network or hub.attach
+        self._net = attach(self.name, self.run_id, self.config.network, self.config.allow, self.config.uplink,
+                           Caps(self.config.egress_kib_per_s, self.config.egress_conns_per_s))
+        self.network._net = self._net
+
     def _boot(self, driver: Driver, t0: float) -> None:
         """Clone the golden snapshot if this VM can, else (or if that fails) cold-boot."""
         assert self.image is not None
         boot = Boot(self.name, self.config, self.image, self.workdir, driver, self._net, VMHooks(
             launched=self._launched, connected=self._connected, call=self._call,
-            console_tail=self._console_tail, exit_status=self._vmm_exit_status))
+            console_tail=self._console_tail, exit_status=self._vmm_exit_status), snapshots=self._snapshot_store)
         if boot.wants_snapshot:
             try:
                 boot.clone()
