@@ -103,19 +103,17 @@ def _cmd_reap(args: argparse.Namespace) -> int:
 def _cmd_shell(args: argparse.Namespace) -> int:
     """A line-at-a-time shell into a kept VM, through its control socket. What the guest
     prints is shown sanitised (it cannot drive this terminal) and its replies are validated."""
-    import socket
-
+    from .drivers import connect_kept
     from .guest.channel import Channel, ChannelClosed, ReplyTimeout
     from .guest.client import GuestClient
     from .guest.replies import AgentError
     from .reporting import clip, sanitize
 
     workdir = Path(args.workdir)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.connect(str(workdir / "ctl.sock"))
-    except OSError as exc:
-        print(f"cannot connect to {workdir / 'ctl.sock'}: {exc}", file=sys.stderr)
+        sock = connect_kept(workdir)
+    except (OSError, ConnectionError) as exc:
+        print(f"cannot connect to the VM kept in {workdir}: {exc}", file=sys.stderr)
         return 1
     guest = GuestClient(Channel(sock, lambda: True, max_body=64 << 20))
     try:

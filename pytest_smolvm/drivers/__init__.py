@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import socket
+from pathlib import Path
+
 from .. import host
 from ..config import VMConfig
 from ..errors import ConfigError
@@ -34,6 +37,23 @@ def firecracker_status(image_name: str = "default") -> tuple[bool, str]:
             return False, f"Firecracker needs a working KVM: {why}; {reason}"
         why = reason
     return True, f"{binary} on KVM ({why})"
+
+
+def connect_kept(workdir: Path, timeout: float = 10.0) -> socket.socket:
+    """A control connection to the agent of a VM kept in ``workdir`` (``python -m pytest_smolvm
+    shell``): the driver that made the directory knows its socket, so callers never name it."""
+    from .firecracker import AGENT_VSOCK_PORT, VSOCK_NAME, vsock_connect
+    from .qemu import CONTROL_NAME
+
+    if (workdir / VSOCK_NAME).exists():
+        return vsock_connect(workdir / VSOCK_NAME, AGENT_VSOCK_PORT, timeout=timeout)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(str(workdir / CONTROL_NAME))
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def default_driver(config: VMConfig) -> Driver:

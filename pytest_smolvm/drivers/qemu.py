@@ -29,6 +29,8 @@ from .qmp import QMP
 from .spec import MachineSpec, RamFile
 
 CONTROL_PORT = "smolvm.ctl"
+#: The control socket in a VM directory (the guest agent\'s virtio-serial port).
+CONTROL_NAME = "ctl.sock"
 #: QEMU's seccomp filter: no obsolete syscalls, no privilege changes, no spawning helpers,
 #: no scheduler/affinity changes. Migrations use fd: URIs, so nothing needs to spawn.
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
@@ -121,7 +123,7 @@ class QemuMachine(VMMProcess):
     def __init__(self, proc: subprocess.Popen[bytes], accel: Accel, workdir: Path, disk: Path,
                  spawned: Spawned | None = None) -> None:
         super().__init__(proc, accel, workdir, disk, "qemu.log", spawned)
-        self.control_path = workdir / "ctl.sock"
+        self.control_path = workdir / CONTROL_NAME
         self.qmp_path = workdir / "qmp.sock"
 
     def connect(self, timeout: float) -> socket.socket:
@@ -201,7 +203,7 @@ class QemuDriver:
         return MachineSpec(
             binary=self.binary, accel=accel.name, vcpus=config.vcpus, memory_mib=config.memory_mib,
             kernel=image.kernel, initrd=image.initrd, cmdline=self._cmdline(config, accel),
-            control=workdir / "ctl.sock", disk=disk, disk_format=fmt, disk_fds=disk_fds, qmp=workdir / "qmp.sock",
+            control=workdir / CONTROL_NAME, disk=disk, disk_format=fmt, disk_fds=disk_fds, qmp=workdir / "qmp.sock",
             ram=ram, nic=nic, sandbox=self._sandbox(), runas=runas, chroot=chroot)
 
     def _argv(self, spec: MachineSpec) -> list[str]:
