@@ -14,6 +14,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Final
 
+from .cpumodel import check_cpu
 from .errors import ConfigError
 
 NETWORK_POLICIES: Final = ("none", "isolated", "nat")
@@ -83,6 +84,8 @@ class VMConfig:
     network namespace ``nat`` traffic leaves through (None: the host's root namespace).
     ``egress_kib_per_s`` and ``egress_conns_per_s`` cap what a networked VM sends through
     the uplink (KiB per second, new connections per second); beyond them packets are dropped.
+    ``cpu`` is the guest CPU model under TCG (None: ``qemu64,+rdrand,+arat``); KVM and HVF
+    guests always get the host's CPU.
     """
 
     vcpus: int = 1
@@ -105,6 +108,7 @@ class VMConfig:
     uplink: str | None = None
     egress_kib_per_s: int = DEFAULT_EGRESS_KIB_PER_S
     egress_conns_per_s: int = DEFAULT_EGRESS_CONNS_PER_S
+    cpu: str | None = None
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -270,6 +274,7 @@ _CHECKS: Final[Mapping[str, Callable[[str, Any], Any]]] = {
     "uplink": lambda _, v: _uplink(v),
     "egress_kib_per_s": lambda name, v: _int(name, v, 1),
     "egress_conns_per_s": lambda name, v: _int(name, v, 1),
+    "cpu": lambda _, v: check_cpu(v),
 }
 
 

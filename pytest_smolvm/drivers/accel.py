@@ -16,21 +16,22 @@ import time
 from pathlib import Path
 
 from .. import host
+from ..cpumodel import DEFAULT_TCG_CPU, tcg_cpu
 from ..errors import ConfigError
 from ..images import Image
 from ..paths import cache_dir
 from .base import Accel
 from .kernel import kernel_cmdline
 
-TCG_CPU = "qemu64,+rdrand,+arat"
+TCG_CPU = DEFAULT_TCG_CPU
 CANARY_MARK = "SMOLVM-CANARY-OK"
 CANARY_TIMEOUT = 8.0  # a working KVM reaches the initramfs in well under 1 s
 
 
-def accel_args(accel: str) -> list[str]:
-    """``-accel``/``-cpu`` for an accelerator (pure)."""
+def accel_args(accel: str, cpu: str | None = None) -> list[str]:
+    """``-accel``/``-cpu`` for an accelerator (pure); ``cpu`` is the TCG model (None: default)."""
     if accel == "tcg":
-        return ["-accel", "tcg", "-cpu", TCG_CPU]
+        return ["-accel", "tcg", "-cpu", tcg_cpu(cpu)]
     if accel in ("kvm", "hvf"):
         return ["-accel", accel, "-cpu", "host"]
     raise ConfigError(f"invalid accel={accel!r}: expected kvm, hvf or tcg")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .. import host
 from ..config import VMConfig
+from ..cpumodel import check_cpu_model
 from ..errors import BootError, ConfigError
 from ..images import Image
 from .accel import accel_args, choose_accel
@@ -48,8 +49,8 @@ def _opt(path: Path | str) -> str:
 def qemu_argv(spec: MachineSpec) -> list[str]:
     """Full QEMU ``-M microvm`` argv for one VM (pure)."""
     machine = "microvm" if spec.ram is None else "microvm,memory-backend=mem"
-    return [spec.binary, "-M", machine, *accel_args(spec.accel), "-smp", str(spec.vcpus), "-m", str(spec.memory_mib),
-            *guest_args(spec)]
+    return [spec.binary, "-M", machine, *accel_args(spec.accel, spec.cpu), "-smp", str(spec.vcpus),
+            "-m", str(spec.memory_mib), *guest_args(spec)]
 
 
 def guest_args(spec: MachineSpec) -> list[str]:
@@ -201,12 +202,14 @@ class QemuDriver:
                               f"(got {'none' if nic is None else nic.tap})")
         runas, chroot = self._privilege_drop(workdir) or (None, None)
         return MachineSpec(
-            binary=self.binary, accel=accel.name, vcpus=config.vcpus, memory_mib=config.memory_mib,
+            binary=self.binary, accel=accel.name, cpu=config.cpu, vcpus=config.vcpus, memory_mib=config.memory_mib,
             kernel=image.kernel, initrd=image.initrd, cmdline=self._cmdline(config, accel),
             control=workdir / CONTROL_NAME, disk=disk, disk_format=fmt, disk_fds=disk_fds, qmp=workdir / "qmp.sock",
             ram=ram, nic=nic, sandbox=self._sandbox(), runas=runas, chroot=chroot)
 
     def _argv(self, spec: MachineSpec) -> list[str]:
+        if spec.accel == "tcg":
+            check_cpu_model(self.binary, spec.cpu)
         return qemu_argv(spec)
 
     def _start(self, config: VMConfig, image: Image, workdir: Path, accel: Accel, disk: Path, fmt: str = "qcow2",

@@ -56,3 +56,5 @@ class MachineSpec:
     sandbox: bool = False
     runas: str | None = None
     chroot: Path | None = None
+    #: The guest CPU model under TCG (None: :data:`~pytest_smolvm.cpumodel.DEFAULT_TCG_CPU`).
+    cpu: str | None = None

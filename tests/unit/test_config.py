@@ -348,7 +348,7 @@ def test_check_field_normalises(field: str, raw: object, expected: object) -> No
         ("uplink", 3, "invalid uplink=3: expected 'root' or the name of a network namespace (ip netns list)"),
         ("egress_kib_per_s", 0, "invalid egress_kib_per_s=0: must be >= 1"),
         ("egress_conns_per_s", "many", "invalid egress_conns_per_s='many': expected an integer"),
-        ("colour", "red", "unknown setting 'colour'; known: accel, allow, aslr, backend, boot_timeout, disk_mode, "
+        ("colour", "red", "unknown setting 'colour'; known: accel, allow, aslr, backend, boot_timeout, cpu, disk_mode, "
                           "disk_size_mib, egress_conns_per_s, egress_kib_per_s, env, image, lifetime, max_output, "
                           "memory_mib, network, retain_disk_on_delete, snapshot, timeout, uplink, vcpus"),
     ],
