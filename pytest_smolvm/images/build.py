@@ -23,6 +23,7 @@ from filelock import FileLock, Timeout
 
 from ..digest import sha256_file
 from ..errors import ImageError
+from .kmods import install_modules
 from .recipe import BOOT_MODULES, NET_MODULES, VSOCK_MODULES, Recipe
 from .store import Image, images_dir, resolve
 
@@ -255,6 +256,7 @@ def _bootstrap_rootfs(b: _Build) -> None:
           f"--aptopt={optfile}", "--format=directory", recipe.suite, str(b.rootfs_dir), *sources],
          "mmdebstrap", b.progress)
     _customise_rootfs(b.rootfs_dir, b.out)
+    install_modules(b.kernel_root, b.kernel_release, b.rootfs_dir, recipe.rootfs_modules)
     b.guest_python = _guest_python(b.rootfs_dir)
 
 

@@ -44,6 +44,8 @@ class Recipe:
 
     ``arch`` is the Debian architecture of the guest (``amd64`` or ``arm64``); use
     :func:`arm64_recipe` for an arm64 image (its kernel package differs too).
+    ``rootfs_modules`` are kernel modules (with their dependencies) of the guest's kernel
+    put into the rootfs for ``modprobe`` (:mod:`.kmods`); the initramfs never needs them.
     """
 
     name: str = "default"
@@ -52,6 +54,7 @@ class Recipe:
     packages: tuple[str, ...] = DEFAULT_PACKAGES
     rootfs_mib: int = 1024
     arch: str = "amd64"
+    rootfs_modules: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHES:
@@ -63,6 +66,8 @@ class Recipe:
             # amd64 images were built before ``arch`` existed: leaving it out keeps their
             # digests (and so every existing build) valid.
             del fields["arch"]
+        if not self.rootfs_modules:
+            del fields["rootfs_modules"]  # likewise: images built before it keep their digest
         blob = json.dumps({"builder": BUILDER_VERSION, **fields}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -73,8 +78,9 @@ class Recipe:
     def from_json(cls, data: dict[str, object]) -> Recipe:
         fields = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in fields}
-        if "packages" in kwargs:
-            kwargs["packages"] = tuple(kwargs["packages"])  # type: ignore[arg-type]
+        for name in ("packages", "rootfs_modules"):
+            if name in kwargs:
+                kwargs[name] = tuple(kwargs[name])  # type: ignore[arg-type]
         return cls(**kwargs)  # type: ignore[arg-type]
 
 
@@ -83,6 +89,21 @@ def arm64_recipe(name: str = "default-arm64", **changes: object) -> Recipe:
     HVF or KVM): same packages, Debian's arm64 cloud kernel."""
     return dataclasses.replace(Recipe(name=name, arch="arm64", kernel_package=KERNEL_PACKAGES["arm64"]),
                                **changes)  # type: ignore[arg-type]
+
+
+#: What L1 of the nested KVM harness (scripts/run-kvm-nested) runs besides the defaults: the
+#: engine's runtime dependencies from Debian, QEMU, the network tools, and kvm_amd.
+KVM_HOST_PACKAGES: Final = (
+    "qemu-system-x86", "qemu-utils", "python3-pytest", "python3-filelock", "python3-paramiko",
+    "python3-pyroute2", "python3-psutil", "nftables", "kmod",
+)
+
+
+def kvm_host_recipe(name: str = "kvm-host") -> Recipe:
+    """An image that can be a KVM host inside a TCG guest with emulated AMD-V (``cpu`` with
+    ``+svm,+npt``): QEMU, the engine's dependencies, and ``kvm_amd`` for ``modprobe``."""
+    return Recipe(name=name, packages=DEFAULT_PACKAGES + KVM_HOST_PACKAGES, rootfs_mib=2048,
+                  rootfs_modules=("kvm_amd",))
 
 
 STAGE1_INIT: Final = r"""#!/bin/sh
