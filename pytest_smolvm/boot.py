@@ -27,6 +27,7 @@ from .guest.replies import SetupReply
 from .images import Image
 from .network.hub import VMNetwork
 from .snapshots import SnapshotError, SnapshotStore, default_store
+from .timeouts import scaled
 
 #: How long a restored clone may take to answer before the VM falls back to a cold boot.
 RESTORE_TIMEOUT = 30.0
@@ -117,7 +118,7 @@ class Boot:
         boot_log = read_bounded(snap / "console.log", BOOT_LOG_LIMIT)
         machine = driver.launch_clone(self.config, self.image, snap, self.workdir, **self._nic_kw())
         self._launched(machine, f"{boot_log}--- {self.name}: restored from snapshot {key} ---\n")
-        self._open_guest(time.monotonic(), min(self.config.boot_timeout, RESTORE_TIMEOUT))
+        self._open_guest(time.monotonic(), min(self.config.boot_timeout, scaled(RESTORE_TIMEOUT)))
         self._setup(grow_root=False)
         self.mode = "snapshot"
 
@@ -191,7 +192,7 @@ class Boot:
         net = self.net.guest_setup() if self.net is not None else None
         reply = self.hooks.call("guest setup", lambda guest: guest.setup(
             time_ns=time.time_ns(), hostname=f"smolvm-{self.name}", machine_id=secrets.token_hex(16),
-            grow_root=grow_root, net=net, entropy=secrets.token_bytes(64), timeout=60.0))
+            grow_root=grow_root, net=net, entropy=secrets.token_bytes(64), timeout=scaled(60.0)))
         if reply.error is not None:
             raise BootError(f"{self.name}: guest setup failed: {reply.error.message}", self.hooks.console_tail())
         nic = reply.net

@@ -16,6 +16,7 @@ from typing import Any, Final
 
 from .cpumodel import check_cpu
 from .errors import ConfigError
+from .timeouts import scaled
 
 NETWORK_POLICIES: Final = ("none", "isolated", "nat")
 DISK_MODES: Final = ("isolated", "shared")
@@ -23,6 +24,9 @@ ACCELS: Final = ("auto", "kvm", "hvf", "tcg")
 BACKENDS: Final = ("auto", "qemu", "firecracker")
 MIN_MEMORY_MIB: Final = 128
 DEFAULT_MAX_OUTPUT: Final = 16 * 1024 * 1024
+#: Seconds; both are multiplied by SMOLVM_TIMEOUT_SCALE (timeouts.py).
+DEFAULT_TIMEOUT: Final = 30.0
+DEFAULT_BOOT_TIMEOUT: Final = 90.0
 #: Egress caps of a networked VM: KiB/s through the uplink, new connections per second.
 DEFAULT_EGRESS_KIB_PER_S: Final = 10240
 DEFAULT_EGRESS_CONNS_PER_S: Final = 50
@@ -95,11 +99,11 @@ class VMConfig:
     network: str = "none"
     allow: tuple[str, ...] = ()
     image: str = "default"
-    timeout: float = 30.0
+    timeout: float = dataclasses.field(default_factory=lambda: scaled(DEFAULT_TIMEOUT))
     env: Mapping[str, str] = dataclasses.field(default_factory=lambda: _freeze_env(None))
     accel: str = "auto"
     backend: str = "auto"
-    boot_timeout: float = 90.0
+    boot_timeout: float = dataclasses.field(default_factory=lambda: scaled(DEFAULT_BOOT_TIMEOUT))
     max_output: int = DEFAULT_MAX_OUTPUT
     retain_disk_on_delete: bool = False
     aslr: bool | None = None

@@ -51,6 +51,7 @@ from .paths import cache_dir, check_name, make_private_dirs
 from .reporting import clip, redact, tail
 from .results import RunResult as RunResult  # re-exported: it was defined here
 from .snapshots import SnapshotError, SnapshotStore, SnapshotWarning
+from .timeouts import scaled
 
 #: How long a VMM whose control stream closed may take to exit by itself.
 EXIT_GRACE = 3.0
@@ -551,7 +552,7 @@ class SmolVM:
         kill is a CommandTimeout; it and a guest that died are recorded in the transcript."""
         try:
             return self._call(f"run({call.shown!r})", lambda guest: guest.exec(
-                call.argv, timeout=call.timeout, wait=call.timeout + REPLY_GRACE, max_output=call.max_output,
+                call.argv, timeout=call.timeout, wait=call.timeout + scaled(REPLY_GRACE), max_output=call.max_output,
                 env=call.env, cwd=call.cwd, stdin=call.stdin))
         except ReplyTimeout:
             # No confirmation: the guest is overloaded or the test stopped its agent. Either
@@ -559,7 +560,7 @@ class SmolVM:
             self._record(call.shown, "no reply", time.monotonic() - t0, b"", b"")
             raise CommandTimeout(self.redact(
                 f"{self.name}: run({call.shown!r}) timed out after {call.timeout:g}s and the guest agent did "
-                f"not confirm the kill within {REPLY_GRACE:g}s more (the guest is overloaded or its agent "
+                f"not confirm the kill within {scaled(REPLY_GRACE):g}s more (the guest is overloaded or its agent "
                 f"was stopped)"), command=call.shown, timeout=call.timeout) from None
         except GuestDied:
             self._record(call.shown, "guest died", time.monotonic() - t0, b"", b"")

@@ -20,6 +20,7 @@ from ..cpumodel import DEFAULT_TCG_CPU, tcg_cpu
 from ..errors import ConfigError
 from ..images import Image
 from ..paths import cache_dir
+from ..timeouts import scaled
 from .base import Accel
 from .kernel import kernel_cmdline
 
@@ -42,7 +43,7 @@ def _verdict_path(binary: str, image: Image) -> Path:
     return cache_dir() / "probes" / f"kvm-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
-def kvm_canary(binary: str, image: Image, timeout: float = CANARY_TIMEOUT) -> tuple[bool, str]:
+def kvm_canary(binary: str, image: Image, timeout: float | None = None) -> tuple[bool, str]:
     """Boot the image's kernel under KVM to its initramfs and back: (worked, why). Cached per
     host kernel, QEMU version and image."""
     path = _verdict_path(binary, image)
@@ -51,7 +52,7 @@ def kvm_canary(binary: str, image: Image, timeout: float = CANARY_TIMEOUT) -> tu
         return bool(data["ok"]), str(data["reason"])
     except (OSError, ValueError, KeyError):
         pass
-    ok, reason = canary_boot(binary, image, "kvm", timeout)
+    ok, reason = canary_boot(binary, image, "kvm", scaled(CANARY_TIMEOUT) if timeout is None else timeout)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps({"ok": ok, "reason": reason, "at": time.time()}))
