@@ -9,6 +9,7 @@ harness) needs ``kvm_amd`` this way.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from collections.abc import Sequence
@@ -75,8 +76,9 @@ def install_modules(kernel_root: Path, release: str, rootfs: Path, names: Sequen
         if (src / meta).exists():
             shutil.copyfile(src / meta, dst / meta)
     (dst / "modules.dep").write_text("".join(f"{line}\n" for line in lines))
-    if (rootfs / "sbin" / "depmod").exists() or (rootfs / "usr" / "sbin" / "depmod").exists():
-        # The rootfs's own depmod writes the binary indexes modprobe prefers.
+    # The rootfs's own depmod writes the binary indexes modprobe needs. lexists: Debian's
+    # /sbin/depmod is an absolute symlink (to /bin/kmod), which only resolves inside the chroot.
+    if any(os.path.lexists(rootfs / d / "depmod") for d in ("sbin", "usr/sbin", "bin", "usr/bin")):
         res = subprocess.run(["chroot", str(rootfs), "depmod", "-a", release], capture_output=True, text=True)
         if res.returncode != 0:
             raise ImageError(f"depmod in the image rootfs failed: {res.stderr.strip()[-500:]}")

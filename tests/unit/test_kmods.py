@@ -88,3 +88,18 @@ def test_kvm_host_recipe_has_what_l1_runs() -> None:
     for pkg in ("qemu-system-x86", "qemu-utils", "python3-filelock", "python3-paramiko", "python3-pyroute2",
                 "python3-psutil", "nftables", "iproute2", "kmod"):
         assert pkg in recipe.packages
+
+
+def test_the_rootfs_depmod_runs_even_behind_an_absolute_symlink(kernel: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Debian's /sbin/depmod -> /bin/kmod resolves only inside the chroot: it must still be found."""
+    import subprocess
+
+    rootfs = tmp_path / "root"
+    (rootfs / "sbin").mkdir(parents=True)
+    (rootfs / "sbin" / "depmod").symlink_to("/nonexistent-on-the-host/kmod")
+    calls: list[list[str]] = []
+    monkeypatch.setattr(subprocess, "run", lambda argv, **kw: calls.append(argv) or
+                        subprocess.CompletedProcess(argv, 0, "", ""))
+    install_modules(kernel, RELEASE, rootfs, ["kvm"])
+    assert calls == [["chroot", str(rootfs), "depmod", "-a", RELEASE]]
