@@ -28,6 +28,7 @@ from .images import Image
 from .network.hub import VMNetwork
 from .snapshots import SnapshotError, SnapshotStore, default_store
 from .timeouts import scaled
+from .volumes import check_mounted, guest_mounts
 
 #: How long a restored clone may take to answer before the VM falls back to a cold boot.
 RESTORE_TIMEOUT = 30.0
@@ -192,13 +193,16 @@ class Boot:
         net = self.net.guest_setup() if self.net is not None else None
         reply = self.hooks.call("guest setup", lambda guest: guest.setup(
             time_ns=time.time_ns(), hostname=f"smolvm-{self.name}", machine_id=secrets.token_hex(16),
-            grow_root=grow_root, net=net, entropy=secrets.token_bytes(64), timeout=scaled(60.0)))
+            grow_root=grow_root, net=net, volumes=guest_mounts(self.config.volumes), entropy=secrets.token_bytes(64),
+            timeout=scaled(60.0)))
         if reply.error is not None:
             raise BootError(f"{self.name}: guest setup failed: {reply.error.message}", self.hooks.console_tail())
         nic = reply.net
         if self.net is not None and (not nic or nic.exit_code):
             raise NetworkError(f"{self.name}: configuring the guest's NIC failed: "
                                f"{nic.output if nic else 'the agent did not configure it'}")
+        if self.config.volumes:
+            check_mounted(reply.volumes, self.config.volumes, self.name)
         resize = reply.resize
         if resize and resize.exit_code:
             raise BootError(f"{self.name}: growing the root filesystem to "

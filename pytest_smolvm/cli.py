@@ -74,6 +74,10 @@ def _cmd_image_prune(args: argparse.Namespace) -> int:
     if not args.dry_run:
         store.prune()
     print(f"{len(snaps)} snapshot(s) {'would be ' if args.dry_run else ''}removed (rebuilt on demand)")
+    from .volumes import prune_images
+
+    n = prune_images(dry_run=args.dry_run)
+    print(f"{n} volume image(s) {'would be ' if args.dry_run else ''}removed (rebuilt on demand)")
     return 0
 
 

@@ -17,6 +17,7 @@ from typing import Any, Final
 from .cpumodel import check_cpu
 from .errors import ConfigError
 from .timeouts import scaled
+from .volumes import Volume, check_volumes
 
 NETWORK_POLICIES: Final = ("none", "isolated", "nat")
 DISK_MODES: Final = ("isolated", "shared")
@@ -89,7 +90,8 @@ class VMConfig:
     ``egress_kib_per_s`` and ``egress_conns_per_s`` cap what a networked VM sends through
     the uplink (KiB per second, new connections per second); beyond them packets are dropped.
     ``cpu`` is the guest CPU model under TCG (None: ``qemu64,+rdrand,+arat``); KVM and HVF
-    guests always get the host's CPU.
+    guests always get the host's CPU. ``volumes`` are host directories or ext4 images mounted
+    read-only in the guest (``{"/guest/path": "host/path"}``; see :mod:`.volumes`).
     """
 
     vcpus: int = 1
@@ -113,6 +115,7 @@ class VMConfig:
     egress_kib_per_s: int = DEFAULT_EGRESS_KIB_PER_S
     egress_conns_per_s: int = DEFAULT_EGRESS_CONNS_PER_S
     cpu: str | None = None
+    volumes: tuple[Volume, ...] = ()
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -279,6 +282,7 @@ _CHECKS: Final[Mapping[str, Callable[[str, Any], Any]]] = {
     "egress_kib_per_s": lambda name, v: _int(name, v, 1),
     "egress_conns_per_s": lambda name, v: _int(name, v, 1),
     "cpu": lambda _, v: check_cpu(v),
+    "volumes": lambda _, v: check_volumes(v),
 }
 
 

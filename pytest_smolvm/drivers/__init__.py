@@ -62,7 +62,7 @@ def default_driver(config: VMConfig) -> Driver:
     ``qemu``: QEMU (KVM or TCG; HVF on macOS). ``firecracker``: Firecracker, or ConfigError saying
     what is missing and how to fix it. ``auto``: Firecracker when its binary is on PATH and
     KVM works (canary boot), the VM's accelerator allows KVM, it has no network (TAPs are
-    attached by the network layer) and its image can carry the agent over vsock; else QEMU.
+    attached by the network layer) nor volumes and its image can carry the agent over vsock; else QEMU.
     """
     if config.backend == "firecracker":
         ok, why = firecracker_status(config.image)
@@ -72,7 +72,7 @@ def default_driver(config: VMConfig) -> Driver:
 
         return FirecrackerDriver()
     if config.backend == "auto" and config.accel in ("auto", "kvm") and config.network == "none" \
-            and host.firecracker_binary():
+            and not config.volumes and host.firecracker_binary():
         from .firecracker import FirecrackerDriver, guest_vsock_support
 
         if guest_vsock_support(config.image)[0] and firecracker_status(config.image)[0]:

@@ -477,6 +477,9 @@ class FirecrackerDriver:
 
     def _requests(self, config: VMConfig, image: Image, accel: Accel, disk: str | Path,
                   nic: Nic | None) -> list[Request]:
+        if config.volumes:
+            raise ConfigError("invalid volumes: the Firecracker backend has no read-only volumes yet; "
+                              "use backend='qemu'")
         reqs = boot_requests(config, image, accel, disk=disk, tap=nic.tap if nic else None,
                              guest_mac=nic.mac if nic else None)
         if self.extra_cmdline:

@@ -22,6 +22,7 @@ from ..config import VMConfig
 from ..cpumodel import check_cpu_model
 from ..errors import BootError, ConfigError
 from ..images import Image
+from ..volumes import open_volumes, qemu_volume_args, volume_sizes
 from .accel import accel_args, choose_accel
 from .base import TEMPLATE_MAC, Accel, Nic, Spawned, VMMProcess, guest_flags, spawn_vmm, vmm_uid, vmm_user
 from .disks import checked_disk_size, shared_disk
@@ -82,8 +83,9 @@ def _disk_args(spec: MachineSpec) -> list[str]:
     if spec.disk_fds is not None:
         argv += ["-add-fd", f"fd={spec.disk_fds[0]},set=1,opaque={file}", "-add-fd", f"fd={spec.disk_fds[1]},set=1"]
         file = "/dev/fdset/1"
+    # Volumes after the root disk's device: the guest names disks in argv order (root is vda).
     return [*argv, "-drive", f"id=root,file={file},format={spec.disk_format},if=none,cache={cache},discard=unmap",
-            "-device", "virtio-blk-device,drive=root"]
+            "-device", "virtio-blk-device,drive=root", *qemu_volume_args(spec.volume_fds)]
 
 
 def _nic_args(spec: MachineSpec) -> list[str]:
@@ -195,7 +197,7 @@ class QemuDriver:
 
     def _spec(self, config: VMConfig, image: Image, workdir: Path, accel: Accel, disk: Path | None,
               fmt: str = "qcow2", *, nic: Nic | None, ram: RamFile | None = None,
-              disk_fds: tuple[int, int] | None = None) -> MachineSpec:
+              disk_fds: tuple[int, int] | None = None, volume_fds: tuple[int, ...] = ()) -> MachineSpec:
         """The one spec of a launch: sockets in ``workdir``, the disk, NIC and RAM file given."""
         if (nic is None) != (config.network == "none"):
             raise ConfigError(f"network={config.network!r} needs a NIC exactly when it is not 'none' "
@@ -205,7 +207,7 @@ class QemuDriver:
             binary=self.binary, accel=accel.name, cpu=config.cpu, vcpus=config.vcpus, memory_mib=config.memory_mib,
             kernel=image.kernel, initrd=image.initrd, cmdline=self._cmdline(config, accel),
             control=workdir / CONTROL_NAME, disk=disk, disk_format=fmt, disk_fds=disk_fds, qmp=workdir / "qmp.sock",
-            ram=ram, nic=nic, sandbox=self._sandbox(), runas=runas, chroot=chroot)
+            ram=ram, nic=nic, sandbox=self._sandbox(), runas=runas, chroot=chroot, volume_fds=volume_fds)
 
     def _argv(self, spec: MachineSpec) -> list[str]:
         if spec.accel == "tcg":
@@ -214,21 +216,24 @@ class QemuDriver:
 
     def _start(self, config: VMConfig, image: Image, workdir: Path, accel: Accel, disk: Path, fmt: str = "qcow2",
                *, nic: Nic | None, ram: RamFile | None = None) -> QemuMachine:
-        """Build the spec and start QEMU; when it drops privileges, the disk goes in as descriptors."""
+        """Build the spec and start QEMU. Read-only volumes always go in as descriptors; when QEMU
+        drops privileges, the root disk does too."""
+        volume_fds = tuple(open_volumes(config.volumes))
         fds = None
-        if self._privilege_drop(workdir):
-            fds = (os.open(disk, os.O_RDWR | os.O_CLOEXEC), os.open(disk, os.O_RDONLY | os.O_CLOEXEC))
         try:
-            spec = self._spec(config, image, workdir, accel, disk, fmt, nic=nic, ram=ram, disk_fds=fds)
+            if self._privilege_drop(workdir):
+                fds = (os.open(disk, os.O_RDWR | os.O_CLOEXEC), os.open(disk, os.O_RDONLY | os.O_CLOEXEC))
+            spec = self._spec(config, image, workdir, accel, disk, fmt, nic=nic, ram=ram, disk_fds=fds,
+                              volume_fds=volume_fds)
             return self._spawn(spec, accel, workdir, disk)
         finally:
-            for fd in fds or ():
+            for fd in (*(fds or ()), *volume_fds):
                 os.close(fd)
 
     def _spawn(self, spec: MachineSpec, accel: Accel, workdir: Path, disk: Path) -> QemuMachine:
         dropped = vmm_uid() if spec.runas is not None else None
         uid = os.geteuid() if dropped is None else dropped
-        pass_fds = (*(spec.disk_fds or ()), *((spec.nic.tap_fd,) if spec.nic is not None else ()))
+        pass_fds = (*(spec.disk_fds or ()), *spec.volume_fds, *((spec.nic.tap_fd,) if spec.nic is not None else ()))
         spawned = spawn_vmm(self._argv(spec), workdir, driver="qemu", uid=uid, stderr_name="qemu.log",
                             pass_fds=pass_fds, watch=self.die_with_parent)
         return QemuMachine(spawned.proc, accel, workdir, disk, spawned)
@@ -250,10 +255,14 @@ class QemuDriver:
         placeholder = Path("/SNAP")
         nic = None if config.network == "none" else Nic(3, "tap", TEMPLATE_MAC)  # fd: a placeholder
         fds = (4, 5) if self._privilege_drop(placeholder) else None  # placeholders, like the NIC's
+        volume_fds = tuple(range(6, 6 + len(config.volumes)))  # placeholders too
         argv = self._argv(self._spec(config, image, placeholder, accel, placeholder / "disk.qcow2", "qcow2", nic=nic,
-                                     ram=RamFile(placeholder / "mem"), disk_fds=fds))
-        blob = json.dumps({"argv": argv, "qemu": host.qemu_version(self.binary), "image": image.id,
-                           "disk_size_mib": config.disk_size_mib, "format": 1})
+                                     ram=RamFile(placeholder / "mem"), disk_fds=fds, volume_fds=volume_fds))
+        shape: dict[str, object] = {"argv": argv, "qemu": host.qemu_version(self.binary), "image": image.id,
+                                    "disk_size_mib": config.disk_size_mib, "format": 1}
+        if config.volumes:  # sizes, not contents: the agent drops the device cache before mounting
+            shape["volume_bytes"] = volume_sizes(config.volumes)
+        blob = json.dumps(shape)
         return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
     def launch_template(self, config: VMConfig, image: Image, workdir: Path, target: Path,

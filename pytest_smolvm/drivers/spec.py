@@ -58,3 +58,5 @@ class MachineSpec:
     chroot: Path | None = None
     #: The guest CPU model under TCG (None: :data:`~pytest_smolvm.cpumodel.DEFAULT_TCG_CPU`).
     cpu: str | None = None
+    #: Read-only volumes (:mod:`pytest_smolvm.volumes`): inherited descriptors, in order.
+    volume_fds: tuple[int, ...] = ()

@@ -52,9 +52,11 @@ class GuestClient:
 
     def setup(self, *, timeout: float, grow_root: bool = False, time_ns: int | None = None,
               hostname: str | None = None, machine_id: str | None = None,
-              net: Mapping[str, object] | None = None, entropy: bytes = b"") -> replies.SetupReply:
+              net: Mapping[str, object] | None = None, volumes: Sequence[Mapping[str, str]] = (),
+              entropy: bytes = b"") -> replies.SetupReply:
         """Make the guest current (clock, hostname, machine-id, RNG reseed from ``entropy``),
-        configure its NIC (``net``) and grow its root filesystem; fields left None are not sent."""
+        configure its NIC (``net``), mount read-only ``volumes`` and grow its root filesystem;
+        fields left None (or empty) are not sent."""
         req: dict[str, Any] = {"op": "setup"}
         for key, value in (("time_ns", time_ns), ("hostname", hostname), ("machine_id", machine_id)):
             if value is not None:
@@ -63,6 +65,8 @@ class GuestClient:
             req["grow_root"] = True
         if net is not None:
             req["net"] = dict(net)
+        if volumes:
+            req["volumes"] = [dict(v) for v in volumes]
         reply, _ = self.channel.call(req, entropy, timeout=timeout)
         return self._decode(lambda: replies.parse_setup(reply))
 

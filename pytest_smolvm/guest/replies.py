@@ -120,9 +120,10 @@ class SetupReply:
     error: AgentError | None
     net: StepResult | None
     resize: StepResult | None
+    volumes: StepResult | None = None
 
 
 def parse_setup(header: dict[str, Any]) -> SetupReply:
     if "error" in header:
         return SetupReply(parse_error(header, "setup"), None, None)
-    return SetupReply(None, parse_step(header, "net"), parse_step(header, "resize"))
+    return SetupReply(None, parse_step(header, "net"), parse_step(header, "resize"), parse_step(header, "volumes"))
