@@ -27,6 +27,8 @@ from .kernel import kernel_cmdline
 TCG_CPU = DEFAULT_TCG_CPU
 CANARY_MARK = "SMOLVM-CANARY-OK"
 CANARY_TIMEOUT = 8.0  # a working KVM reaches the initramfs in well under 1 s
+#: Canary outcomes that prove nothing about KVM (a busy or slow host, a missing binary): never cached.
+CANARY_TIMED_OUT, CANARY_NOT_RUN = "canary boot did not finish within", "cannot run "
 
 
 def accel_args(accel: str, cpu: str | None = None) -> list[str]:
@@ -45,7 +47,8 @@ def _verdict_path(binary: str, image: Image) -> Path:
 
 def kvm_canary(binary: str, image: Image, timeout: float | None = None) -> tuple[bool, str]:
     """Boot the image's kernel under KVM to its initramfs and back: (worked, why). Cached per
-    host kernel, QEMU version and image."""
+    host kernel, QEMU version and image, unless it timed out or could not run (that proves
+    nothing: a slow nested host or a busy CI runner must not disable KVM for good)."""
     path = _verdict_path(binary, image)
     try:
         data = json.loads(path.read_text())
@@ -53,6 +56,8 @@ def kvm_canary(binary: str, image: Image, timeout: float | None = None) -> tuple
     except (OSError, ValueError, KeyError):
         pass
     ok, reason = canary_boot(binary, image, "kvm", scaled(CANARY_TIMEOUT) if timeout is None else timeout)
+    if not ok and (CANARY_TIMED_OUT in reason or reason.startswith(CANARY_NOT_RUN)):
+        return ok, reason
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps({"ok": ok, "reason": reason, "at": time.time()}))
@@ -73,9 +78,9 @@ def canary_boot(binary: str, image: Image, accel: str, timeout: float) -> tuple[
     try:
         res = subprocess.run(argv, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
-        return False, f"{what} canary boot did not finish within {timeout:.0f}s"
+        return False, f"{what} {CANARY_TIMED_OUT} {timeout:.0f}s"
     except OSError as exc:
-        return False, f"cannot run {binary}: {exc}"
+        return False, f"{CANARY_NOT_RUN}{binary}: {exc}"
     out = res.stdout.decode(errors="replace") + res.stderr.decode(errors="replace")
     if CANARY_MARK in out:
         return True, f"{what} canary boot succeeded in {time.monotonic() - started:.2f}s"

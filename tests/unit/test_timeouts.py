@@ -47,3 +47,39 @@ def test_kvm_canary_timeout_is_scaled(monkeypatch: pytest.MonkeyPatch, tmp_path:
     monkeypatch.setenv(TIMEOUT_SCALE_ENV, "3")
     assert accel.kvm_canary("qemu", object()) == (True, "ok")  # type: ignore[arg-type]
     assert seen == [3 * accel.CANARY_TIMEOUT]
+
+
+@pytest.mark.parametrize(("outcome", "cached"), [
+    ((True, "KVM canary boot succeeded in 6.96s"), True),
+    ((False, "KVM canary boot failed (exit -6): failed to set MSR 0x10a"), True),
+    ((False, f"KVM {accel.CANARY_TIMED_OUT} 8s"), False),
+    ((False, f"{accel.CANARY_NOT_RUN}qemu: [Errno 12] Cannot allocate memory"), False),
+])
+def test_only_a_definite_canary_verdict_is_cached(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                  outcome: tuple[bool, str], cached: bool) -> None:
+    """Finding (issue 11): a canary that merely ran slow (nested, or a busy CI runner) was
+    cached as "KVM does not work", and accel=auto used TCG on that host from then on."""
+    runs: list[float] = []
+
+    def canary(binary: str, image: object, accel: str, timeout: float) -> tuple[bool, str]:
+        runs.append(timeout)
+        return outcome
+
+    monkeypatch.setattr(accel, "_verdict_path", lambda binary, image: tmp_path / "verdict.json")
+    monkeypatch.setattr(accel, "canary_boot", canary)
+    assert accel.kvm_canary("qemu", object()) == outcome  # type: ignore[arg-type]
+    assert accel.kvm_canary("qemu", object()) == outcome  # type: ignore[arg-type]
+    assert (tmp_path / "verdict.json").exists() == cached
+    assert len(runs) == (1 if cached else 2)
+
+
+def test_canary_timeout_message_matches_what_is_not_cached(monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+
+    def slow(*args: object, **kwargs: object) -> None:
+        raise subprocess.TimeoutExpired("qemu", 8)
+
+    monkeypatch.setattr(subprocess, "run", slow)
+    image = type("I", (), {"kernel": "k", "initrd": "i"})()
+    ok, reason = accel.canary_boot("qemu", image, "kvm", 8.0)  # type: ignore[arg-type]
+    assert not ok and accel.CANARY_TIMED_OUT in reason
