@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import platform
 import shutil
@@ -67,6 +68,28 @@ def host_tsc_khz() -> int | None:
 
 def kernel_release() -> str:
     return platform.release()
+
+
+CPU_IDENTITY_FIELDS = ("vendor_id", "cpu family", "model", "model name", "stepping", "flags", "Features",
+                       "CPU implementer", "CPU part")
+
+
+@functools.cache
+def cpu_identity() -> str:
+    """What a ``-cpu host`` guest's saved state depends on: this CPU (vendor, model, feature
+    flags of the first processor) and the kernel, whose KVM decides which CPUID bits and MSRs
+    a guest sees. A snapshot taken under KVM restored on another CPU (a cache shared between
+    CI runners of different types) would give its guest instructions the CPU lacks."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().split("\n\n", 1)[0].splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in CPU_IDENTITY_FIELDS:
+                fields[key.strip()] = value.strip()
+    except OSError:
+        fields["uname"] = " ".join(platform.uname())
+    fields["kernel"] = platform.release()
+    return hashlib.sha256(repr(sorted(fields.items())).encode()).hexdigest()[:16]
 
 
 def process_start_ticks(pid: int) -> int | None:

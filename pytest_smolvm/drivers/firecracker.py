@@ -505,7 +505,8 @@ class FirecrackerDriver:
         nic = None if config.network == "none" else Nic(-1, "tap", TEMPLATE_MAC)  # a placeholder
         reqs = self._requests(config, image, accel, DISK_NAME, nic)
         blob = json.dumps({"requests": reqs, "firecracker": firecracker_version(self.binary), "image": image.id,
-                           "disk_size_mib": config.disk_size_mib, "format": 1}, sort_keys=True)
+                           "disk_size_mib": config.disk_size_mib, "format": 1, "host_cpu": host.cpu_identity()},
+                          sort_keys=True)
         return "fc-" + hashlib.sha256(blob.encode()).hexdigest()[:17]
 
     def launch_template(self, config: VMConfig, image: Image, workdir: Path, target: Path,

@@ -260,6 +260,8 @@ class QemuDriver:
                                      ram=RamFile(placeholder / "mem"), disk_fds=fds, volume_fds=volume_fds))
         shape: dict[str, object] = {"argv": argv, "qemu": host.qemu_version(self.binary), "image": image.id,
                                     "disk_size_mib": config.disk_size_mib, "format": 1}
+        if accel.name != "tcg":  # -cpu host: the state holds this CPU's features
+            shape["host_cpu"] = host.cpu_identity()
         if config.volumes:  # sizes, not contents: the agent drops the device cache before mounting
             shape["volume_bytes"] = volume_sizes(config.volumes)
         blob = json.dumps(shape)
