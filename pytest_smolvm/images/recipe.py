@@ -94,16 +94,24 @@ def arm64_recipe(name: str = "default-arm64", **changes: object) -> Recipe:
 #: What L1 of the nested KVM harness (scripts/run-kvm-nested) runs besides the defaults: the
 #: engine's runtime dependencies from Debian, QEMU, the network tools, and kvm_amd.
 KVM_HOST_PACKAGES: Final = (
-    "qemu-system-x86", "qemu-utils", "python3-pytest", "python3-filelock", "python3-paramiko",
+    "qemu-system-x86", "qemu-utils", "python3-pytest", "python3-pygments", "python3-filelock", "python3-paramiko",
     "python3-pyroute2", "python3-psutil", "nftables", "kmod",
+)
+
+
+#: Modules L1 loads: KVM, and what the network layer needs (TAPs, veths, the nftables
+#: expressions of network/policy.py); Debian's cloud kernel builds them all as modules.
+KVM_HOST_MODULES: Final = (
+    "kvm_amd", "tun", "veth", "nf_tables", "nft_ct", "nft_connlimit", "nft_limit", "nft_masq", "nft_nat",
+    "nft_chain_nat", "nft_fib_inet", "nft_fib_ipv4", "nft_reject_inet", "nft_objref",
 )
 
 
 def kvm_host_recipe(name: str = "kvm-host") -> Recipe:
     """An image that can be a KVM host inside a TCG guest with emulated AMD-V (``cpu`` with
-    ``+svm,+npt``): QEMU, the engine's dependencies, and ``kvm_amd`` for ``modprobe``."""
+    ``+svm,+npt``): QEMU, the engine's dependencies, ``kvm_amd`` and the network modules."""
     return Recipe(name=name, packages=DEFAULT_PACKAGES + KVM_HOST_PACKAGES, rootfs_mib=2048,
-                  rootfs_modules=("kvm_amd",))
+                  rootfs_modules=KVM_HOST_MODULES)
 
 
 STAGE1_INIT: Final = r"""#!/bin/sh
