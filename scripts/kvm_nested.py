@@ -143,7 +143,7 @@ def l1_env(scale: str) -> dict[str, str]:
 
 def auto_picks_kvm(vm: SmolVM, env: dict[str, str]) -> None:
     """``accel=auto`` in L1 must choose KVM by itself (canary boot, scaled timeout)."""
-    code = ("from pytest_smolvm import host; from pytest_smolvm.drivers.qemu import choose_accel; "
+    code = ("from pytest_smolvm import host; from pytest_smolvm.drivers.accel import choose_accel; "
             "from pytest_smolvm.images import resolve; "
             "a = choose_accel('auto', host.qemu_binary(), resolve('default')); print(a.name, '-', a.reason)")
     t0 = time.monotonic()
