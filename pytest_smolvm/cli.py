@@ -116,7 +116,7 @@ def _cmd_shell(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir)
     try:
         sock = connect_kept(workdir)
-    except (OSError, ConnectionError) as exc:
+    except OSError as exc:  # ConnectionError included
         print(f"cannot connect to the VM kept in {workdir}: {exc}", file=sys.stderr)
         return 1
     guest = GuestClient(Channel(sock, lambda: True, max_body=64 << 20))

@@ -550,9 +550,10 @@ class SmolVM:
     def _exec(self, call: ExecCall, t0: float) -> replies.ExecReply | replies.AgentError:
         """Send ``call`` to the guest and wait for its reply. A guest that never confirms the
         kill is a CommandTimeout; it and a guest that died are recorded in the transcript."""
+        grace = scaled(REPLY_GRACE)
         try:
             return self._call(f"run({call.shown!r})", lambda guest: guest.exec(
-                call.argv, timeout=call.timeout, wait=call.timeout + scaled(REPLY_GRACE), max_output=call.max_output,
+                call.argv, timeout=call.timeout, wait=call.timeout + grace, max_output=call.max_output,
                 env=call.env, cwd=call.cwd, stdin=call.stdin))
         except ReplyTimeout:
             # No confirmation: the guest is overloaded or the test stopped its agent. Either
@@ -560,7 +561,7 @@ class SmolVM:
             self._record(call.shown, "no reply", time.monotonic() - t0, b"", b"")
             raise CommandTimeout(self.redact(
                 f"{self.name}: run({call.shown!r}) timed out after {call.timeout:g}s and the guest agent did "
-                f"not confirm the kill within {scaled(REPLY_GRACE):g}s more (the guest is overloaded or its agent "
+                f"not confirm the kill within {grace:g}s more (the guest is overloaded or its agent "
                 f"was stopped)"), command=call.shown, timeout=call.timeout) from None
         except GuestDied:
             self._record(call.shown, "guest died", time.monotonic() - t0, b"", b"")

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from .. import host
-from ..cpumodel import DEFAULT_TCG_CPU, tcg_cpu
+from ..cpumodel import tcg_cpu
 from ..errors import ConfigError
 from ..images import Image
 from ..paths import cache_dir
@@ -24,7 +24,6 @@ from ..timeouts import scaled
 from .base import Accel
 from .kernel import kernel_cmdline
 
-TCG_CPU = DEFAULT_TCG_CPU
 CANARY_MARK = "SMOLVM-CANARY-OK"
 CANARY_TIMEOUT = 8.0  # a working KVM reaches the initramfs in well under 1 s
 #: Canary outcomes that prove nothing about KVM (a busy or slow host, a missing binary): never cached.

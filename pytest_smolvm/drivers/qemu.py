@@ -31,7 +31,7 @@ from .qmp import QMP
 from .spec import MachineSpec, RamFile
 
 CONTROL_PORT = "smolvm.ctl"
-#: The control socket in a VM directory (the guest agent\'s virtio-serial port).
+#: The control socket in a VM directory (the guest agent's virtio-serial port).
 CONTROL_NAME = "ctl.sock"
 #: QEMU's seccomp filter: no obsolete syscalls, no privilege changes, no spawning helpers,
 #: no scheduler/affinity changes. Migrations use fd: URIs, so nothing needs to spawn.
