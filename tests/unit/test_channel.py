@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from sockpeer import recv_exact
 
 from pytest_smolvm.errors import ProtocolError
 from pytest_smolvm.guest import channel as channel_mod
@@ -28,17 +29,8 @@ class Guest:
         self.errors: list[BaseException] = []
         self.requests: list[tuple[dict[str, Any], bytes]] = []
 
-    def _recv_exact(self, n: int) -> bytes:
-        buf = bytearray()
-        while len(buf) < n:
-            chunk = self.sock.recv(n - len(buf))
-            if not chunk:
-                raise EOFError("host closed")
-            buf += chunk
-        return bytes(buf)
-
     def read_request(self) -> tuple[dict[str, Any], bytes]:
-        req = protocol.decode(self._recv_exact, MAX_BODY)
+        req = protocol.decode(lambda n: recv_exact(self.sock, n), MAX_BODY)
         self.requests.append(req)
         return req
 

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from sockpeer import recv_exact
 
 from pytest_smolvm.errors import ProtocolError
 from pytest_smolvm.guest import protocol
@@ -31,19 +32,10 @@ class ScriptedAgent:
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
-    def _recv_exact(self, n: int) -> bytes:
-        buf = bytearray()
-        while len(buf) < n:
-            chunk = self.sock.recv(n - len(buf))
-            if not chunk:
-                raise EOFError
-            buf += chunk
-        return bytes(buf)
-
     def _serve(self) -> None:
         try:
             for answer in self.script:
-                req, body = protocol.decode(self._recv_exact, 1 << 24)
+                req, body = protocol.decode(lambda n: recv_exact(self.sock, n), 1 << 24)
                 self.requests.append((req, body))
                 header, data = answer(req, body)
                 self.sock.sendall(protocol.encode({**header, "id": req["id"]}, data))

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sockpeer import recv_exact
 
 from pytest_smolvm import RunResult, SmolVM, VMConfig
 from pytest_smolvm.errors import GuestError, ProtocolError, SmolVMError
@@ -63,18 +64,9 @@ class HostileAgent:
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
-    def _recv_exact(self, n: int) -> bytes:
-        buf = bytearray()
-        while len(buf) < n:
-            chunk = self.sock.recv(n - len(buf))
-            if not chunk:
-                raise EOFError
-            buf += chunk
-        return bytes(buf)
-
     def _serve(self) -> None:
         try:
-            req, _ = protocol.decode(self._recv_exact, 1 << 31)
+            req, _ = protocol.decode(lambda n: recv_exact(self.sock, n), 1 << 31)
             if isinstance(self.reply, bytes):
                 self.sock.sendall(self.reply)
                 if not self.silent:  # a cut frame ends in EOF, as when the VMM exits
