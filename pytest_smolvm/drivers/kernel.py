@@ -19,6 +19,13 @@ BASE_CMDLINE = (
 def kernel_cmdline(accel: str, tsc_khz: int | None, extra: Sequence[str] = (), vcpus: int = 1) -> str:
     """The guest kernel command line for ``accel`` (pure)."""
     parts = list(BASE_CMDLINE)
+    # panic=-1 reboots at once, and -no-reboot turns the reset into QEMU's exit (GuestDied).
+    # The kernel's default reboot sequence (ACPI, keyboard controller, then a real-mode BIOS
+    # jump) finds no ACPI or i8042 on microvm and, under KVM, re-enters the firmware instead
+    # of resetting: the panicked guest spun until run()'s timeout (found by the nested KVM
+    # run, issue 11). A triple fault always resets. A driver with its own reboot= keeps it.
+    if not any(p.startswith("reboot=") for p in extra):
+        parts.append("reboot=t")
     # With exactly one possible CPU the kernel rewrites every LOCK prefix in its text for
     # uniprocessor use; under TCG that patching freezes boot for ~0.5 s.
     parts.append(f"possible_cpus={max(vcpus, 2)}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -23,15 +24,55 @@ LOCK_TIMEOUT = 10.0
 CURSOR = "cursor"  # the table's one non-slot key: where the next search starts
 
 
-_locks: dict[Path, FileLock] = {}
+class SharedLock:
+    """The run's table lock for every thread of this process, then for every process.
+
+    A thread lock (re-entrant, so a thread holding it may take it again around several table
+    operations) is taken before the file lock. filelock before 3.11 shares one lock object's
+    state between threads: a second thread "acquired" a lock the first held, so the warm
+    pool's thread and the test's thread both created the run namespace (EEXIST, found with
+    Debian's filelock 3.9 in the nested KVM host, issue 11). The thread lock makes exclusion
+    between threads independent of the filelock version."""
+
+    def __init__(self, path: Path) -> None:
+        self.lock_file = str(path)
+        self._thread = threading.RLock()
+        self._file = FileLock(self.lock_file, timeout=LOCK_TIMEOUT)
+
+    def acquire(self, timeout: float = LOCK_TIMEOUT) -> None:
+        """Take both locks or neither; :class:`filelock.Timeout` after ``timeout`` s."""
+        if not self._thread.acquire(timeout=timeout):
+            raise Timeout(self.lock_file)
+        try:
+            self._file.acquire(timeout=timeout)
+        except BaseException:
+            self._thread.release()
+            raise
+
+    def release(self) -> None:
+        try:
+            self._file.release()
+        finally:
+            self._thread.release()
+
+    def __enter__(self) -> SharedLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
-def shared_lock(path: Path) -> FileLock:
-    """One FileLock object per path in this process, so a thread holding it may take it
-    again (around several table operations) instead of deadlocking against itself."""
-    if path not in _locks:
-        _locks[path] = FileLock(str(path), timeout=LOCK_TIMEOUT)
-    return _locks[path]
+_locks: dict[Path, SharedLock] = {}
+_locks_guard = threading.Lock()
+
+
+def shared_lock(path: Path) -> SharedLock:
+    """One :class:`SharedLock` per path in this process."""
+    with _locks_guard:
+        if path not in _locks:
+            _locks[path] = SharedLock(path)
+        return _locks[path]
 
 
 @dataclasses.dataclass(frozen=True)

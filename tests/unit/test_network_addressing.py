@@ -110,3 +110,41 @@ def test_corrupt_table_names_the_file(tmp_path: Path) -> None:
     path.write_text("{not json")
     with pytest.raises(NetworkError, match=r"slots\.json is corrupt"):
         SlotTable(path, "r", slots=2).lease("x")
+
+
+def test_shared_lock_excludes_threads_even_when_the_file_lock_does_not(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # filelock < 3.11 (Debian 12 ships 3.9) shares a lock object's state between threads: a
+    # second thread "acquired" a lock the first held. thread_local=False reproduces that here.
+    import functools
+    import threading
+
+    import filelock
+
+    from pytest_smolvm.network import allocator
+
+    monkeypatch.setattr(allocator, "FileLock", functools.partial(filelock.FileLock, thread_local=False))
+    lock = allocator.SharedLock(tmp_path / "net.lock")
+    entered = threading.Event()
+    results: list[str] = []
+
+    def other() -> None:
+        try:
+            lock.acquire(timeout=0.2)
+        except filelock.Timeout:
+            results.append("timeout")
+        else:
+            results.append("entered")
+            lock.release()
+        entered.set()
+
+    with lock:
+        with lock:  # re-entrant in its own thread
+            t = threading.Thread(target=other)
+            t.start()
+            assert entered.wait(5)
+    t.join()
+    assert results == ["timeout"]
+    other()  # free again: the other thread gets it
+    assert results == ["timeout", "entered"]
+    assert allocator.shared_lock(tmp_path / "x") is allocator.shared_lock(tmp_path / "x")
