@@ -272,7 +272,8 @@ def test_hvf_driver_launch_is_pinned(tmp_path: Path, spawned: list[list[str]]) -
          "-device", "virtio-blk-device,drive=root", "-qmp", f"unix:{t}/a/qmp.sock,server=on,wait=off"],
         [X86, "-M", "microvm", "-accel", "hvf", "-cpu", "host", "-smp", "1", "-m", "256",
          *guest_part(f"{t}/vmlinux", f"{t}/boot.cpio",
-                     f"console=ttyS0 {CMDLINE.replace('lsm= ', 'lsm= tsc=reliable ')} reboot=t possible_cpus=2 smolvm.net=1",
+                     f"console=ttyS0 {CMDLINE.replace('lsm= ', 'lsm= tsc=reliable ')} reboot=t possible_cpus=2"
+                     " smolvm.net=1",
                      f"{t}/x/ctl.sock"),
          "-drive", f"id=root,file={t}/x/disk.qcow2,format=qcow2,if=none,cache=unsafe,discard=unmap",
          "-device", "virtio-blk-device,drive=root",

@@ -138,11 +138,10 @@ def test_shared_lock_excludes_threads_even_when_the_file_lock_does_not(tmp_path:
             lock.release()
         entered.set()
 
-    with lock:
-        with lock:  # re-entrant in its own thread
-            t = threading.Thread(target=other)
-            t.start()
-            assert entered.wait(5)
+    with lock, lock:  # re-entrant in its own thread
+        t = threading.Thread(target=other)
+        t.start()
+        assert entered.wait(5)
     t.join()
     assert results == ["timeout"]
     other()  # free again: the other thread gets it
