@@ -54,15 +54,23 @@ MNT_PROJECT, MNT_IMAGE, MNT_SITE = "/mnt/smolvm-project", "/mnt/smolvm-image", "
 L1_CACHE, L1_RUNTIME, LOG = "/var/cache/smolvm", "/tmp/smolvm-l1", "/root/inner.log"
 
 #: What runs under KVM in L1 (issue 11): the qemu-kvm conformance cases, every snapshot/clone
-#: test, the hostile cases (timeout kill, OOM, panic and poweroff -> GuestDied), network
-#: none and isolated, and lifecycle teardown; then the harness checks L1 for leftovers.
+#: test, every hostile case (timeout kill, OOM, fork bomb, panic and poweroff -> GuestDied),
+#: every lifecycle and run() case, the guest-side security cases, network none and isolated;
+#: then the harness checks L1 for leftovers. Left out (measured in one nested run of the whole
+#: of tests/integration, 2026-12-01: 114 passed, 10 failed, all for these reasons): cases that
+#: need plugins Debian's L1 lacks (pytest-xdist, pytest-timeout) or paramiko >= 3.2 (L1 has
+#: 2.12), pytester runs whose subprocess does not see the plugin's entry point, and cases that
+#: assume TCG's throughput (a console flood that must pass 128 KiB in 5 s: each console byte
+#: is a nested exit here), and one pool refill that missed its fixed 90 s while the other host
+#: core ran another suite (test_snapshots' 120 s one missed too then; it passed in quiet runs).
 SELECTION = {
     "tests/integration/test_conformance.py": "qemu-kvm",
     "tests/integration/test_snapshots.py": "",
-    "tests/integration/test_hostile.py": "foreground or memory_hog or sigterm or panic or poweroff or lifetime",
+    "tests/integration/test_hostile.py": "",
     "tests/integration/test_network.py": "none_gives or isolated_reaches or nothing_of_a_run",
-    "tests/integration/test_lifecycle.py": "engine_without_pytest or two_tests_in_a_row or guest_poweroff "
-                                           "or kernel_panic or vmm_crash_is_an_infra",
+    "tests/integration/test_lifecycle.py": "",
+    "tests/integration/test_run.py": "",
+    "tests/integration/test_security_guest.py": "",
 }
 
 
