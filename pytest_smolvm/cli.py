@@ -29,6 +29,14 @@ def _cmd_image_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_image_import(args: argparse.Namespace) -> int:
+    from .images.imported import import_image
+
+    image = import_image(args.source, args.name, max_mib=args.max_mib, force=args.force)
+    print(f"{image.name}: {image.path}")
+    return 0
+
+
 def _cmd_image_list(args: argparse.Namespace) -> int:
     from .images.build import verify
     from .images.recipe import Recipe
@@ -162,6 +170,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="guest architecture (arm64: for HVF on Apple silicon; name default-arm64; "
                         "a foreign architecture needs dpkg --add-architecture and qemu-user-static)")
     b.set_defaults(func=_cmd_image_build)
+    im = img.add_parser("import", help="import a container image (no root needed)",
+                        description="Import a container image as a guest image, with our kernel and boot layer. "
+                                    "SRC is oci:DIR[:TAG] (an OCI image layout) or docker-archive:FILE[:REF] "
+                                    "('docker save'); get one from a registry with: "
+                                    "skopeo copy docker://debian:12 oci:DIR:12")
+    im.add_argument("source", metavar="SRC", help="oci:DIR[:TAG] or docker-archive:FILE[:REF]")
+    im.add_argument("--name", required=True, help="the image name tests use: @pytest.mark.smolvm(image=NAME)")
+    im.add_argument("--max-mib", type=int, default=8192, help="refuse images larger than this uncompressed")
+    im.add_argument("--force", action="store_true", help="import again even if an identical import exists")
+    im.set_defaults(func=_cmd_image_import)
     ls = img.add_parser("list", help="list built images")
     ls.add_argument("--verify", action="store_true", help="check every file against its sha256")
     ls.set_defaults(func=_cmd_image_list)

@@ -176,6 +176,7 @@ class _Build:
     kernel_package: str = ""
     kernel_release: str = ""
     guest_python: str | None = None
+    total: int = 0  # steps announced as [i/total]; 0: all of _STEPS
 
     @property
     def out(self) -> Path:
@@ -191,7 +192,7 @@ class _Build:
 
     def announce(self, msg: str) -> None:
         self.done += 1
-        self.progress(f"[{self.done}/{len(_STEPS)}] {msg} (+{self.elapsed():.1f}s)")
+        self.progress(f"[{self.done}/{self.total or len(_STEPS)}] {msg} (+{self.elapsed():.1f}s)")
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started

@@ -1,0 +1,77 @@
+"""Our guest kernel, its boot modules and busybox, for images whose rootfs is not ours.
+
+An imported or declared image boots the same kernel and boot layer as ``default``: the
+kernel ELF, the virtio modules the initramfs loads and the static busybox, fetched once
+from Debian (``apt-get download`` and ``dpkg-deb -x``: no root needed) into
+``<cache>/kernels/<key>/`` and copied into every image that needs them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from ..errors import ImageError
+from ..paths import cache_dir
+from . import build
+from .recipe import BOOT_MODULES, BUILDER_VERSION, NET_MODULES, VSOCK_MODULES, Recipe
+
+#: What every image directory holds besides its rootfs (store._load and the initramfs read them).
+KERNEL_FILES = ("vmlinux", "busybox", "modules")
+
+
+def kernel_key(recipe: Recipe) -> str:
+    blob = json.dumps({"builder": BUILDER_VERSION, "package": recipe.kernel_package, "arch": recipe.arch,
+                       "modules": [*BOOT_MODULES, *NET_MODULES, *VSOCK_MODULES]}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def ensure_kernel(progress: build.Progress, recipe: Recipe | None = None) -> tuple[Path, dict[str, str]]:
+    """The kernel directory (fetched on first use, under a file lock) and its manifest."""
+    recipe = recipe or Recipe()
+    root = cache_dir() / "kernels"
+    root.mkdir(exist_ok=True)
+    final = root / kernel_key(recipe)
+    try:
+        with FileLock(str(root / f".{final.name}.lock"), timeout=1800):
+            if not (final / "kernel.json").is_file():
+                _fetch(recipe, final, progress)
+    except Timeout as exc:
+        raise ImageError(f"another process holds {exc.lock_file} for over 30 minutes") from exc
+    meta = json.loads((final / "kernel.json").read_text())
+    return final, {k: str(v) for k, v in meta.items()}
+
+
+def _fetch(recipe: Recipe, final: Path, progress: build.Progress) -> None:
+    missing = [t for t in ("apt-get", "dpkg-deb", "lz4") if shutil.which(t) is None]
+    if missing or not build.BUSYBOX.exists():
+        raise ImageError(f"fetching the guest kernel needs {', '.join(missing) or 'busybox'}: "
+                         f"apt-get install -y apt dpkg lz4 busybox-static")
+    work = Path(tempfile.mkdtemp(prefix=".kernel-", dir=final.parent))
+    try:
+        b = build._Build(recipe, final, work, lambda msg: progress(f"  kernel {msg}"), time.monotonic(), total=2)
+        b.out.mkdir()
+        build._download_kernel(b)
+        build._extract_kernel(b)
+        (b.out / "kernel.json").write_text(json.dumps(
+            {"kernel_package": b.kernel_package, "kernel_release": b.kernel_release}) + "\n")
+        os.rename(b.out, final)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def copy_kernel(kernel_dir: Path, out: Path) -> None:
+    """Put the kernel, modules and busybox of ``kernel_dir`` (or of another image) into ``out``."""
+    for name in KERNEL_FILES:
+        src = kernel_dir / name
+        if src.is_dir():
+            shutil.copytree(src, out / name)
+        else:
+            shutil.copyfile(src, out / name)
