@@ -34,6 +34,7 @@ from .errors import (
     GuestError,
     GuestFileError,
     GuestTimeout,
+    ImageError,
     NetworkError,
     ProtocolError,
     SmolVMError,
@@ -136,6 +137,10 @@ class ExecCall:
     env: WireEnv
     cwd: str | None
     stdin: bytes
+
+
+#: How the guest agent reports that ``/bin/sh`` could not be executed (exit status 127).
+NO_SHELL = b"smolvm: cannot execute /bin/sh:"
 
 
 def command_argv(command: object) -> tuple[list[str], str]:
@@ -526,7 +531,20 @@ class SmolVM:
         call = self._exec_call(command, timeout=timeout, env=env, cwd=cwd, input=input, max_output=max_output)
         t0 = time.monotonic()
         parsed = self._exec(call, t0)
+        if isinstance(command, str):
+            self._check_shell(call.shown, parsed, time.monotonic() - t0)
         return self._result(call.shown, call.timeout, parsed, time.monotonic() - t0, check)
+
+    def _check_shell(self, shown: str, parsed: replies.ExecReply | replies.AgentError, duration: float) -> None:
+        """A shell string in an image without ``/bin/sh`` (the agent reports the failed exec
+        as a shell would, 127) is the caller's mistake: say so, and what to do instead."""
+        if (isinstance(parsed, replies.ExecReply) and parsed.exit_code == 127
+                and parsed.stderr.startswith(NO_SHELL)):
+            self._record(shown, "no /bin/sh", duration, b"", parsed.stderr)
+            image = self.image.name if self.image is not None else self.config.image
+            raise ImageError(self.redact(
+                f"{self.name}: image {image!r} has no /bin/sh, so the shell string {shown!r} cannot run; "
+                f"pass an argv list instead (run(['prog', 'arg'])) or add a shell to the image"))
 
     def _exec_call(self, command: str | Sequence[str], *, timeout: float | None, env: Mapping[str, str] | None,
                    cwd: str | None, input: bytes | str | None, max_output: int | None) -> ExecCall:

@@ -63,6 +63,47 @@ def python_tree(root: Path) -> None:
         _copy(so, root)
 
 
+def static_tree(root: Path) -> None:
+    """No Python and no shell: one static binary (busybox, under a name that is no applet)."""
+    _copy(BUSYBOX, root, "bin/bb")
+
+
+def with_files(root: Path) -> Path:
+    """``root`` plus what :func:`layout_with_whiteout` edits: /etc/gone, /etc/keep, /opt."""
+    (root / "etc").mkdir(exist_ok=True)
+    (root / "etc/gone").write_text("layer 1 only\n")
+    (root / "etc/keep").write_text("kept\n")
+    (root / "opt").mkdir(exist_ok=True)
+    return root
+
+
+def docker_archive(layout: Path, target: Path, tag: str = "t", repo_tag: str = "smolvm/test:1") -> None:
+    """The image ``layout:tag`` as ``docker save`` writes it (manifest.json, config,
+    uncompressed layer tars), made from the layout's own blobs."""
+    import gzip
+    import io
+    import json
+    import tarfile
+
+    blobs = layout / "blobs" / "sha256"
+    index = json.loads((layout / "index.json").read_text())
+    desc = next(m for m in index["manifests"] if m["annotations"]["org.opencontainers.image.ref.name"] == tag)
+    manifest = json.loads((blobs / desc["digest"][7:]).read_bytes())
+    config = (blobs / manifest["config"]["digest"][7:]).read_bytes()
+    members = {"config.json": config}
+    names = []
+    for i, layer in enumerate(manifest["layers"]):
+        names.append(f"l{i}/layer.tar")
+        members[names[-1]] = gzip.decompress((blobs / layer["digest"][7:]).read_bytes())
+    members["manifest.json"] = json.dumps([{"Config": "config.json", "RepoTags": [repo_tag],
+                                           "Layers": names}]).encode()
+    with tarfile.open(target, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
 def umoci(*args: str) -> None:
     subprocess.run(["umoci", *args], check=True, capture_output=True)
 

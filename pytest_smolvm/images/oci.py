@@ -45,15 +45,14 @@ def parse_source(text: str, base: Path | None = None) -> Source:
     if not sep or transport not in TRANSPORTS or not rest:
         raise ImageError(f"invalid image source {text!r}: expected oci:DIR[:TAG] or docker-archive:FILE[:REF]")
     root = base or Path.cwd()
-    whole = root / rest
-    if whole.exists():  # a path that itself holds a ':' and no tag
-        return Source(transport, whole.absolute(), None, text)
-    path, colon, ref = rest.rpartition(":")
-    if not colon or not path:
-        raise ImageError(f"image source {text!r}: {whole} does not exist")
-    if not (root / path).exists():
-        raise ImageError(f"image source {text!r}: {root / path} does not exist")
-    return Source(transport, (root / path).absolute(), ref, text)
+    if (root / rest).exists():  # a path that itself holds a ':', and no tag
+        return Source(transport, (root / rest).absolute(), None, text)
+    # The path ends at the first ':' after which what came before exists (a docker
+    # reference such as repo:tag holds a ':' of its own).
+    for at in (i for i, ch in enumerate(rest) if ch == ":"):
+        if at and (root / rest[:at]).exists():
+            return Source(transport, (root / rest[:at]).absolute(), rest[at + 1:] or None, text)
+    raise ImageError(f"image source {text!r}: {root / rest.split(':', 1)[0]} does not exist")
 
 
 @dataclass
