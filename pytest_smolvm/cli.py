@@ -13,8 +13,20 @@ from .errors import SmolVMError
 
 def _cmd_image_build(args: argparse.Namespace) -> int:
     from .images.build import build
+    from .images.declared import find_pyproject, load
+    from .images.provision import ensure_declared
     from .images.recipe import DEFAULT_PACKAGES, Recipe, arm64_recipe
 
+    pyproject = Path(args.pyproject) if args.pyproject else find_pyproject(Path.cwd())
+    declared = load(pyproject) if pyproject is not None and args.name != "default" else {}
+    if args.name in declared:
+        if args.include or args.arch != "amd64":
+            print(f"error: image {args.name!r} is declared in {pyproject}; --include and --arch do not apply "
+                  f"(declare apt packages there)", file=sys.stderr)
+            return 2
+        image = ensure_declared(declared[args.name], force=args.force)
+        print(f"{image.name}: {image.path}")
+        return 0
     packages = DEFAULT_PACKAGES + tuple(p for p in (args.include or "").split(",") if p)
     if args.name == "default" and args.include:
         print("error: --include needs --name: the 'default' image is fixed by this version", file=sys.stderr)
@@ -161,8 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pytest_smolvm", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     img = sub.add_parser("image", help="build, list or prune guest images").add_subparsers(dest="sub", required=True)
-    b = img.add_parser("build", help="build a guest image from Debian packages (needs root)")
-    b.add_argument("--name", default="default", help="image name (default: default)")
+    b = img.add_parser("build", help="build the default image, an image declared in pyproject.toml, or one "
+                                      "from Debian packages (--include; needs root or mmdebstrap unshare)")
+    b.add_argument("--name", default="default",
+                   help="image name (default: default); an image declared in pyproject.toml "
+                        "([tool.smolvm.images.NAME]) is built as declared")
+    b.add_argument("--pyproject", help="the pyproject.toml declaring images (default: the nearest one up from here)")
     b.add_argument("--include", help="extra Debian packages, comma-separated (with --name)")
     b.add_argument("--size-mib", type=int, default=1024, help="rootfs size in MiB (default 1024)")
     b.add_argument("--force", action="store_true", help="rebuild even if an identical build exists")

@@ -30,8 +30,8 @@ from ..paths import check_name
 from . import layers as lay
 from . import oci
 from . import tarstream as ts
-from .kernel import copy_kernel, ensure_kernel
-from .recipe import BUILDER_VERSION
+from .kernel import copy_kernel, ensure_kernel, kernel_key
+from .recipe import BUILDER_VERSION, Recipe
 from .store import Image, images_dir, resolve
 
 Progress = Callable[[str], None]
@@ -56,19 +56,23 @@ def check_image_name(name: str) -> str:
     return name
 
 
+def import_key(source: str, base: Path | None = None) -> tuple[str, oci.Layers]:
+    """The content key an import of ``source`` gets (layers' diff_ids and our kernel), and
+    its layers, read and checked but not applied."""
+    src = oci.parse_source(source, base)
+    image = oci.read_layers(src)
+    if not image.openers:
+        raise ImageError(f"image source {source!r} has no layers")
+    blob = {"builder": BUILDER_VERSION, "import": 1, "diff_ids": image.diff_ids, "kernel": kernel_key(Recipe())}
+    return hashlib.sha256(json.dumps(blob).encode()).hexdigest()[:16], image
+
+
 def import_image(source: str, name: str, *, base: Path | None = None, progress: Progress = _stderr,
                  max_mib: int = DEFAULT_MAX_MIB, force: bool = False) -> Image:
     """Import the container image ``source`` (``oci:DIR[:TAG]``, ``docker-archive:FILE``)
     as the guest image ``name`` unless an identical import exists; return it."""
     check_image_name(name)
-    src = oci.parse_source(source, base)
-    image = oci.read_layers(src)
-    if not image.openers:
-        raise ImageError(f"image source {source!r} has no layers")
-    diff_ids = image.diff_ids
-    kernel_dir, kernel = ensure_kernel(progress)
-    key = hashlib.sha256(json.dumps({"builder": BUILDER_VERSION, "import": 1, "diff_ids": diff_ids,
-                                     "kernel": kernel_dir.name}).encode()).hexdigest()[:16]
+    key, image = import_key(source, base)
     name_dir = images_dir() / name
     name_dir.mkdir(parents=True, exist_ok=True)
     final = name_dir / key
@@ -77,8 +81,9 @@ def import_image(source: str, name: str, *, base: Path | None = None, progress: 
             if (final / "manifest.json").is_file() and not force:
                 progress(f"image {name!r} ({key}) from {source} is already imported at {final}")
             else:
+                kernel_dir, kernel = ensure_kernel(progress)
                 manifest = {"name": name, "digest": key, "source": source, "config_digest": image.config_digest,
-                            "diff_ids": diff_ids, "config": oci.image_env(image.config), **kernel}
+                            "diff_ids": image.diff_ids, "config": oci.image_env(image.config), **kernel}
                 _build(image, final, kernel_dir, manifest, progress, max_mib)
             point_current(name_dir, key)
     except Timeout as exc:
