@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
+import sys
 import threading
 import warnings
 from collections.abc import Callable, Generator
@@ -17,6 +19,8 @@ from .config import VMConfig, config_from_layers
 from .drivers import Driver, default_driver
 from .errors import BootError, ConfigError, SmolVMError
 from .fixtures import PLUGIN_NAME, smolvm, smolvm_config, smolvm_factory, smolvm_session
+from .images.declared import load as load_declared
+from .images.provision import default_built
 from .markers import MARKER_DOC, marker_layers
 from .pool import VMPool
 from .reaper import Leftover, reap
@@ -148,6 +152,34 @@ class SmolVMPlugin:
         self.reaped: list[Leftover] = []
         self.session_cfg = config_from_layers(self.layers)
         self.signals = SignalUnwinder()
+        # Declared images are checked now (a bad table stops the run before any test) and
+        # built on first use; `ensured` holds the names this process has made sure of.
+        self.pyproject = config.rootpath / "pyproject.toml"
+        self.declared = load_declared(self.pyproject) if self.pyproject.is_file() else {}
+        self.ensured: set[str] = set()
+
+    def ensure_image(self, name: str) -> None:
+        """Build ``name`` first if it is ``default`` or declared and not built for its current
+        content, showing progress on the terminal (capture suspended). Other processes of the
+        run (xdist workers) wait on the image's build lock and then find it built."""
+        if name in self.ensured or (name not in self.declared and name != "default"):
+            return
+        from .images.provision import ensure
+
+        capman = self.config.pluginmanager.getplugin("capturemanager")
+        reporter = self.config.pluginmanager.getplugin("terminalreporter")
+
+        def progress(msg: str) -> None:
+            if reporter is not None:
+                reporter.write_line(msg)
+            else:
+                print(msg, file=sys.stderr, flush=True)
+
+        with capman.global_and_fixture_disabled() if capman is not None else contextlib.nullcontext():
+            if reporter is not None:
+                reporter.write_line("")
+            ensure(name, pyproject=self.pyproject if name in self.declared else None, progress=progress)
+        self.ensured.add(name)
 
     # ------------------------------------------------------------- configs
 
@@ -195,6 +227,7 @@ class SmolVMPlugin:
         reason = self.ceiling_violation(cfg)
         if reason:
             pytest.skip(f"{reason} (the config after smolvm_config overrides and pytest_smolvm_configure hooks)")
+        self.ensure_image(cfg.image)
         driver = self.config.hook.pytest_smolvm_make_driver(config=cfg, pytestconfig=self.config)
         vm = self._start_with_retry(request, cfg, driver)
         if request.scope == "function":
@@ -269,6 +302,10 @@ class SmolVMPlugin:
         lines = [f"smolvm: run {current_run_id()}, defaults {cfg.describe()}"
                  + (f", network ceiling {self.ceiling[0]} ({self.ceiling[1]})" if self.ceiling else "")
                  + f"; snapshots {'on' if cfg.snapshot else 'off'}, pool {self.pool.size}"]
+        if cfg.image in self.declared or (cfg.image == "default" and not default_built()):
+            where = f"declared in {self.pyproject}" if cfg.image in self.declared else "this version's build is missing"
+            lines.append(f"smolvm: image {cfg.image} ({where}): built on first use when missing or changed")
+            return lines
         try:
             from .images import resolve
 

@@ -67,9 +67,13 @@ def ensure(name: str, *, pyproject: Path | None = None, progress: Progress = _st
     return resolve(name)
 
 
+def default_built() -> bool:
+    return (images_dir() / "default" / Recipe().digest()).is_dir()
+
+
 def ensure_default(progress: Progress = _stderr) -> Image:
     """``default``, built (with progress) when this version's build is missing."""
-    if not (images_dir() / "default" / Recipe().digest()).is_dir():
+    if not default_built():
         from .build import build
 
         progress("smolvm: building the guest image 'default' (once; about a minute)")

@@ -1,0 +1,123 @@
+"""Images declared in pyproject.toml, through pytester: built on first use with progress on the
+terminal, never rebuilt while the declaration is unchanged, rebuilt when it changes, built once
+for all xdist workers, and a bad table stops the run naming the key and the file. The images
+are real (an OCI import, no VM needed for a declaration without steps); the VMs that use them
+come from the fake driver (plugin logic only: tests/integration/test_images_declared.py boots them)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from helpers import REAL_CACHE
+from ocitrees import have_tools, layout_with_whiteout, with_files
+
+from pytest_smolvm.images.store import images_dir
+
+pytestmark = pytest.mark.skipif(have_tools() is not None, reason=str(have_tools()))
+TESTS_DIR = Path(__file__).resolve().parents[1]
+NAME = "smolvm-test-plugin-declared"
+CONFTEST = f"""
+import sys
+sys.path.insert(0, {str(TESTS_DIR)!r})
+import pytest
+from fake_driver import FakeDriver
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_smolvm_make_driver(config, pytestconfig):
+    return FakeDriver()
+"""
+TEST = f"""
+import pytest
+
+@pytest.mark.smolvm(image="{NAME}")
+def test_uses_it(smolvm):
+    assert smolvm.image.name == "{NAME}"
+"""
+
+
+@pytest.fixture(scope="module")
+def layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One layout, two tags whose second layers differ (so two images)."""
+    work = tmp_path_factory.mktemp("layout")
+    (work / "base").mkdir()
+    base = with_files(work / "base")
+    layout_with_whiteout(work / "l", base, tag="one")
+    (base / "etc/version").write_text("two\n")
+    two = work / "l2"
+    layout_with_whiteout(two, base, tag="two")
+    return work
+
+
+@pytest.fixture
+def project(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
+    monkeypatch.setenv("SMOLVM_CACHE_DIR", str(REAL_CACHE))
+    monkeypatch.delenv("SMOLVM_IMAGE", raising=False)
+    shutil.rmtree(images_dir() / NAME, ignore_errors=True)  # a first use, whatever ran before
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(TEST)
+    return pytester
+
+
+def _declare(pytester: pytest.Pytester, source: str, extra: str = "") -> None:
+    pytester.makefile(".toml", pyproject=f'[tool.smolvm.images.{NAME}]\nfrom = "{source}"\n{extra}')
+
+
+def _run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+    pytester.chdir()  # the fake driver's in-process agent leaves the process in / after a spawn
+    return pytester.runpytest(*args)
+
+
+def test_declared_image_is_built_on_first_use_with_progress_and_cached(project: pytest.Pytester,
+                                                                       layout: Path) -> None:
+    _declare(project, f"oci:{layout / 'l'}:one")
+    first = _run(project)
+    first.assert_outcomes(passed=1)
+    first.stdout.fnmatch_lines([f"smolvm: building image '{NAME}' (*) declared in *pyproject.toml",
+                                f"[[]1/2[]] {NAME}: base oci:*:one (+*s)",
+                                "[[]2/2[]] applying layer *",
+                                f"built image '{NAME}' (*) at * in *s"])
+    builds = sorted(p.name for p in (images_dir() / NAME).iterdir() if not p.name.startswith((".", "cur")))
+
+    again = _run(project, "-s")
+    again.assert_outcomes(passed=1)
+    assert "building image" not in again.stdout.str()
+    assert sorted(p.name for p in (images_dir() / NAME).iterdir()
+                  if not p.name.startswith((".", "cur"))) == builds
+
+    _declare(project, f"oci:{layout / 'l2'}:two")  # a changed declaration
+    changed = _run(project, "-s")
+    changed.assert_outcomes(passed=1)
+    changed.stdout.fnmatch_lines([f"smolvm: building image '{NAME}' *"])
+
+
+def test_header_says_a_declared_image_is_built_on_first_use(project: pytest.Pytester, layout: Path) -> None:
+    _declare(project, f"oci:{layout / 'l'}:one")
+    result = project.runpytest("--co", f"--smolvm-image={NAME}")
+    result.stdout.fnmatch_lines([f"smolvm: image {NAME} (declared in *pyproject.toml): built on first use*"])
+    assert not (images_dir() / NAME).exists()  # collecting builds nothing
+
+
+def test_xdist_workers_wait_for_one_build(project: pytest.Pytester, layout: Path) -> None:
+    pytest.importorskip("xdist")
+    _declare(project, f"oci:{layout / 'l'}:one")
+    project.makepyfile(test_more=TEST.replace("test_uses_it", "test_also_uses_it"))
+    result = project.runpytest_subprocess("-n", "2", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
+    builds = [p for p in (images_dir() / NAME).iterdir() if not p.name.startswith((".", "cur"))]
+    assert len(builds) == 1
+
+
+@pytest.mark.parametrize(("table", "message"), [
+    ('from = "default"\npip = "six"', "pip in */pyproject.toml: expected a list of non-empty strings, got 'six'"),
+    ('from = "default"\nfils = {}', "fils in */pyproject.toml: unknown key; expected from, apt, pip, files, run*"),
+    ('from = "docker://debian:12"', "from in */pyproject.toml: expected \"default\", \"oci:DIR*"),
+    ('from = "default"\nfiles = { "/opt/x" = "missing" }', "files in *: '/opt/x': host path */missing is not*"),
+])
+def test_bad_declaration_stops_the_run_naming_key_and_file(project: pytest.Pytester, table: str,
+                                                           message: str) -> None:
+    project.makefile(".toml", pyproject=f"[tool.smolvm.images.{NAME}]\n{table}\n")
+    result = project.runpytest()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"*invalid [[]tool.smolvm.images.{NAME}[]] {message}"])
