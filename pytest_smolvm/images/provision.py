@@ -49,7 +49,7 @@ COPY_TREE = ('mkdir -p "$2" && cd "$1" && for e in * .[!.]* ..?*; do '
              '{ [ -e "$e" ] || [ -L "$e" ]; } && [ "$e" != lost+found ] || continue; '
              'cp -a "$e" "$2/" && chown -R -h 0:0 "$2/$e" || exit 1; done')
 PROBE = ("import json, os, platform, sys; print(json.dumps({'python': '%d.%d' % sys.version_info[:2], "
-         "'libc': os.confstr('CS_GNU_LIBC_VERSION') or '', 'machine': platform.machine()}))")
+         "'libc': ' '.join(platform.libc_ver()).strip(), 'machine': platform.machine()}))")
 
 
 def _stderr(msg: str) -> None:
