@@ -23,6 +23,7 @@ from filelock import FileLock, Timeout
 
 from ..digest import sha256_file
 from ..errors import ImageError
+from . import layers, tarstream
 from .kmods import install_modules
 from .recipe import BOOT_MODULES, NET_MODULES, VSOCK_MODULES, Recipe
 from .store import Image, images_dir, resolve
@@ -137,8 +138,15 @@ def build(recipe: Recipe, *, force: bool = False, progress: Progress = _default_
             f"install them with: apt-get install -y {' '.join(missing)}"
         )
     if os.geteuid() != 0:
-        raise ImageError("building an image needs root (mmdebstrap root mode and device nodes); "
-                         "run: sudo python -m pytest_smolvm image build")
+        why = unshare_problem()
+        if why is not None:
+            raise ImageError(
+                f"building the Debian rootfs of image {recipe.name!r} needs root (mmdebstrap's root mode) or, as "
+                f"an ordinary user, mmdebstrap --mode=unshare, which cannot run here: {why}. Either run: sudo "
+                f"python -m pytest_smolvm image build{'' if recipe.name == 'default' else ' --name ' + recipe.name}"
+                f"; or have an admin give you subordinate ids (apt-get install uidmap; usermod --add-subuids "
+                f"100000-165535 --add-subgids 100000-165535 {_user()}); or, with no Debian packages to add, "
+                f"import a container image instead: python -m pytest_smolvm image import oci:DIR:TAG --name NAME")
     digest = recipe.digest()
     name_dir = images_dir() / recipe.name
     final = name_dir / digest
@@ -153,6 +161,31 @@ def build(recipe: Recipe, *, force: bool = False, progress: Progress = _default_
     except Timeout as exc:
         raise ImageError(f"another build of image {recipe.name!r} holds {exc.lock_file} for over an hour") from exc
     return resolve(str(final)) if recipe.name != "default" else resolve("default")
+
+
+def _user() -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return str(os.getuid())
+
+
+def unshare_problem() -> str | None:
+    """Why ``mmdebstrap --mode=unshare`` cannot run for this user, or None if it can: it
+    needs newuidmap/newgidmap and a range of subordinate uids and gids."""
+    if shutil.which("newuidmap") is None or shutil.which("newgidmap") is None:
+        return "newuidmap/newgidmap are missing (apt-get install uidmap)"
+    user, uid = _user(), str(os.getuid())
+    for path in ("/etc/subuid", "/etc/subgid"):
+        try:
+            lines = Path(path).read_text().splitlines()
+        except OSError:
+            lines = []
+        if not any(ln.split(":")[0] in (user, uid) for ln in lines if ln.count(":") == 2):
+            return f"{path} gives {user} no subordinate ids"
+    return None
 
 
 def _point_current(name_dir: Path, digest: str) -> None:
@@ -177,6 +210,7 @@ class _Build:
     kernel_release: str = ""
     guest_python: str | None = None
     total: int = 0  # steps announced as [i/total]; 0: all of _STEPS
+    tree: layers.Tree | None = None  # a rootless build's rootfs, owners kept aside (images/layers.py)
 
     @property
     def out(self) -> Path:
@@ -253,16 +287,36 @@ def _bootstrap_rootfs(b: _Build) -> None:
     optfile = b.work / "apt-acquire.conf"
     optfile.write_text("".join(f"{o}\n" for o in _host_acquire_options()))
     arch_opt = [] if recipe.arch == "amd64" else [f"--architectures={recipe.arch}"]
+    # Not root: mmdebstrap builds in a user namespace (subordinate ids) and hands over a
+    # tarball, applied like an image layer so its owners reach the ext4 without chown.
+    rootless = os.geteuid() != 0
+    fmt, target = (["--mode=unshare", "--format=tar"], b.work / "rootfs.tar") if rootless else \
+        (["--format=directory"], b.rootfs_dir)
     _run(["mmdebstrap", "--variant=minbase", *arch_opt, f"--include={','.join(recipe.packages)}",
-          f"--aptopt={optfile}", "--format=directory", recipe.suite, str(b.rootfs_dir), *sources],
-         "mmdebstrap", b.progress)
+          f"--aptopt={optfile}", *fmt, recipe.suite, str(target), *sources], "mmdebstrap", b.progress)
+    if rootless:
+        b.tree = _tree_from_tar(target, b.rootfs_dir)
     _customise_rootfs(b.rootfs_dir, b.out)
     install_modules(b.kernel_root, b.kernel_release, b.rootfs_dir, recipe.rootfs_modules)
     b.guest_python = _guest_python(b.rootfs_dir)
 
 
+def _tree_from_tar(tarball: Path, root: Path) -> layers.Tree:
+    root.mkdir(mode=0o700)
+    tree = layers.Tree(root)
+    with open(tarball, "rb") as f:
+        stream = tarstream.Counted(f, tarstream.Budget(64 << 30, 10_000_000), str(tarball))
+        tree.apply(stream, f"the mmdebstrap tarball {tarball}")
+    tarball.unlink()
+    return tree
+
+
 def _write_ext4(b: _Build) -> None:
     b.announce(f"writing the ext4 rootfs ({b.recipe.rootfs_mib} MiB, sparse)")
+    if b.tree is not None:
+        layers.write_ext4(b.tree, b.out / "rootfs.ext4", b.recipe.rootfs_mib)
+        shutil.rmtree(b.rootfs_dir)
+        return
     _run(["mkfs.ext4", "-q", "-F", "-L", "smolvm-root", "-d", str(b.rootfs_dir),
           str(b.out / "rootfs.ext4"), f"{b.recipe.rootfs_mib}M"], "mkfs.ext4")
     shutil.rmtree(b.rootfs_dir)
