@@ -201,3 +201,13 @@ def hvf_status(qemu: str | None = None) -> tuple[bool, str]:
     if HVF_ENTITLEMENT not in ent.stdout + ent.stderr:
         return False, f"{qemu} is not signed with the {HVF_ENTITLEMENT} entitlement"
     return True, f"kern.hv_support=1, {qemu} has the {HVF_ENTITLEMENT} entitlement"
+
+
+#: Where Debian puts e2fsprogs' tools, which an ordinary user's PATH often lacks.
+SBIN_DIRS = "/usr/local/sbin:/usr/sbin:/sbin"
+
+
+def find_tool(name: str) -> str | None:
+    """``name`` on PATH, else in the sbin directories (mkfs.ext4, debugfs, e2fsck live there,
+    and they need no root for image files of our own)."""
+    return shutil.which(name) or shutil.which(name, path=SBIN_DIRS)

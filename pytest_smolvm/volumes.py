@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
-import shutil
 import stat
 import subprocess
 import threading
@@ -39,6 +38,7 @@ from filelock import FileLock, Timeout
 
 from .errors import ConfigError
 from .guest.replies import StepResult
+from .host import find_tool
 
 MAX_VOLUMES: Final = 16
 EXT4_MAGIC_OFFSET: Final = 1080
@@ -235,7 +235,8 @@ def _mkfs(source: str, target: Path, tree: _Tree) -> None:
     size = image_size_mib(tree)
     for _ in range(4):
         target.unlink(missing_ok=True)
-        res = subprocess.run(["mkfs.ext4", "-q", "-F", "-O", "^has_journal", "-m", "0", "-L", "smolvm-vol",
+        mkfs = find_tool("mkfs.ext4") or "mkfs.ext4"
+        res = subprocess.run([mkfs, "-q", "-F", "-O", "^has_journal", "-m", "0", "-L", "smolvm-vol",
                               "-N", str(tree.files + 256), "-E", "root_owner=0:0", "-d", source, str(target),
                               f"{size}M"], capture_output=True, text=True)
         if res.returncode == 0:
@@ -251,7 +252,7 @@ def prepare(volume: Volume) -> Path:
     image from the content cache (built on first use)."""
     if not os.path.isdir(volume.source):
         return Path(volume.source)
-    if shutil.which("mkfs.ext4") is None:
+    if find_tool("mkfs.ext4") is None:
         raise ConfigError("volumes from directories need mkfs.ext4: apt-get install -y e2fsprogs")
     tree = _survey(volume.source)
     with _known_lock:

@@ -23,6 +23,7 @@ from filelock import FileLock, Timeout
 
 from ..digest import sha256_file
 from ..errors import ImageError
+from ..host import find_tool
 from . import layers, tarstream
 from .kmods import install_modules
 from .recipe import BOOT_MODULES, NET_MODULES, VSOCK_MODULES, Recipe
@@ -47,7 +48,7 @@ def _default_progress(msg: str) -> None:
 
 def missing_tools() -> list[str]:
     """Debian packages the builder needs that are not installed."""
-    missing = [pkg for tool, pkg in TOOLS.items() if shutil.which(tool) is None]
+    missing = [pkg for tool, pkg in TOOLS.items() if find_tool(tool) is None]
     if not BUSYBOX.exists():
         missing.append("busybox-static")
     return missing
@@ -317,7 +318,7 @@ def _write_ext4(b: _Build) -> None:
         layers.write_ext4(b.tree, b.out / "rootfs.ext4", b.recipe.rootfs_mib)
         shutil.rmtree(b.rootfs_dir)
         return
-    _run(["mkfs.ext4", "-q", "-F", "-L", "smolvm-root", "-d", str(b.rootfs_dir),
+    _run([find_tool("mkfs.ext4") or "mkfs.ext4", "-q", "-F", "-L", "smolvm-root", "-d", str(b.rootfs_dir),
           str(b.out / "rootfs.ext4"), f"{b.recipe.rootfs_mib}M"], "mkfs.ext4")
     shutil.rmtree(b.rootfs_dir)
 

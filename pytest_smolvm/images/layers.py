@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ImageError
+from ..host import find_tool
 from . import tarstream as ts
 
 MAX_SYMLINK_HOPS = 40
@@ -290,8 +291,11 @@ def write_ext4(tree: Tree, target: Path, size_mib: int, label: str = "smolvm-roo
 
 
 def _run(argv: list[str], what: str) -> str:
+    exe = find_tool(argv[0])
+    if exe is None:
+        raise ImageError(f"{what} is not installed; install e2fsprogs (apt-get install e2fsprogs)")
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, errors="replace", check=False)
+        proc = subprocess.run([exe, *argv[1:]], capture_output=True, text=True, errors="replace", check=False)
     except FileNotFoundError:
         raise ImageError(f"{what} is not installed; install e2fsprogs (apt-get install e2fsprogs)") from None
     if proc.returncode != 0:

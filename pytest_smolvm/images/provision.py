@@ -30,6 +30,7 @@ from filelock import FileLock, Timeout
 
 from ..config import VMConfig
 from ..errors import ImageError
+from ..host import find_tool
 from ..results import RunResult
 from ..vm import SmolVM
 from ..volumes import check_volumes
@@ -275,7 +276,10 @@ def _to_raw(overlay: Path, rootfs: Path) -> None:
         (["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(overlay), str(rootfs)], (0,)),
         (["e2fsck", "-f", "-y", str(rootfs)], (0, 1)),  # 1: the journal was replayed or nits fixed
     ):
-        proc = subprocess.run(argv, capture_output=True, text=True, errors="replace", check=False)
+        exe = find_tool(argv[0])
+        if exe is None:
+            raise ImageError(f"{argv[0]} is not installed (apt-get install -y qemu-utils e2fsprogs)")
+        proc = subprocess.run([exe, *argv[1:]], capture_output=True, text=True, errors="replace", check=False)
         if proc.returncode not in ok:
             raise ImageError(f"{argv[0]} failed (exit {proc.returncode}): {' '.join(argv)}\n"
                              f"{(proc.stdout + proc.stderr)[-1500:]}")

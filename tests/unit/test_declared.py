@@ -104,3 +104,36 @@ def test_pip_platforms_follow_the_guest_glibc() -> None:
     assert "manylinux_2_36_x86_64" in args and "manylinux_2_37_x86_64" not in args
     assert "manylinux2014_x86_64" in args and "manylinux1_x86_64" in args
     assert platform_args("", "aarch64") == ["--platform", "linux_aarch64"]  # musl: plain linux wheels only
+
+
+def test_apt_without_root_or_subordinate_ids_says_what_needs_root_and_the_rootless_ways(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from pytest_smolvm import ImageError
+    from pytest_smolvm.images import build
+
+    monkeypatch.setattr(build.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(build, "missing_tools", list)
+    monkeypatch.setattr(build, "unshare_problem", lambda: "/etc/subuid gives me no subordinate ids")
+    with pytest.raises(ImageError) as err:
+        build.build(Recipe(name="ds.base", packages=(*DEFAULT_PACKAGES, "jq")))
+    msg = str(err.value)
+    assert "image 'ds.base' needs root (mmdebstrap's root mode)" in msg
+    assert "mmdebstrap --mode=unshare, which cannot run here: /etc/subuid gives me no subordinate ids" in msg
+    assert "usermod --add-subuids" in msg and "image import oci:DIR:TAG" in msg
+
+
+def test_unshare_needs_subordinate_ids(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from pytest_smolvm.images import build
+
+    monkeypatch.setattr(build.shutil, "which", lambda tool: f"/usr/bin/{tool}")
+    monkeypatch.setattr(build, "_user", lambda: "alice")
+    real = Path.read_text
+
+    def fake(path: Path, *a: object, **k: object) -> str:
+        if str(path) == "/etc/subuid":
+            return "bob:100000:65536\n"
+        if str(path) == "/etc/subgid":
+            return "alice:100000:65536\n"
+        return real(path)
+    monkeypatch.setattr(build.Path, "read_text", fake)
+    assert build.unshare_problem() == "/etc/subuid gives alice no subordinate ids"
