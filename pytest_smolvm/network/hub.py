@@ -397,6 +397,15 @@ def _live_runs(tables: dict[str, str]) -> tuple[set[str], dict[str, str | None]]
     return live, uplinks
 
 
+def _uplink_tables() -> dict[str, str]:
+    """Our uplink nft tables in the root namespace: name -> run tag."""
+    try:
+        res = netns.run(None, ["nft", "-j", "list", "tables"], check=False)
+    except NetworkError:  # nft missing: nothing of ours can be in its tables
+        return {}
+    return policy.parse_uplink_tables(res.stdout) if res.returncode == 0 and res.stdout.strip() else {}
+
+
 def reap_networks(*, dry_run: bool = False) -> list[StaleNetwork]:
     """Remove run namespaces, uplink veths/tables and slot tables of this runtime directory's
     runs with no live VM holding a slot and no kept VM (never a live run's: a lease names its
@@ -425,9 +434,9 @@ def reap_networks(*, dry_run: bool = False) -> list[StaleNetwork]:
                     remove_namespace(stale[tag], uplink)
                 else:  # its uplink is unknown: the namespace alone (the uplink's own goes with it)
                     netns.remove(ns)
-        # Root-namespace uplink tables and veths whose run is gone.
-        res = netns.run(None, ["nft", "-j", "list", "tables"], check=False)
-        uplink_tables = policy.parse_uplink_tables(res.stdout) if res.returncode == 0 and res.stdout.strip() else {}
+        # Root-namespace uplink tables and veths whose run is gone. Only asked when a run is
+        # gone: an ordinary user running network="none" VMs may have no nft on PATH at all.
+        uplink_tables = _uplink_tables() if stale else {}
         for name, tag in uplink_tables.items():
             if tag in stale:
                 found.append(StaleNetwork(f"nft table ip {name}", stale[tag], "run is gone"))
