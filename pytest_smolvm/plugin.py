@@ -169,15 +169,18 @@ class SmolVMPlugin:
         capman = self.config.pluginmanager.getplugin("capturemanager")
         reporter = self.config.pluginmanager.getplugin("terminalreporter")
 
+        started: list[bool] = []
+
         def progress(msg: str) -> None:
-            if reporter is not None:
-                reporter.write_line(msg)
-            else:
+            if reporter is None:
                 print(msg, file=sys.stderr, flush=True)
+                return
+            if not started:  # off the line of the test that triggered the build
+                started.append(True)
+                reporter.write_line("")
+            reporter.write_line(msg)
 
         with capman.global_and_fixture_disabled() if capman is not None else contextlib.nullcontext():
-            if reporter is not None:
-                reporter.write_line("")
             ensure(name, pyproject=self.pyproject if name in self.declared else None, progress=progress)
         self.ensured.add(name)
 

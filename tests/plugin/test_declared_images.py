@@ -6,7 +6,10 @@ come from the fake driver (plugin logic only: tests/integration/test_images_decl
 
 from __future__ import annotations
 
+import hashlib
 import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -17,7 +20,6 @@ from pytest_smolvm.images.store import images_dir
 
 pytestmark = pytest.mark.skipif(have_tools() is not None, reason=str(have_tools()))
 TESTS_DIR = Path(__file__).resolve().parents[1]
-NAME = "smolvm-test-plugin-declared"
 CONFTEST = f"""
 import sys
 sys.path.insert(0, {str(TESTS_DIR)!r})
@@ -28,12 +30,12 @@ from fake_driver import FakeDriver
 def pytest_smolvm_make_driver(config, pytestconfig):
     return FakeDriver()
 """
-TEST = f"""
+TEST = """
 import pytest
 
-@pytest.mark.smolvm(image="{NAME}")
+@pytest.mark.smolvm(image="NAME")
 def test_uses_it(smolvm):
-    assert smolvm.image.name == "{NAME}"
+    assert smolvm.image.name == "NAME"
 """
 
 
@@ -51,17 +53,31 @@ def layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def project(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
+def project(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch,
+            request: pytest.FixtureRequest) -> Iterator[Project]:
+    """A pytester project whose image name is its own (tests may run in parallel)."""
+    name = "smolvm-test-plugin-" + hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:8]
     monkeypatch.setenv("SMOLVM_CACHE_DIR", str(REAL_CACHE))
     monkeypatch.delenv("SMOLVM_IMAGE", raising=False)
-    shutil.rmtree(images_dir() / NAME, ignore_errors=True)  # a first use, whatever ran before
+    for stale in (name, f"{name}.base"):
+        shutil.rmtree(images_dir() / stale, ignore_errors=True)  # a first use, whatever ran before
     pytester.makeconftest(CONFTEST)
-    pytester.makepyfile(TEST)
-    return pytester
+    pytester.makepyfile(TEST.replace("NAME", name))
+    yield Project(pytester, name)
+    for made in (name, f"{name}.base"):
+        shutil.rmtree(images_dir() / made, ignore_errors=True)
 
 
-def _declare(pytester: pytest.Pytester, source: str, extra: str = "") -> None:
-    pytester.makefile(".toml", pyproject=f'[tool.smolvm.images.{NAME}]\nfrom = "{source}"\n{extra}')
+@dataclass
+class Project:
+    pytester: pytest.Pytester
+    name: str
+
+    def declare(self, source: str) -> None:
+        self.pytester.makefile(".toml", pyproject=f'[tool.smolvm.images.{self.name}]\nfrom = "{source}"\n')
+
+    def builds(self) -> list[str]:
+        return sorted(p.name for p in (images_dir() / self.name).iterdir() if not p.name.startswith((".", "cur")))
 
 
 def _run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
@@ -69,44 +85,42 @@ def _run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
     return pytester.runpytest(*args)
 
 
-def test_declared_image_is_built_on_first_use_with_progress_and_cached(project: pytest.Pytester,
-                                                                       layout: Path) -> None:
-    _declare(project, f"oci:{layout / 'l'}:one")
-    first = _run(project)
+def test_declared_image_is_built_on_first_use_with_progress_and_cached(project: Project, layout: Path) -> None:
+    project.declare(f"oci:{layout / 'l'}:one")
+    first = _run(project.pytester)
     first.assert_outcomes(passed=1)
-    first.stdout.fnmatch_lines([f"smolvm: building image '{NAME}' (*) declared in *pyproject.toml",
-                                f"[[]1/2[]] {NAME}: base oci:*:one (+*s)",
+    first.stdout.fnmatch_lines([f"smolvm: building image '{project.name}' (*) declared in *pyproject.toml",
+                                f"[[]1/2[]] {project.name}: base oci:*:one (+*s)",
                                 "[[]2/2[]] applying layer *",
-                                f"built image '{NAME}' (*) at * in *s"])
-    builds = sorted(p.name for p in (images_dir() / NAME).iterdir() if not p.name.startswith((".", "cur")))
+                                f"built image '{project.name}' (*) at * in *s"])
+    builds = project.builds()
 
-    again = _run(project, "-s")
+    again = _run(project.pytester, "-s")
     again.assert_outcomes(passed=1)
     assert "building image" not in again.stdout.str()
-    assert sorted(p.name for p in (images_dir() / NAME).iterdir()
-                  if not p.name.startswith((".", "cur"))) == builds
+    assert project.builds() == builds
 
-    _declare(project, f"oci:{layout / 'l2'}:two")  # a changed declaration
-    changed = _run(project, "-s")
+    project.declare(f"oci:{layout / 'l2'}:two")  # a changed declaration
+    changed = _run(project.pytester, "-s")
     changed.assert_outcomes(passed=1)
-    changed.stdout.fnmatch_lines([f"smolvm: building image '{NAME}' *"])
+    changed.stdout.fnmatch_lines([f"smolvm: building image '{project.name}' *"])
+    assert len(project.builds()) == 2
 
 
-def test_header_says_a_declared_image_is_built_on_first_use(project: pytest.Pytester, layout: Path) -> None:
-    _declare(project, f"oci:{layout / 'l'}:one")
-    result = project.runpytest("--co", f"--smolvm-image={NAME}")
-    result.stdout.fnmatch_lines([f"smolvm: image {NAME} (declared in *pyproject.toml): built on first use*"])
-    assert not (images_dir() / NAME).exists()  # collecting builds nothing
+def test_header_says_a_declared_image_is_built_on_first_use(project: Project, layout: Path) -> None:
+    project.declare(f"oci:{layout / 'l'}:one")
+    result = _run(project.pytester, "--co", f"--smolvm-image={project.name}")
+    result.stdout.fnmatch_lines([f"smolvm: image {project.name} (declared in *pyproject.toml): built on first use*"])
+    assert not (images_dir() / project.name).exists()  # collecting builds nothing
 
 
-def test_xdist_workers_wait_for_one_build(project: pytest.Pytester, layout: Path) -> None:
+def test_xdist_workers_wait_for_one_build(project: Project, layout: Path) -> None:
     pytest.importorskip("xdist")
-    _declare(project, f"oci:{layout / 'l'}:one")
-    project.makepyfile(test_more=TEST.replace("test_uses_it", "test_also_uses_it"))
-    result = project.runpytest_subprocess("-n", "2", "-p", "no:cacheprovider")
+    project.declare(f"oci:{layout / 'l'}:one")
+    project.pytester.makepyfile(test_more=TEST.replace("NAME", project.name).replace("test_uses_it", "test_also"))
+    result = project.pytester.runpytest_subprocess("-n", "2", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=2)
-    builds = [p for p in (images_dir() / NAME).iterdir() if not p.name.startswith((".", "cur"))]
-    assert len(builds) == 1
+    assert len(project.builds()) == 1
 
 
 @pytest.mark.parametrize(("table", "message"), [
@@ -115,9 +129,8 @@ def test_xdist_workers_wait_for_one_build(project: pytest.Pytester, layout: Path
     ('from = "docker://debian:12"', "from in */pyproject.toml: expected \"default\", \"oci:DIR*"),
     ('from = "default"\nfiles = { "/opt/x" = "missing" }', "files in *: '/opt/x': host path */missing is not*"),
 ])
-def test_bad_declaration_stops_the_run_naming_key_and_file(project: pytest.Pytester, table: str,
-                                                           message: str) -> None:
-    project.makefile(".toml", pyproject=f"[tool.smolvm.images.{NAME}]\n{table}\n")
-    result = project.runpytest()
+def test_bad_declaration_stops_the_run_naming_key_and_file(project: Project, table: str, message: str) -> None:
+    project.pytester.makefile(".toml", pyproject=f"[tool.smolvm.images.{project.name}]\n{table}\n")
+    result = _run(project.pytester)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines([f"*invalid [[]tool.smolvm.images.{NAME}[]] {message}"])
+    result.stderr.fnmatch_lines([f"*invalid [[]tool.smolvm.images.{project.name}[]] {message}"])
