@@ -27,6 +27,8 @@ from ..host import find_tool
 from . import tarstream as ts
 
 MAX_SYMLINK_HOPS = 40
+#: Directory depth (os.walk and shutil.rmtree recurse per level; real images stay near 20).
+MAX_DEPTH = 200
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
 
@@ -85,10 +87,11 @@ class Tree:
                     raise ImageError(f"{where}: {'/'.join(parts)!r} does not exist") from None
                 os.mkdir(path, 0o700)
                 self.meta["/".join([*done, comp])] = Meta(stat.S_IFDIR | 0o755)
-                done.append(comp)
-                continue
+                st = os.lstat(path)
             if stat.S_ISDIR(st.st_mode):
                 done.append(comp)
+                if len(done) > MAX_DEPTH:
+                    raise ImageError(f"{where}: {'/'.join(parts)[:200]!r} is nested over {MAX_DEPTH} deep")
             elif stat.S_ISLNK(st.st_mode):
                 hops += 1
                 if hops > MAX_SYMLINK_HOPS:
@@ -277,7 +280,8 @@ def debugfs_script(meta: dict[str, Meta]) -> str:
 def write_ext4(tree: Tree, target: Path, size_mib: int, label: str = "smolvm-root") -> None:
     """Write ``tree`` as a sparse ext4 image of ``size_mib`` with the layers' ownership."""
     tree.fill_missing()
-    _run(["mkfs.ext4", "-q", "-F", "-L", label, "-E", "root_owner=0:0", "-d", str(tree.root),
+    inodes = max(2 * len(tree.meta), 65536)  # mkfs's ratio may give a tree of small files too few
+    _run(["mkfs.ext4", "-q", "-F", "-L", label, "-N", str(inodes), "-E", "root_owner=0:0", "-d", str(tree.root),
           str(target), f"{size_mib}M"], "mkfs.ext4")
     script = target.with_name(target.name + ".debugfs")
     script.write_text(debugfs_script(tree.meta))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -31,6 +32,7 @@ from filelock import FileLock, Timeout
 from ..config import VMConfig
 from ..errors import ImageError
 from ..host import find_tool
+from ..reporting import sanitize
 from ..results import RunResult
 from ..vm import SmolVM
 from ..volumes import check_volumes
@@ -185,6 +187,7 @@ def _provision(decl: dcl.Declared, base: Image, work: Path, rootfs: Path, steps:
     cfg = VMConfig(image=str(base.path), snapshot=False, network="none", memory_mib=1024, timeout=STEP_TIMEOUT,
                    disk_size_mib=decl.size_mib, volumes=check_volumes(volumes), retain_disk_on_delete=True)
     vm = SmolVM(cfg, name=f"build-{decl.name}"[:64])
+    done = False
     try:
         vm.start()
         _copy_files(vm, decl, dict((host, mnt) for mnt, host in dirs), steps)
@@ -194,8 +197,11 @@ def _provision(decl: dcl.Declared, base: Image, work: Path, rootfs: Path, steps:
             steps(f"run {cmd}")
             _check(vm.run(cmd, timeout=STEP_TIMEOUT), decl, f"run[{i}] {cmd!r}")
         _check(vm.run([BUSYBOX, "sh", "-c", _FINISH, "sh", BUILD_MOUNT]), decl, "cleaning up")
+        done = True
     finally:
         vm.close()
+        if not done and vm.disk_path is not None:  # a failed build keeps no retained disk
+            vm.disk_path.unlink(missing_ok=True)
     disk = vm.disk_path
     if disk is None or not disk.exists():
         raise ImageError(f"the build VM of image {decl.name!r} left no disk behind")
@@ -213,8 +219,9 @@ _FINISH = ('for m in "$1"/*; do umount "$m" 2>/dev/null; rmdir "$m" 2>/dev/null;
 
 def _check(result: RunResult, decl: dcl.Declared, what: str) -> None:
     if result.exit_code != 0:
+        output = sanitize((result.stdout + result.stderr)[-2000:])  # guest text: no terminal escapes
         raise ImageError(f"building image {decl.name!r} ({decl.pyproject}): {what} failed with exit "
-                         f"{result.exit_code}:\n{(result.stdout + result.stderr)[-2000:]}")
+                         f"{result.exit_code}:\n{output}")
 
 
 def _copy_files(vm: SmolVM, decl: dcl.Declared, mounts: dict[str, str], steps: _Steps) -> None:
@@ -234,8 +241,8 @@ def _download_wheels(decl: dcl.Declared, base: Image, work: Path, steps: _Steps)
         probe = vm.run(["python3", "-c", PROBE])
     if probe.exit_code != 0:
         raise ImageError(f"[tool.smolvm.images.{decl.name}] pip in {decl.pyproject}: the image has no "
-                         f"working python3 ({probe.stderr.strip()[-300:]})")
-    guest = json.loads(probe.stdout)
+                         f"working python3 ({sanitize(probe.stderr.strip()[-300:])})")
+    guest = parse_probe(probe.stdout, decl)
     wheels = work / "wheels"
     wheels.mkdir()
     argv = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "--only-binary=:all:",
@@ -246,6 +253,22 @@ def _download_wheels(decl: dcl.Declared, base: Image, work: Path, steps: _Steps)
         raise ImageError(f"[tool.smolvm.images.{decl.name}] pip in {decl.pyproject}: pip download failed "
                          f"(only wheels can be installed without network in the guest):\n{proc.stderr[-1500:]}")
     return wheels
+
+
+def parse_probe(text: str, decl: dcl.Declared) -> dict[str, str]:
+    """The guest's answer to :data:`PROBE`, checked: it picks wheels, so it is held to the
+    shapes a real interpreter gives."""
+    try:
+        guest = json.loads(text)
+        ok = (isinstance(guest, dict) and re.fullmatch(r"3\.\d{1,3}", str(guest.get("python")))
+              and re.fullmatch(r"(glibc 2\.\d{1,3})?", str(guest.get("libc")))
+              and re.fullmatch(r"[a-z0-9_]{1,32}", str(guest.get("machine"))))
+    except ValueError:
+        ok = None
+    if not ok:
+        raise ImageError(f"[tool.smolvm.images.{decl.name}] pip in {decl.pyproject}: the image's python3 "
+                         f"described itself as {sanitize(text[:200])!r}, not as a CPython 3")
+    return {k: str(guest[k]) for k in ("python", "libc", "machine")}
 
 
 def platform_args(libc: str, machine: str) -> list[str]:

@@ -21,6 +21,7 @@ BLOCK = 512
 MAX_META = 1 << 20  # a pax or GNU long-name body
 MAX_NAME = 4096
 MAX_LINK = 4096
+MAX_MTIME = (1 << 31) - 1 + (3 << 32)  # 2446-05-10, the last second ext4 (and the host fs) can hold
 
 REGULAR, HARDLINK, SYMLINK, CHARDEV, BLOCKDEV, DIRECTORY, FIFO = "0", "1", "2", "3", "4", "5", "6"
 _META_TYPES = {"x", "g", "L", "K"}
@@ -249,9 +250,10 @@ def _member(block: bytes, typ: str, size: int, pax: dict[str, str], where: str) 
         uid = int(pax["uid"]) if "uid" in pax else _number(block[108:116], "uid")
         gid = int(pax["gid"]) if "gid" in pax else _number(block[116:124], "gid")
         mtime = int(float(pax["mtime"])) if "mtime" in pax else _number(block[136:148], "mtime")
-    except ValueError:
+    except (ValueError, OverflowError):  # "nan", "inf", garbage
         raise ImageError(f"{where}: entry {name[:200]!r} has a malformed pax number") from None
     if size < 0 or not (0 <= uid < 1 << 32 and 0 <= gid < 1 << 32):
         raise ImageError(f"{where}: entry {name[:200]!r} has an out-of-range size, uid or gid")
+    mtime = min(max(mtime, 0), MAX_MTIME)  # what ext4 can hold; a bad date is no reason to refuse
     mode = _number(block[100:108], "mode") & 0o7777
     return Member(name, typ, size, mode, uid, gid, mtime, linkname)

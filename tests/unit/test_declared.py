@@ -137,3 +137,20 @@ def test_unshare_needs_subordinate_ids(monkeypatch: pytest.MonkeyPatch, tmp_path
         return real(path)
     monkeypatch.setattr(build.Path, "read_text", fake)
     assert build.unshare_problem() == "/etc/subuid gives alice no subordinate ids"
+
+
+@pytest.mark.parametrize("answer", [
+    "not json", "[]", '{"python": "3.11"}',
+    '{"python": "3.11 --index-url=http://evil", "libc": "glibc 2.36", "machine": "x86_64"}',
+    '{"python": "3.11", "libc": "glibc 2.36\\u001b[2J", "machine": "x86_64"}',
+    '{"python": "3.11", "libc": "glibc 2.36", "machine": "x86_64 --extra"}',
+])
+def test_a_lying_guest_probe_is_refused(project: Path, answer: str) -> None:
+    from pytest_smolvm import ImageError
+    from pytest_smolvm.images.provision import parse_probe
+
+    decl = dcl.load(write(project, "[tool.smolvm.images.p]\npip = ['six']\n"))["p"]
+    with pytest.raises(ImageError, match=r"images\.p\] pip in .*: the image.s python3 described") as err:
+        parse_probe(answer, decl)
+    assert "\x1b" not in str(err.value)
+    assert parse_probe('{"python": "3.12", "libc": "", "machine": "aarch64"}', decl)["machine"] == "aarch64"

@@ -222,3 +222,23 @@ def test_debugfs_script_quotes_paths() -> None:
 def test_line_breaks_in_names_are_refused(tree: layers.Tree) -> None:
     with pytest.raises(ImageError, match="line break"):
         apply(tree, tar([("a\nsif / uid 5", "f", {})]))
+
+
+def test_deep_nesting_is_refused_before_it_breaks_recursive_walks(tree: layers.Tree) -> None:
+    with pytest.raises(ImageError, match=f"nested over {layers.MAX_DEPTH} deep"):
+        apply(tree, tar([("d/" * 1000 + "f", "f", {})]))
+    deep = "/".join(["x"] * 150)  # a relative symlink adding its depth to its own is caught the same way
+    with pytest.raises(ImageError, match="nested over"):
+        apply(tree, tar([(f"{deep}/", "d", {}), (f"{deep}/y", "l", {"to": deep}), (f"{deep}/y/f", "f", {})]))
+
+
+def test_absurd_pax_times_are_refused_or_clamped(tree: layers.Tree) -> None:
+    def pax_mtime(value: str) -> bytes:
+        info = tarfile.TarInfo("f")
+        info.pax_headers = {"mtime": value}
+        return info.tobuf(format=tarfile.PAX_FORMAT) + b"\0" * 1024
+
+    with pytest.raises(ImageError, match="malformed pax number"):
+        apply(tree, pax_mtime("inf"))
+    apply(tree, pax_mtime("1e300"))
+    assert os.lstat(tree.root / "f").st_mtime == ts.MAX_MTIME

@@ -114,3 +114,21 @@ def test_config_must_list_one_diff_id_per_layer(tmp_path: Path) -> None:
     layers.openers.append(("sha256:x", lambda: io.BytesIO(b"")))  # type: ignore[arg-type,return-value]
     with pytest.raises(ImageError, match="does not list one sha256 per layer"):
         _ = layers.diff_ids
+
+
+def test_an_index_of_platforms_picks_linux_amd64(tmp_path: Path) -> None:
+    make_layout(tmp_path / "l")
+    index = json.loads((tmp_path / "l/index.json").read_text())
+    amd64 = index["manifests"][0]
+    nested = {"schemaVersion": 2, "manifests": [
+        {**amd64, "digest": "sha256:" + "0" * 64, "platform": {"os": "linux", "architecture": "arm64"}},
+        {**amd64, "platform": {"os": "linux", "architecture": "amd64"}}]}
+    digest = _blob(tmp_path / "l", json.dumps(nested).encode())
+    index["manifests"] = [{"mediaType": oci.INDEX_TYPES[0], "digest": digest, "annotations": amd64["annotations"]}]
+    (tmp_path / "l/index.json").write_text(json.dumps(index))
+    assert len(oci.read_layers(oci.parse_source("oci:l:t", tmp_path)).openers) == 1
+    nested["manifests"] = nested["manifests"][:1]
+    index["manifests"][0]["digest"] = _blob(tmp_path / "l", json.dumps(nested).encode())
+    (tmp_path / "l/index.json").write_text(json.dumps(index))
+    with pytest.raises(ImageError, match="has no linux/amd64 image"):
+        oci.read_layers(oci.parse_source("oci:l:t", tmp_path))
