@@ -166,7 +166,10 @@ def _text(field: bytes) -> str:
 
 
 def _checksum_ok(block: bytes) -> bool:
-    stored = _number(block[148:156], "checksum")
+    try:
+        stored = _number(block[148:156], "checksum")
+    except ImageError:
+        return False
     blanked = block[:148] + b" " * 8 + block[156:]
     return stored in (sum(blanked), sum(b - 256 if b > 127 else b for b in blanked))
 
@@ -192,12 +195,15 @@ def members(stream: Counted, where: str) -> Iterator[tuple[Member, Counted]]:
     """Yield each entry with the stream positioned at its data; whatever data the caller
     does not read is skipped before the next entry."""
     pending: dict[str, str] = {}
+    seen = 0
     while True:
         block = stream.read(BLOCK)
         if len(block) < BLOCK or block == b"\0" * BLOCK:
             return  # end of archive (or a stream that just stops after the last entry)
         if not _checksum_ok(block):
-            raise ImageError(f"{where}: bad tar header checksum after {stream.budget.entries} entries")
+            if not seen:
+                raise ImageError(f"{where}: not a tar archive (its first header is not a tar header)")
+            raise ImageError(f"{where}: bad tar header checksum after {seen} entries")
         typ = chr(block[156]) if block[156] else REGULAR
         size = _number(block[124:136], "size")
         if typ in _META_TYPES:
@@ -205,6 +211,7 @@ def members(stream: Counted, where: str) -> Iterator[tuple[Member, Counted]]:
             continue
         member = _member(block, typ, size, pending, where)
         pending = {}
+        seen += 1
         stream.budget.entry(where)
         before = stream.budget.bytes
         yield member, stream

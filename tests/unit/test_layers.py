@@ -166,10 +166,15 @@ def test_oversized_pax_header_is_refused_before_it_is_read(tree: layers.Tree) ->
 
 
 def test_corrupt_header_and_truncated_data_are_errors(tree: layers.Tree) -> None:
-    good = tar([("a", "f", {"data": b"y" * 2000})])
+    good = tar([("a", "f", {"data": b"y" * 2000}), ("b", "f", {})])
     bad = bytearray(good)
     bad[0] ^= 0xFF
-    with pytest.raises(ImageError, match="bad tar header checksum"):
+    with pytest.raises(ImageError, match=r"layer 0: not a tar archive \(its first header"):
+        apply(tree, bytes(bad))
+    second = good.index(b"b\0")  # the second member's header
+    bad = bytearray(good)
+    bad[second] ^= 0xFF
+    with pytest.raises(ImageError, match="bad tar header checksum after 1 entries"):
         apply(tree, bytes(bad))
     with pytest.raises(ImageError, match="ends"):
         apply(tree, good[:1000])
