@@ -108,6 +108,16 @@ def umoci(*args: str) -> None:
     subprocess.run(["umoci", *args], check=True, capture_output=True)
 
 
+#: Every file of a tree gets this time before it is packed, so the same tree always gives the
+#: same layer (the same diff_id, so the same image and snapshot: nothing piles up in the cache).
+EPOCH = 1_700_000_000
+
+
+def settle(root: Path) -> None:
+    for path in [root, *root.rglob("*")]:
+        os.utime(path, (EPOCH, EPOCH), follow_symlinks=False)
+
+
 def layout_with_whiteout(layout: Path, base: Path, tag: str = "t") -> None:
     """Two layers: ``base`` as it is, then a layer that removes /etc/gone (a whiteout),
     adds /opt/new and gives /opt/owned to 1234:2345 with mode 4750."""
@@ -117,6 +127,7 @@ def layout_with_whiteout(layout: Path, base: Path, tag: str = "t") -> None:
     umoci("unpack", "--image", f"{layout}:{tag}", str(bundle))
     rootfs = bundle / "rootfs"
     shutil.copytree(base, rootfs, symlinks=True, dirs_exist_ok=True)
+    settle(rootfs)
     umoci("repack", "--image", f"{layout}:{tag}", str(bundle))
     shutil.rmtree(bundle)
     umoci("unpack", "--image", f"{layout}:{tag}", str(bundle))
@@ -126,5 +137,6 @@ def layout_with_whiteout(layout: Path, base: Path, tag: str = "t") -> None:
     owned.write_text("owned\n")
     os.chown(owned, 1234, 2345)
     os.chmod(owned, 0o4750)
+    settle(rootfs)
     umoci("repack", "--image", f"{layout}:{tag}", str(bundle))
     shutil.rmtree(bundle)
