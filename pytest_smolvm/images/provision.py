@@ -183,7 +183,7 @@ def _provision(decl: dcl.Declared, base: Image, work: Path, rootfs: Path, steps:
     dirs = [(f"{BUILD_MOUNT}/f{i}", host) for i, (_, host) in enumerate(decl.files) if os.path.isdir(host)]
     wheels = _download_wheels(decl, base, work, steps) if decl.pip else None
     volumes = dict(dirs) | ({f"{BUILD_MOUNT}/wheels": str(wheels)} if wheels else {})
-    steps(f"booting a build VM of {base.name}")
+    steps(f"booting a build VM of {decl.base}" + (" with the apt packages" if decl.apt else ""))
     cfg = VMConfig(image=str(base.path), snapshot=False, network="none", memory_mib=1024, timeout=STEP_TIMEOUT,
                    disk_size_mib=decl.size_mib, volumes=check_volumes(volumes), retain_disk_on_delete=True)
     vm = SmolVM(cfg, name=f"build-{decl.name}"[:64])
