@@ -100,6 +100,20 @@ def test_shell_string_in_an_image_that_lost_its_shell_is_a_clear_error(layouts: 
         assert vm.run(["/bin/busybox", "echo", "argv still works"]).stdout == "argv still works\n"
 
 
+def test_images_without_python_import_and_record_what_they_lack(layouts: dict[str, Path]) -> None:
+    import json
+
+    for kind, shell in (("busybox", True), ("static", False)):
+        _import(f"oci:{layouts[kind]}:t", f"smolvm-test-oci-{kind}")
+        image = resolve(f"smolvm-test-oci-{kind}")
+        manifest = json.loads((image.path / "manifest.json").read_text())
+        assert (manifest["guest_python"], manifest["shell"]) == (None, shell)
+        assert image.kernel.read_bytes()[:4] == b"\x7fELF" and image.initrd.exists()  # our kernel, our boot layer
+    _import(f"oci:{layouts['python']}:t", "smolvm-test-oci-python")
+    python = json.loads((resolve("smolvm-test-oci-python").path / "manifest.json").read_text())
+    assert (python["guest_python"], python["shell"]) == ("3.11", True)
+
+
 @needs_static_agent
 def test_busybox_only_image_runs_argv_and_shell_commands(layouts: dict[str, Path]) -> None:
     _import(f"oci:{layouts['busybox']}:t", "smolvm-test-oci-busybox")
