@@ -134,3 +134,40 @@ def test_bad_declaration_stops_the_run_naming_key_and_file(project: Project, tab
     result = _run(project.pytester)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([f"*invalid [[]tool.smolvm.images.{project.name}[]] {message}"])
+
+
+def test_a_missing_default_image_is_built_on_first_use_with_progress(pytester: pytest.Pytester,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plugin wiring only: the builder is replaced by one that announces a step and links the
+    real default build into an empty cache (the real build is run by scripts/run-rootless and
+    `image build`; tests/integration boots what it makes)."""
+    cache = pytester.path / "fresh-cache"
+    monkeypatch.setenv("SMOLVM_CACHE_DIR", str(cache))
+    monkeypatch.delenv("SMOLVM_IMAGE", raising=False)
+    pytester.makeconftest(CONFTEST + f"""
+import os, shutil
+from pathlib import Path
+from pytest_smolvm.images import build as builder
+from pytest_smolvm.images.recipe import Recipe
+from pytest_smolvm.images.store import resolve
+
+def link_or_copy(src, dst):
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+def linked_build(recipe, *, force=False, progress=print):
+    progress("[1/5] (test) building the default image")
+    real = Path({str(REAL_CACHE)!r}) / "images" / "default" / recipe.digest()
+    shutil.copytree(real, Path({str(cache)!r}) / "images" / "default" / recipe.digest(), copy_function=link_or_copy)
+    return resolve("default")
+
+builder.build = linked_build
+""")
+    pytester.makepyfile("def test_it(smolvm):\n    assert smolvm.image.name == 'default'\n")
+    result = _run(pytester)
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["smolvm: image default (this version's build is missing): built on first use*",
+                                 "smolvm: building the guest image 'default' (once; about a minute)",
+                                 "[[]1/5[]] (test) building the default image"])
