@@ -120,8 +120,8 @@ def apply_layers(tree: lay.Tree, image: oci.Layers, budget: ts.Budget, progress:
     for i, ((digest, opener), diff_id) in enumerate(zip(image.openers, image.diff_ids, strict=True), start=1):
         where = f"layer {i}/{len(image.openers)} ({digest[:19]})"
         progress(f"[{i}/{len(image.openers)}] applying layer {digest[:19]} (+{time.monotonic() - started:.1f}s)")
-        with oci.opened(opener) as raw:
-            stream = ts.Counted(ts.open_layer(raw, where), budget, where)
+        with oci.opened(opener) as raw, ts.open_layer(raw, where) as layer:
+            stream = ts.Counted(layer, budget, where)
             tree.apply(stream, where)
         if stream.diff_id() != diff_id:
             raise ImageError(f"{where}: its content does not match the config's diff_id {diff_id} "

@@ -4,14 +4,19 @@ Python's :mod:`tarfile` reads a pax or GNU long-name header's whole body into me
 size the header claims, so a crafted layer can make it allocate gigabytes. This reader holds
 every metadata body to :data:`MAX_META` bytes, every name to :data:`MAX_NAME`, counts the
 bytes it reads against a budget shared by all layers of an import, and never seeks: it takes
-a decompressed stream (:func:`open_layer` sniffs gzip or plain tar).
+a decompressed stream (:func:`open_layer` sniffs gzip, zstd or plain tar).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import shutil
+import subprocess
+import threading
 import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import BinaryIO, Protocol
 
@@ -112,16 +117,67 @@ class _Gunzip:
         return out
 
 
-def open_layer(raw: BinaryIO, where: str) -> Readable:
-    """The tar stream of a layer blob, decompressed by its magic (not by its media type)."""
+@contextmanager
+def open_layer(raw: BinaryIO, where: str) -> Iterator[Readable]:
+    """The tar stream of a layer blob, decompressed by its magic (not by its media type):
+    gzip, zstd (through the ``zstd`` tool: Python 3.11 has no zstd) or plain tar."""
     head = raw.read(4)
     rest = _Prefixed(head, raw)
     if head[:2] == b"\x1f\x8b":
-        return _Gunzip(rest)  # type: ignore[arg-type]
-    if head == b"\x28\xb5\x2f\xfd":
-        raise ImageError(f"{where}: zstd-compressed layers are not supported; convert the image with "
-                         f"skopeo copy --dest-compress-format gzip")
-    return rest
+        yield _Gunzip(rest)  # type: ignore[arg-type]
+    elif head == b"\x28\xb5\x2f\xfd":
+        unzstd = _Unzstd(rest, where)
+        try:
+            yield unzstd
+        finally:
+            unzstd.close()
+    else:
+        yield rest
+
+
+class _Unzstd:
+    """``zstd -dc`` fed by a thread; read from its output. Its memory is bounded by zstd's own
+    window limit (128 MiB unless --long), its output by the import's budget."""
+
+    def __init__(self, raw: Readable, where: str) -> None:
+        exe = shutil.which("zstd")
+        if exe is None:
+            raise ImageError(f"{where}: the layer is zstd-compressed and zstd is not installed "
+                             f"(apt-get install zstd), or convert it: skopeo copy --dest-compress-format gzip")
+        self.where = where
+        self.proc = subprocess.Popen([exe, "-dcq"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE)
+        self.feeder = threading.Thread(target=self._feed, args=(raw,), daemon=True)
+        self.feeder.start()
+
+    def _feed(self, raw: Readable) -> None:
+        stdin = self.proc.stdin
+        assert stdin is not None
+        try:
+            while chunk := raw.read(1 << 16):
+                stdin.write(chunk)
+        except (OSError, ValueError):  # zstd stopped reading (closed, or killed by close())
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                stdin.close()
+
+    def read(self, n: int) -> bytes:
+        assert self.proc.stdout is not None
+        data = self.proc.stdout.read(n)
+        if not data and self.proc.wait() != 0:
+            err = self.proc.stderr.read(500).decode(errors="replace") if self.proc.stderr else ""
+            raise ImageError(f"{self.where}: corrupt zstd data: {err.strip()}")
+        return data
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.feeder.join(timeout=10)
+        for f in (self.proc.stdout, self.proc.stderr):
+            if f is not None:
+                f.close()
 
 
 class _Prefixed:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import shutil
 import stat
 import subprocess
 import tarfile
@@ -47,9 +48,10 @@ def apply(tree: layers.Tree, *blobs: bytes, budget: ts.Budget | None = None) -> 
     budget = budget or ts.Budget(1 << 30, 10_000)
     ids = []
     for i, blob in enumerate(blobs):
-        stream = ts.Counted(ts.open_layer(io.BytesIO(blob), f"layer {i}"), budget, f"layer {i}")
-        tree.apply(stream, f"layer {i}")
-        ids.append(stream.diff_id())
+        with ts.open_layer(io.BytesIO(blob), f"layer {i}") as layer:
+            stream = ts.Counted(layer, budget, f"layer {i}")
+            tree.apply(stream, f"layer {i}")
+            ids.append(stream.diff_id())
     return ids
 
 
@@ -247,3 +249,28 @@ def test_absurd_pax_times_are_refused_or_clamped(tree: layers.Tree) -> None:
         apply(tree, pax_mtime("inf"))
     apply(tree, pax_mtime("1e300"))
     assert os.lstat(tree.root / "f").st_mtime == ts.MAX_MTIME
+
+
+@pytest.mark.skipif(shutil.which("zstd") is None, reason="zstd is not installed")
+def test_zstd_layers_apply_and_a_zstd_bomb_stops_at_the_budget_leaving_no_process(tree: layers.Tree) -> None:
+    import hashlib
+
+    def zstd(data: bytes) -> bytes:
+        return subprocess.run(["zstd", "-cq"], input=data, capture_output=True, check=True).stdout
+
+    raw = tar([("etc/os-release", "f", {"data": b"zstd\n"})])
+    assert apply(tree, zstd(raw)) == ["sha256:" + hashlib.sha256(raw).hexdigest()]
+    assert (tree.root / "etc/os-release").read_bytes() == b"zstd\n"
+    bomb = zstd(tar([("zeros", "f", {"data": b"\0" * (8 << 20)})]))
+    before = _zstd_processes()
+    with pytest.raises(ImageError, match="larger than the import limit"):
+        apply(tree, bomb, budget=ts.Budget(1 << 20, 100))
+    assert _zstd_processes() == before
+    with pytest.raises(ImageError, match="corrupt zstd data"):
+        apply(tree, zstd(raw)[:-8] + b"garbage!")
+
+
+def _zstd_processes() -> set[int]:
+    import psutil
+
+    return {p.pid for p in psutil.Process().children(recursive=True) if p.name() == "zstd"}
