@@ -17,7 +17,7 @@ import pytest
 from . import hookspecs
 from .config import VMConfig, config_from_layers
 from .drivers import Driver, default_driver
-from .errors import BootError, ConfigError, SmolVMError
+from .errors import BootError, ConfigError, ImageError, SmolVMError
 from .fixtures import PLUGIN_NAME, smolvm, smolvm_config, smolvm_factory, smolvm_session
 from .images.declared import load as load_declared
 from .images.provision import default_built
@@ -157,6 +157,7 @@ class SmolVMPlugin:
         self.pyproject = config.rootpath / "pyproject.toml"
         self.declared = load_declared(self.pyproject) if self.pyproject.is_file() else {}
         self.ensured: set[str] = set()
+        self.failed: dict[str, str] = {}
 
     def ensure_image(self, name: str) -> None:
         """Build ``name`` first if it is ``default`` or declared and not built for its current
@@ -164,6 +165,8 @@ class SmolVMPlugin:
         run (xdist workers) wait on the image's build lock and then find it built."""
         if name in self.ensured or (name not in self.declared and name != "default"):
             return
+        if name in self.failed:  # one failed build per run, not one per test that wants it
+            raise ImageError(f"image {name!r} could not be built earlier in this run: {self.failed[name]}")
         from .images.provision import ensure
 
         capman = self.config.pluginmanager.getplugin("capturemanager")
@@ -181,7 +184,11 @@ class SmolVMPlugin:
             reporter.write_line(msg)
 
         with capman.global_and_fixture_disabled() if capman is not None else contextlib.nullcontext():
-            ensure(name, pyproject=self.pyproject if name in self.declared else None, progress=progress)
+            try:
+                ensure(name, pyproject=self.pyproject if name in self.declared else None, progress=progress)
+            except SmolVMError as exc:
+                self.failed[name] = str(exc).splitlines()[0][:500]
+                raise
         self.ensured.add(name)
 
     # ------------------------------------------------------------- configs

@@ -171,3 +171,13 @@ builder.build = linked_build
     result.stdout.fnmatch_lines(["smolvm: image default (this version's build is missing): built on first use*",
                                  "smolvm: building the guest image 'default' (once; about a minute)",
                                  "[[]1/5[]] (test) building the default image"])
+
+
+def test_a_failed_build_is_tried_once_per_run(project: Project, tmp_path: Path) -> None:
+    (project.pytester.path / "not-a-layout").mkdir()
+    project.declare("oci:not-a-layout")
+    project.pytester.makepyfile(test_more=TEST.replace("NAME", project.name).replace("test_uses_it", "test_also"))
+    result = _run(project.pytester)
+    result.assert_outcomes(errors=2)
+    result.stdout.fnmatch_lines(["*ImageError: image source 'oci:*not-a-layout': * is not an OCI image layout*",
+                                 f"*ImageError: image '{project.name}' could not be built earlier in this run: *"])
