@@ -120,7 +120,9 @@ def selection() -> tuple[list[str], str]:
     """The test files and one ``-k`` expression for all of them."""
     parts = []
     for path, expr in SELECTION.items():
-        module = Path(path).stem
+        # The module's file name, ".py" included: a bare "test_run" would also match every
+        # test function whose name starts with it, in any module.
+        module = Path(path).name
         parts.append(f"({module} and ({expr}))" if expr else module)
     return list(SELECTION), " or ".join(parts)
 
