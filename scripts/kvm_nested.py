@@ -63,10 +63,13 @@ L1_CACHE, L1_RUNTIME, LOG = "/var/cache/smolvm", "/tmp/smolvm-l1", "/root/inner.
 #: assume TCG's throughput (a console flood that must pass 128 KiB in 5 s: each console byte
 #: is a nested exit here), and one pool refill that missed its fixed 90 s while the other host
 #: core ran another suite (test_snapshots' 120 s one missed too then; it passed in quiet runs).
+#: The background fork bomb is left out too: passed in one nested run, but in another, with
+#: the other host core busy, the agent (nice -20 against 1024 nice-0 forkers: ~8% of L2's one
+#: vCPU, each fork costly under nested paging) did not answer a get() within 120 s.
 SELECTION = {
     "tests/integration/test_conformance.py": "qemu-kvm",
     "tests/integration/test_snapshots.py": "",
-    "tests/integration/test_hostile.py": "",
+    "tests/integration/test_hostile.py": "not background_fork_bomb",
     "tests/integration/test_network.py": "none_gives or isolated_reaches or nothing_of_a_run",
     "tests/integration/test_lifecycle.py": "",
     "tests/integration/test_run.py": "",
