@@ -372,7 +372,7 @@ def guest_vsock_support(image: Image | str) -> tuple[bool, str]:
                        f"python -m pytest_smolvm image build --force")
     from importlib import resources
 
-    agent = resources.files("pytest_smolvm.guest").joinpath("agent.py").read_text()
+    agent = resources.files("pytest_smolvm.guest").joinpath("agent.c").read_text()
     if "AF_VSOCK" not in agent:
         return False, (f"this version's guest agent listens on virtio-serial only, not on AF_VSOCK port "
                        f"{AGENT_VSOCK_PORT}; use backend='qemu'")

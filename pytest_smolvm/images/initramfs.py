@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import stat
-import sys
 from collections.abc import Iterable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-from .recipe import BOOT_MODULES, NET_MODULES, agent_sources, stage1_init
+from .recipe import AGENT_PATH, BOOT_MODULES, NET_MODULES, STAGE2_INIT, stage1_init
 
 # Applets the stage-1 init uses; each becomes a symlink to /bin/busybox.
 APPLETS = ("sh", "mount", "insmod", "switch_root", "mkdir", "cp", "cat", "sleep", "poweroff")
@@ -33,26 +31,12 @@ def newc_archive(entries: Iterable[tuple[str, int, bytes]]) -> bytes:
     return bytes(out)
 
 
-def precompiled(name: str, source: bytes, guest_python: str | None) -> tuple[str, bytes] | None:
-    """``(pyc path, pyc bytes)`` for a guest module, if this Python makes bytecode the guest's
-    Python can load (same minor version). Hash-based and unchecked, so the guest never
-    compiles: under TCG compiling the agent cold costs ~0.1-0.2 s of every boot."""
-    here = f"{sys.version_info.major}.{sys.version_info.minor}"
-    if guest_python != here or sys.implementation.name != "cpython":
-        return None
-    code = compile(source, f"/run/smolvm/{name}", "exec", dont_inherit=True)
-    data = importlib._bootstrap_external._code_to_hash_pyc(  # type: ignore[attr-defined]
-        code, importlib.util.source_hash(source), checked=False)
-    tag = sys.implementation.cache_tag
-    return f"smolvm/__pycache__/{name.removesuffix('.py')}.{tag}.pyc", bytes(data)
-
-
-def build_initramfs(base_dir: Path, target: Path, guest_python: str | None = None) -> None:
-    """Write the initramfs for the image base in ``base_dir`` to ``target`` atomically."""
+def build_initramfs(base_dir: Path, target: Path, agent: Path) -> None:
+    """Write the initramfs for the image base in ``base_dir`` to ``target`` atomically, with
+    the static guest ``agent`` binary (:func:`pytest_smolvm.images.agentbin.agent_binary`)."""
     d = stat.S_IFDIR | 0o755
     entries: list[tuple[str, int, bytes]] = [
-        (p, d, b"") for p in ("bin", "dev", "proc", "sys", "newroot", "lib", "lib/modules", "smolvm",
-                              "smolvm/__pycache__")
+        (p, d, b"") for p in ("bin", "dev", "proc", "sys", "newroot", "lib", "lib/modules", "smolvm")
     ]
     entries.append(("init", stat.S_IFREG | 0o755, stage1_init()))
     entries.append(("bin/busybox", stat.S_IFREG | 0o755, (base_dir / "busybox").read_bytes()))
@@ -60,11 +44,8 @@ def build_initramfs(base_dir: Path, target: Path, guest_python: str | None = Non
     for mod in BOOT_MODULES + NET_MODULES:
         entries.append((f"lib/modules/{mod}.ko", stat.S_IFREG | 0o644,
                         (base_dir / "modules" / f"{mod}.ko").read_bytes()))
-    for name, data in sorted(agent_sources().items()):
-        entries.append((f"smolvm/{name}", stat.S_IFREG | 0o755, data))
-        pyc = precompiled(name, data, guest_python) if name.endswith(".py") else None
-        if pyc is not None:
-            entries.append((pyc[0], stat.S_IFREG | 0o644, pyc[1]))
+    entries.append((f"smolvm/{PurePosixPath(AGENT_PATH).name}", stat.S_IFREG | 0o755, agent.read_bytes()))
+    entries.append(("smolvm/init.sh", stat.S_IFREG | 0o755, STAGE2_INIT.encode()))
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     tmp.write_bytes(newc_archive(entries))
     os.replace(tmp, target)

@@ -156,7 +156,7 @@ ip link set lo up
 # The agent and every command live in cgroup smolvm (init stays in the root): a fork bomb or
 # memory hog meets pids.max / memory.max, and commands are born inside it (no per-command
 # migration, which costs milliseconds under TCG). The agent protects itself with nice -20
-# and an OOM score of -1000 (guest/agent.py).
+# and an OOM score of -1000 (guest/agent.c).
 cg=/newroot/sys/fs/cgroup
 if mount -t cgroup2 -o favordynmods cgroup2 $cg 2>/dev/null || mount -t cgroup2 cgroup2 $cg 2>/dev/null; then
   echo "+memory +pids" > $cg/cgroup.subtree_control
@@ -171,20 +171,22 @@ exec switch_root /newroot /run/smolvm/busybox sh /run/smolvm/init.sh
 """
 
 # PID 1 in the real root is busybox sh: while it waits for the agent it reaps every orphan,
-# so the agent never has to (and never races its own children's exit statuses).
+# so the agent never has to (and never races its own children's exit statuses). The agent is
+# one static binary (guest/agent.c): it needs nothing from the root filesystem.
+AGENT_PATH: Final = "/run/smolvm/smolvm-agent"
 STAGE2_INIT: Final = r"""read up _ < /proc/uptime; echo "smolvm-init: stage 2 at ${up}s"
-/usr/bin/python3 -S -u -c "import sys; sys.path.insert(0, '/run/smolvm'); import agent; agent.main()"
+__AGENT__
 echo "smolvm-init: agent exited with status $?"
 echo o > /proc/sysrq-trigger
-"""
+""".replace("__AGENT__", AGENT_PATH)
 
 
 def agent_sources() -> dict[str, bytes]:
-    """The guest-side files of the boot layer, by their name in the guest."""
+    """What the boot layer's guest side is made from, by name: the agent's C source (the
+    binary built from it is keyed by compiler too, see :mod:`.agentbin`) and stage 2."""
     pkg = resources.files("pytest_smolvm.guest")
     return {
-        "agent.py": pkg.joinpath("agent.py").read_bytes(),
-        "protocol.py": pkg.joinpath("protocol.py").read_bytes(),
+        "agent.c": pkg.joinpath("agent.c").read_bytes(),
         "init.sh": STAGE2_INIT.encode(),
     }
 
@@ -203,11 +205,11 @@ def stage1_init() -> bytes:
 
 
 def boot_digest() -> str:
-    """Digest of everything in the boot layer that does not come from the base (the Python
-    that precompiles the agent included)."""
-    import sys
+    """Digest of everything in the boot layer that does not come from the base: stage 1, the
+    agent's source and compiler flags, stage 2."""
+    from .agentbin import CFLAGS
 
-    h = hashlib.sha256(stage1_init() + sys.implementation.cache_tag.encode())
+    h = hashlib.sha256(stage1_init() + "\0".join(CFLAGS).encode())
     for name, data in sorted(agent_sources().items()):
         h.update(name.encode() + b"\0" + data)
     return h.hexdigest()[:16]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..errors import ImageError
 from ..paths import cache_dir
+from .agentbin import agent_binary
 from .initramfs import build_initramfs
 from .recipe import Recipe, boot_digest
 
@@ -119,7 +120,7 @@ def _load_cached(path: Path, name: str, _mtime: int) -> Image:
     initrd = path / f"boot-{boot_digest()}.cpio"
     if not initrd.exists():
         try:
-            build_initramfs(path, initrd, manifest.get("guest_python"))
+            build_initramfs(path, initrd, agent_binary())
         except OSError as exc:
             raise ImageError(f"cannot write the boot layer of image {name!r} at {initrd}: {exc}") from exc
     return Image(

@@ -1,0 +1,92 @@
+"""Build the guest agent: ``guest/agent.c`` compiled into one static binary with musl.
+
+The binary needs nothing from the guest's root filesystem (no Python, no shared library), so
+any image can boot with it. It is built on first use, cached by content (the source, the
+flags and the compiler's version) in ``<cache>/agent/``, and published atomically, so
+concurrent builders never see half a file. Debian: ``apt-get install musl-tools``.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from importlib import resources
+from pathlib import Path
+from typing import Final
+
+from ..errors import ImageError
+from ..paths import cache_dir
+
+COMPILER: Final = "musl-gcc"
+#: Warnings are errors: the agent is what a hostile guest talks to first.
+CFLAGS: Final = ("-static", "-Os", "-s", "-std=gnu11", "-Wall", "-Wextra", "-Werror", "-pthread")
+SOURCE_NAME: Final = "agent.c"
+BINARY_NAME: Final = "smolvm-agent"
+INSTALL_HINT: Final = "install the musl C compiler with: apt-get install musl-tools"
+COMPILE_TIMEOUT: Final = 300.0
+
+
+def agent_source() -> bytes:
+    """The agent's C source, as shipped in the package."""
+    return resources.files("pytest_smolvm.guest").joinpath(SOURCE_NAME).read_bytes()
+
+
+@functools.lru_cache(maxsize=4)
+def compiler_version(compiler: str = COMPILER) -> str:
+    """First line of ``compiler --version`` (part of the binary's cache key)."""
+    exe = shutil.which(compiler)
+    if exe is None:
+        raise ImageError(f"cannot build the guest agent: {compiler} is not on PATH; {INSTALL_HINT}")
+    try:
+        res = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ImageError(f"cannot run {exe} --version: {exc}; {INSTALL_HINT}") from exc
+    lines = res.stdout.splitlines()
+    if res.returncode != 0 or not lines:
+        raise ImageError(f"{exe} --version failed (exit {res.returncode}): {res.stderr.strip()[-500:]}")
+    return lines[0].strip()
+
+
+def agent_digest(compiler: str = COMPILER) -> str:
+    """Content key of the binary: source, flags and compiler version."""
+    h = hashlib.sha256(agent_source())
+    h.update("\0".join((*CFLAGS, compiler_version(compiler))).encode())
+    return h.hexdigest()[:16]
+
+
+def compile_agent(target: Path, *, compiler: str = COMPILER, flags: tuple[str, ...] = CFLAGS) -> Path:
+    """Compile the agent to ``target`` (atomically: a temp file beside it, then rename)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".agent-build-") as tmp:
+        src = Path(tmp, SOURCE_NAME)
+        src.write_bytes(agent_source())
+        out = Path(tmp, BINARY_NAME)
+        exe = shutil.which(compiler)
+        if exe is None:
+            raise ImageError(f"cannot build the guest agent: {compiler} is not on PATH; {INSTALL_HINT}")
+        try:
+            res = subprocess.run([exe, *flags, "-o", str(out), str(src)], capture_output=True, text=True,
+                                 timeout=COMPILE_TIMEOUT)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise ImageError(f"compiling the guest agent with {exe} failed: {exc}") from exc
+        if res.returncode != 0:
+            raise ImageError(f"compiling the guest agent with {exe} failed (exit {res.returncode}):\n"
+                             f"{res.stderr.strip()[-3000:]}")
+        os.chmod(out, 0o755)
+        os.replace(out, target)
+    return target
+
+
+def agent_binary() -> Path:
+    """The static agent for this source and compiler, built into the cache if missing."""
+    target = cache_dir() / "agent" / f"{BINARY_NAME}-{agent_digest()}"
+    if target.is_file():
+        return target
+    try:
+        return compile_agent(target)
+    except OSError as exc:
+        raise ImageError(f"cannot write the guest agent to {target}: {exc}") from exc
