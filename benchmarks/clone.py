@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
 """Snapshot clones vs cold boot, measured side by side in one run; ratios printed last.
 
-    python benchmarks/clone.py [--clones 30] [--tests 100] [--cold 3]
+    python benchmarks/clone.py [--clones 30] [--tests 100] [--cold 3] [--clone-only]
+
+A/B of two versions of the engine (e.g. of the guest agent) in one session: run this same
+script with PYTHONPATH pointing at each checkout, one after the other, with --clone-only.
 
 - cold boot -> first run("true") answered (snapshot=False)
 - clone: restore -> first run("true") answered (snapshot exists, no pool)
@@ -50,6 +53,7 @@ def main() -> None:
     ap.add_argument("--clones", type=int, default=30)
     ap.add_argument("--tests", type=int, default=100)
     ap.add_argument("--cold", type=int, default=3)
+    ap.add_argument("--clone-only", action="store_true", help="only cold boot and clone -> first command")
     args = ap.parse_args()
     cfg = VMConfig()
     driver = default_driver(cfg)
@@ -71,6 +75,14 @@ def main() -> None:
         with SmolVM(cfg, driver=driver) as vm:
             vm.run("true")
             clone.append(time.perf_counter() - t0)
+
+    med = statistics.median
+    if args.clone_only:
+        print(f"engine: {Path(sys.modules['pytest_smolvm'].__file__ or '?').parent}")
+        print(f"cold boot -> first command: median {med(cold):.2f} s of {len(cold)}")
+        print(f"clone restore -> first command: median {med(clone) * 1000:.0f} ms of {len(clone)} "
+              f"(min {min(clone) * 1000:.0f}, max {max(clone) * 1000:.0f})")
+        return
 
     pooled = []
     pool = VMPool(size=1)
@@ -97,7 +109,6 @@ def main() -> None:
     fn_suite = suite_seconds('smolvm.run("true")', "smolvm", args.tests, [])
     sess_suite = suite_seconds('smolvm_session.run("true")', "smolvm_session", args.tests, [])
 
-    med = statistics.median
     print(f"accelerator: {accel.name if accel else '?'}")
     print(f"cold boot -> first command: median {med(cold):.2f} s of {len(cold)}")
     print(f"clone restore -> first command: median {med(clone) * 1000:.0f} ms of {len(clone)} "

@@ -1502,8 +1502,12 @@ static int parse_frames(void) {
     for (;;) {
         struct frame f;
         int rc = read_frame(c, &f, why, sizeof why);
-        if (rc == FRAME_EOF) return 0;
-        if (rc == FRAME_BAD) return printf("error %s\n", why), 3;
+        if (rc == FRAME_EOF || rc == FRAME_BAD) {
+            frame_free(&f);
+            chan_unref(c);
+            if (rc == FRAME_EOF) return 0;
+            return printf("error %s\n", why), 3;
+        }
         struct buf b = {0};
         json_value(&b, f.header);
         printf("ok %zu %.*s\n", f.body_len, (int)b.len, b.data);
@@ -1611,7 +1615,9 @@ int main(int argc, char **argv) {
     if (argc == 2 && strcmp(argv[1], "--parse-frames") == 0) return parse_frames();
     host_test = 1;
     if (argc == 3 && strcmp(argv[1], "--serve-fd") == 0) {
-        int rc = serve(chan_new(atoi(argv[2]), 0));
+        struct chan *c = chan_new(atoi(argv[2]), 0);
+        int rc = serve(c);
+        chan_unref(c);
         return rc;
     }
     if (argc == 3 && strcmp(argv[1], "--listen-unix") == 0) {

@@ -1,7 +1,7 @@
 """A hostile guest against what reaches the terminal and the reports, the host side of the
 control protocol, and how its failures are classified (real VMs).
 
-The guest plays the attacker with GUEST_TOOL: it finds the agent (a python process), can stop
+The guest plays the attacker with GUEST_TOOL: it finds the agent (/run/smolvm/smolvm-agent), can stop
 it (SIGSTOP) and can take a copy of its control-channel descriptor (pidfd_getfd) to write
 forged frames to the host."""
 
@@ -28,7 +28,7 @@ def cmdline(pid):
     except OSError:
         return b""
 
-agent = int(next(p for p in os.listdir("/proc") if p.isdigit() and b"import agent" in cmdline(p)))
+agent = int(next(p for p in os.listdir("/proc") if p.isdigit() and cmdline(p) == b"/run/smolvm/smolvm-agent\0"))
 if "stop" in sys.argv[1]:
     os.kill(agent, signal.SIGSTOP)
 if "write" in sys.argv[1]:

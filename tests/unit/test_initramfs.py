@@ -1,22 +1,16 @@
-"""Unit tests of pytest_smolvm.images.initramfs: the newc writer and the bytecode precompiler."""
+"""Unit tests of pytest_smolvm.images.initramfs: the newc writer and the boot layer's contents."""
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
-import marshal
 import shutil
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from pytest_smolvm.images.initramfs import APPLETS, build_initramfs, newc_archive, precompiled
-from pytest_smolvm.images.recipe import BOOT_MODULES, NET_MODULES, agent_sources, stage1_init
-
-HERE = f"{sys.version_info.major}.{sys.version_info.minor}"
+from pytest_smolvm.images.initramfs import APPLETS, build_initramfs, newc_archive
+from pytest_smolvm.images.recipe import BOOT_MODULES, NET_MODULES, STAGE2_INIT, stage1_init
 FIELDS = ("ino", "mode", "uid", "gid", "nlink", "mtime", "filesize", "devmajor", "devminor",
           "rdevmajor", "rdevminor", "namesize", "check")
 
@@ -130,71 +124,6 @@ def test_gnu_cpio_extracts_same_content(tmp_path: Path) -> None:
             assert str(p.readlink()) == data.decode()
 
 
-# ---------------------------------------------------------------- precompiled
-
-SOURCE = b"""
-VALUE = 6 * 7
-def greet(who):
-    return f"hello {who}"
-import sys as _sys
-WHERE = __file__ if "__file__" in globals() else None
-"""
-
-
-@pytest.mark.parametrize("guest", [None, "2.7", "3.99", f"{sys.version_info.major}.{sys.version_info.minor + 1}"])
-def test_precompiled_none_for_other_python(guest: str | None) -> None:
-    assert precompiled("mod.py", SOURCE, guest) is None
-
-
-def test_precompiled_for_same_python() -> None:
-    result = precompiled("mod.py", SOURCE, HERE)
-    assert result is not None
-    path, data = result
-    assert path.startswith("smolvm/__pycache__/")
-    assert path == f"smolvm/__pycache__/mod.{sys.implementation.cache_tag}.pyc"
-    assert data[:4] == importlib.util.MAGIC_NUMBER
-    flags = int.from_bytes(data[4:8], "little")
-    assert flags == 0b01, "hash-based (bit 0) and unchecked (bit 1 clear)"
-    assert data[8:16] == importlib.util.source_hash(SOURCE)
-
-
-def test_precompiled_code_runs() -> None:
-    _, data = precompiled("mod.py", SOURCE, HERE)  # type: ignore[misc]
-    code = marshal.loads(data[16:])
-    assert code.co_filename == "/run/smolvm/mod.py"
-    ns: dict[str, object] = {"__name__": "mod"}
-    exec(code, ns)
-    assert ns["VALUE"] == 42
-    assert ns["greet"]("vm") == "hello vm"  # type: ignore[operator]
-
-
-def test_precompiled_loads_through_import_system(tmp_path: Path) -> None:
-    _, data = precompiled("agentlike.py", SOURCE, HERE)  # type: ignore[misc]
-    pyc = tmp_path / "agentlike.pyc"
-    pyc.write_bytes(data)
-    loader = importlib.machinery.SourcelessFileLoader("smolvm_test_agentlike", str(pyc))
-    spec = importlib.util.spec_from_loader("smolvm_test_agentlike", loader)
-    assert spec is not None
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    assert module.VALUE == 42
-    assert module.greet("x") == "hello x"
-
-
-def test_precompiled_real_agent_defines_entry_points() -> None:
-    sources = agent_sources()
-    _, data = precompiled("protocol.py", sources["protocol.py"], HERE)  # type: ignore[misc]
-    ns: dict[str, object] = {"__name__": "protocol"}
-    exec(marshal.loads(data[16:]), ns)
-    frame = ns["encode"]({"op": "ping"}, b"x")  # type: ignore[operator]
-    assert frame.startswith(ns["MAGIC"])  # type: ignore[union-attr]
-
-
-def test_precompiled_syntax_error_propagates() -> None:
-    with pytest.raises(SyntaxError):
-        precompiled("bad.py", b"def (:\n", HERE)
-
-
 # ---------------------------------------------------------------- build_initramfs
 
 
@@ -207,11 +136,17 @@ def fake_base(tmp_path: Path) -> Path:
     return base
 
 
-@pytest.mark.parametrize("guest_python", [None, HERE])
-def test_build_initramfs_contents(tmp_path: Path, guest_python: str | None) -> None:
+def fake_agent(tmp_path: Path) -> Path:
+    agent = tmp_path / "agent"
+    agent.mkdir()
+    (agent / "smolvm-agent").write_bytes(b"\x7fELF fake agent")
+    return agent / "smolvm-agent"
+
+
+def test_build_initramfs_contents(tmp_path: Path) -> None:
     base = fake_base(tmp_path)
     target = tmp_path / "boot.cpio"
-    build_initramfs(base, target, guest_python)
+    build_initramfs(base, target, fake_agent(tmp_path))
     entries = {e["name"]: e for e in parse_newc(target.read_bytes())}
     assert entries["init"]["data"] == stage1_init()
     assert stat.S_IMODE(entries["init"]["mode"]) & 0o111  # type: ignore[operator]
@@ -222,22 +157,18 @@ def test_build_initramfs_contents(tmp_path: Path, guest_python: str | None) -> N
         assert e["data"] == b"busybox"
     for mod in BOOT_MODULES + NET_MODULES:
         assert entries[f"lib/modules/{mod}.ko"]["data"] == f"module {mod}".encode()
-    for name, data in agent_sources().items():
-        assert entries[f"smolvm/{name}"]["data"] == data
-    pycs = [n for n in entries if n.endswith(".pyc")]
-    if guest_python == HERE:
-        assert sorted(pycs) == sorted(
-            f"smolvm/__pycache__/{n[:-3]}.{sys.implementation.cache_tag}.pyc"
-            for n in agent_sources() if n.endswith(".py"))
-    else:
-        assert pycs == []
+    assert entries["smolvm/smolvm-agent"]["data"] == b"\x7fELF fake agent"
+    assert stat.S_IMODE(entries["smolvm/smolvm-agent"]["mode"]) == 0o755  # type: ignore[arg-type]
+    assert entries["smolvm/init.sh"]["data"] == STAGE2_INIT.encode()
+    assert b"/run/smolvm/smolvm-agent" in STAGE2_INIT.encode() and b"python" not in STAGE2_INIT.encode()
+    assert not [n for n in entries if n.endswith((".py", ".pyc"))]
     # Parents come before children, as the kernel's unpacker needs.
     names = list(entries)
     for n in names:
         if "/" in n and n != "TRAILER!!!":
             assert n.rsplit("/", 1)[0] in names[:names.index(n)], n
     # Written atomically: no temporary file left behind.
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "boot.cpio"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["agent", "base", "boot.cpio"]
 
 
 def test_build_initramfs_missing_module_fails_without_target(tmp_path: Path) -> None:
@@ -245,6 +176,6 @@ def test_build_initramfs_missing_module_fails_without_target(tmp_path: Path) -> 
     (base / "modules" / f"{NET_MODULES[-1]}.ko").unlink()
     target = tmp_path / "boot.cpio"
     with pytest.raises(FileNotFoundError):
-        build_initramfs(base, target)
+        build_initramfs(base, target, fake_agent(tmp_path))
     assert not target.exists()
 

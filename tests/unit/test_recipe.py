@@ -99,7 +99,7 @@ def test_boot_digest_follows_agent_sources(monkeypatch: pytest.MonkeyPatch) -> N
     real = agent_sources()
     before = boot_digest()
     changed = dict(real)
-    changed["agent.py"] = real["agent.py"] + b"\n# changed\n"
+    changed["agent.c"] = real["agent.c"] + b"\n/* changed */\n"
     monkeypatch.setattr(recipe_mod, "agent_sources", lambda: changed)
     after = boot_digest()
     assert after != before
@@ -126,9 +126,17 @@ def test_boot_digest_follows_stage1(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_agent_sources_are_the_package_files() -> None:
     sources = agent_sources()
     pkg = Path(recipe_mod.__file__).parent.parent / "guest"
-    assert sources["agent.py"] == (pkg / "agent.py").read_bytes()
-    assert sources["protocol.py"] == (pkg / "protocol.py").read_bytes()
-    assert b"agent.main()" in sources["init.sh"]
+    assert sorted(sources) == ["agent.c", "init.sh"]
+    assert sources["agent.c"] == (pkg / "agent.c").read_bytes()
+    assert recipe_mod.AGENT_PATH.encode() in sources["init.sh"]
+
+
+def test_boot_digest_follows_compiler_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pytest_smolvm.images import agentbin
+
+    before = boot_digest()
+    monkeypatch.setattr(agentbin, "CFLAGS", (*agentbin.CFLAGS, "-O0"))
+    assert boot_digest() != before
 
 
 # ---------------------------------------------------------------- stage 1 init
