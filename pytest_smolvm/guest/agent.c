@@ -663,7 +663,8 @@ static void set_oom_score_adj(const char *value) {
  * this thread starts begins at nice 0. Per thread: a new thread starts without the flag. */
 static void protect_thread(void) {
     struct sched_param sp = {0};
-    sched_setscheduler(0, SCHED_OTHER | SCHED_RESET_ON_FORK, &sp);
+    /* The raw syscall: musl's sched_setscheduler() is a stub that fails with ENOSYS. */
+    syscall(SYS_sched_setscheduler, 0, SCHED_OTHER | SCHED_RESET_ON_FORK, &sp);
     setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), -20);
 }
 

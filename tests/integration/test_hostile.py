@@ -159,7 +159,7 @@ def cmdline(pid):
     except OSError:  # the process exited while we looked
         return b""
 
-agent = next(p for p in os.listdir("/proc") if p.isdigit() and b"import agent" in cmdline(p))
+agent = next(p for p in os.listdir("/proc") if p.isdigit() and cmdline(p) == b"/run/smolvm/smolvm-agent\0")
 port_fd = next(int(fd) for fd in os.listdir(f"/proc/{agent}/fd")
                if os.readlink(f"/proc/{agent}/fd/{fd}").startswith("/dev/vport"))
 libc = ctypes.CDLL(None, use_errno=True)

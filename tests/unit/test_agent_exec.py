@@ -479,3 +479,11 @@ def test_serve_does_not_execute_frames_inside_rejected_body(agent: AgentProcess)
     with pytest.raises((EOFError, OSError)):  # the agent stops: EOF, never a reply
         read_reply(sock)
     assert agent.proc.wait(5) == 3
+
+
+def test_commands_start_at_nice_0_and_own_session(run: Any) -> None:
+    """The agent's threads may run at nice -20 (SCHED_RESET_ON_FORK); its commands never do."""
+    header, out, _ = run([SH, "-c", "cut -d' ' -f6,19 /proc/self/stat; echo $$"])
+    session, nice, pid = out.split()
+    assert (header["exit_code"], nice) == (0, b"0")
+    assert session == pid, "the command is not the leader of its own session"
