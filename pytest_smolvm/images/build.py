@@ -35,6 +35,7 @@ TOOLS = {
     "apt-get": "apt",
     "dpkg-deb": "dpkg",
     "lz4": "lz4",
+    "musl-gcc": "musl-tools",  # the static guest agent (images/agentbin.py)
 }
 BUSYBOX = Path("/bin/busybox")
 LZ4_MAGIC = b"\x02\x21\x4c\x18"

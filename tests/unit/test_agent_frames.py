@@ -226,12 +226,16 @@ def test_serve_answers_or_stops_never_crashes(sanitized: Path, tmp_path: Path, o
 def test_serve_exec_under_sanitizers(sanitized: Path, tmp_path: Path) -> None:
     """The exec path (threads, vfork, pidfd, pipes, caps, timeout) with the sanitizers on."""
     served = Served(sanitized, tmp_path)
-    reqs = [({"argv": ["sh", "-c", "head -c 300000 /dev/zero; echo e >&2"], "max_output": 1000}, b""),
-            ({"argv": ["cat"], "env": {"A": "b"}, "cwd": str(tmp_path)}, b"x" * 200_000),
-            ({"argv": ["sleep", "10"], "timeout": 0.2}, b""), ({"argv": ["nonexistent-smolvm"]}, b"")]
-    for i, (req, stdin) in enumerate(reqs, 1):
+    reqs = [({"argv": ["sh", "-c", "head -c 300000 /dev/zero; echo e >&2"], "max_output": 1000}, b"",
+             (0, bytes(1000) + b"e\n")),
+            ({"argv": ["cat"], "env": {"A": "b"}, "cwd": str(tmp_path)}, b"x" * 200_000, (0, b"x" * 200_000)),
+            ({"argv": ["sleep", "10"], "timeout": 0.2}, b"", (-9, b"")),
+            ({"argv": ["nonexistent-smolvm"]}, b"",
+             (127, b"smolvm: cannot execute nonexistent-smolvm: command not found\n"))]
+    for i, (req, stdin, expected) in enumerate(reqs, 1):
         served.sock.sendall(protocol.encode({"op": "exec", "id": i, **req}, stdin))
         header, body = recv_frame(served.sock)
         assert header["id"] == i and header["op"] == "result", header
+        assert (header["exit_code"], body) == expected
     code, err = served.finish()
     assert code == 0, err.decode(errors="replace")[-4000:]

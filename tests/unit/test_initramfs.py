@@ -11,6 +11,7 @@ import pytest
 
 from pytest_smolvm.images.initramfs import APPLETS, build_initramfs, newc_archive
 from pytest_smolvm.images.recipe import BOOT_MODULES, NET_MODULES, STAGE2_INIT, stage1_init
+
 FIELDS = ("ino", "mode", "uid", "gid", "nlink", "mtime", "filesize", "devmajor", "devminor",
           "rdevmajor", "rdevminor", "namesize", "check")
 
