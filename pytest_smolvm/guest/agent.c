@@ -1427,23 +1427,26 @@ static double uptime(void) {
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
+/* Whether the op is exactly name (an op with a NUL byte inside matches none). */
+static int op_is(const struct jval *op, const char *name) { return op->len == strlen(name) && !memcmp(op->str, name, op->len); }
+
 static void handle(struct chan *c, struct frame *f) {
     const struct jval *op = jget(f->header, "op"), *id = jget(f->header, "id");
     struct buf b = {0};
-    if (strcmp(op->str, "exec") == 0) return start_exec(c, f); /* takes the frame */
-    if (strcmp(op->str, "hello") == 0) {
+    if (op_is(op, "exec")) return start_exec(c, f); /* takes the frame */
+    if (op_is(op, "hello")) {
         reply_start(&b, "hello", id);
         field_int(&b, "version", PROTOCOL_VERSION);
         field_float(&b, "uptime", uptime());
         field_int(&b, "pid", getpid());
         chan_send(c, &b, NULL, 0, NULL, 0);
-    } else if (strcmp(op->str, "ping") == 0) {
+    } else if (op_is(op, "ping")) {
         reply_start(&b, "pong", id);
         chan_send(c, &b, NULL, 0, NULL, 0);
-    } else if (strcmp(op->str, "put") == 0) do_put(c, f, id);
-    else if (strcmp(op->str, "get") == 0) do_get(c, f, id);
-    else if (strcmp(op->str, "setup") == 0) do_setup(c, f, id);
-    else if (strcmp(op->str, "sync") == 0) {
+    } else if (op_is(op, "put")) do_put(c, f, id);
+    else if (op_is(op, "get")) do_get(c, f, id);
+    else if (op_is(op, "setup")) do_setup(c, f, id);
+    else if (op_is(op, "sync")) {
         sync();
         reply_start(&b, "ok", id);
         chan_send(c, &b, NULL, 0, NULL, 0);

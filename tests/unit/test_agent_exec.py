@@ -487,3 +487,8 @@ def test_commands_start_at_nice_0_and_own_session(run: Any) -> None:
     session, nice, pid = out.split()
     assert (header["exit_code"], nice) == (0, b"0")
     assert session == pid, "the command is not the leader of its own session"
+
+
+def test_an_op_with_a_nul_inside_is_unknown(agent: AgentProcess) -> None:
+    header, _ = agent.call({"op": "exec\0", "argv": ["true"]})
+    assert header["op"] == "error" and header["error"] == 'unknown op "exec\\u0000"'
