@@ -98,6 +98,10 @@ def _cmd_image_prune(args: argparse.Namespace) -> int:
 
     n = prune_images(dry_run=args.dry_run)
     print(f"{n} volume image(s) {'would be ' if args.dry_run else ''}removed (rebuilt on demand)")
+    from .images.agentbin import prune_binaries
+
+    n = prune_binaries(dry_run=args.dry_run)
+    print(f"{n} older guest agent build(s) {'would be ' if args.dry_run else ''}removed")
     return 0
 
 

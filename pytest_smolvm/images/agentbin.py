@@ -90,3 +90,19 @@ def agent_binary() -> Path:
         return compile_agent(target)
     except OSError as exc:
         raise ImageError(f"cannot write the guest agent to {target}: {exc}") from exc
+
+
+def prune_binaries(*, dry_run: bool = False) -> int:
+    """Remove cached agents other than this version's (boot layers hold their own copy, so an
+    older build still boots): how many (would be) removed."""
+    root = cache_dir() / "agent"
+    if not root.is_dir():
+        return 0
+    try:
+        keep = f"{BINARY_NAME}-{agent_digest()}"
+    except ImageError:
+        keep = ""  # no compiler: every cached agent is an old one
+    old = [p for p in root.glob(f"{BINARY_NAME}-*") if p.name != keep]
+    for path in old if not dry_run else ():
+        path.unlink(missing_ok=True)
+    return len(old)

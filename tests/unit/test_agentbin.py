@@ -61,3 +61,15 @@ def test_missing_compiler_says_how_to_install_it(tmp_path: Path) -> None:
     assert "smolvm-no-such-cc" in str(info.value)
     with pytest.raises(ImageError, match="apt-get install musl-tools"):
         agentbin.compiler_version("smolvm-no-such-cc")
+
+
+def test_prune_keeps_only_this_versions_agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SMOLVM_CACHE_DIR", str(tmp_path / "cache"))
+    current = agentbin.agent_binary()
+    old = current.with_name("smolvm-agent-0123456789abcdef")
+    old.write_bytes(b"old")
+    other = current.with_name("unrelated")
+    other.write_bytes(b"x")
+    assert agentbin.prune_binaries(dry_run=True) == 1 and old.exists()
+    assert agentbin.prune_binaries() == 1
+    assert sorted(p.name for p in current.parent.iterdir()) == sorted([current.name, "unrelated"])
