@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -28,6 +29,8 @@ SOURCE_NAME: Final = "agent.c"
 BINARY_NAME: Final = "smolvm-agent"
 INSTALL_HINT: Final = "install the musl C compiler with: apt-get install musl-tools"
 COMPILE_TIMEOUT: Final = 300.0
+#: Debian architecture -> machine name: musl-gcc builds for the host's architecture only.
+MACHINES: Final = {"amd64": ("x86_64",), "arm64": ("aarch64", "arm64")}
 
 
 def agent_source() -> bytes:
@@ -81,8 +84,13 @@ def compile_agent(target: Path, *, compiler: str = COMPILER, flags: tuple[str, .
     return target
 
 
-def agent_binary() -> Path:
-    """The static agent for this source and compiler, built into the cache if missing."""
+def agent_binary(arch: str | None = None) -> Path:
+    """The static agent for this source and compiler, built into the cache if missing, for
+    the guest architecture ``arch`` (Debian's name; None: the host's)."""
+    host = platform.machine()
+    if arch is not None and host not in MACHINES.get(arch, ()):
+        raise ImageError(f"the guest agent is built with {COMPILER} for this host's architecture ({host}); "
+                         f"an {arch} image needs it built on an {arch} host (cross-compiling is not supported)")
     target = cache_dir() / "agent" / f"{BINARY_NAME}-{agent_digest()}"
     if target.is_file():
         return target

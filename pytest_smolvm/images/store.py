@@ -120,7 +120,7 @@ def _load_cached(path: Path, name: str, _mtime: int) -> Image:
     initrd = path / f"boot-{boot_digest()}.cpio"
     if not initrd.exists():
         try:
-            build_initramfs(path, initrd, agent_binary())
+            build_initramfs(path, initrd, agent_binary(str(manifest.get("recipe", {}).get("arch", "amd64"))))
         except OSError as exc:
             raise ImageError(f"cannot write the boot layer of image {name!r} at {initrd}: {exc}") from exc
     return Image(

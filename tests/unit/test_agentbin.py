@@ -73,3 +73,9 @@ def test_prune_keeps_only_this_versions_agent(tmp_path: Path, monkeypatch: pytes
     assert agentbin.prune_binaries(dry_run=True) == 1 and old.exists()
     assert agentbin.prune_binaries() == 1
     assert sorted(p.name for p in current.parent.iterdir()) == sorted([current.name, "unrelated"])
+
+
+def test_another_architecture_is_refused_clearly() -> None:
+    other = "arm64" if agentbin.platform.machine() == "x86_64" else "amd64"
+    with pytest.raises(ImageError, match=f"an {other} image needs it built on an {other} host"):
+        agentbin.agent_binary(other)
