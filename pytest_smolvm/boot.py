@@ -36,6 +36,13 @@ RESTORE_TIMEOUT = 30.0
 BOOT_LOG_LIMIT = 256 * 1024
 #: Files of a VM directory a failed clone attempt leaves for the cold boot.
 KEEP_ON_DISCARD = ("owner.json",)
+#: Run once in a snapshot template before it is saved, failures ignored (an image may lack
+#: them): what they read from the rootfs (the shell, the C library, Python and its startup
+#: modules) is then in the page cache of every clone, which shares the template's RAM. The
+#: static agent reads nothing from the rootfs, so without this each clone's first command
+#: would read them from disk (measured under TCG: first python3 in a clone 662 -> ~360 ms).
+PRIME_COMMANDS: tuple[tuple[str, ...], ...] = (("/bin/sh", "-c", "true"), ("python3", "-c", "pass"))
+PRIME_TIMEOUT = 60.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +144,8 @@ class Boot:
                     resize = guest.setup(grow_root=True, timeout=120).resize
                     if resize and resize.exit_code:
                         raise SnapshotError(f"growing the template's root failed: {resize.output}")
+                for argv in PRIME_COMMANDS:
+                    guest.exec(argv, timeout=PRIME_TIMEOUT, wait=scaled(PRIME_TIMEOUT) + 30, max_output=4096)
                 guest.sync(timeout=60)
             except (ReplyTimeout, ChannelClosed, ProtocolError) as exc:
                 raise SnapshotError(f"the snapshot template did not come up ({exc}): "

@@ -46,6 +46,10 @@ class Accel:
 #: guest sets the MAC leased for it at setup.
 TEMPLATE_MAC = "02:53:56:00:00:01"
 
+#: What a snapshot template is, in the snapshot key: 2 = the template primes the guest page
+#: cache before it is saved (boot.PRIME_COMMANDS).
+TEMPLATE_FORMAT = 2
+
 
 @dataclasses.dataclass(frozen=True)
 class Nic:

@@ -37,7 +37,7 @@ from ..errors import BootError, ConfigError, ImageError
 from ..images import Image
 from ..images.recipe import VSOCK_MODULES
 from .accel import kvm_canary
-from .base import TEMPLATE_MAC, Accel, Nic, Spawned, VMMProcess, guest_flags, spawn_vmm
+from .base import TEMPLATE_FORMAT, TEMPLATE_MAC, Accel, Nic, Spawned, VMMProcess, guest_flags, spawn_vmm
 from .disks import checked_disk_size, shared_disk
 from .kernel import kernel_cmdline
 
@@ -505,7 +505,8 @@ class FirecrackerDriver:
         nic = None if config.network == "none" else Nic(-1, "tap", TEMPLATE_MAC)  # a placeholder
         reqs = self._requests(config, image, accel, DISK_NAME, nic)
         blob = json.dumps({"requests": reqs, "firecracker": firecracker_version(self.binary), "image": image.id,
-                           "disk_size_mib": config.disk_size_mib, "format": 1, "host_cpu": host.cpu_identity()},
+                           "disk_size_mib": config.disk_size_mib, "format": TEMPLATE_FORMAT,
+                           "host_cpu": host.cpu_identity()},
                           sort_keys=True)
         return "fc-" + hashlib.sha256(blob.encode()).hexdigest()[:17]
 

@@ -24,7 +24,18 @@ from ..errors import BootError, ConfigError
 from ..images import Image
 from ..volumes import open_volumes, qemu_volume_args, volume_sizes
 from .accel import accel_args, choose_accel
-from .base import TEMPLATE_MAC, Accel, Nic, Spawned, VMMProcess, guest_flags, spawn_vmm, vmm_uid, vmm_user
+from .base import (
+    TEMPLATE_FORMAT,
+    TEMPLATE_MAC,
+    Accel,
+    Nic,
+    Spawned,
+    VMMProcess,
+    guest_flags,
+    spawn_vmm,
+    vmm_uid,
+    vmm_user,
+)
 from .disks import checked_disk_size, shared_disk
 from .kernel import kernel_cmdline as kernel_cmdline
 from .qmp import QMP
@@ -259,7 +270,7 @@ class QemuDriver:
         argv = self._argv(self._spec(config, image, placeholder, accel, placeholder / "disk.qcow2", "qcow2", nic=nic,
                                      ram=RamFile(placeholder / "mem"), disk_fds=fds, volume_fds=volume_fds))
         shape: dict[str, object] = {"argv": argv, "qemu": host.qemu_version(self.binary), "image": image.id,
-                                    "disk_size_mib": config.disk_size_mib, "format": 1}
+                                    "disk_size_mib": config.disk_size_mib, "format": TEMPLATE_FORMAT}
         if accel.name != "tcg":  # -cpu host: the state holds this CPU's features
             shape["host_cpu"] = host.cpu_identity()
         if config.volumes:  # sizes, not contents: the agent drops the device cache before mounting
