@@ -140,10 +140,12 @@ class Boot:
             guest = GuestClient(Channel(machine.connect(timeout=10.0), machine.alive, max_body=1 << 20))
             try:
                 guest.hello(timeout=self.config.boot_timeout)
-                if self.grows_root:
-                    resize = guest.setup(grow_root=True, timeout=120).resize
-                    if resize and resize.exit_code:
-                        raise SnapshotError(f"growing the template's root failed: {resize.output}")
+                # The files every clone's setup rewrites are written here once too, so their
+                # inodes and blocks are in the page cache clones inherit.
+                resize = guest.setup(grow_root=self.grows_root, hostname="smolvm-template",
+                                     machine_id=secrets.token_hex(16), timeout=120).resize
+                if resize and resize.exit_code:
+                    raise SnapshotError(f"growing the template's root failed: {resize.output}")
                 for argv in PRIME_COMMANDS:
                     guest.exec(argv, timeout=PRIME_TIMEOUT, wait=scaled(PRIME_TIMEOUT) + 30, max_output=4096)
                 guest.sync(timeout=60)

@@ -46,9 +46,9 @@ class Accel:
 #: guest sets the MAC leased for it at setup.
 TEMPLATE_MAC = "02:53:56:00:00:01"
 
-#: What a snapshot template is, in the snapshot key: 2 = the template primes the guest page
-#: cache before it is saved (boot.PRIME_COMMANDS).
-TEMPLATE_FORMAT = 2
+#: What a snapshot template is, in the snapshot key: 3 = the template writes the identity
+#: files and primes the guest page cache before it is saved (boot.PRIME_COMMANDS).
+TEMPLATE_FORMAT = 3
 
 
 @dataclasses.dataclass(frozen=True)

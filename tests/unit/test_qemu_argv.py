@@ -599,12 +599,12 @@ def test_launch_clone_with_drop(tmp_path: Path, spawned: list[dict[str, Any]]) -
 
 
 #: snapshot_key hashes the argv with placeholder paths: these pin that argv too (and the
-#: template format: 2 since templates prime the page cache).
+#: template format: 3 since templates write the identity files and prime the page cache).
 PINNED_KEYS = {
-    ("tcg", False, "none"): "ce6f77c926d947cb9a50",
-    ("tcg", True, "none"): "7bae25c11356fb0c10a6",
-    ("tcg", True, "isolated"): "4372efbf9d0443d72162",
-    ("kvm", True, "nat"): "16df8c7fe75aa43368b0",  # with host_cpu (issue 11: KVM keys name the host CPU)
+    ("tcg", False, "none"): "b10969254809c183bbb0",
+    ("tcg", True, "none"): "84603146fb9e6d4452e2",
+    ("tcg", True, "isolated"): "08913916410eeadbdfd7",
+    ("kvm", True, "nat"): "b90e79b5969c152ace5f",  # with host_cpu (issue 11: KVM keys name the host CPU)
 }
 
 
