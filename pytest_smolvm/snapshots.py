@@ -79,7 +79,11 @@ class SnapshotStore:
         with self._lock:
             if stamp not in self._verified:
                 for name in names:
-                    if sha256_file(d / name) != meta["files"][name]["sha256"]:
+                    try:
+                        digest = sha256_file(d / name)
+                    except OSError as exc:  # discarded by another process while we read it
+                        raise SnapshotError(f"snapshot {d} changed while it was verified: {exc}") from None
+                    if digest != meta["files"][name]["sha256"]:
                         raise SnapshotError(f"snapshot file {d / name} does not match its sha256 (corrupt)")
                 self._verified.add(stamp)
         return d
