@@ -64,8 +64,8 @@ def python_tree(root: Path) -> None:
 
 
 def static_tree(root: Path) -> None:
-    """No Python and no shell: one static binary (busybox, under a name that is no applet)."""
-    _copy(BUSYBOX, root, "bin/bb")
+    """No Python and no shell: one static binary (busybox, under a name that is no applet and no shell)."""
+    _copy(BUSYBOX, root, "bin/busybox-static")  # the "busybox" prefix makes it dispatch argv[1]
 
 
 def with_files(root: Path) -> Path:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,24 +20,9 @@ from ocitrees import (
 )
 
 from pytest_smolvm import CommandTimeout, ImageError, SmolVM, VMConfig
-from pytest_smolvm.images.recipe import agent_sources
 from pytest_smolvm.images.store import resolve
 
 pytestmark = pytest.mark.skipif(have_tools() is not None, reason=str(have_tools()))
-
-#: Until the static guest agent lands (issue 12, part 1) the boot layer's agent is a Python
-#: program, so an image without /usr/bin/python3 cannot answer. Remove when it has.
-STATIC_AGENT_REASON = ("needs the static guest agent (issue 12 part 1): this boot layer's agent is "
-                       "guest/agent.py, which needs /usr/bin/python3 in the image")
-
-
-def needs_static_agent(test: Callable[..., None]) -> Callable[..., None]:
-    marks = (pytest.mark.skipif("agent.py" in agent_sources(), reason=STATIC_AGENT_REASON),
-             pytest.mark.smolvm_optional(STATIC_AGENT_REASON))
-    for mark in marks:
-        test = mark(test)
-    return test
-
 
 def _import(source: str, name: str) -> str:
     proc = subprocess.run([sys.executable, "-m", "pytest_smolvm", "image", "import", source, "--name", name],
@@ -114,7 +98,6 @@ def test_images_without_python_import_and_record_what_they_lack(layouts: dict[st
     assert (python["guest_python"], python["shell"]) == ("3.11", True)
 
 
-@needs_static_agent
 def test_busybox_only_image_runs_argv_and_shell_commands(layouts: dict[str, Path]) -> None:
     _import(f"oci:{layouts['busybox']}:t", "smolvm-test-oci-busybox")
     with SmolVM(VMConfig(image="smolvm-test-oci-busybox")) as vm:
@@ -123,15 +106,14 @@ def test_busybox_only_image_runs_argv_and_shell_commands(layouts: dict[str, Path
         assert vm.run(["python3", "-c", "1"]).exit_code == 127
 
 
-@needs_static_agent
 def test_image_without_python_or_shell_runs_argv_and_refuses_shell_strings(layouts: dict[str, Path]) -> None:
     _import(f"oci:{layouts['static']}:t", "smolvm-test-oci-static")
     with SmolVM(VMConfig(image="smolvm-test-oci-static")) as vm:
-        _check_layers(vm, ["/bin/bb", "cat"], ["/bin/bb", "stat"])
-        assert vm.run(["/bin/bb", "echo", "argv works"]).stdout == "argv works\n"
+        _check_layers(vm, ["/bin/busybox-static", "cat"], ["/bin/busybox-static", "stat"])
+        assert vm.run(["/bin/busybox-static", "echo", "argv works"]).stdout == "argv works\n"
         with pytest.raises(ImageError, match=r"has no /bin/sh, so the shell string 'echo hi' cannot run; pass an argv"):
             vm.run("echo hi")
         vm.put(b"x", "/root/f")
         assert vm.get("/root/f") == b"x"
         with pytest.raises(CommandTimeout):
-            vm.run(["/bin/bb", "sleep", "30"], timeout=1)
+            vm.run(["/bin/busybox-static", "sleep", "30"], timeout=1)
