@@ -10,21 +10,14 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from sockpeer import recv_exact
+
 from pytest_smolvm.guest import protocol
 from pytest_smolvm.images.agentbin import agent_binary
 
 
 def recv_frame(sock: socket.socket, max_body: int = 1 << 30) -> tuple[dict[str, Any], bytes]:
-    def read_exact(n: int) -> bytes:
-        buf = bytearray()
-        while len(buf) < n:
-            chunk = sock.recv(n - len(buf))
-            if not chunk:
-                raise EOFError("the agent closed the stream")
-            buf += chunk
-        return bytes(buf)
-
-    return protocol.decode(read_exact, max_body)
+    return protocol.decode(lambda n: recv_exact(sock, n), max_body)
 
 
 class AgentProcess:

@@ -1,4 +1,5 @@
-"""What the scripted agent peers of the unit tests share (this directory is on sys.path)."""
+"""Exact reads from a socket, for the tests that talk the agent protocol by hand (tests/ is on
+sys.path: see the root conftest.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,6 @@ def recv_exact(sock: socket.socket, n: int) -> bytes:
     while len(buf) < n:
         chunk = sock.recv(n - len(buf))
         if not chunk:
-            raise EOFError("host closed")
+            raise EOFError("the peer closed the stream")
         buf += chunk
     return bytes(buf)
