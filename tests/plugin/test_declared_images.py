@@ -163,7 +163,13 @@ def linked_build(recipe, *, force=False, progress=print):
     shutil.copytree(real, Path({str(cache)!r}) / "images" / "default" / recipe.digest(), copy_function=link_or_copy)
     return resolve("default")
 
+# The inner run is in this process: put the real builder back when it ends, or every later
+# test in this worker would "build" by copying (seen as a unit test failing after this one).
+_real_build = builder.build
 builder.build = linked_build
+
+def pytest_unconfigure(config):
+    builder.build = _real_build
 """)
     pytester.makepyfile("def test_it(smolvm):\n    assert smolvm.image.name == 'default'\n")
     result = _run(pytester)
