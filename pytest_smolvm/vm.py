@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import enum
+import errno
 import itertools
 import json
 import os
@@ -20,7 +21,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
-from . import images, paths
+from . import images, paths, transfer
 from .boot import Boot, VMHooks
 from .config import VMConfig, WireEnv
 from .drivers import Accel, Driver, Machine, default_driver
@@ -62,6 +63,8 @@ DEFAULT_GET_LIMIT = 256 * 1024 * 1024
 MAX_PUT = 1 << 30  # the agent's request-body limit
 TRANSCRIPT_HEAD = 1024
 GET_TIMEOUT = 120.0
+#: Room for a tree transfer's tar messages (its stderr) in the reply.
+TRANSFER_MESSAGES = 64 * 1024
 
 T = TypeVar("T")
 #: How a networked VM gets its NIC: ``network.hub.attach(vm, run_id, policy, allow, uplink, caps)``.
@@ -622,21 +625,87 @@ class SmolVM:
 
     def put(self, src: bytes | bytearray | memoryview | os.PathLike[str], dest: str,
             *, mode: int | None = None) -> None:
-        """Write ``src`` (bytes, or a local file given as a Path) to ``dest`` in the guest.
+        """Write ``src`` (bytes, or a local file or directory given as a Path) to ``dest`` in the guest.
 
         Parent directories are created. A ``str`` source is refused: it is ambiguous between
         content and a path; pass ``Path(...)`` or ``text.encode()``.
+
+        A directory is copied as a tree (one tar stream, :mod:`pytest_smolvm.transfer`):
+        ``dest`` becomes the copy of ``src`` (created with ``src``'s mode if missing, merged
+        into if it exists), modes and mtimes are kept, everything belongs to root, symlinks
+        are copied as links and never followed; a FIFO, socket or device in it is refused.
         """
         if isinstance(src, str):
             raise TypeError(f"put() takes bytes or a pathlib.Path, not str ({src[:40]!r}); "
                             f"use Path(...) for a local file or .encode() for text")
-        data = bytes(src) if isinstance(src, (bytes, bytearray, memoryview)) else Path(src).read_bytes()
         self._check_guest_path(dest, "put")
+        if not isinstance(src, (bytes, bytearray, memoryview)):
+            local = Path(src)
+            if local.is_dir():
+                if mode is not None:
+                    raise ConfigError(f"put({str(local)!r}, {dest!r}, mode={mode!r}): mode= is for a file; "
+                                      f"a directory's entries keep their own modes")
+                return self._put_tree(local, dest)
+            if not local.exists():
+                raise ConfigError(f"put({str(local)!r}, {dest!r}): the local source does not exist")
+        data = bytes(src) if isinstance(src, (bytes, bytearray, memoryview)) else Path(src).read_bytes()
         if len(data) > MAX_PUT:
             raise ConfigError(f"put({dest!r}): {len(data)} bytes is over the {MAX_PUT}-byte limit of one transfer")
         timeout = 60.0 + len(data) / 5e6
         self._file_call(lambda guest: guest.put(dest, data, mode=mode, timeout=timeout), timeout=timeout,
                         what=f"put({dest!r})", path=dest)
+
+    def _put_tree(self, src: Path, dest: str) -> None:
+        packed = transfer.pack(src, MAX_PUT)
+        what = f"put({str(src)!r}, {dest!r})"
+        reply = self._transfer(what, dest, transfer.put_argv(dest, packed.root_mode), packed.data,
+                               timeout=60.0 + len(packed.data) / 5e6, max_output=TRANSFER_MESSAGES)
+        if reply.exit_code != 0:
+            raise transfer.guest_failure(reply, f"{self.name}: {what}", dest)
+
+    def get_dir(self, src: str, local: str | os.PathLike[str], *, max_size: int = DEFAULT_GET_LIMIT,
+                timeout: float = GET_TIMEOUT) -> Path:
+        """Copy the guest directory ``src`` to the new local directory ``local`` and return it.
+
+        ``local`` must not exist (its parent must) or be an empty directory. The tree comes
+        as one tar of at most ``max_size`` bytes (its files plus 512 bytes a header), else
+        GuestFileError and nothing is written. Modes are kept (setuid/setgid/sticky dropped),
+        files belong to the caller, symlinks arrive as links (never followed, wherever they
+        point), devices and FIFOs are skipped with a :class:`~pytest_smolvm.transfer.TransferWarning`.
+        """
+        self._check_guest_path(src, "get_dir")
+        what = f"get_dir({src!r})"
+        if isinstance(max_size, bool) or not isinstance(max_size, int) or not 0 < max_size <= MAX_PUT:
+            raise ConfigError(f"invalid max_size={max_size!r} for {what}: expected bytes in 1..{MAX_PUT}")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ConfigError(f"invalid timeout={timeout!r} for {what}: expected seconds > 0")
+        path = transfer.check_local(local, what)
+        reply = self._transfer(what, src, transfer.get_argv(src), b"", timeout=float(timeout), max_output=max_size)
+        if reply.stdout_truncated:
+            raise GuestFileError(errno.EFBIG, f"{self.name}: {what}: the tree is over the limit of {max_size} "
+                                 f"bytes as a tar (max_size=); nothing was written to {str(path)!r}", src)
+        if reply.exit_code != 0:
+            raise transfer.guest_failure(reply, f"{self.name}: {what}", src)
+        transfer.unpack(reply.stdout, path, f"{self.name}: {what}")
+        return path
+
+    def _transfer(self, what: str, path: str, argv: list[str], stdin: bytes, *, timeout: float,
+                  max_output: int) -> replies.ExecReply:
+        """One tar command of a tree transfer in the guest (busybox, no shell of the image needed)."""
+        grace = scaled(REPLY_GRACE)
+        try:
+            parsed = self._call(what, lambda guest: guest.exec(argv, timeout=timeout, wait=timeout + grace,
+                                                               max_output=max_output, cwd="/", stdin=stdin))
+        except ReplyTimeout:
+            raise GuestTimeout(f"{self.name}: {what}: the guest agent did not answer within {timeout + grace:.0f}s "
+                               f"(the guest is overloaded or its agent was stopped)") from None
+        if isinstance(parsed, replies.AgentError):
+            raise GuestFileError(parsed.errno or errno.EIO, f"{self.name}: {what} failed in the guest: "
+                                 f"{parsed.message}", path)
+        if parsed.timed_out:
+            raise GuestTimeout(f"{self.name}: {what} did not finish within {timeout:g}s; its tar was killed "
+                               f"(a larger tree needs timeout=)")
+        return parsed
 
     def get(self, path: str, *, max_size: int = DEFAULT_GET_LIMIT) -> bytes:
         """Read the guest file ``path`` (at most ``max_size`` bytes, else GuestFileError)."""
