@@ -26,6 +26,7 @@ from .errors import (
 )
 from .results import RunResult
 from .snapshots import SnapshotWarning
+from .transfer import TransferWarning
 from .vm import SmolVM
 
 __all__ = [
@@ -44,5 +45,6 @@ __all__ = [
     "SmolVM",
     "SmolVMError",
     "SnapshotWarning",
+    "TransferWarning",
     "VMConfig",
 ]

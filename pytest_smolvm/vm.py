@@ -671,7 +671,7 @@ class SmolVM:
         as one tar of at most ``max_size`` bytes (its files plus 512 bytes a header), else
         GuestFileError and nothing is written. Modes are kept (setuid/setgid/sticky dropped),
         files belong to the caller, symlinks arrive as links (never followed, wherever they
-        point), devices and FIFOs are skipped with a :class:`~pytest_smolvm.transfer.TransferWarning`.
+        point), devices and FIFOs are skipped with a :class:`~pytest_smolvm.TransferWarning`.
         """
         self._check_guest_path(src, "get_dir")
         what = f"get_dir({src!r})"
