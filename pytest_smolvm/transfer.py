@@ -43,8 +43,8 @@ BUSYBOX = "/run/smolvm/busybox"  # the boot layer's busybox, in every guest what
 MAX_DEPTH = layers.MAX_DEPTH
 #: Most entries a tree from the guest may have (each costs at least 512 bytes of the cap anyway).
 MAX_ENTRIES = 1 << 20
-#: Room a tar needs beyond its files' data: a header per entry, the end-of-archive blocks.
-HEADER_ROOM = 3 * ts.BLOCK
+#: Room a tar needs beyond its files' data: a header per entry, the end-of-archive record.
+HEADER_ROOM = 3 * ts.BLOCK + tarfile.RECORDSIZE
 
 #: Creates ``$1`` (and its parents) with mode ``$2`` if it is missing, then extracts stdin
 #: into it. An existing directory is merged into; its own mode and owner are left alone.
@@ -186,8 +186,10 @@ def pack(src: Path, limit: int) -> Packed:
         raise ConfigError(f"put({str(src)!r}): cannot read the tree: {exc}") from None
     finally:
         os.close(fd)
-    c = packer.counts
-    return Packed(buf.getvalue(), c["files"], c["dirs"], c["symlinks"], root_mode)
+    data, c = buf.getvalue(), packer.counts
+    if len(data) > limit:  # a long link's pax record can outgrow the room _room keeps
+        raise ConfigError(f"put({str(src)!r}): the tree is over the {limit}-byte limit of one transfer")
+    return Packed(data, c["files"], c["dirs"], c["symlinks"], root_mode)
 
 
 def guest_failure(reply: ExecReply, what: str, path: str) -> GuestFileError:
@@ -256,7 +258,10 @@ class _Received(layers.Tree):
             if stat.S_ISLNK(meta.mode):
                 continue
             path = os.path.join(self.root, rel) if rel else str(self.root)
-            st = os.lstat(path)  # every parent is a real directory of ours (Tree.walk made it so)
+            try:
+                st = os.lstat(path)  # every parent is a real directory of ours (Tree.walk made it so)
+            except FileNotFoundError:
+                continue
             if stat.S_IFMT(st.st_mode) == stat.S_IFMT(meta.mode):
                 os.chmod(path, meta.mode & 0o777)
 
