@@ -124,9 +124,15 @@ def test_transfer_errors_name_the_value(smolvm_session: SmolVM, tmp_path: Path) 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
-def test_a_forged_tar_cannot_write_outside_the_local_tree(smolvm: SmolVM, tmp_path: Path) -> None:
-    """The guest is hostile: it replaces the busybox the host runs with a script that prints
-    a crafted tar (a link out of the tree, then a file 'through' it, '..' games)."""
+def test_needs_no_shell_or_tar_in_the_image_and_a_forged_tar_stays_inside(smolvm: SmolVM, tmp_path: Path) -> None:
+    """Transfers use the boot layer's busybox only. Then the guest turns hostile: it replaces
+    that busybox with a script printing a crafted tar (a link out of the tree, then files
+    'through' it and through '..')."""
+    smolvm.run([BUSYBOX, "rm", "-f", "/usr/bin/sh", "/usr/bin/tar"], check=True)
+    (tmp_path / "small" / "d").mkdir(parents=True)
+    (tmp_path / "small" / "d" / "x").write_text("no tools")
+    smolvm.put(tmp_path / "small", "/root/small")
+    assert (smolvm.get_dir("/root/small", tmp_path / "small-back") / "d" / "x").read_text() == "no tools"
     outside = tmp_path / "outside"
     outside.mkdir()
     buf = io.BytesIO()
@@ -140,13 +146,13 @@ def test_a_forged_tar_cannot_write_outside_the_local_tree(smolvm: SmolVM, tmp_pa
     smolvm.put(buf.getvalue(), "/root/forged.tar")
     # PID 1 runs that busybox: unlink it (a running binary cannot be rewritten) and put the
     # forger in its place; the copy is named busybox so that it dispatches its applets.
-    smolvm.run(f"cp {BUSYBOX} /root/busybox && rm {BUSYBOX} && "
-               f"printf '#!/root/busybox sh\\n/root/busybox cat /root/forged.tar\\n' > {BUSYBOX} && "
-               f"chmod 755 {BUSYBOX}", check=True)
+    forge = (f"cp {BUSYBOX} /root/busybox && rm {BUSYBOX} && "
+             f"printf '#!/root/busybox sh\\n/root/busybox cat /root/forged.tar\\n' > {BUSYBOX} && chmod 755 {BUSYBOX}")
+    smolvm.run([BUSYBOX, "sh", "-c", forge], check=True)
     back = smolvm.get_dir("/anything", tmp_path / "back")
     assert list(outside.iterdir()) == []
     assert os.readlink(back / "esc") == str(outside) and os.readlink(back / "up") == "../../../.."
     planted = sorted(os.path.relpath(os.path.join(d, f), back) for d, _, files in os.walk(back)
                      for f in files if f.startswith("planted"))
     assert planted == [str(outside.relative_to("/") / "planted"), "planted2"]  # inside back, clamped
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["back", "outside"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["back", "outside", "small", "small-back"]
