@@ -703,8 +703,7 @@ class SmolVM:
             raise GuestFileError(parsed.errno or errno.EIO, f"{self.name}: {what} failed in the guest: "
                                  f"{parsed.message}", path)
         if parsed.timed_out:
-            raise GuestTimeout(f"{self.name}: {what} did not finish within {timeout:g}s; its tar was killed "
-                               f"(a larger tree needs timeout=)")
+            raise GuestTimeout(f"{self.name}: {what} did not finish within {timeout:g}s; its tar was killed")
         return parsed
 
     def get(self, path: str, *, max_size: int = DEFAULT_GET_LIMIT) -> bytes:
