@@ -47,7 +47,7 @@ def main() -> None:
             vm.put(f, f"/root/single/{f.parent.name}/{f.name}")
         singles.append((time.perf_counter() - t0) / len(sample))
     mib = args.files * args.kib / 1024
-    print(f"tree: {args.files} files, {mib:.1f} MiB ({vm.accel})")
+    print(f"tree: {args.files} files, {mib:.1f} MiB ({vm.accel.name if vm.accel else '?'})")
     print(f"put(dir):  median {statistics.median(puts):.2f} s ({mib / statistics.median(puts):.1f} MiB/s)")
     print(f"get_dir:   median {statistics.median(gets):.2f} s ({mib / statistics.median(gets):.1f} MiB/s)")
     print(f"file by file put(): {singles[0] * 1000:.0f} ms a file -> {singles[0] * args.files:.1f} s "
