@@ -9,6 +9,19 @@ from pathlib import Path
 from pytest_smolvm.paths import cache_dir
 
 REAL_CACHE = cache_dir()
+TESTS_DIR = Path(__file__).resolve().parent
+#: The conftest of a pytester run whose VMs come from the fake driver (plugin logic only).
+#: ``LAUNCHES`` lists every config the fake driver was asked to launch.
+FAKE_CONFTEST = f"""
+import json, sys
+sys.path.insert(0, {str(TESTS_DIR)!r})
+import pytest
+from fake_driver import FakeDriver, LAUNCHES
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_smolvm_make_driver(config, pytestconfig):
+    return FakeDriver()
+"""
 
 
 def qemu_processes() -> dict[int, str]:

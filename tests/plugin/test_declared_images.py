@@ -13,23 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import REAL_CACHE
+from helpers import FAKE_CONFTEST, REAL_CACHE
 from ocitrees import have_tools, layout_with_whiteout, with_files
 
 from pytest_smolvm.images.store import images_dir
 
 pytestmark = pytest.mark.skipif(have_tools() is not None, reason=str(have_tools()))
-TESTS_DIR = Path(__file__).resolve().parents[1]
-CONFTEST = f"""
-import sys
-sys.path.insert(0, {str(TESTS_DIR)!r})
-import pytest
-from fake_driver import FakeDriver
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_smolvm_make_driver(config, pytestconfig):
-    return FakeDriver()
-"""
 TEST = """
 import pytest
 
@@ -61,7 +51,7 @@ def project(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch,
     monkeypatch.delenv("SMOLVM_IMAGE", raising=False)
     for stale in (name, f"{name}.base"):
         shutil.rmtree(images_dir() / stale, ignore_errors=True)  # a first use, whatever ran before
-    pytester.makeconftest(CONFTEST)
+    pytester.makeconftest(FAKE_CONFTEST)
     pytester.makepyfile(TEST.replace("NAME", name))
     yield Project(pytester, name)
     for made in (name, f"{name}.base"):
@@ -144,7 +134,7 @@ def test_a_missing_default_image_is_built_on_first_use_with_progress(pytester: p
     cache = pytester.path / "fresh-cache"
     monkeypatch.setenv("SMOLVM_CACHE_DIR", str(cache))
     monkeypatch.delenv("SMOLVM_IMAGE", raising=False)
-    pytester.makeconftest(CONFTEST + f"""
+    pytester.makeconftest(FAKE_CONFTEST + f"""
 import os, shutil
 from pathlib import Path
 from pytest_smolvm.images import build as builder

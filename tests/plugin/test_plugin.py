@@ -7,19 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import REAL_CACHE  # computed before pytester moves HOME
-
-TESTS_DIR = Path(__file__).resolve().parents[1]
-FAKE_CONFTEST = f"""
-import sys
-sys.path.insert(0, {str(TESTS_DIR)!r})
-import pytest
-from fake_driver import FakeDriver, LAUNCHES
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_smolvm_make_driver(config, pytestconfig):
-    return FakeDriver()
-"""
+from helpers import FAKE_CONFTEST, REAL_CACHE  # computed before pytester moves HOME
 
 
 @pytest.fixture

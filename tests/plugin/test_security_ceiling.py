@@ -5,22 +5,11 @@ Plugin logic, so the fake driver serves; it records every config it is asked to 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-from helpers import REAL_CACHE
+from helpers import FAKE_CONFTEST, REAL_CACHE
 
-TESTS_DIR = Path(__file__).resolve().parents[1]
-CONFTEST = f"""
-import json, sys
-sys.path.insert(0, {str(TESTS_DIR)!r})
-import pytest
-from fake_driver import FakeDriver, LAUNCHES
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_smolvm_make_driver(config, pytestconfig):
-    return FakeDriver()
-
+CONFTEST = FAKE_CONFTEST + """
 def pytest_sessionfinish(session):
     with open("launches.json", "w") as f:
         json.dump([c.network for c in LAUNCHES], f)
