@@ -206,13 +206,8 @@ class Tree:
         if m.type in (ts.REGULAR, "7"):
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             with os.fdopen(fd, "wb") as f:
-                left = m.size
-                while left:
-                    chunk = data.read(min(left, 1 << 20))
-                    if not chunk:
-                        raise ImageError(f"{where}: the layer ends inside this file")
+                for chunk in data.chunks(m.size, f"{where}: the layer ends inside this file"):
                     f.write(chunk)
-                    left -= len(chunk)
             kind = stat.S_IFREG
         elif m.type == ts.SYMLINK:
             os.symlink(m.linkname, path)

@@ -71,15 +71,19 @@ class Counted:
         self.sha.update(data)
         return data
 
-    def exact(self, n: int) -> bytes:
-        parts, left = [], n
+    def chunks(self, n: int, short: str | None = None) -> Iterator[bytes]:
+        """Exactly ``n`` bytes, in chunks of at most 1 MiB; ImageError(``short``) if the
+        stream ends first."""
+        left = n
         while left:
             chunk = self.read(min(left, 1 << 20))
             if not chunk:
-                raise ImageError(f"{self.where}: the tar stream ends in the middle of an entry")
-            parts.append(chunk)
+                raise ImageError(short or f"{self.where}: the tar stream ends in the middle of an entry")
+            yield chunk
             left -= len(chunk)
-        return b"".join(parts)
+
+    def exact(self, n: int) -> bytes:
+        return b"".join(self.chunks(n))
 
     def drain(self) -> None:
         """Read to the end (trailing padding counts in the diff_id)."""
