@@ -1279,23 +1279,30 @@ static int grow_root(const char *device, char *out, size_t outlen) {
     return 0;
 }
 
-static int find_disk(const char *serial, char *dev, size_t n) {
-    DIR *d = opendir("/sys/block");
+/* The entry of sysfs directory `dir` whose attribute file `attr` reads `want` (trailing
+ * characters of `strip` dropped), as "/dev/<entry>" in `dev`: 0, or -1 if none. */
+static int find_sysfs_dev(const char *dir, const char *attr, const char *want, const char *strip, char *dev,
+                          size_t n) {
+    DIR *d = opendir(dir);
     struct dirent *e;
     int found = -1;
     while (d && found && (e = readdir(d))) {
         char path[300], got[128];
         if (e->d_name[0] == '.') continue;
-        snprintf(path, sizeof path, "/sys/block/%s/serial", e->d_name);
+        snprintf(path, sizeof path, "%s/%s/%s", dir, e->d_name, attr);
         int fd = open(path, O_RDONLY | O_CLOEXEC);
         if (fd < 0) continue;
         ssize_t len = read(fd, got, sizeof got - 1);
         close(fd);
-        while (len > 0 && (got[len - 1] == '\n' || got[len - 1] == ' ')) len--;
-        if (len >= 0 && (got[len] = 0, strcmp(got, serial) == 0)) found = snprintf(dev, n, "/dev/%s", e->d_name) < 0;
+        while (len > 0 && got[len - 1] && strchr(strip, got[len - 1])) len--;
+        if (len >= 0 && (got[len] = 0, strcmp(got, want) == 0)) found = snprintf(dev, n, "/dev/%s", e->d_name) < 0;
     }
     if (d) closedir(d);
     return found;
+}
+
+static int find_disk(const char *serial, char *dev, size_t n) {
+    return find_sysfs_dev("/sys/block", "serial", serial, "\n ", dev, n);
 }
 
 /* Mount options as mount(8) splits them: flags, and the rest for the filesystem. */
@@ -1524,26 +1531,10 @@ static int parse_frames(void) {
 /* ------------------------------------------------------------------ start-up */
 
 static int find_port(void) {
-    for (int tries = 0; tries < 1000; tries++, usleep(10000)) {
-        DIR *d = opendir("/sys/class/virtio-ports");
-        struct dirent *e;
-        while (d && (e = readdir(d))) {
-            char path[300], name[64];
-            if (e->d_name[0] == '.') continue;
-            snprintf(path, sizeof path, "/sys/class/virtio-ports/%s/name", e->d_name);
-            int fd = open(path, O_RDONLY | O_CLOEXEC);
-            if (fd < 0) continue;
-            ssize_t n = read(fd, name, sizeof name - 1);
-            close(fd);
-            if (n > 0 && name[n - 1] == '\n') n--;
-            if (n == (ssize_t)strlen(PORT_NAME) && memcmp(name, PORT_NAME, (size_t)n) == 0) {
-                snprintf(path, sizeof path, "/dev/%s", e->d_name);
-                closedir(d);
-                return open(path, O_RDWR | O_CLOEXEC);
-            }
-        }
-        if (d) closedir(d);
-    }
+    char dev[300];
+    for (int tries = 0; tries < 1000; tries++, usleep(10000))
+        if (find_sysfs_dev("/sys/class/virtio-ports", "name", PORT_NAME, "\n", dev, sizeof dev) == 0)
+            return open(dev, O_RDWR | O_CLOEXEC);
     errno = ENODEV;
     return -1;
 }
