@@ -38,12 +38,18 @@ def agent_source() -> bytes:
     return resources.files("pytest_smolvm.guest").joinpath(SOURCE_NAME).read_bytes()
 
 
-@functools.lru_cache(maxsize=4)
-def compiler_version(compiler: str = COMPILER) -> str:
-    """First line of ``compiler --version`` (part of the binary's cache key)."""
+def compiler_path(compiler: str = COMPILER) -> str:
+    """The compiler's path; ImageError saying how to install it if it is not on PATH."""
     exe = shutil.which(compiler)
     if exe is None:
         raise ImageError(f"cannot build the guest agent: {compiler} is not on PATH; {INSTALL_HINT}")
+    return exe
+
+
+@functools.lru_cache(maxsize=4)
+def compiler_version(compiler: str = COMPILER) -> str:
+    """First line of ``compiler --version`` (part of the binary's cache key)."""
+    exe = compiler_path(compiler)
     try:
         res = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -68,9 +74,7 @@ def compile_agent(target: Path, *, compiler: str = COMPILER, flags: tuple[str, .
         src = Path(tmp, SOURCE_NAME)
         src.write_bytes(agent_source())
         out = Path(tmp, BINARY_NAME)
-        exe = shutil.which(compiler)
-        if exe is None:
-            raise ImageError(f"cannot build the guest agent: {compiler} is not on PATH; {INSTALL_HINT}")
+        exe = compiler_path(compiler)
         try:
             res = subprocess.run([exe, *flags, "-o", str(out), str(src)], capture_output=True, text=True,
                                  timeout=COMPILE_TIMEOUT)
