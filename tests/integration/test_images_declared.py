@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from wheels import MODULE, PACKAGE, VERSION, offline_index
 
 from pytest_smolvm import SmolVM, VMConfig
 
@@ -31,7 +32,7 @@ name = "uses-smolvm"
 
 [tool.smolvm.images.{NAME}]
 from = "default"
-pip = ["six==1.16.0"]
+pip = ["{PACKAGE}=={VERSION}"]
 files = {{ "/opt/data" = "tests/data" }}
 run = ["useradd --create-home app", "echo declared > /etc/declared-marker"]
 """)
@@ -39,7 +40,8 @@ run = ["useradd --create-home app", "echo declared > /etc/declared-marker"]
 
 
 def _build(project: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    # pip downloads from a local index only: no test reaches PyPI.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), **offline_index(project / "wheels")}
     return subprocess.run([sys.executable, "-m", "pytest_smolvm", "image", "build", "--name", NAME],
                           cwd=project, capture_output=True, text=True, timeout=1200, env=env)
 
@@ -47,9 +49,9 @@ def _build(project: Path) -> subprocess.CompletedProcess[str]:
 def test_declared_image_with_pip_files_and_run(project: Path) -> None:
     built = _build(project)
     assert built.returncode == 0, built.stderr
-    assert "pip: installing six==1.16.0 in the guest" in built.stderr or "building image" not in built.stderr
+    assert f"pip: installing {PACKAGE}=={VERSION} in the guest" in built.stderr or "building image" not in built.stderr
     with SmolVM(VMConfig(image=NAME)) as vm:
-        assert vm.run(["python3", "-c", "import six; print(six.__version__)"]).stdout == "1.16.0\n"
+        assert vm.run(["python3", "-c", f"import {MODULE}; print({MODULE}.__version__)"]).stdout == f"{VERSION}\n"
         assert vm.run(["cat", "/opt/data/nested/numbers.csv"]).stdout == "a,b\n1,2\n"
         assert vm.run(["/opt/data/run.sh"]).stdout == "ran\n"
         listing = vm.run(["stat", "-c", "%n %u:%g %a %F", "/opt/data/run.sh", "/opt/data/latest", "/opt/data/nested"])
