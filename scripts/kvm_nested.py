@@ -255,13 +255,38 @@ def booted_l1(scale: str) -> Iterator[tuple[SmolVM, dict[str, str]]]:
         yield l1, env
 
 
+def run_benchmarks(vm: SmolVM, env: dict[str, str], humaneval: Path | None, limit: int) -> int:
+    """``--bench``: the clone and HumanEval benchmarks with L2 under KVM. Nested paging inside
+    emulation: the numbers show where time goes without TCG's translation, never real speed."""
+    runs = [["python3", "benchmarks/clone.py", "--clone-only", "--clones", "15", "--cold", "2"]]
+    if humaneval is not None:
+        vm.put(humaneval, "/root/HumanEval.jsonl.gz")
+        runs.append(["python3", "benchmarks/humaneval.py", "--data", "/root/HumanEval.jsonl.gz",
+                     "--limit", str(limit)])
+    failed = 0
+    for argv in runs:
+        t0 = time.monotonic()
+        r = vm.run(argv, env={**env, "SMOLVM_ACCEL": "kvm"}, cwd=MNT_PROJECT, timeout=3600)
+        say(f"$ {shlex.join(argv)}: exit {r.exit_code} in {time.monotonic() - t0:.0f}s")
+        print(r.stdout, r.stderr[-3000:] if r.exit_code else "", sep="", flush=True)
+        failed |= r.exit_code != 0
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=float, default=float(os.environ.get("SMOLVM_NESTED_BUDGET", 2700)),
                         help="seconds the inner pytest may take (default 2700)")
+    parser.add_argument("--bench", action="store_true",
+                        help="run benchmarks/clone.py (and humaneval.py with --humaneval-data) in L1 instead of pytest")
+    parser.add_argument("--humaneval-data", type=Path, help="HumanEval.jsonl.gz for --bench")
+    parser.add_argument("--humaneval-limit", type=int, default=60, help="problems for --bench (default 60)")
     args, pytest_args = parser.parse_known_args(argv)  # the rest goes to the inner pytest (e.g. -x)
     scale = os.environ.get("SMOLVM_TIMEOUT_SCALE", DEFAULT_SCALE)
     started = time.monotonic()
+    if args.bench:
+        with booted_l1(scale) as (l1, env):
+            return run_benchmarks(l1, env, args.humaneval_data, args.humaneval_limit)
     with booted_l1(scale) as (l1, env):
         t0 = time.monotonic()
         log = run_inner(l1, env, pytest_args, time.monotonic() + args.budget)
