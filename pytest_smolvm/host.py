@@ -7,6 +7,7 @@ import hashlib
 import os
 import platform
 import shutil
+import socket
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
@@ -142,6 +143,11 @@ def owner_stamp(pid: int) -> dict[str, Any]:
     beside this one on the same host then still sees this run's owners as alive, instead of
     reaping a live run's VMs and namespaces."""
     return {"pid": pid, "pid_start": process_start_ticks(pid), "create_time": process_start_time(pid)}
+
+
+def host_name() -> str:
+    """This host's name as reports and owner records show it (``socket.gethostname()``)."""
+    return socket.gethostname()
 
 
 def stamp_alive(stamp: Mapping[str, Any]) -> bool:

@@ -34,7 +34,7 @@ import psutil
 
 from .drivers.base import vmm_uid
 from .drivers.watchdog import VMM_NAMES, owner_uids
-from .host import START_TOLERANCE, process_alive, stamp_alive
+from .host import START_TOLERANCE, host_name, process_alive, stamp_alive
 from .paths import NAME_RE, cache_dir, runtime_dir
 
 #: Pid files of older versions (pid only, no start time): trusted only with a matching argv.
@@ -156,6 +156,11 @@ def _verdict(vm_dir: Path, include_kept: bool) -> tuple[bool, str] | None:
         if young:  # no owner stamp yet: a VM being created right now
             return None
         owner = {}
+    host = owner.get("host")
+    if isinstance(host, str) and host != host_name():
+        # A runtime directory shared between hosts (which it should never be): another
+        # host's pid means nothing here, so its VMs are that host's to judge, never ours.
+        return None
     if kept:
         return (True, "kept for inspection") if include_kept else None
     pid = owner.get("pid")

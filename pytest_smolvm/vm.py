@@ -44,7 +44,7 @@ from .guest import replies
 from .guest.channel import ChannelClosed, ReplyTimeout
 from .guest.client import GuestClient
 from .guest.ssh import SSHKeys
-from .host import owner_stamp
+from .host import host_name, owner_stamp
 from .network import hub
 from .network.forward import PortForward
 from .network.hub import VMNetwork
@@ -311,7 +311,8 @@ class SmolVM:
             driver = self._driver or default_driver(self.config)
             make_private_dirs(self.workdir, self._runtime_root())
             (self.workdir / "owner.json").write_text(json.dumps(
-                {**owner_stamp(os.getpid()), "run_id": self.run_id, "vm": self.name, "started": time.time()}))
+                {**owner_stamp(os.getpid()), "run_id": self.run_id, "vm": self.name, "started": time.time(),
+                 "host": host_name()}))
             _live.add(self)
             if self.config.network != "none":
                 self._attach()

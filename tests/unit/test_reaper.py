@@ -432,3 +432,16 @@ def test_dead_owner_is_dead_without_proc(root: Path, dead_pid: int) -> None:
     d = make_vm(root, "run1", "vm1", {"pid": os.getpid(), "pid_start": psutil.Process().create_time() - 5})
     e = make_vm(root, "run1", "vm2", {"pid": dead_pid, "pid_start": 1.5})
     assert sorted(x.path for x in find_leftovers(root=root)) == [d, e]
+
+
+def test_vm_of_another_host_is_never_judged(root: Path, dead_pid: int) -> None:
+    """A runtime directory shared between hosts (NFS, a mistake) must not let one host reap
+    another's live VMs: a pid recorded elsewhere means nothing here."""
+    from pytest_smolvm.host import host_name
+
+    elsewhere = make_vm(root, "run1", "vm-a", {"pid": dead_pid, "pid_start": 1, "host": host_name() + "-other"})
+    here = make_vm(root, "run1", "vm-b", {"pid": dead_pid, "pid_start": 1, "host": host_name()})
+    found = {item.path for item in find_leftovers(root=root)}
+    assert found == {here}
+    reap(root=root)
+    assert elsewhere.is_dir() and not here.exists()
