@@ -19,10 +19,12 @@ from .config import VMConfig, config_from_layers
 from .drivers import Driver, default_driver
 from .errors import BootError, ConfigError, ImageError, SmolVMError
 from .fixtures import PLUGIN_NAME, smolvm, smolvm_config, smolvm_factory, smolvm_session
+from .host import host_name
 from .images.declared import load as load_declared
 from .images.provision import default_built
 from .markers import MARKER_DOC, marker_layers
-from .pool import VMPool
+from .paths import runtime_dir
+from .pool import VMPool, shape_group
 from .reaper import Leftover, reap
 from .reporting import sanitize, tail
 from .settings import OPTIONS, POOL, exceeds_ceiling, network_ceiling, pool_size, session_layers
@@ -53,6 +55,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="keep a failed test's VM running and print how to reach it [ini smolvm_keep_failed]")
     parser.addini("smolvm_keep_failed", type="bool", default=False,
                   help="keep a failed test's VM running and print how to reach it")
+    group.addoption("--smolvm-group-by-shape", action="store_true", default=None, dest="smolvm_group_by_shape",
+                    help="give every VM test an xdist_group per VM shape, so --dist loadgroup keeps tests "
+                         "of one shape on one worker and its warm pool and snapshot are reused "
+                         "[ini smolvm_group_by_shape]")
+    parser.addini("smolvm_group_by_shape", type="bool", default=False,
+                  help="an xdist_group per VM shape for every VM test (use with --dist loadgroup)")
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
@@ -70,16 +78,20 @@ def pytest_configure(config: pytest.Config) -> None:
         state = SmolVMPlugin(config)
     except ConfigError as exc:
         raise pytest.UsageError(f"pytest-smolvm: {exc}") from None
-    if workerinput is None:
+    if workerinput is None or workerinput.get("smolvm_domain") != reap_domain():
         # Leftovers of runs whose owner died (kill -9, OOM, CI timeout); never a live run's.
+        # The controller reaps its own host; a worker on another host (xdist --tx ssh=/socket=)
+        # reaps that host, which the controller cannot see.
         try:
             state.reaped = reap()
         except ConfigError as exc:  # an unsafe runtime directory: stop before using it
             raise pytest.UsageError(f"pytest-smolvm: {exc}") from None
     config.pluginmanager.register(state, PLUGIN_NAME)
     state.signals.install()
+    if state.group_by_shape:
+        config.pluginmanager.register(_ShapeGrouping(state), "smolvm-shape-groups")
     if config.pluginmanager.hasplugin("xdist"):
-        config.pluginmanager.register(_XdistHooks(), "smolvm-xdist")
+        config.pluginmanager.register(_XdistHooks(state), "smolvm-xdist")
 
 
 class Terminated(KeyboardInterrupt):
@@ -126,12 +138,53 @@ class SignalUnwinder:
         self.previous = None
 
 
+def reap_domain() -> str:
+    """What one reap covers: this host's runtime directory. Workers whose domain is not the
+    controller's (on another host, or with another runtime directory) reap their own."""
+    return f"{host_name()}:{runtime_dir()}"
+
+
 class _XdistHooks:
-    """Shares the controller's run id with its workers (resources of one run share a stamp)."""
+    """Shares the controller's run id with its workers (resources of one run share a stamp),
+    and collects what each worker did (its host, VMs, pool hits, leftovers it reaped)."""
+
+    def __init__(self, state: SmolVMPlugin) -> None:
+        self.state = state
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_configure_node(self, node: Any) -> None:
         node.workerinput["smolvm_run_id"] = current_run_id()
+        node.workerinput["smolvm_domain"] = reap_domain()
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node: Any, error: object) -> None:
+        out = getattr(node, "workeroutput", None) or {}
+        if isinstance(out.get("smolvm"), dict):
+            self.state.workers[str(node.gateway.id)] = out["smolvm"]
+
+
+class _ShapeGrouping:
+    """``--smolvm-group-by-shape``: an ``xdist_group`` per VM shape (:func:`shape_group`) on
+    every test that starts VMs and has no group of its own, so ``--dist loadgroup`` sends the
+    tests of one shape to one worker, whose warm pool and snapshot then serve them all."""
+
+    def __init__(self, state: SmolVMPlugin) -> None:
+        self.state = state
+
+    # tryfirst: xdist's worker turns groups into node id suffixes in its own (plain)
+    # implementation of this hook, so the marks must be there before it runs.
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        for item in items:
+            if not {"smolvm", "smolvm_factory"} & set(getattr(item, "fixturenames", ())):
+                continue
+            if item.get_closest_marker("xdist_group") is not None:
+                continue  # the user's own grouping wins
+            try:
+                cfg = config_from_layers(self.state.layers + marker_layers(item))
+            except ConfigError:
+                continue  # the plugin's own collection hook reports it as a usage error
+            item.add_marker(pytest.mark.xdist_group(name=shape_group(cfg)))
 
 
 class SmolVMPlugin:
@@ -158,6 +211,10 @@ class SmolVMPlugin:
         self.declared = load_declared(self.pyproject) if self.pyproject.is_file() else {}
         self.ensured: set[str] = set()
         self.failed: dict[str, str] = {}
+        group = config.getoption("smolvm_group_by_shape")
+        self.group_by_shape = bool(group if group is not None else config.getini("smolvm_group_by_shape"))
+        #: What each xdist worker reported at its end (controller only): gateway id -> summary.
+        self.workers: dict[str, dict[str, Any]] = {}
 
     def ensure_image(self, name: str) -> None:
         """Build ``name`` first if it is ``default`` or declared and not built for its current
@@ -332,6 +389,8 @@ class SmolVMPlugin:
         if self.reaped:
             terminalreporter.write_line(f"smolvm: removed {len(self.reaped)} leftover VM(s) of dead runs "
                                         f"({', '.join(sorted({r.run_id for r in self.reaped}))})")
+        for line in _host_lines(self.workers or {"main": self.summary()}):
+            terminalreporter.write_line(line)
         if not self.kept:
             return
         terminalreporter.section("smolvm: kept VMs of failed tests")
@@ -340,8 +399,17 @@ class SmolVMPlugin:
                 f"{nodeid}: {vm.name} (pid {vm.pid}) still running. Shell: python -m pytest_smolvm "
                 f"shell {vm.workdir}   Remove: python -m pytest_smolvm reap --kept")
 
+    def summary(self) -> dict[str, Any]:
+        """What this process did, for the controller's terminal summary (JSON-safe)."""
+        return {"host": host_name(), "runtime_dir": str(runtime_dir()), "run_id": current_run_id(),
+                "hits": self.pool.stats["hits"], "misses": self.pool.stats["misses"],
+                "reaped": len(self.reaped)}
+
     def pytest_sessionfinish(self) -> None:
         self.pool.close()
+        workeroutput = getattr(self.config, "workeroutput", None)
+        if workeroutput is not None:  # an xdist worker: tell the controller (pytest_testnodedown)
+            workeroutput["smolvm"] = self.summary()
         if getattr(self.config, "workerinput", None) is None:  # the controller: workers are done
             from .network.hub import forget_run
 
@@ -375,9 +443,31 @@ def network_section(vm: SmolVM) -> str:
     return f"{head}\ndenied egress ({len(denied)}):\n" + "\n".join(rows) + more
 
 
+def _host_lines(workers: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per host: its workers, VMs started and how many the warm pool had ready
+    (``pool hits``), leftovers its workers reaped. Nothing for a run that started no VM."""
+    hosts: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    for gw, info in sorted(workers.items()):
+        hosts.setdefault(str(info.get("host", "?")), []).append((gw, info))
+    lines = []
+    for host, rows in hosts.items():
+        hits = sum(int(info.get("hits", 0)) for _, info in rows)
+        vms = hits + sum(int(info.get("misses", 0)) for _, info in rows)
+        reaped = sum(int(info.get("reaped", 0)) for _, info in rows)
+        if not vms and not reaped:
+            continue
+        rate = f" ({100 * hits / vms:.0f}%)" if vms else ""
+        lines.append(f"smolvm: host {host} ({', '.join(gw for gw, _ in rows)}): {vms} VM(s), pool hits "
+                     f"{hits}/{vms}{rate}" + (f", {reaped} leftover(s) of dead runs reaped" if reaped else ""))
+    return lines
+
+
 def _vm_sections(vm: SmolVM, start: int) -> list[tuple[str, str]]:
-    """Report sections of one VM of a failed test: its transcript, network and console."""
-    sections = []
+    """Report sections of one VM of a failed test: where it ran, its transcript, network and
+    console."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    sections = [(f"smolvm host {vm.name}", f"host {host_name()}, worker {worker}, run {vm.run_id}, "
+                                           f"VM directory {vm.workdir}")]
     entries = vm.transcript[start:]
     if entries:
         sections.append((f"smolvm transcript {vm.name}", "\n".join(e.render() for e in entries)))

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import json
 import os
+import re
 import threading
 from typing import Any
 
@@ -61,6 +63,19 @@ def config_key(config: VMConfig) -> str:
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
     fields["env"] = dict(sorted(config.env.items()))
     return json.dumps(fields, sort_keys=True, default=list)
+
+
+def shape_group(config: VMConfig) -> str:
+    """A name for the VMs ``config`` makes, the same for every config whose VMs a pool can
+    hand out for one another (:func:`config_key`), readable first (image, vCPUs, memory,
+    disk, network), then a digest of the rest. Safe as an xdist group name. ``env`` values
+    never reach it (a name ends up in node ids and logs; a short secret could be guessed
+    from a digest): configs that differ only in them share a name."""
+    fields = json.loads(config_key(config.replace(env={k: "" for k in config.env})))
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
+    image = re.sub(r"[^A-Za-z0-9_.-]", "_", config.image)[-40:]
+    disk = f"{config.disk_size_mib}m" if config.disk_size_mib else "base"
+    return f"smolvm-{image}-{config.vcpus}cpu-{config.memory_mib}m-{disk}-{config.network}-{digest}"
 
 
 class VMPool:
