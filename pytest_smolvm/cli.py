@@ -19,6 +19,12 @@ def _cmd_image_build(args: argparse.Namespace) -> int:
 
     pyproject = Path(args.pyproject) if args.pyproject else find_pyproject(Path.cwd())
     declared = load(pyproject) if pyproject is not None and args.name != "default" else {}
+    if args.print_digest and args.name in declared:
+        from .images.declared import key
+        from .images.provision import base_id
+
+        print(key(declared[args.name], base_id(declared[args.name])))
+        return 0
     if args.name in declared:
         if args.include or args.arch != "amd64":
             print(f"error: image {args.name!r} is declared in {pyproject}; --include and --arch do not apply "
@@ -36,6 +42,9 @@ def _cmd_image_build(args: argparse.Namespace) -> int:
         recipe = arm64_recipe(name, packages=packages, rootfs_mib=args.size_mib)
     else:
         recipe = Recipe(name=args.name, packages=packages, rootfs_mib=args.size_mib)
+    if args.print_digest:
+        print(recipe.digest())
+        return 0
     image = build(recipe, force=args.force)
     print(f"{image.name}: {image.path}")
     return 0
@@ -189,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--arch", choices=("amd64", "arm64"), default="amd64",
                    help="guest architecture (arm64: for HVF on Apple silicon; name default-arm64; "
                         "a foreign architecture needs dpkg --add-architecture and qemu-user-static)")
+    b.add_argument("--print-digest", action="store_true",
+                   help="print the content digest of the image these options name and build nothing "
+                        "(a CI cache key: the same digest means the same image build)")
     b.set_defaults(func=_cmd_image_build)
     im = img.add_parser("import", help="import a container image (no root needed)",
                         description="Import a container image as a guest image, with our kernel and boot layer. "

@@ -95,14 +95,14 @@ def _base(decl: dcl.Declared, progress: Progress) -> Image:
     return build(recipe, progress=progress)
 
 
-def _base_id(decl: dcl.Declared) -> str:
+def base_id(decl: dcl.Declared) -> str:
     """The base's identity without building it (so an unchanged image is found at once)."""
     recipe = decl.base_recipe()
     return recipe.digest() if recipe is not None else import_key(decl.base)[0]
 
 
 def ensure_declared(decl: dcl.Declared, *, progress: Progress = _stderr, force: bool = False) -> Image:
-    key = dcl.key(decl, _base_id(decl))
+    key = dcl.key(decl, base_id(decl))
     name_dir = images_dir() / decl.name
     final = name_dir / key
     if (final / "manifest.json").is_file() and not force:
