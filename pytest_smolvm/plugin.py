@@ -410,7 +410,12 @@ class SmolVMPlugin:
         workeroutput = getattr(self.config, "workeroutput", None)
         if workeroutput is not None:  # an xdist worker: tell the controller (pytest_testnodedown)
             workeroutput["smolvm"] = self.summary()
-        if getattr(self.config, "workerinput", None) is None:  # the controller: workers are done
+        workerinput = getattr(self.config, "workerinput", None)
+        if workerinput is None or workerinput.get("smolvm_domain") != reap_domain():
+            # The controller (its workers are done), or a worker on another host, whose
+            # process may outlive the session (an execnet socket server runs one session
+            # after another), so the exit hook that would drop the slot table never runs.
+            # Either way the table goes only once no live VM holds a slot in it.
             from .network.hub import forget_run
 
             forget_run(current_run_id())
