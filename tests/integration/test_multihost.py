@@ -1,0 +1,236 @@
+"""xdist over hosts: one suite of fresh-VM tests, networked and not, run by two simulated
+hosts (execnet socket servers in namespaces of their own, tests/simhost.py) reached with
+``pytest -d --tx socket=…``, as CI would reach real machines. Each host governs its own VMs:
+runtime directory, network namespaces, pool and reaping are per host; the run id is one."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import REAL_CACHE, qemu_processes
+from simhost import DROP_ENV, SimHost
+
+import pytest_smolvm
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="simulated hosts need namespaces (root)"),
+    pytest.mark.skipif(shutil.which("unshare") is None or shutil.which("nsenter") is None,
+                       reason="needs unshare and nsenter (util-linux)"),
+]
+
+PACKAGE_ROOT = str(Path(pytest_smolvm.__file__).resolve().parent.parent)
+
+# Networked and non-networked tests interleaved, so that xdist's first chunks (two tests a
+# worker) give each host a networked VM at once: both hosts then build the run's namespace,
+# of one name, at the same time.
+SUITE = '''
+import os, socket, pytest
+
+CASES = [("isolated", i) if i % 2 == 0 else ("none", i) for i in range(12)]
+
+@pytest.mark.parametrize("net,i", CASES)
+def test_vm(net, i, smolvm_factory, record_property):
+    vm = smolvm_factory(network=net)
+    record_property("host", socket.gethostname())
+    record_property("run", vm.run_id)
+    record_property("workdir", str(vm.workdir))
+    assert vm.run("echo $((6*7))").stdout == "42\\n"
+    if net != "none":
+        record_property("netns", vm.network.netns)
+        record_property("tap", vm.network.tap)
+        assert vm.network.guest_ip in vm.run("ip -4 addr show eth0").stdout
+        # isolated: this host's policy drops it inside the run namespace (there is no uplink)
+        vm.run("bash -c 'echo x > /dev/udp/192.0.2.1/9'")
+        assert ("192.0.2.1", 9, "udp") in vm.network.denied
+
+def test_reports_its_host(smolvm):
+    assert smolvm.run("false").ok, "failing on purpose: the report must name the host"
+'''
+
+# For the kill case: on simhost-b every test holds its (networked) VM until it is killed.
+SLOW_ON_B = '''
+import socket, pytest
+
+@pytest.mark.smolvm(network="isolated")
+@pytest.mark.parametrize("i", range(6))
+def test_hold(smolvm, i):
+    if socket.gethostname() == "simhost-b":
+        smolvm.run("sleep 120", timeout=150)
+    assert smolvm.run("true").ok
+'''
+
+
+def write_suite(path: Path, source: str) -> Path:
+    path.mkdir()
+    (path / "pytest.ini").write_text("[pytest]\naddopts = -p no:cacheprovider\n")
+    (path / "test_suite.py").write_text(source)
+    return path
+
+
+@pytest.fixture
+def hosts(tmp_path: Path) -> Iterator[list[SimHost]]:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    made = [SimHost(name, logs, PACKAGE_ROOT) for name in ("simhost-a", "simhost-b")]
+    try:
+        yield made
+    finally:
+        for host in made:
+            host.stop()
+
+
+def controller_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in DROP_ENV}
+    env.update(SMOLVM_RUNTIME_DIR=str(tmp_path / "controller-rt"), SMOLVM_CACHE_DIR=str(REAL_CACHE),
+               PYTHONPATH=PACKAGE_ROOT)
+    return env
+
+
+def run_over(hosts: list[SimHost], suite: Path, tmp_path: Path, *extra: str,
+             timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    """``pytest -d --tx socket=…`` per host from ``suite``, with no path argument (xdist would
+    rewrite it against rsync roots)."""
+    argv = [sys.executable, "-m", "pytest", "-p", "xdist", "-d", "--max-worker-restart=0", "-rfE",
+            f"--junitxml={tmp_path / 'junit.xml'}", *extra]
+    for host in hosts:
+        argv += ["--tx", host.tx]
+    proc = subprocess.Popen(argv, cwd=suite, env=controller_env(tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"the multi-host run did not finish in {timeout}s:\n{out[-4000:]}")
+    return subprocess.CompletedProcess(argv, proc.returncode, out, "")
+
+
+def properties(junit: Path) -> dict[str, dict[str, str]]:
+    """test name -> its recorded properties and outcome."""
+    found = {}
+    for case in ET.parse(junit).getroot().iter("testcase"):
+        props = {p.get("name", ""): p.get("value", "") for p in case.iter("property")}
+        props["outcome"] = "failed" if case.find("failure") is not None or case.find("error") is not None else "passed"
+        found[case.get("name", "")] = props
+    return found
+
+
+def assert_clean(host: SimHost, run_id: str) -> None:
+    left = host.leftovers()
+    assert left == {"vmms": [], "runtime": [], "netns": []}, (host.name, left)
+
+
+def assert_no_trace_of_run(run_id: str) -> None:
+    """Nothing of the run anywhere on the machine: no VMM naming it, no nft table of it."""
+    assert not [c for c in qemu_processes().values() if f"/{run_id}/" in c]
+    tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, check=False).stdout
+    assert run_id not in tables, tables
+
+
+def test_suite_runs_across_two_hosts_without_collision(hosts: list[SimHost], tmp_path: Path) -> None:
+    suite = write_suite(tmp_path / "suite", SUITE)
+    for host in hosts:
+        host.start(suite)
+    t0 = time.monotonic()
+    res = run_over(hosts, suite, tmp_path)
+    elapsed = time.monotonic() - t0
+    out = res.stdout
+    assert res.returncode == 1, out[-4000:]
+    assert re.search(r"1 failed, 12 passed", out), out[-4000:]
+    props = properties(tmp_path / "junit.xml")
+    vm_tests = {name: p for name, p in props.items() if name.startswith("test_vm")}
+    assert len(vm_tests) == 12 and all(p["outcome"] == "passed" for p in vm_tests.values()), props
+
+    # Both hosts got tests, networked ones included, all of one run.
+    by_host: dict[str, list[dict[str, str]]] = {}
+    for p in vm_tests.values():
+        by_host.setdefault(p["host"], []).append(p)
+    assert set(by_host) == {"simhost-a", "simhost-b"}, {h: len(v) for h, v in by_host.items()}
+    assert all(any("netns" in p for p in ps) for ps in by_host.values()), by_host
+    runs = {p["run"] for p in vm_tests.values()}
+    assert len(runs) == 1, runs
+    run_id = runs.pop()
+    # The same run namespace name on both hosts, and TAP names may repeat: each host has its
+    # own (here: its own /run/netns; on real machines, its own kernel). VM directories are
+    # per host too.
+    assert len({p["netns"] for p in vm_tests.values() if "netns" in p}) == 1
+    assert all(p["workdir"].startswith(f"/tmp/smolvm-rt/{run_id}/") for p in vm_tests.values())
+
+    # The failure report says where its VM ran; the summary says what each host did.
+    assert re.search(rf"host simhost-[ab], worker gw[01], run {run_id}, VM directory /tmp/smolvm-rt/{run_id}/", out), out
+    for host in ("simhost-a", "simhost-b"):
+        assert re.search(rf"smolvm: host {host} \(gw[01]\): \d+ VM\(s\), pool hits \d+/\d+", out), out
+
+    for host in hosts:
+        assert_clean(host, run_id)
+    assert_no_trace_of_run(run_id)
+    print(f"13 tests over two simulated hosts in {elapsed:.1f}s "
+          f"({ {h: len(v) for h, v in by_host.items()} })")
+
+
+def test_killed_host_is_cleaned_by_reap_and_its_next_run(hosts: list[SimHost], tmp_path: Path) -> None:
+    suite = write_suite(tmp_path / "suite", SLOW_ON_B)
+    for host in hosts:
+        host.start(suite)
+    a, b = hosts
+    argv_extra = ["-p", "no:randomly"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-p", "xdist", "-d", "--max-worker-restart=0", *argv_extra,
+         "--tx", a.tx, "--tx", b.tx],
+        cwd=suite, env=controller_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True)
+    try:
+        # Wait until simhost-b has a networked VM up (its run namespace exists), then kill its
+        # server, and with it the worker it runs, with SIGKILL: no teardown runs.
+        deadline = time.monotonic() + 120
+        while not (left := b.leftovers())["netns"] or not left["vmms"]:
+            assert proc.poll() is None and time.monotonic() < deadline, (left, proc.poll())
+            time.sleep(0.3)
+        b.kill_server()
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert "crashed" in out or "node down" in out, out[-3000:]
+
+    # What the dead worker left on simhost-b: its VM directories, the run namespace, the slot
+    # table. Its VMMs are gone already (the watchdog saw its engine die).
+    deadline = time.monotonic() + 15
+    while (left := b.leftovers())["vmms"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left["vmms"], left
+    assert left["runtime"] and left["netns"], left
+    run_id = left["runtime"][0].split(".")[0]
+    dry = b.run([sys.executable, "-m", "pytest_smolvm", "reap", "--dry-run"])
+    assert f"run {run_id}" in dry.stdout and "network namespace smolvm-" in dry.stdout, dry.stdout + dry.stderr
+    assert b.leftovers() == left  # a dry run removes nothing
+
+    # The host's next run (its worker, not the controller, which cannot see it) reaps it.
+    b.start_server()
+    # A new module name: simhost-a's server process ran the old one and still has it imported.
+    (suite / "test_suite.py").unlink()
+    (suite / "test_next.py").write_text("def test_quick(smolvm):\n    assert smolvm.run('true').ok\n")
+    for host in hosts:
+        res = host.run(["sh", "-c", "rm /tmp/suite/test_suite.py && cat > /tmp/suite/test_next.py"],
+                       stdin=(suite / "test_next.py").read_bytes())
+        assert res.returncode == 0, res.stderr
+    res = run_over(hosts, suite, tmp_path, "-p", "no:randomly")
+    assert res.returncode == 0, res.stdout[-4000:]
+    assert re.search(r"smolvm: host simhost-b \(gw1\): .*, \d+ leftover\(s\) of dead runs reaped", res.stdout), \
+        res.stdout[-3000:]
+    for host in hosts:
+        assert_clean(host, run_id)
+    after = b.run([sys.executable, "-m", "pytest_smolvm", "reap"])
+    assert after.returncode == 0 and "0 leftover VM(s) reaped" in after.stdout, after.stdout + after.stderr
+    assert_no_trace_of_run(run_id)
