@@ -70,7 +70,8 @@ class SimHost:
         assert self.init_pid
         return ["nsenter", f"--target={self.init_pid}", "--mount", "--uts", "--pid", "--", *argv]
 
-    def run(self, argv: list[str], *, timeout: float = 60, stdin: bytes | None = None) -> subprocess.CompletedProcess[str]:
+    def run(self, argv: list[str], *, timeout: float = 60,
+            stdin: bytes | None = None) -> subprocess.CompletedProcess[str]:
         """Run ``argv`` inside this host and wait for it."""
         proc = subprocess.Popen(self.nsenter(argv), env=self.env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, start_new_session=True, cwd="/")
@@ -86,11 +87,11 @@ class SimHost:
 
     def start(self, suite: Path) -> None:
         """Boot the host, copy ``suite`` into its private /tmp, start its socket server."""
-        self.holder = subprocess.Popen(
-            ["unshare", "--mount", "--uts", "--pid", "--fork", "--mount-proc", "--propagation", "private",
-             "sh", "-c", SETUP, self.name],
-            stdout=subprocess.PIPE, stderr=open(self.logs / f"{self.name}-holder.log", "wb"),
-            start_new_session=True)
+        with open(self.logs / f"{self.name}-holder.log", "wb") as err:
+            self.holder = subprocess.Popen(
+                ["unshare", "--mount", "--uts", "--pid", "--fork", "--mount-proc", "--propagation", "private",
+                 "sh", "-c", SETUP, self.name],
+                stdout=subprocess.PIPE, stderr=err, start_new_session=True)
         assert self.holder.stdout is not None
         if self.holder.stdout.readline().strip() != b"ready":
             raise RuntimeError(f"simulated host {self.name} did not come up (see {self.logs})")
@@ -108,9 +109,10 @@ class SimHost:
     def start_server(self) -> None:
         self.port = free_port()
         log = self.logs / f"{self.name}-server.log"
-        self.server = subprocess.Popen(self.nsenter([sys.executable, "-u", str(SOCKETSERVER), f"127.0.0.1:{self.port}"]),
-                                       env=self.env(), stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                                       start_new_session=True, cwd="/")
+        argv = self.nsenter([sys.executable, "-u", str(SOCKETSERVER), f"127.0.0.1:{self.port}"])
+        with open(log, "wb") as out:
+            self.server = subprocess.Popen(argv, env=self.env(), stdout=out, stderr=subprocess.STDOUT,
+                                           start_new_session=True, cwd="/")
         deadline = time.monotonic() + 30
         while b"Entering Accept loop" not in log.read_bytes():
             if self.server.poll() is not None or time.monotonic() > deadline:

@@ -167,7 +167,8 @@ def test_suite_runs_across_two_hosts_without_collision(hosts: list[SimHost], tmp
     assert all(p["workdir"].startswith(f"/tmp/smolvm-rt/{run_id}/") for p in vm_tests.values())
 
     # The failure report says where its VM ran; the summary says what each host did.
-    assert re.search(rf"host simhost-[ab], worker gw[01], run {run_id}, VM directory /tmp/smolvm-rt/{run_id}/", out), out
+    where = rf"host simhost-[ab], worker gw[01], run {run_id}, VM directory /tmp/smolvm-rt/{run_id}/"
+    assert re.search(where, out), out
     for host in ("simhost-a", "simhost-b"):
         assert re.search(rf"smolvm: host {host} \(gw[01]\): \d+ VM\(s\), pool hits \d+/\d+", out), out
 
