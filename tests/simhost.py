@@ -37,7 +37,13 @@ DROP_ENV = ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TE
             "SMOLVM_RUN_ID", "PYTEST_ADDOPTS", "COV_CORE_SOURCE")
 
 SETUP = ("mount -t tmpfs -o mode=1777 tmpfs /tmp && mount -t tmpfs -o mode=755 tmpfs /run && "
-         "mkdir -m 755 /run/netns && hostname \"$0\" && echo ready && exec sleep infinity")
+         "mkdir -m 755 /run/netns && hostname \"$0\" && "
+         "if [ -n \"$1\" ]; then mkdir /run/shared-images && mount --bind \"$1\" /run/shared-images && "
+         "mount -o remount,bind,ro /run/shared-images; fi && echo ready && exec sleep infinity")
+#: Where a host given ``shared_images`` sees them: read-only, as an NFS export would be.
+SHARED_IMAGES = "/run/shared-images"
+#: The private cache of such a host (snapshots, probes, the agent build, derived boot layers).
+PRIVATE_CACHE = "/tmp/smolvm-cache"
 
 
 def free_port() -> int:
@@ -49,8 +55,11 @@ def free_port() -> int:
 class SimHost:
     """One simulated host. ``start()`` brings it up, ``stop()`` takes it down (idempotent)."""
 
-    def __init__(self, name: str, logs: Path, pythonpath: str) -> None:
+    def __init__(self, name: str, logs: Path, pythonpath: str, shared_images: Path | None = None) -> None:
+        """``shared_images``: an image cache this host sees read-only (``SMOLVM_IMAGE_PATH``),
+        with a cache of its own that starts empty; else it uses the machine's cache."""
         self.name = name
+        self.shared_images = shared_images
         self.logs = logs
         self.pythonpath = pythonpath
         self.holder: subprocess.Popen[bytes] | None = None
@@ -63,6 +72,8 @@ class SimHost:
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in DROP_ENV}
         env.update(SMOLVM_RUNTIME_DIR=RUNTIME, PYTHONPATH=self.pythonpath, PYTHONUNBUFFERED="1")
+        if self.shared_images is not None:
+            env.update(SMOLVM_CACHE_DIR=PRIVATE_CACHE, SMOLVM_IMAGE_PATH=SHARED_IMAGES)
         return env
 
     def nsenter(self, argv: list[str]) -> list[str]:
@@ -90,7 +101,7 @@ class SimHost:
         with open(self.logs / f"{self.name}-holder.log", "wb") as err:
             self.holder = subprocess.Popen(
                 ["unshare", "--mount", "--uts", "--pid", "--fork", "--mount-proc", "--propagation", "private",
-                 "sh", "-c", SETUP, self.name],
+                 "sh", "-c", SETUP, self.name, str(self.shared_images or "")],
                 stdout=subprocess.PIPE, stderr=err, start_new_session=True)
         assert self.holder.stdout is not None
         if self.holder.stdout.readline().strip() != b"ready":

@@ -39,7 +39,7 @@ from ..volumes import check_volumes
 from . import declared as dcl
 from .imported import BUILD_LOCK_TIMEOUT, import_image, import_key, point_current, publish
 from .recipe import Recipe
-from .store import Image, images_dir, resolve
+from .store import Image, find_build, images_dir, load_image, resolve
 
 Progress = Callable[[str], None]
 BUILD_MOUNT = "/mnt/.smolvm-build"
@@ -71,7 +71,7 @@ def ensure(name: str, *, pyproject: Path | None = None, progress: Progress = _st
 
 
 def default_built() -> bool:
-    return (images_dir() / "default" / Recipe().digest()).is_dir()
+    return find_build("default", Recipe().digest()) is not None
 
 
 def ensure_default(progress: Progress = _stderr) -> Image:
@@ -104,6 +104,9 @@ def base_id(decl: dcl.Declared) -> str:
 def ensure_declared(decl: dcl.Declared, *, progress: Progress = _stderr, force: bool = False) -> Image:
     key = dcl.key(decl, base_id(decl))
     name_dir = images_dir() / decl.name
+    found = find_build(decl.name, key)
+    if found is not None and not found.is_relative_to(images_dir()) and not force:
+        return load_image(found, decl.name)  # built by another host, shared read-only
     final = name_dir / key
     if (final / "manifest.json").is_file() and not force:
         point_current(name_dir, key)

@@ -1,4 +1,14 @@
-"""Find a built image in the cache and check it is whole (no building here)."""
+"""Find a built image in the cache and check it is whole (no building here).
+
+Images are looked up in the cache's ``images/`` first, then in each directory of
+``SMOLVM_IMAGE_PATH`` (``os.pathsep``-separated): image caches another host built and shares,
+typically read-only over a network filesystem. Those are only read, never locked or written:
+an image build is immutable and named by its content digest, and a builder publishes it by
+``rename`` (``current`` is a relative symlink swapped the same way), so a reader on another
+host sees a whole build or none without any lock (file locks are not trusted to work across
+hosts). What is derived from an image on use, its boot layer, goes into this host's own
+cache when the shared directory lacks it.
+"""
 
 from __future__ import annotations
 
@@ -42,6 +52,21 @@ def images_dir() -> Path:
     return cache_dir() / "images"
 
 
+def shared_image_dirs() -> list[Path]:
+    """Read-only image caches from ``SMOLVM_IMAGE_PATH``, in order."""
+    raw = os.environ.get("SMOLVM_IMAGE_PATH", "")
+    return [Path(p).expanduser() for p in raw.split(os.pathsep) if p.strip()]
+
+
+def find_build(name: str, digest: str) -> Path | None:
+    """The build ``digest`` of image ``name``: in this host's cache, else in a shared one."""
+    for base in [images_dir(), *shared_image_dirs()]:
+        path = base / name / digest
+        if (path / "manifest.json").is_file():
+            return path
+    return None
+
+
 def _hint(name: str) -> str:
     if os.sep in name or name.startswith("."):
         return f"{BUILD_HINT} --name NAME (the image this directory was built as)"
@@ -61,8 +86,8 @@ def resolve(name_or_path: str) -> Image:
         return _load(path, name_or_path)
     name = name_or_path
     if name == "default":
-        path = images_dir() / name / Recipe().digest()
-        if not path.is_dir():
+        found = find_build(name, Recipe().digest())
+        if found is None:
             older = _current(name)
             extra = f" (an older build is at {older}, from a different recipe)" if older else ""
             raise ImageError(
@@ -70,19 +95,26 @@ def resolve(name_or_path: str) -> Image:
                 f"build it (needs root, mmdebstrap and network access to the Debian archive) with: "
                 f"{BUILD_HINT}"
             )
-        return _load(path, name)
+        return _load(found, name)
     current = _current(name)
     if current is None:
-        raise ImageError(f"no guest image named {name!r} in {images_dir()}; build it with: {_hint(name)}")
+        where = ", ".join(str(d) for d in [images_dir(), *shared_image_dirs()])
+        raise ImageError(f"no guest image named {name!r} in {where}; build it with: {_hint(name)}")
     return _load(current, name)
 
 
 def _current(name: str) -> Path | None:
-    link = images_dir() / name / "current"
-    try:
-        return link.resolve(strict=True)
-    except OSError:
-        return None
+    for base in [images_dir(), *shared_image_dirs()]:
+        try:
+            return (base / name / "current").resolve(strict=True)
+        except OSError:
+            continue
+    return None
+
+
+def load_image(path: Path, name: str) -> Image:
+    """The image build at ``path`` (verified), named ``name``."""
+    return _load(path, name)
 
 
 def _load(path: Path, name: str) -> Image:
@@ -117,12 +149,7 @@ def _load_cached(path: Path, name: str, _mtime: int) -> Image:
         if f.read(2) != b"\x53\xef":
             raise ImageError(f"image {name!r} rootfs {path / 'rootfs.ext4'} has no ext4 superblock "
                              f"(corrupt); rebuild it with: {_hint(name)} --force")
-    initrd = path / f"boot-{boot_digest()}.cpio"
-    if not initrd.exists():
-        try:
-            build_initramfs(path, initrd, agent_binary(str(manifest.get("recipe", {}).get("arch", "amd64"))))
-        except OSError as exc:
-            raise ImageError(f"cannot write the boot layer of image {name!r} at {initrd}: {exc}") from exc
+    initrd = _boot_layer(path, name, manifest)
     return Image(
         name=name,
         path=path,
@@ -135,6 +162,27 @@ def _load_cached(path: Path, name: str, _mtime: int) -> Image:
         ssh_host_key_pub=(path / "ssh_host_ed25519_key.pub").read_text().strip()
         if (path / "ssh_host_ed25519_key.pub").exists() else "",
     )
+
+
+def _boot_layer(path: Path, name: str, manifest: dict[str, object]) -> Path:
+    """The image's boot layer for this version's agent: beside the image, or, for an image
+    in a shared cache that lacks it, derived into this host's cache (never written there)."""
+    initrd = path / f"boot-{boot_digest()}.cpio"
+    if initrd.exists():
+        return initrd
+    if not path.is_relative_to(images_dir()) and any(path.is_relative_to(d) for d in shared_image_dirs()):
+        local = cache_dir() / "bootlayers" / str(manifest.get("digest", "unknown"))
+        local.mkdir(parents=True, exist_ok=True)
+        initrd = local / initrd.name
+        if initrd.exists():
+            return initrd
+    recipe = manifest.get("recipe", {})
+    arch = str(recipe.get("arch", "amd64")) if isinstance(recipe, dict) else "amd64"
+    try:
+        build_initramfs(path, initrd, agent_binary(arch))
+    except OSError as exc:
+        raise ImageError(f"cannot write the boot layer of image {name!r} at {initrd}: {exc}") from exc
+    return initrd
 
 
 def list_images() -> list[tuple[str, Path, dict[str, object]]]:

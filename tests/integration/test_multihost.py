@@ -81,7 +81,10 @@ def write_suite(path: Path, source: str) -> Path:
 def hosts(tmp_path: Path) -> Iterator[list[SimHost]]:
     logs = tmp_path / "logs"
     logs.mkdir()
-    made = [SimHost(name, logs, PACKAGE_ROOT) for name in ("simhost-a", "simhost-b")]
+    # simhost-a uses the machine's cache (it "built" the images); simhost-b sees that image
+    # cache only read-only (SMOLVM_IMAGE_PATH, like an NFS export) and has an empty one of its own.
+    made = [SimHost("simhost-a", logs, PACKAGE_ROOT),
+            SimHost("simhost-b", logs, PACKAGE_ROOT, shared_images=REAL_CACHE / "images")]
     try:
         yield made
     finally:
@@ -171,6 +174,12 @@ def test_suite_runs_across_two_hosts_without_collision(hosts: list[SimHost], tmp
     assert re.search(where, out), out
     for host in ("simhost-a", "simhost-b"):
         assert re.search(rf"smolvm: host {host} \(gw[01]\): \d+ VM\(s\), pool hits \d+/\d+", out), out
+
+    # simhost-b found its image in the read-only shared cache: it built no image, locked and
+    # wrote nothing there (a write would fail: read-only), and made its snapshots in its own.
+    own = hosts[1].run(["sh", "-c", "find /tmp/smolvm-cache/images -name manifest.json | wc -l; "
+                                    "ls /tmp/smolvm-cache/snapshots | wc -l"]).stdout.split()
+    assert own[0] == "0" and int(own[1]) >= 2, own
 
     for host in hosts:
         assert_clean(host, run_id)
