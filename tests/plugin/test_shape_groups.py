@@ -161,5 +161,5 @@ def test_failure_report_names_the_host(fake: pytest.Pytester) -> None:
     """)
     result = fake.runpytest()
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["*smolvm host vm*", f"host {socket.gethostname()}, worker main, run *, "
+    result.stdout.fnmatch_lines(["*smolvm host vm*", f"host {socket.gethostname()}, worker *, run *, "
                                  f"VM directory */vm*"])
