@@ -103,7 +103,7 @@ def run_over(hosts: list[SimHost], suite: Path, tmp_path: Path, *extra: str,
              timeout: float = 240) -> subprocess.CompletedProcess[str]:
     """``pytest -d --tx socket=…`` per host from ``suite``, with no path argument (xdist would
     rewrite it against rsync roots)."""
-    argv = [sys.executable, "-m", "pytest", "-p", "xdist", "-d", "--max-worker-restart=0", "-rfE",
+    argv = [sys.executable, "-m", "pytest", "-p", "xdist", "-p", "no:randomly", "-d", "--max-worker-restart=0", "-rfE",
             f"--junitxml={tmp_path / 'junit.xml'}", *extra]
     for host in hosts:
         argv += ["--tx", host.tx]
@@ -235,7 +235,7 @@ def test_killed_host_is_cleaned_by_reap_and_its_next_run(hosts: list[SimHost], t
         res = host.run(["sh", "-c", "rm /tmp/suite/test_suite.py && cat > /tmp/suite/test_next.py"],
                        stdin=(suite / "test_next.py").read_bytes())
         assert res.returncode == 0, res.stderr
-    res = run_over(hosts, suite, tmp_path, "-p", "no:randomly")
+    res = run_over(hosts, suite, tmp_path)
     assert res.returncode == 0, res.stdout[-4000:]
     assert re.search(r"smolvm: host simhost-b \(gw1\): .*, \d+ leftover\(s\) of dead runs reaped", res.stdout), \
         res.stdout[-3000:]
