@@ -31,7 +31,7 @@ from typing import Final
 
 from ..config import DEFAULT_EGRESS_CONNS_PER_S, DEFAULT_EGRESS_KIB_PER_S
 from ..errors import NetworkError
-from ..host import stamp_alive
+from ..host import host_name, stamp_alive
 from ..paths import runtime_dir
 from . import netns, policy
 from .addressing import DEFAULT_BASE, Addressing, addressing, slot_count
@@ -46,10 +46,24 @@ DEFAULT_CAPS: Final = Caps(DEFAULT_EGRESS_KIB_PER_S, DEFAULT_EGRESS_CONNS_PER_S)
 
 
 def run_tag(run_id: str) -> str:
-    """The run id as it appears in interface and table names (8 safe characters)."""
-    if re.fullmatch(r"[0-9a-z]{1,8}", run_id):
+    """The run as it appears in namespace, interface and table names (8 safe characters).
+
+    A run is a run id *in a runtime directory* (the slot table, the lock and the reaper's
+    judgement live there), but namespace names (``/run/netns``) and the uplink's veth and table
+    are host-wide. Two runtime directories on one host with the same ``SMOLVM_RUN_ID`` (two CI
+    jobs given the pipeline's id) would otherwise share a namespace while keeping separate slot
+    tables: TAP names collide, and one run's last VM removes the namespace or uplink veth the
+    other still uses. So the tag is the run id itself (readable) only in the default runtime
+    directory, and otherwise a digest of the host name, the runtime directory and the run id."""
+    if re.fullmatch(r"[0-9a-z]{1,8}", run_id) and runtime_dir() == _default_runtime_dir():
         return run_id
-    return hashlib.sha256(run_id.encode()).hexdigest()[:8]
+    if runtime_dir() == _default_runtime_dir():
+        return hashlib.sha256(run_id.encode()).hexdigest()[:8]
+    return hashlib.sha256(f"{host_name()}\0{runtime_dir()}\0{run_id}".encode()).hexdigest()[:8]
+
+
+def _default_runtime_dir() -> Path:
+    return Path(os.path.realpath("/tmp")) / f"smolvm-{os.getuid()}"
 
 
 def uplink_tag(uplink: str | None) -> str:
