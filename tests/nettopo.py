@@ -27,6 +27,21 @@ UPLINK_ADDR = "10.99.0.1"
 PAGES = {ALLOWED_HOST: "allowed-host", OTHER_HOST: "other-host", UPLINK_ADDR: "uplink-host"}
 
 
+#: An HTTP server on port 80 of ``argv[1]`` serving ``argv[2]``: ``python -m http.server``
+#: without its ``getfqdn()`` at bind time, a reverse DNS lookup that, from the uplink namespace
+#: (whose default route leads into the internet namespace, where it is dropped), waited out
+#: the resolver's timeouts: ~10 s per Internet.
+SERVER = """
+import functools, http.server, socketserver, sys
+class Server(http.server.ThreadingHTTPServer):
+    def server_bind(self):
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=sys.argv[2])
+Server((sys.argv[1], 80), handler).serve_forever()
+"""
+
+
 def sh(*argv: str) -> None:
     subprocess.run(argv, check=True, capture_output=True, text=True)
 
@@ -65,8 +80,8 @@ class Internet:
                 (d / "index.html").write_text(page)
                 ns = host if addr == UPLINK_ADDR else inet
                 net.servers.append(subprocess.Popen(
-                    ["ip", "netns", "exec", ns, sys.executable, "-m", "http.server", "80", "--bind", addr,
-                     "--directory", str(d)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                    ["ip", "netns", "exec", ns, sys.executable, "-c", SERVER, addr, str(d)],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             for addr in PAGES:
                 net.wait_listening(host if addr == UPLINK_ADDR else inet, addr)
         except BaseException:

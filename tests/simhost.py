@@ -66,6 +66,8 @@ class SimHost:
         self.server: subprocess.Popen[bytes] | None = None
         self.init_pid = 0  # the holder's child: init of the host's PID namespace
         self.port = 0
+        #: With ``start(internet=True)``: the host's stand-in uplink namespace (tests/nettopo.py).
+        self.uplink: str | None = None
 
     # ------------------------------------------------------------------ namespaces
 
@@ -74,6 +76,8 @@ class SimHost:
         env.update(SMOLVM_RUNTIME_DIR=RUNTIME, PYTHONPATH=self.pythonpath, PYTHONUNBUFFERED="1")
         if self.shared_images is not None:
             env.update(SMOLVM_CACHE_DIR=PRIVATE_CACHE, SMOLVM_IMAGE_PATH=SHARED_IMAGES)
+        if self.uplink is not None:
+            env.update(SMOLVM_UPLINK=self.uplink)
         return env
 
     def nsenter(self, argv: list[str]) -> list[str]:
@@ -96,8 +100,10 @@ class SimHost:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self, suite: Path) -> None:
-        """Boot the host, copy ``suite`` into its private /tmp, start its socket server."""
+    def start(self, suite: Path, *, internet: bool = False) -> None:
+        """Boot the host, copy ``suite`` into its private /tmp, start its socket server. With
+        ``internet``, the host gets its own "host uplink" and "internet" namespaces (in its own
+        /run/netns; tests/nettopo.py), and its VMs' ``nat`` traffic leaves through them."""
         with open(self.logs / f"{self.name}-holder.log", "wb") as err:
             self.holder = subprocess.Popen(
                 ["unshare", "--mount", "--uts", "--pid", "--fork", "--mount-proc", "--propagation", "private",
@@ -115,7 +121,23 @@ class SimHost:
         res = self.run(["sh", "-c", f"mkdir -p {SUITE} && tar -C {SUITE} -xf -"], stdin=_tar(suite))
         if res.returncode != 0:
             raise RuntimeError(f"copying the suite into {self.name} failed: {res.stderr}")
+        if internet:
+            self._start_internet()
         self.start_server()
+
+    def _start_internet(self) -> None:
+        script = ("import signal, sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
+                  "from nettopo import Internet; net = Internet.create(Path('/tmp/internet')); "
+                  "print(net.uplink, flush=True); signal.pause()")
+        with open(self.logs / f"{self.name}-internet.log", "wb") as err:
+            helper = subprocess.Popen(self.nsenter([sys.executable, "-c", script, str(Path(__file__).parent)]),
+                                      env=self.env(), stdout=subprocess.PIPE, stderr=err, start_new_session=True,
+                                      cwd="/")
+        assert helper.stdout is not None
+        line = helper.stdout.readline().decode().strip()  # it dies with the host's init
+        if not line:
+            raise RuntimeError(f"the internet stand-in of {self.name} did not come up (see {self.logs})")
+        self.uplink = line
 
     def start_server(self) -> None:
         self.port = free_port()
@@ -155,7 +177,7 @@ class SimHost:
 
     def leftovers(self) -> dict[str, list[str]]:
         """What is left on this host: VMM processes, runtime directory entries (besides the
-        lock and nothing else), network namespaces in its /run/netns."""
+        lock), pytest-smolvm's network namespaces in its /run/netns."""
         script = (
             "import os, json\n"
             "procs = []\n"
@@ -166,7 +188,7 @@ class SimHost:
             "        procs.append(b' '.join(argv).decode(errors='replace')[:300])\n"
             f"rt = sorted(os.listdir({RUNTIME!r})) if os.path.isdir({RUNTIME!r}) else []\n"
             "print(json.dumps({'vmms': procs, 'runtime': [e for e in rt if e != 'net.lock'],"
-            " 'netns': sorted(os.listdir('/run/netns'))}))\n")
+            " 'netns': sorted(n for n in os.listdir('/run/netns') if n.startswith('smolvm-'))}))\n")
         res = self.run([sys.executable, "-c", script])
         if res.returncode != 0:
             raise RuntimeError(f"inspecting {self.name} failed: {res.stderr}")

@@ -30,28 +30,36 @@ pytestmark = [
 
 PACKAGE_ROOT = str(Path(pytest_smolvm.__file__).resolve().parent.parent)
 
-# Networked and non-networked tests interleaved, so that xdist's first chunks (two tests a
-# worker) give each host a networked VM at once: both hosts then build the run's namespace,
-# of one name, at the same time.
+# Networked (isolated and nat) and non-networked tests, ordered so that xdist's first chunks
+# (two tests a worker) give each host an isolated and a nat VM at once: both hosts then set up
+# the run's network at the same time, under one run id. Each host's nat traffic leaves through
+# its own stand-in uplink and internet (tests/nettopo.py, SMOLVM_UPLINK set per host).
 SUITE = '''
-import os, socket, pytest
+import socket, pytest
 
-CASES = [("isolated", i) if i % 2 == 0 else ("none", i) for i in range(12)]
+KINDS = ["isolated", "nat", "isolated", "nat", "none", "none", "isolated", "nat", "none", "none", "isolated", "none"]
+FETCH = ["python3", "-c", "import urllib.request as u; "
+         "print(u.urlopen('http://198.51.100.10/', timeout=20).read().decode())"]
 
-@pytest.mark.parametrize("net,i", CASES)
-def test_vm(net, i, smolvm_factory, record_property):
-    vm = smolvm_factory(network=net)
+@pytest.mark.parametrize("i", range(len(KINDS)))
+def test_vm(i, smolvm_factory, record_property):
+    net = KINDS[i]
+    vm = smolvm_factory(network=net, allow=["198.51.100.0/24"] if net == "nat" else [])
     record_property("host", socket.gethostname())
     record_property("run", vm.run_id)
     record_property("workdir", str(vm.workdir))
     assert vm.run("echo $((6*7))").stdout == "42\\n"
-    if net != "none":
-        record_property("netns", vm.network.netns)
-        record_property("tap", vm.network.tap)
-        assert vm.network.guest_ip in vm.run("ip -4 addr show eth0").stdout
-        # isolated: this host's policy drops it inside the run namespace (there is no uplink)
-        vm.run("bash -c 'echo x > /dev/udp/192.0.2.1/9'")
-        assert ("192.0.2.1", 9, "udp") in vm.network.denied
+    if net == "none":
+        return
+    record_property("netns", vm.network.netns)
+    assert vm.network.guest_ip in vm.run("ip -4 addr show eth0").stdout
+    # Dropped inside this host's run namespace by this host's policy.
+    vm.run("bash -c 'echo x > /dev/udp/203.0.113.10/9'")
+    assert ("203.0.113.10", 9, "udp") in vm.network.denied
+    if net == "nat":
+        record_property("uplink", vm.config.uplink)
+        page = vm.run(FETCH)
+        assert page.stdout.strip() == "allowed-host", page
 
 def test_reports_its_host(smolvm):
     assert smolvm.run("false").ok, "failing on purpose: the report must name the host"
@@ -131,6 +139,9 @@ def properties(junit: Path) -> dict[str, dict[str, str]]:
 def assert_clean(host: SimHost, run_id: str) -> None:
     left = host.leftovers()
     assert left == {"vmms": [], "runtime": [], "netns": []}, (host.name, left)
+    if host.uplink is not None:  # the run's masquerade table and veth left the uplink too
+        res = host.run(["ip", "netns", "exec", host.uplink, "sh", "-c", "nft list tables; ip -o link"])
+        assert res.returncode == 0 and "smolvm" not in res.stdout and "svu" not in res.stdout, res
 
 
 def assert_no_trace_of_run(run_id: str) -> None:
@@ -143,7 +154,7 @@ def assert_no_trace_of_run(run_id: str) -> None:
 def test_suite_runs_across_two_hosts_without_collision(hosts: list[SimHost], tmp_path: Path) -> None:
     suite = write_suite(tmp_path / "suite", SUITE)
     for host in hosts:
-        host.start(suite)
+        host.start(suite, internet=True)
     t0 = time.monotonic()
     res = run_over(hosts, suite, tmp_path)
     elapsed = time.monotonic() - t0
@@ -160,6 +171,8 @@ def test_suite_runs_across_two_hosts_without_collision(hosts: list[SimHost], tmp
         by_host.setdefault(p["host"], []).append(p)
     assert set(by_host) == {"simhost-a", "simhost-b"}, {h: len(v) for h, v in by_host.items()}
     assert all(any("netns" in p for p in ps) for ps in by_host.values()), by_host
+    assert all(any("uplink" in p for p in ps) for ps in by_host.values()), by_host   # nat on both
+    assert {p["uplink"] for p in vm_tests.values() if "uplink" in p} == {h.uplink for h in hosts}
     runs = {p["run"] for p in vm_tests.values()}
     assert len(runs) == 1, runs
     run_id = runs.pop()
