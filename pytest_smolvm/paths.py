@@ -39,6 +39,11 @@ def cache_dir() -> Path:
     return path
 
 
+def default_runtime_dir() -> Path:
+    """Where :func:`runtime_dir` is when ``SMOLVM_RUNTIME_DIR`` is not set (not created here)."""
+    return Path(f"/tmp/smolvm-{os.getuid()}")
+
+
 def runtime_dir() -> Path:
     """Per-run state (sockets, overlays, console logs): ``$SMOLVM_RUNTIME_DIR``, else
     ``/tmp/smolvm-<uid>`` (short, because of AF_UNIX path limits).
@@ -48,7 +53,7 @@ def runtime_dir() -> Path:
     writable by group or others.
     """
     env = os.environ.get("SMOLVM_RUNTIME_DIR")
-    path = Path(env).expanduser().absolute() if env else Path(f"/tmp/smolvm-{os.getuid()}")
+    path = Path(env).expanduser().absolute() if env else default_runtime_dir()
     source = "SMOLVM_RUNTIME_DIR" if env else "the default"
     path = _secure_parent(path, "runtime directory", source)
     _ensure_private_dir(path, source, "runtime directory", "SMOLVM_RUNTIME_DIR")

@@ -32,7 +32,7 @@ from typing import Final
 from ..config import DEFAULT_EGRESS_CONNS_PER_S, DEFAULT_EGRESS_KIB_PER_S
 from ..errors import NetworkError
 from ..host import host_name, stamp_alive
-from ..paths import runtime_dir
+from ..paths import default_runtime_dir, runtime_dir
 from . import netns, policy
 from .addressing import DEFAULT_BASE, Addressing, addressing, slot_count
 from .allocator import Lease, SlotTable, shared_lock
@@ -55,15 +55,17 @@ def run_tag(run_id: str) -> str:
     tables: TAP names collide, and one run's last VM removes the namespace or uplink veth the
     other still uses. So the tag is the run id itself (readable) only in the default runtime
     directory, and otherwise a digest of the host name, the runtime directory and the run id."""
-    if re.fullmatch(r"[0-9a-z]{1,8}", run_id) and runtime_dir() == _default_runtime_dir():
+    default = runtime_dir() == _secure_default()
+    if default and re.fullmatch(r"[0-9a-z]{1,8}", run_id):
         return run_id
-    if runtime_dir() == _default_runtime_dir():
+    if default:
         return hashlib.sha256(run_id.encode()).hexdigest()[:8]
     return hashlib.sha256(f"{host_name()}\0{runtime_dir()}\0{run_id}".encode()).hexdigest()[:8]
 
 
-def _default_runtime_dir() -> Path:
-    return Path(os.path.realpath("/tmp")) / f"smolvm-{os.getuid()}"
+def _secure_default() -> Path:
+    """The default runtime directory as :func:`runtime_dir` returns it (parents resolved)."""
+    return Path(os.path.realpath(default_runtime_dir()))
 
 
 def uplink_tag(uplink: str | None) -> str:
