@@ -14,7 +14,7 @@ from pytest_smolvm.network import hub
 def tag_in(directory: Path, run_id: str, monkeypatch: pytest.MonkeyPatch, *, default: Path | None = None) -> str:
     directory.mkdir(mode=0o700, exist_ok=True)
     monkeypatch.setenv("SMOLVM_RUNTIME_DIR", str(directory))
-    monkeypatch.setattr(hub, "_default_runtime_dir", lambda: (default or Path("/nonexistent")).resolve())
+    monkeypatch.setattr(hub, "_secure_default", lambda: (default or Path("/nonexistent")).resolve())
     return hub.run_tag(run_id)
 
 
