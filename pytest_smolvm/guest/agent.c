@@ -17,7 +17,13 @@
  * - The agent and its commands share the cgroup smolvm (pids.max, memory.max): commands are
  *   born inside it. The agent keeps priority with nice -20 (its threads carry
  *   SCHED_RESET_ON_FORK, so commands start at 0) and an OOM score of -1000 (commands: 0).
- * - Output is capped per stream at max_output; the rest is read and dropped.
+ * - Output is capped per stream at max_output; the rest is read and dropped. An exec with
+ *   "stream": true sends its output as it arrives, as {"op": "out", "id", "stream"} frames
+ *   (body: the bytes; the cap counts them), before its result; nothing is buffered.
+ * - An exec with "spawn": true streams, keeps its stdin pipe open and answers "started"
+ *   (with its pid) once it runs; until it exits, "signal" (to its process group) and
+ *   "stdin" (data; "close") ops name it by its request id. When the host hangs up (EOF or
+ *   a bad frame on a connection), what it spawned is killed.
  * - env arrives over the channel and is only ever held in memory.
  *
  * Test modes (run on a host by tests/unit): --serve-fd N serves the stream on fd N and
@@ -54,7 +60,7 @@
 
 #define PORT_NAME "smolvm.ctl"
 #define VSOCK_PORT 1024 /* drivers/firecracker.py AGENT_VSOCK_PORT */
-#define PROTOCOL_VERSION 1
+#define PROTOCOL_VERSION 2
 #define MAX_HEADER (64 * 1024)
 #define MAX_REQUEST_BODY (1u << 30)
 #define MAX_DEPTH 200
@@ -763,6 +769,7 @@ static int exit_code(int status) {
 struct stream {
     int fd; /* -1 once at EOF */
     struct buf data;
+    size_t kept; /* bytes kept (buffered or streamed) of the cap */
     int truncated;
 };
 
@@ -780,7 +787,39 @@ struct execution {
     pid_t pid;
     struct stream out, err;
     char *chunk;
+    int stream;  /* output goes out as "out" frames as it arrives (nothing is buffered) */
+    int spawned; /* registered: "signal" and "stdin" ops reach it; stdin stays open */
+    long long target;       /* a spawned exec's request id, as "signal"/"stdin" name it */
+    int wake[2];            /* the serving loop -> this thread: a stdin op arrived */
+    /* Under reg_lock: a queued "stdin" op (its frame) and whether stdin is closed. */
+    struct frame stdin_op;
+    int stdin_closed;
+    /* The stdin op being written now (owned by the exec thread). */
+    struct frame feeding;
+    int close_after;
+    struct execution *next;
 };
+
+/* Spawned executions that are still running, by connection and id (under reg_lock). */
+static pthread_mutex_t reg_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct execution *registry;
+
+/* The registered execution of c with request id target; call with reg_lock held. */
+static struct execution *reg_find(struct chan *c, long long target) {
+    for (struct execution *x = registry; x; x = x->next)
+        if (x->chan == c && x->target == target) return x;
+    return NULL;
+}
+
+static void reg_remove(struct execution *x) {
+    pthread_mutex_lock(&reg_lock);
+    for (struct execution **p = &registry; *p; p = &(*p)->next)
+        if (*p == x) {
+            *p = x->next;
+            break;
+        }
+    pthread_mutex_unlock(&reg_lock);
+}
 
 /* The request's argv/env/cwd/limits; NULL, or what is wrong with them. */
 static const char *exec_parse(struct execution *x) {
@@ -830,6 +869,10 @@ static const char *exec_parse(struct execution *x) {
     if (truthy(v) && ((v->type != J_INT && v->type != J_FLOAT) || !(v->number > 0) || v->number > 1e9))
         return "exec: timeout must be a positive number of seconds";
     x->deadline = truthy(v) ? x->start + v->number : 0;
+    x->spawned = truthy(jget(h, "spawn"));
+    x->stream = x->spawned || truthy(jget(h, "stream"));
+    if (x->spawned && (!x->id || x->id->type != J_INT)) return "exec: a spawn needs an integer id";
+    if (x->spawned) x->target = x->id->integer;
     return NULL;
 }
 
@@ -853,7 +896,7 @@ static int exec_spawn(struct execution *x) {
     int out[2], err[2], in[2] = {-1, -1};
     if (pipe2(out, O_CLOEXEC)) return -1;
     if (pipe2(err, O_CLOEXEC)) return close(out[0]), close(out[1]), -1;
-    if (x->stdin_left) {
+    if (x->stdin_left || x->spawned) {
         if (pipe2(in, O_CLOEXEC)) in[0] = -1;
     } else in[0] = open("/dev/null", O_RDONLY | O_CLOEXEC);
     if (in[0] < 0) {
@@ -884,36 +927,89 @@ static int read_stream(struct execution *x, struct stream *s) {
         s->fd = -1;
         return -1;
     }
-    size_t room = x->cap > s->data.len ? x->cap - s->data.len : 0;
+    size_t room = x->cap > s->kept ? x->cap - s->kept : 0;
     size_t keep = (size_t)n < room ? (size_t)n : room;
+    s->kept += keep;
+    if ((size_t)n > room) s->truncated = 1;
+    if (keep && x->stream) {
+        struct buf b = {0};
+        reply_start(&b, "out", x->id);
+        field_str(&b, "stream", s == &x->out ? "stdout" : "stderr", 6);
+        chan_send(x->chan, &b, x->chunk, keep, NULL, 0);
+        buf_free(&b);
+        return 1;
+    }
     buf_add(&s->data, x->chunk, keep);
-    if ((size_t)n > room || s->data.failed) s->truncated = 1;
+    if (s->data.failed) s->truncated = 1;
     return 1;
 }
 
+static void close_stdin(struct execution *x) {
+    pthread_mutex_lock(&reg_lock);
+    x->stdin_closed = 1;
+    pthread_mutex_unlock(&reg_lock);
+    close(x->in_w);
+    x->in_w = -1;
+}
+
+/* Answer the stdin op being fed (err 0: all written) and forget it. */
+static void stdin_done(struct execution *x, int err, const char *msg) {
+    const struct jval *id = jget(x->feeding.header, "id");
+    if (err) send_error(x->chan, id, err, msg, NULL);
+    else {
+        struct buf b = {0};
+        reply_start(&b, "ok", id);
+        chan_send(x->chan, &b, NULL, 0, NULL, 0);
+        buf_free(&b);
+    }
+    frame_free(&x->feeding);
+    x->close_after = 0;
+}
+
+static void take_stdin_op(struct execution *x);
+
 static void feed_stdin(struct execution *x) {
     size_t n = x->stdin_left < CHUNK ? x->stdin_left : CHUNK;
-    ssize_t w = write(x->in_w, x->stdin_data, n);
+    ssize_t w = n ? write(x->in_w, x->stdin_data, n) : 0;
     if (w < 0 && (errno == EAGAIN || errno == EINTR)) return;
-    if (w < 0) x->stdin_left = 0; /* the command closed its stdin */
+    int failed = w < 0;
+    if (failed) x->stdin_left = 0; /* the command closed its stdin */
     else x->stdin_data += w, x->stdin_left -= (size_t)w;
-    if (!x->stdin_left) {
-        close(x->in_w);
-        x->in_w = -1;
-    }
+    if (x->stdin_left) return;
+    int close_now = !x->spawned || failed || x->close_after;
+    if (x->feeding.header) stdin_done(x, failed ? EPIPE : 0, "the process closed its stdin");
+    if (close_now) close_stdin(x);
+    else take_stdin_op(x); /* the next queued write, if any */
+}
+
+/* The serving loop queued a stdin op: start writing it once the previous data is out. */
+static void take_stdin_op(struct execution *x) {
+    char drain[64];
+    while (read(x->wake[0], drain, sizeof drain) > 0) {}
+    if (x->stdin_left || x->feeding.header || x->in_w < 0) return;
+    pthread_mutex_lock(&reg_lock);
+    x->feeding = x->stdin_op;
+    memset(&x->stdin_op, 0, sizeof x->stdin_op);
+    pthread_mutex_unlock(&reg_lock);
+    if (!x->feeding.header) return;
+    x->close_after = truthy(jget(x->feeding.header, "close"));
+    x->stdin_data = x->feeding.body;
+    x->stdin_left = x->feeding.body_len;
+    if (!x->stdin_left) feed_stdin(x); /* nothing to write: answer (and close) now */
 }
 
 /* One poll and the events it returned: the exit, stdin room, output, the deadline. */
 static void exec_wait(struct execution *x) {
-    struct pollfd p[4] = {
-        {x->pidfd, POLLIN, 0}, {x->out.fd, POLLIN, 0}, {x->err.fd, POLLIN, 0}, {x->in_w, POLLOUT, 0},
+    struct pollfd p[5] = {
+        {x->pidfd, POLLIN, 0}, {x->out.fd, POLLIN, 0}, {x->err.fd, POLLIN, 0},
+        {x->stdin_left ? x->in_w : -1, POLLOUT, 0}, {x->wake[0], POLLIN, 0},
     };
     int ms = -1;
     if (x->deadline) {
         double left = x->deadline - monotonic();
         ms = left <= 0 ? 0 : left > 1e6 ? 1000000000 : (int)(left * 1000) + 1;
     }
-    int n = poll(p, 4, ms);
+    int n = poll(p, 5, ms);
     if (n < 0) return;
     if (n == 0 && x->deadline && monotonic() >= x->deadline) {
         x->timed_out = 1;
@@ -923,11 +1019,19 @@ static void exec_wait(struct execution *x) {
     }
     if (p[0].revents) x->exited = 1; /* noticed through the pidfd, not the pipes */
     if (p[3].revents && x->in_w >= 0) feed_stdin(x);
+    if (p[4].revents) take_stdin_op(x);
     if (p[1].revents && x->out.fd >= 0) read_stream(x, &x->out);
     if (p[2].revents && x->err.fd >= 0) read_stream(x, &x->err);
 }
 
 static void exec_reply(struct execution *x) {
+    if (x->spawned) { /* no op reaches it from now on; one queued or in flight fails */
+        reg_remove(x);
+        if (x->feeding.header) stdin_done(x, EPIPE, "the process exited");
+        x->feeding = x->stdin_op; /* reg_remove made it final: no op is queued from now on */
+        memset(&x->stdin_op, 0, sizeof x->stdin_op);
+        if (x->feeding.header) stdin_done(x, EPIPE, "the process exited");
+    }
     /* What is already in the pipes (bounded: a background child may keep writing). */
     for (int i = 0; i < 1024 && x->out.fd >= 0 && read_stream(x, &x->out) == 1; i++) {}
     for (int i = 0; i < 1024 && x->err.fd >= 0 && read_stream(x, &x->err) == 1; i++) {}
@@ -959,6 +1063,12 @@ static void drain_background(struct execution *x) {
 static void exec_run(struct execution *x) {
     const char *bad = exec_parse(x);
     if (bad) return send_error(x->chan, x->id, EINVAL, bad, NULL);
+    if (x->spawned) {
+        pthread_mutex_lock(&reg_lock);
+        int taken = reg_find(x->chan, x->target) != NULL;
+        pthread_mutex_unlock(&reg_lock);
+        if (taken) return send_error(x->chan, x->id, EEXIST, "exec: a spawned process with this id runs already", NULL);
+    }
     int rc = exec_spawn(x);
     if (rc < 0) return send_error(x->chan, x->id, errno, strerror(errno), NULL);
     if (rc > 0) return;
@@ -972,6 +1082,17 @@ static void exec_run(struct execution *x) {
     fcntl(x->out.fd, F_SETFL, O_NONBLOCK);
     fcntl(x->err.fd, F_SETFL, O_NONBLOCK);
     if (x->in_w >= 0) fcntl(x->in_w, F_SETFL, O_NONBLOCK);
+    if (x->spawned) { /* registered once it runs: the host's "signal"/"stdin" ops find it */
+        pthread_mutex_lock(&reg_lock);
+        x->next = registry;
+        registry = x;
+        pthread_mutex_unlock(&reg_lock);
+        struct buf b = {0};
+        reply_start(&b, "started", x->id);
+        field_int(&b, "pid", x->pid);
+        chan_send(x->chan, &b, NULL, 0, NULL, 0);
+        buf_free(&b);
+    }
     while (!x->exited) exec_wait(x);
     exec_reply(x);
     close(x->pidfd);
@@ -994,6 +1115,10 @@ static void *exec_thread(void *arg) {
     free(x->chunk);
     buf_free(&x->out.data);
     buf_free(&x->err.data);
+    frame_free(&x->feeding);
+    frame_free(&x->stdin_op);
+    close(x->wake[0]);
+    close(x->wake[1]);
     frame_free(&x->req);
     chan_unref(x->chan);
     free(x);
@@ -1010,6 +1135,12 @@ static void start_exec(struct chan *c, struct frame *f) {
     x->stdin_data = f->body;
     x->stdin_left = f->body_len;
     x->in_w = x->out.fd = x->err.fd = x->pidfd = -1;
+    if (pipe2(x->wake, O_CLOEXEC | O_NONBLOCK)) {
+        send_error(c, x->id, errno, "cannot create a pipe for the command", NULL);
+        frame_free(f);
+        free(x);
+        return;
+    }
     memset(f, 0, sizeof *f);
     chan_ref(c);
     pthread_attr_t attr;
@@ -1021,6 +1152,8 @@ static void start_exec(struct chan *c, struct frame *f) {
     pthread_attr_destroy(&attr);
     if (rc) {
         send_error(c, x->id, rc, "cannot start a thread for the command", NULL);
+        close(x->wake[0]);
+        close(x->wake[1]);
         frame_free(&x->req);
         chan_unref(c);
         free(x);
@@ -1437,6 +1570,8 @@ static double uptime(void) {
 /* Whether the op is exactly name (an op with a NUL byte inside matches none). */
 static int op_is(const struct jval *op, const char *name) { return op->len == strlen(name) && !memcmp(op->str, name, op->len); }
 
+static int to_spawned(struct chan *c, struct frame *f, const struct jval *id, int is_signal);
+
 static void handle(struct chan *c, struct frame *f) {
     const struct jval *op = jget(f->header, "op"), *id = jget(f->header, "id");
     struct buf b = {0};
@@ -1450,6 +1585,8 @@ static void handle(struct chan *c, struct frame *f) {
     } else if (op_is(op, "ping")) {
         reply_start(&b, "pong", id);
         chan_send(c, &b, NULL, 0, NULL, 0);
+    } else if (op_is(op, "signal") || op_is(op, "stdin")) {
+        if (to_spawned(c, f, id, op_is(op, "signal"))) return; /* the stdin op was queued */
     } else if (op_is(op, "put")) do_put(c, f, id);
     else if (op_is(op, "get")) do_get(c, f, id);
     else if (op_is(op, "setup")) do_setup(c, f, id);
@@ -1469,6 +1606,51 @@ static void handle(struct chan *c, struct frame *f) {
     frame_free(f);
 }
 
+/* A "signal" ({"target": spawn id, "signal": n}: sent to its process group at once) or a
+ * "stdin" op ({"target", "close": bool}, body = data: queued for the exec thread, which
+ * answers once the data is written). 1 if the frame was taken. */
+static int to_spawned(struct chan *c, struct frame *f, const struct jval *id, int is_signal) {
+    const struct jval *t = jget(f->header, "target"), *sig = jget(f->header, "signal");
+    if (!t || t->type != J_INT) return send_error(c, id, EINVAL, "target must be the integer id of a spawn", NULL), 0;
+    if (is_signal && (!sig || sig->type != J_INT || sig->integer < 1 || sig->integer > 64))
+        return send_error(c, id, EINVAL, "signal must be an integer in 1..64", NULL), 0;
+    pthread_mutex_lock(&reg_lock);
+    struct execution *x = reg_find(c, t->integer);
+    int err = !x ? ESRCH : 0, taken = 0;
+    if (x && is_signal && kill(-x->pid, (int)sig->integer) && kill(x->pid, (int)sig->integer)) err = errno;
+    if (x && !is_signal) {
+        if (x->stdin_closed) err = EPIPE;
+        else if (x->stdin_op.header) err = EBUSY;
+        else {
+            x->stdin_op = *f;
+            memset(f, 0, sizeof *f);
+            taken = 1;
+            ssize_t ignored = write(x->wake[1], "", 1);
+            (void)ignored;
+        }
+    }
+    pthread_mutex_unlock(&reg_lock);
+    if (err) {
+        const char *msg = err == ESRCH ? "no such spawned process (it exited)" : err == EPIPE ? "stdin is closed"
+                          : err == EBUSY ? "a stdin write to this process is in progress" : strerror(err);
+        send_error(c, id, err, msg, NULL);
+    } else if (is_signal) {
+        struct buf b = {0};
+        reply_start(&b, "ok", id);
+        chan_send(c, &b, NULL, 0, NULL, 0);
+        buf_free(&b);
+    }
+    return taken;
+}
+
+/* Kill what c spawned: the host hung up, so nothing can wait for them any more. */
+static void kill_spawned(struct chan *c) {
+    pthread_mutex_lock(&reg_lock);
+    for (struct execution *x = registry; x; x = x->next)
+        if (x->chan == c) kill(-x->pid, SIGKILL);
+    pthread_mutex_unlock(&reg_lock);
+}
+
 /* Answer requests until EOF (0) or a frame that breaks the protocol (3): the stream cannot
  * be resynchronised after one (the rejected frame's bytes would be read as requests). */
 static int serve(struct chan *c) {
@@ -1476,8 +1658,8 @@ static int serve(struct chan *c) {
     for (;;) {
         struct frame f;
         int rc = read_frame(c, &f, why, sizeof why);
-        if (rc == FRAME_EOF) return frame_free(&f), 0;
-        if (rc == FRAME_BAD) return logmsg("malformed request, stopping: %s", why), 3;
+        if (rc == FRAME_EOF) return frame_free(&f), kill_spawned(c), 0;
+        if (rc == FRAME_BAD) return kill_spawned(c), logmsg("malformed request, stopping: %s", why), 3;
         if (rc == FRAME_NOMEM) {
             char msg[100];
             snprintf(msg, sizeof msg, "cannot allocate %zu bytes for the request body", f.body_len);

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 MAGIC = b"SV"
 PREFIX = _struct.Struct(">2sII")
 MAX_HEADER = 64 * 1024
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 
 class FrameError(Exception):

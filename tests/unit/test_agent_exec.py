@@ -425,7 +425,7 @@ def test_serve_ping_put_get_exec(agent: AgentProcess, tmp_path: Path) -> None:
 
     sock.sendall(protocol.encode({"op": "hello", "id": 5}))
     header, _ = read_reply(sock)
-    assert (header["op"], header["version"], header["pid"]) == ("hello", 1, agent.proc.pid)
+    assert (header["op"], header["version"], header["pid"]) == ("hello", protocol.PROTOCOL_VERSION, agent.proc.pid)
     sock.sendall(protocol.encode({"op": "sync", "id": 6}))
     assert read_reply(sock)[0] == {"op": "ok", "id": 6}
 
