@@ -788,8 +788,9 @@ struct execution {
     struct stream out, err;
     char *chunk;
     int stream;  /* output goes out as "out" frames as it arrives (nothing is buffered) */
-    int spawned; /* registered: "signal" and "stdin" ops reach it; stdin stays open */
-    long long target;       /* a spawned exec's request id, as "signal"/"stdin" name it */
+    int spawned;    /* stdin stays open for "stdin" ops; answers "started" */
+    int registered; /* a spawn, or a streamed exec with an integer id: "signal" reaches it */
+    long long target;       /* a registered exec's request id, as "signal"/"stdin" name it */
     int wake[2];            /* the serving loop -> this thread: a stdin op arrived */
     /* Under reg_lock: a queued "stdin" op (its frame) and whether stdin is closed. */
     struct frame stdin_op;
@@ -872,7 +873,8 @@ static const char *exec_parse(struct execution *x) {
     x->spawned = truthy(jget(h, "spawn"));
     x->stream = x->spawned || truthy(jget(h, "stream"));
     if (x->spawned && (!x->id || x->id->type != J_INT)) return "exec: a spawn needs an integer id";
-    if (x->spawned) x->target = x->id->integer;
+    x->registered = x->spawned || (x->stream && x->id && x->id->type == J_INT);
+    if (x->registered) x->target = x->id->integer;
     return NULL;
 }
 
@@ -1025,7 +1027,7 @@ static void exec_wait(struct execution *x) {
 }
 
 static void exec_reply(struct execution *x) {
-    if (x->spawned) { /* no op reaches it from now on; one queued or in flight fails */
+    if (x->registered) { /* no op reaches it from now on; one queued or in flight fails */
         reg_remove(x);
         if (x->feeding.header) stdin_done(x, EPIPE, "the process exited");
         x->feeding = x->stdin_op; /* reg_remove made it final: no op is queued from now on */
@@ -1063,11 +1065,11 @@ static void drain_background(struct execution *x) {
 static void exec_run(struct execution *x) {
     const char *bad = exec_parse(x);
     if (bad) return send_error(x->chan, x->id, EINVAL, bad, NULL);
-    if (x->spawned) {
+    if (x->registered) {
         pthread_mutex_lock(&reg_lock);
         int taken = reg_find(x->chan, x->target) != NULL;
         pthread_mutex_unlock(&reg_lock);
-        if (taken) return send_error(x->chan, x->id, EEXIST, "exec: a spawned process with this id runs already", NULL);
+        if (taken) return send_error(x->chan, x->id, EEXIST, "exec: a process with this id runs already", NULL);
     }
     int rc = exec_spawn(x);
     if (rc < 0) return send_error(x->chan, x->id, errno, strerror(errno), NULL);
@@ -1082,11 +1084,14 @@ static void exec_run(struct execution *x) {
     fcntl(x->out.fd, F_SETFL, O_NONBLOCK);
     fcntl(x->err.fd, F_SETFL, O_NONBLOCK);
     if (x->in_w >= 0) fcntl(x->in_w, F_SETFL, O_NONBLOCK);
-    if (x->spawned) { /* registered once it runs: the host's "signal"/"stdin" ops find it */
+    if (x->registered) { /* registered once it runs: the host's "signal"/"stdin" ops find it */
         pthread_mutex_lock(&reg_lock);
+        x->stdin_closed = x->in_w < 0;
         x->next = registry;
         registry = x;
         pthread_mutex_unlock(&reg_lock);
+    }
+    if (x->spawned) {
         struct buf b = {0};
         reply_start(&b, "started", x->id);
         field_int(&b, "pid", x->pid);
@@ -1631,7 +1636,7 @@ static int to_spawned(struct chan *c, struct frame *f, const struct jval *id, in
     }
     pthread_mutex_unlock(&reg_lock);
     if (err) {
-        const char *msg = err == ESRCH ? "no such spawned process (it exited)" : err == EPIPE ? "stdin is closed"
+        const char *msg = err == ESRCH ? "no such process (it exited)" : err == EPIPE ? "stdin is closed"
                           : err == EBUSY ? "a stdin write to this process is in progress" : strerror(err);
         send_error(c, id, err, msg, NULL);
     } else if (is_signal) {

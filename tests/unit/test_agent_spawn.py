@@ -180,3 +180,16 @@ def test_hang_up_kills_spawned_processes(tmp_path: Path) -> None:
     if not gone(started["pid"]):
         os.kill(started["pid"], signal.SIGKILL)
         pytest.fail("the spawned sleep outlived the agent's connection")
+
+
+def test_streamed_exec_with_integer_id_can_be_signalled(agent: AgentProcess) -> None:
+    rid = agent.send({"op": "exec", "argv": ["sleep", "60"], "stream": True})
+    time.sleep(0.3)
+    sig = agent.send({"op": "signal", "target": rid, "signal": 9})
+    stdin = agent.send({"op": "stdin", "target": rid}, b"x")   # a run's stdin is not open
+    got = {}
+    while len(got) < 3:
+        header, _ = recv_frame(agent.sock)
+        got[header["id"]] = header
+    assert got[sig]["op"] == "ok" and got[rid]["exit_code"] == -9
+    assert got[stdin]["errno"] in (errno.EPIPE, errno.ESRCH)
