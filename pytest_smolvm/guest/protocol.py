@@ -87,9 +87,13 @@ def encode(header: dict[str, Any], body: bytes = b"") -> bytes:
     return PREFIX.pack(MAGIC, len(raw), len(body)) + raw + body
 
 
-def decode(read_exact: Callable[[int], bytes], max_body: int) -> tuple[dict[str, Any], bytes]:
+def decode(
+    read_exact: Callable[[int], bytes], max_body: int | Callable[[dict[str, Any]], int]
+) -> tuple[dict[str, Any], bytes]:
     """Read one frame with ``read_exact(n)`` (which returns exactly n bytes or raises).
 
+    ``max_body`` is the body limit, or a function giving it for the frame's header (checked
+    after the header, which is bounded by :data:`MAX_HEADER`, and before the body is read).
     Raises :class:`FrameError` for a frame that breaks the protocol; the caller must then
     drop the connection, since the stream can no longer be trusted to be in sync.
     """
@@ -98,7 +102,7 @@ def decode(read_exact: Callable[[int], bytes], max_body: int) -> tuple[dict[str,
         raise FrameError(f"bad frame magic {magic!r}")
     if hlen == 0 or hlen > MAX_HEADER:
         raise FrameError(f"header length {hlen} outside 1..{MAX_HEADER}")
-    if blen > max_body:
+    if not callable(max_body) and blen > max_body:
         raise FrameError(f"body length {blen} exceeds the limit of {max_body} bytes")
     try:
         header = loads(read_exact(hlen).decode())
@@ -106,5 +110,7 @@ def decode(read_exact: Callable[[int], bytes], max_body: int) -> tuple[dict[str,
         raise FrameError(f"header is not JSON: {exc}") from None
     if not isinstance(header, dict) or not isinstance(header.get("op"), str):
         raise FrameError("header must be a JSON object with a string 'op'")
+    if callable(max_body) and blen > (limit := max_body(header)):
+        raise FrameError(f"body length {blen} exceeds the limit of {limit} bytes")
     body = read_exact(blen) if blen else b""
     return header, body
