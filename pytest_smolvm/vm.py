@@ -50,6 +50,7 @@ from .network.forward import PortForward
 from .network.hub import VMNetwork
 from .network.policy import Caps, Denied
 from .paths import cache_dir, check_name, make_private_dirs
+from .process import CallbackFailed, ExecCall, OutputCallback, Process, run_streamed
 from .reporting import clip, redact, tail
 from .results import RunResult as RunResult  # re-exported: it was defined here
 from .snapshots import SnapshotError, SnapshotStore, SnapshotWarning
@@ -127,19 +128,6 @@ class TranscriptEntry:
             if head:
                 lines.append(f"  {label}: " + head.replace("\n", "\n          ").rstrip())
         return "\n".join(lines)
-
-
-@dataclasses.dataclass(frozen=True)
-class ExecCall:
-    """One ``run()`` call, checked: the argv sent to the guest and the command as reports show it."""
-
-    argv: list[str]
-    shown: str
-    timeout: float
-    max_output: int
-    env: WireEnv
-    cwd: str | None
-    stdin: bytes
 
 
 #: How the guest agent reports that ``/bin/sh`` could not be executed (exit status 127).
@@ -258,6 +246,9 @@ class SmolVM:
         self._ssh_clients: list[Any] = []
         #: env values this VM was given (config and run()): masked in messages and transcripts.
         self._secrets: set[str] = set(self.config.env.values())
+        #: Also given every run()'s output as it arrives, like ``run(on_output=...)`` (the
+        #: pytest plugin shows it live under ``-s``); None: off.
+        self.live_output: OutputCallback | None = None
 
     @classmethod
     def _next_number(cls) -> int:
@@ -525,19 +516,51 @@ class SmolVM:
         input: bytes | str | None = None,
         check: bool = False,
         max_output: int | None = None,
+        on_output: OutputCallback | None = None,
     ) -> RunResult:
         """Run ``command`` in the guest: a string goes to ``/bin/sh -c``, a list is an argv.
 
         Returns when the command's own process exits. ``timeout`` (default: the config's)
         kills its whole process group and raises :class:`CommandTimeout`. ``env`` is added
         to the config's env for this call only and never written to the guest's disk.
+
+        ``on_output(stream, text)`` is called, in this thread, with each piece of output as
+        it arrives: ``stream`` is ``"stdout"`` or ``"stderr"``, ``text`` a str (UTF-8, errors
+        replaced, a character never split across calls; the result keeps the raw bytes). What
+        is over ``max_output`` is not passed on. If it raises, the command's process group is
+        killed and the exception propagates out of ``run()``.
         """
+        if on_output is not None and not callable(on_output):
+            raise ConfigError(f"invalid on_output={on_output!r} for run(): expected a callable(stream, text)")
         call = self._exec_call(command, timeout=timeout, env=env, cwd=cwd, input=input, max_output=max_output)
         t0 = time.monotonic()
-        parsed = self._exec(call, t0)
+        callbacks = [cb for cb in (on_output, self.live_output) if cb is not None]
+        parsed = self._exec(call, t0, callbacks)
         if isinstance(command, str):
             self._check_shell(call.shown, parsed, time.monotonic() - t0)
         return self._result(call.shown, call.timeout, parsed, time.monotonic() - t0, check)
+
+    def spawn(
+        self,
+        command: str | Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        input: bytes | str | None = None,
+        max_output: int | None = None,
+    ) -> Process:
+        """Start ``command`` in the background and return its :class:`~pytest_smolvm.process.Process`
+        handle once it runs (``wait``, ``poll``, ``kill``, ``write_stdin``, output so far).
+
+        Arguments are as for :meth:`run`; ``input`` is written to its stdin first, and stdin
+        stays open for ``write_stdin()``. It has no time limit: it runs until it exits, is
+        killed, or the VM closes (which kills every process it spawned). Its output is kept
+        up to ``max_output`` bytes a stream.
+        """
+        call = self._exec_call(command, timeout=None, env=env, cwd=cwd, input=input, max_output=max_output)
+        proc = Process(self, call)
+        proc._start(scaled(REPLY_GRACE) * 3)
+        return proc
 
     def _check_shell(self, shown: str, parsed: replies.ExecReply | replies.AgentError, duration: float) -> None:
         """A shell string in an image without ``/bin/sh`` (the agent reports the failed exec
@@ -569,14 +592,24 @@ class SmolVM:
         data = input.encode() if isinstance(input, str) else bytes(input or b"")
         return ExecCall(argv, shown, float(limit), cap, merged_env, cwd, data)
 
-    def _exec(self, call: ExecCall, t0: float) -> replies.ExecReply | replies.AgentError:
-        """Send ``call`` to the guest and wait for its reply. A guest that never confirms the
-        kill is a CommandTimeout; it and a guest that died are recorded in the transcript."""
+    def _exec(self, call: ExecCall, t0: float,
+              callbacks: list[OutputCallback] | None = None) -> replies.ExecReply | replies.AgentError:
+        """Send ``call`` to the guest and wait for its reply (its output streamed to
+        ``callbacks`` if any). A guest that never confirms the kill is a CommandTimeout; it,
+        a guest that died and a failing callback are recorded in the transcript."""
         grace = scaled(REPLY_GRACE)
+
+        def op(guest: GuestClient) -> replies.ExecReply | replies.AgentError:
+            if callbacks:
+                return run_streamed(guest, call, call.timeout + grace, callbacks)
+            return guest.exec(call.argv, timeout=call.timeout, wait=call.timeout + grace,
+                              max_output=call.max_output, env=call.env, cwd=call.cwd, stdin=call.stdin)
+
         try:
-            return self._call(f"run({call.shown!r})", lambda guest: guest.exec(
-                call.argv, timeout=call.timeout, wait=call.timeout + grace, max_output=call.max_output,
-                env=call.env, cwd=call.cwd, stdin=call.stdin))
+            return self._call(f"run({call.shown!r})", op)
+        except CallbackFailed as exc:
+            self._record(call.shown, "killed: on_output raised", time.monotonic() - t0, b"", b"")
+            raise exc.error from None
         except ReplyTimeout:
             # No confirmation: the guest is overloaded or the test stopped its agent. Either
             # way it is the guest's doing, so the test fails (not an infrastructure ERROR).

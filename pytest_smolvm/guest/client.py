@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from ..config import WireEnv
 from ..errors import ProtocolError
 from . import replies
-from .channel import Channel
+from .channel import Channel, Pending
 
 T = TypeVar("T")
 
@@ -79,6 +79,50 @@ class GuestClient:
                "max_output": max_output}
         reply, body = self.channel.call(req, stdin, timeout=wait, max_body=exec_body_limit(max_output))
         return self._decode(lambda: replies.parse_exec(reply, body))
+
+    def start_exec(self, argv: Sequence[str], *, timeout: float | None, max_output: int,
+                   on_out: Callable[[str, bytes], None], on_started: Callable[[int], None] | None = None,
+                   wake: Callable[[], None] | None = None, env: Mapping[str, str] | None = None,
+                   cwd: str | None = None, stdin: bytes = b"") -> Pending:
+        """Start ``argv`` with its output streamed: ``on_out(stream, data)`` gets each chunk as
+        it arrives (in the channel's reader thread; it must not block). With ``on_started`` it
+        is a spawn: its stdin stays open for :meth:`write_stdin`, ``on_started(pid)`` is called
+        once it runs, and ``timeout`` None means no time limit. :meth:`finish_exec` gets the result."""
+        req: dict[str, Any] = {"op": "exec", "argv": list(argv), "env": WireEnv(env or {}), "cwd": cwd,
+                               "max_output": max_output, "stream": True}
+        if timeout is not None:
+            req["timeout"] = float(timeout)
+        if on_started is not None:
+            req["spawn"] = True
+
+        def on_frame(header: dict[str, Any], body: bytes) -> None:
+            if header["op"] == "out":
+                on_out(replies.parse_out(header), body)
+            elif on_started is not None:
+                on_started(replies.parse_started(header))
+            else:
+                raise ProtocolError("the guest agent sent 'started' for a command that is not a spawn")
+
+        return self.channel.start(req, stdin, max_body=exec_body_limit(max_output), on_frame=on_frame, wake=wake)
+
+    def finish_exec(self, pending: Pending, *, timeout: float | None,
+                    abandon: bool = True) -> replies.ExecReply | replies.AgentError:
+        """The result of a :meth:`start_exec` (output it streamed is not in it; an exec that
+        failed to start puts its message in ``stderr``)."""
+        reply, body = self.channel.wait(pending, timeout, abandon=abandon)
+        return self._decode(lambda: replies.parse_exec(reply, body))
+
+    def signal(self, target: int, signum: int, *, timeout: float) -> replies.AgentError | None:
+        """Send ``signum`` to the process group of the streamed exec or spawn ``target`` (its
+        request id): None, or why not (ESRCH: it exited)."""
+        reply, _ = self.channel.call({"op": "signal", "target": target, "signal": signum}, timeout=timeout)
+        return self._decode(lambda: replies.parse_file(reply, "signal"))
+
+    def write_stdin(self, target: int, data: bytes, *, close: bool, timeout: float) -> replies.AgentError | None:
+        """Write ``data`` to the stdin of the spawn ``target`` (then close it if ``close``);
+        returns once the process took it all: None, or why not (EPIPE: stdin is closed)."""
+        reply, _ = self.channel.call({"op": "stdin", "target": target, "close": close}, data, timeout=timeout)
+        return self._decode(lambda: replies.parse_file(reply, "stdin"))
 
     def put(self, path: str, data: bytes, *, timeout: float, mode: int | None = None) -> replies.AgentError | None:
         """Write ``data`` to ``path`` in the guest (parents created): None, or why not."""

@@ -85,8 +85,29 @@ def parse_exec(header: dict[str, Any], body: bytes) -> ExecReply | AgentError:
     )
 
 
+#: The two streams an ``out`` frame may name.
+STREAMS = ("stdout", "stderr")
+#: Process ids a ``started`` frame may carry (Linux's pid_max is at most 2**22).
+PIDS = range(1, (1 << 22) + 1)
+
+
+def parse_out(header: dict[str, Any]) -> str:
+    """The stream of an ``out`` frame (its body is the bytes): ``stdout`` or ``stderr``."""
+    stream = header.get("stream")
+    if stream not in STREAMS:
+        raise _bad("out", "stream", stream, "is not stdout or stderr")
+    assert isinstance(stream, str)
+    return stream
+
+
+def parse_started(header: dict[str, Any]) -> int:
+    """The guest pid in a spawn's ``started`` frame."""
+    return _int(header, "started", "pid", PIDS)
+
+
 def parse_file(header: dict[str, Any], what: str) -> AgentError | None:
-    """The reply to ``put``/``get``: None when it succeeded (a get's data is the body)."""
+    """The reply to ``put``/``get`` (or ``signal``/``stdin``): None when it succeeded (a
+    get's data is the body)."""
     if _op(header, what, ("ok",)) == "error":
         return parse_error(header, what)
     return None
