@@ -26,7 +26,7 @@ from .markers import MARKER_DOC, marker_layers
 from .paths import runtime_dir
 from .pool import VMPool, shape_group
 from .reaper import Leftover, reap
-from .reporting import sanitize, tail
+from .reporting import LiveOutput, sanitize, tail
 from .settings import OPTIONS, POOL, exceeds_ceiling, network_ceiling, pool_size, session_layers
 from .vm import SmolVM, current_run_id, set_run_id
 
@@ -297,6 +297,8 @@ class SmolVMPlugin:
         self.ensure_image(cfg.image)
         driver = self.config.hook.pytest_smolvm_make_driver(config=cfg, pytestconfig=self.config)
         vm = self._start_with_retry(request, cfg, driver)
+        if self.config.option.capture == "no":  # -s: show each command's output as it runs
+            vm.live_output = LiveOutput(vm.name, _terminal_write, vm.redact)
         if request.scope == "function":
             request.node.stash.setdefault(VMS_KEY, []).append((vm, 0))
         try:
@@ -426,6 +428,12 @@ class SmolVMPlugin:
 
     def pytest_unconfigure(self) -> None:
         self.signals.restore()
+
+
+def _terminal_write(text: str) -> None:
+    """Live output under ``-s``: straight to the terminal, at once."""
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 def network_section(vm: SmolVM) -> str:

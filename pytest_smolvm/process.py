@@ -166,6 +166,10 @@ class Deliverer:
         if final:
             for stream in STREAMS:
                 self._send(stream, self.decoders[stream].decode(b"", final=True))
+            for callback in self.callbacks:  # a line printer shows its unfinished lines
+                flush = getattr(callback, "flush", None)
+                if callable(flush):
+                    flush()
 
     def _send(self, stream: str, text: str) -> None:
         if text:

@@ -9,7 +9,7 @@ exception message, a report section or the terminal; the raw bytes stay on the r
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 # CSI / OSC / other ESC sequences, then any C0/C1 control character except \n and \t.
 _ESCAPES = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b\n]*(\x07|\x1b\\)?|[@-Z\\-_])")
@@ -62,3 +62,38 @@ def tail(text: str, lines: int = 40, max_line: int = 1000) -> str:
     for line in text[-lines * (max_line + 1) * 4:].splitlines()[-lines:]:
         out.append(line if len(line) <= max_line else line[:max_line] + f" [... line cut at {max_line} chars]")
     return "\n".join(out)
+
+
+class LiveOutput:
+    """An ``on_output`` callback that shows a VM's command output as it arrives, one line at a
+    time, each line :func:`sanitize`-d, passed through ``redact`` and prefixed with the VM's
+    name: ``[vm3-ab12] text`` (stderr: ``[vm3-ab12 stderr] text``). A line longer than
+    ``max_line`` characters is shown in pieces, so a guest never makes it hold more than that;
+    :meth:`flush` shows what is left of unfinished lines (called when a command ends)."""
+
+    def __init__(self, name: str, write: Callable[[str], None], redact: Callable[[str], str] = str,
+                 max_line: int = 4096) -> None:
+        self.name = name
+        self.write = write
+        self.redact = redact
+        self.max_line = max_line
+        self._partial = {"stdout": "", "stderr": ""}
+
+    def __call__(self, stream: str, text: str) -> None:
+        *lines, rest = (self._partial[stream] + text).split("\n")
+        while len(rest) > self.max_line:
+            lines.append(rest[:self.max_line])
+            rest = rest[self.max_line:]
+        self._partial[stream] = rest
+        self._show(stream, lines)
+
+    def flush(self) -> None:
+        for stream, rest in self._partial.items():
+            if rest:
+                self._partial[stream] = ""
+                self._show(stream, [rest])
+
+    def _show(self, stream: str, lines: list[str]) -> None:
+        if lines:
+            label = self.name if stream == "stdout" else f"{self.name} {stream}"
+            self.write("".join(f"[{label}] {sanitize(self.redact(line))}\n" for line in lines))

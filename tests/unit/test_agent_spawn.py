@@ -132,7 +132,7 @@ def test_stdin_to_a_process_that_never_reads_does_not_block_the_agent(agent: Age
     # One write in progress and one queued behind it: a third is refused (EBUSY) at once.
     time.sleep(0.3)
     agent.sock.settimeout(0.5)
-    for accepted in range(1, 6):
+    for accepted in range(1, 6):  # noqa: B007 - read after the loop
         busy = agent.send({"op": "stdin", "target": rid}, b"y")
         try:
             reply, _ = recv_frame(agent.sock)
