@@ -54,7 +54,11 @@ def test_s_shows_output_live_sanitised_and_prefixed(fake: pytest.Pytester) -> No
 
 
 def test_capture_on_shows_no_live_output(fake: pytest.Pytester) -> None:
-    fake.makepyfile(TEST)
+    fake.makepyfile("""
+        def test_quiet(smolvm):
+            assert smolvm.live_output is None
+            assert smolvm.run("echo first").stdout == "first\\n"
+    """)
     result = fake.runpytest("-p", "no:randomly")
     result.assert_outcomes(passed=1)
     assert "] first" not in result.stdout.str()
