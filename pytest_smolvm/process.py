@@ -37,6 +37,8 @@ MAX_QUEUED = 256
 #: How long a failing callback's command gets to confirm its kill.
 KILL_GRACE = 10.0
 STREAMS = ("stdout", "stderr")
+#: The agent's request-body limit.
+MAX_STDIN = 1 << 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,7 +243,7 @@ class Process:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.exit_code is None and self._vm.alive:
+        if self._vm.alive and self.exit_code is None:
             self.kill()
 
     # ------------------------------------------------------------------ start
@@ -342,7 +344,7 @@ class Process:
         """Send ``signum`` to its whole process group. Does nothing once it has exited."""
         if isinstance(signum, bool) or not isinstance(signum, int) or not 1 <= signum <= 64:
             raise ConfigError(f"invalid signal {signum!r} for spawn({self.command!r}): expected 1..64")
-        if self.poll() is not None:
+        if self._out.finished:  # it exited, or died with its VM
             return
         assert self._pending is not None
         target = self._pending.id
@@ -364,6 +366,9 @@ class Process:
         has taken all of it (a process that does not read makes this wait, up to ``timeout``
         seconds, then :class:`GuestError`); with ``close`` close stdin afterwards (EOF)."""
         payload = data.encode() if isinstance(data, str) else bytes(data)
+        if len(payload) > MAX_STDIN:
+            raise ConfigError(f"write_stdin() of spawn({self.command!r}): {len(payload)} bytes is over the "
+                              f"{MAX_STDIN}-byte limit of one write")
         assert self._pending is not None
         target = self._pending.id
         what = f"write_stdin() of spawn({self.command!r})"

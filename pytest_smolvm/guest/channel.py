@@ -85,6 +85,7 @@ class Channel:
     def poison(self, reason: str) -> None:
         """The peer broke the protocol (``reason``): refuse every later call and hang up."""
         self._broken = self._broken or reason
+        self._fail(ProtocolError, f"control channel unusable: {reason}")  # not ChannelClosed: the VMM lives
         self.close()
 
     def close(self) -> None:

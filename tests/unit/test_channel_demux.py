@@ -172,3 +172,13 @@ def test_close_ends_the_reader_thread(guest: Guest) -> None:
     chan = make_channel(guest)
     chan.close()
     assert not chan._reader.is_alive()
+
+
+def test_poison_fails_other_waiters_with_protocol_error(guest: Guest) -> None:
+    """A malformed reply found by one caller: the others get ProtocolError, never ChannelClosed
+    (which would read as the guest breaking off and destroy a VM whose VMM lives)."""
+    chan = make_channel(guest)
+    other = chan.start({"op": "exec"})
+    chan.poison("a malformed exec reply")
+    with pytest.raises(ProtocolError, match="malformed exec reply"):
+        chan.wait(other, 5)
