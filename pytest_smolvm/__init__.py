@@ -24,6 +24,7 @@ from .errors import (
     ProtocolError,
     SmolVMError,
 )
+from .process import Process
 from .results import RunResult
 from .snapshots import SnapshotWarning
 from .transfer import TransferWarning
@@ -40,6 +41,7 @@ __all__ = [
     "GuestTimeout",
     "ImageError",
     "NetworkError",
+    "Process",
     "ProtocolError",
     "RunResult",
     "SmolVM",

@@ -557,7 +557,8 @@ class SmolVM:
         killed, or the VM closes (which kills every process it spawned). Its output is kept
         up to ``max_output`` bytes a stream.
         """
-        call = self._exec_call(command, timeout=None, env=env, cwd=cwd, input=input, max_output=max_output)
+        call = self._exec_call(command, timeout=None, env=env, cwd=cwd, input=input, max_output=max_output,
+                               what="spawn")
         proc = Process(self, call)
         proc._start(scaled(REPLY_GRACE) * 3)
         return proc
@@ -574,15 +575,17 @@ class SmolVM:
                 f"pass an argv list instead (run(['prog', 'arg'])) or add a shell to the image"))
 
     def _exec_call(self, command: str | Sequence[str], *, timeout: float | None, env: Mapping[str, str] | None,
-                   cwd: str | None, input: bytes | str | None, max_output: int | None) -> ExecCall:
-        """run()'s arguments, checked (a ConfigError names the bad one) and merged with the config."""
+                   cwd: str | None, input: bytes | str | None, max_output: int | None,
+                   what: str = "run") -> ExecCall:
+        """``what``'s (run() or spawn()) arguments, checked (a ConfigError names the bad one)
+        and merged with the config."""
         argv, shown = command_argv(command)
         limit = self.config.timeout if timeout is None else timeout
         if not (isinstance(limit, (int, float)) and limit > 0):
-            raise ConfigError(f"invalid timeout={timeout!r} for run({shown!r}): expected seconds > 0")
+            raise ConfigError(f"invalid timeout={timeout!r} for {what}({shown!r}): expected seconds > 0")
         cap = self.config.max_output if max_output is None else max_output
         if not (isinstance(cap, int) and cap > 0):
-            raise ConfigError(f"invalid max_output={max_output!r} for run({shown!r}): expected bytes > 0")
+            raise ConfigError(f"invalid max_output={max_output!r} for {what}({shown!r}): expected bytes > 0")
         merged_env = WireEnv(self.config.env)
         if env:
             from .config import check_field
