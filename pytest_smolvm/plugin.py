@@ -298,7 +298,8 @@ class SmolVMPlugin:
         driver = self.config.hook.pytest_smolvm_make_driver(config=cfg, pytestconfig=self.config)
         vm = self._start_with_retry(request, cfg, driver)
         if self.config.option.capture == "no":  # -s: show each command's output as it runs
-            vm.live_output = LiveOutput(vm.name, _terminal_write, vm.redact)
+            redact = vm.redact
+            vm.live_output = lambda label: LiveOutput(label, _terminal_write, redact)
         if request.scope == "function":
             request.node.stash.setdefault(VMS_KEY, []).append((vm, 0))
         try:

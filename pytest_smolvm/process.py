@@ -74,7 +74,7 @@ class Host(Protocol):
 class CallbackFailed(Exception):
     """``on_output`` raised ``error``; the command was killed."""
 
-    def __init__(self, error: BaseException) -> None:
+    def __init__(self, error: Exception) -> None:
         super().__init__(f"on_output raised {error!r}")
         self.error = error
 
@@ -88,6 +88,7 @@ class Output:
         self.cond = threading.Condition()
         self.data = {s: bytearray() for s in STREAMS}
         self.truncated = dict.fromkeys(STREAMS, False)
+        self.deliver = deliver
         self._queue: collections.deque[tuple[str, bytearray]] | None = collections.deque() if deliver else None
         self.finished = False
         self.pid: int | None = None
@@ -206,13 +207,15 @@ def run_streamed(guest: GuestClient, call: ExecCall, wait: float,
         raise
 
 
-def _kill_quietly(guest: GuestClient, pending: Pending) -> None:
-    """SIGKILL a streamed command's process group and wait (bounded) for its end."""
+def _kill_quietly(guest: GuestClient, pending: Pending, *, wait: bool = True) -> None:
+    """SIGKILL a streamed command's process group and (with ``wait``) wait, bounded, for its end."""
     try:
         guest.signal(pending.id, signals.SIGKILL, timeout=KILL_GRACE)
-        guest.finish_exec(pending, timeout=KILL_GRACE)
+        if wait:
+            guest.finish_exec(pending, timeout=KILL_GRACE)
     except Exception:
-        guest.channel.forget(pending)
+        if wait:
+            guest.channel.forget(pending)
 
 
 class Process:
@@ -224,11 +227,17 @@ class Process:
     that kills the process on exit.
     """
 
-    def __init__(self, vm: Host, call: ExecCall) -> None:
+    def __init__(self, vm: Host, call: ExecCall, on_output: OutputCallback | None = None,
+                 live: Callable[[int], OutputCallback] | None = None) -> None:
         self.command = call.shown
         self._vm = vm
         self._call = call
-        self._out = Output(call.max_output, deliver=False)
+        self._on_output = on_output
+        self._live = live
+        self._out = Output(call.max_output, deliver=on_output is not None or live is not None)
+        self._pump: threading.Thread | None = None
+        self._callback_error: Exception | None = None
+        self._collect_lock = threading.Lock()
         self._guest: GuestClient | None = None
         self._pending: Pending | None = None
         self._result: RunResult | None = None
@@ -267,8 +276,30 @@ class Process:
             self._guest.channel.forget(self._pending)
             raise GuestError(f"{self._vm.name}: spawn({self.command!r}): the guest agent did not start it "
                              f"within {timeout:g}s (the guest is overloaded or its agent was stopped)")
+        if self._out.deliver:
+            live = self._live(self._out.pid) if self._live is not None and self._out.pid else None
+            callbacks = [cb for cb in (self._on_output, live) if cb is not None]
+            self._pump = threading.Thread(target=self._deliver, args=(callbacks,), daemon=True,
+                                          name=f"smolvm-spawn-{self._out.pid}")
+            self._pump.start()
         if self._out.finished:  # it could not start (exit 126/127, why in stderr) or ended at once
             self._collect()
+
+    def _deliver(self, callbacks: list[OutputCallback]) -> None:
+        """The spawn's own thread: output to ``callbacks`` as it arrives, until the end. A
+        callback that raises gets the process killed; wait() raises its exception."""
+        deliver = Deliverer(callbacks)
+        try:
+            while True:
+                chunks = self._out.take(POLL)
+                deliver.feed(chunks)
+                if not chunks and self._out.finished:
+                    break
+            deliver.feed([], final=True)
+        except CallbackFailed as exc:
+            self._callback_error = exc.error
+            if self._guest is not None and self._pending is not None:
+                _kill_quietly(self._guest, self._pending, wait=False)
 
     # ------------------------------------------------------------------ state
 
@@ -311,10 +342,14 @@ class Process:
         assert pending is not None
         if pending.failure is not None and not self._vm.alive:
             raise SmolVMError(f"{self._vm.name}: spawn({self.command!r}) was killed with the VM")
-        parsed = self._vm._call(f"spawn({self.command!r})", lambda guest: guest.finish_exec(pending, timeout=0.0))
-        if isinstance(parsed, replies.ExecReply):
-            parsed = self._out.merged(parsed)
-        self._result = self._vm._result(self.command, 0.0, parsed, time.monotonic() - self._t0, False)
+        with self._collect_lock:
+            if self._result is not None:
+                return
+            parsed = self._vm._call(f"spawn({self.command!r})",
+                                    lambda guest: guest.finish_exec(pending, timeout=0.0))
+            if isinstance(parsed, replies.ExecReply):
+                parsed = self._out.merged(parsed)
+            self._result = self._vm._result(self.command, 0.0, parsed, time.monotonic() - self._t0, False)
 
     def wait(self, timeout: float | None = None) -> RunResult:
         """Wait for it to exit and return its result (as ``run()`` would). If it is still
@@ -330,6 +365,10 @@ class Process:
                 if left is not None and left <= 0:
                     break
                 self._out.cond.wait(POLL if left is None else min(POLL, left))
+        if self._pump is not None and self._out.finished:  # everything given to on_output first
+            self._pump.join(KILL_GRACE)
+        if self._callback_error is not None:
+            raise self._callback_error
         if self.poll() is None:
             raise CommandTimeout(self._vm.redact(
                 f"{self._vm.name}: spawn({self.command!r}) still runs after wait(timeout={timeout!r}); it was "

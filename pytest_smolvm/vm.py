@@ -246,9 +246,10 @@ class SmolVM:
         self._ssh_clients: list[Any] = []
         #: env values this VM was given (config and run()): masked in messages and transcripts.
         self._secrets: set[str] = set(self.config.env.values())
-        #: Also given every run()'s output as it arrives, like ``run(on_output=...)`` (the
-        #: pytest plugin shows it live under ``-s``); None: off.
-        self.live_output: OutputCallback | None = None
+        #: Live output of every command (the pytest plugin's, under ``-s``): called with a
+        #: label (the VM's name; ``name:pid`` for a spawn) once per command, it returns an
+        #: ``on_output`` callback for that command, used beside the caller's. None: off.
+        self.live_output: Callable[[str], OutputCallback] | None = None
 
     @classmethod
     def _next_number(cls) -> int:
@@ -534,7 +535,7 @@ class SmolVM:
             raise ConfigError(f"invalid on_output={on_output!r} for run(): expected a callable(stream, text)")
         call = self._exec_call(command, timeout=timeout, env=env, cwd=cwd, input=input, max_output=max_output)
         t0 = time.monotonic()
-        callbacks = [cb for cb in (on_output, self.live_output) if cb is not None]
+        callbacks = [cb for cb in (on_output, self.live_output and self.live_output(self.name)) if cb is not None]
         parsed = self._exec(call, t0, callbacks)
         if isinstance(command, str):
             self._check_shell(call.shown, parsed, time.monotonic() - t0)
@@ -548,6 +549,7 @@ class SmolVM:
         cwd: str | None = None,
         input: bytes | str | None = None,
         max_output: int | None = None,
+        on_output: OutputCallback | None = None,
     ) -> Process:
         """Start ``command`` in the background and return its :class:`~pytest_smolvm.process.Process`
         handle once it runs (``wait``, ``poll``, ``kill``, ``write_stdin``, output so far).
@@ -555,12 +557,18 @@ class SmolVM:
         Arguments are as for :meth:`run`; ``input`` is written to its stdin first, and stdin
         stays open for ``write_stdin()``. It has no time limit: it runs until it exits, is
         killed, or the VM closes (which kills every process it spawned). Its output is kept
-        up to ``max_output`` bytes a stream.
+        up to ``max_output`` bytes a stream. ``on_output`` is called as for :meth:`run`, but
+        in a thread of the spawn's own; if it raises, the process is killed and ``wait()``
+        raises that exception.
         """
+        if on_output is not None and not callable(on_output):
+            raise ConfigError(f"invalid on_output={on_output!r} for spawn(): expected a callable(stream, text)")
         call = self._exec_call(command, timeout=None, env=env, cwd=cwd, input=input, max_output=max_output,
                                what="spawn")
-        proc = Process(self, call)
+        live = self.live_output
+        proc = Process(self, call, on_output, None if live is None else lambda pid: live(f"{self.name}:{pid}"))
         proc._start(scaled(REPLY_GRACE) * 3)
+        self._record(call.shown, f"spawned, pid {proc.pid}" if proc.pid else "spawn failed", 0.0, b"", b"")
         return proc
 
     def _check_shell(self, shown: str, parsed: replies.ExecReply | replies.AgentError, duration: float) -> None:

@@ -187,8 +187,35 @@ def test_live_output_under_s_in_a_real_vm(pytester: pytest.Pytester, monkeypatch
             done = time.monotonic()
             first = next(t for t, text in writes if "] live-one" in text)
             assert done - first > 1.0
+            p = smolvm.spawn("echo from-spawn")
+            p.wait(10)
     """)
     result = pytester.runpytest_subprocess("-s", "-p", "no:cacheprovider", "-p", "no:randomly")
     result.assert_outcomes(passed=1)
-    result.stdout.fnmatch_lines(["*[[]vm*[]] live-one", r"[[]vm*[]] \x1b[[]31mred", "[[]vm* stderr[]] live-two"])
+    result.stdout.fnmatch_lines(["*[[]vm*[]] live-one", r"[[]vm*[]] \x1b[[]31mred", "[[]vm* stderr[]] live-two",
+                                 "[[]vm*:[0-9]*[]] from-spawn"])
     assert "\x1b" not in result.stdout.str()
+
+
+def test_spawn_on_output_runs_in_its_own_thread(smolvm_session: SmolVM) -> None:
+    got: list[tuple[str, str, str]] = []
+    p = smolvm_session.spawn("echo a; sleep 0.3; echo b >&2",
+                             on_output=lambda s, t: got.append((threading.current_thread().name, s, t)))
+    r = p.wait(10)
+    assert [(s, t) for _, s, t in got] == [("stdout", "a\n"), ("stderr", "b\n")]   # all delivered by wait()
+    assert all(name.startswith("smolvm-spawn-") for name, _, _ in got)
+    assert r.stdout == "a\n"
+
+
+def test_spawn_on_output_that_raises_kills_it_and_wait_reraises(smolvm_session: SmolVM) -> None:
+    def picky(stream: str, text: str) -> None:
+        raise LookupError(f"unexpected {text.strip()}")
+
+    p = smolvm_session.spawn("echo surprise; exec sleep 32", on_output=picky)
+    with pytest.raises(LookupError, match="unexpected surprise"):
+        p.wait(15)
+    deadline = time.monotonic() + 10
+    while p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert p.exit_code == -signal.SIGKILL
+    assert smolvm_session.run(["pgrep", "-f", "sleep 32"]).exit_code == 1
