@@ -65,6 +65,8 @@
 #define MAX_REQUEST_BODY (1u << 30)
 #define MAX_DEPTH 200
 #define CHUNK (1 << 16)
+#define STREAM_GATHER (1 << 20) /* a streamed exec sends at most this much in one frame */
+#define STREAM_LINGER 0.02       /* and output waits at most this long to join a frame */
 #define DEFAULT_MAX_OUTPUT (16 << 20)
 #define MAX_OUTPUT_LIMIT (1ull << 30)
 #define SPAWN_RETRY_SECONDS 10.0
@@ -787,6 +789,7 @@ struct execution {
     pid_t pid;
     struct stream out, err;
     char *chunk;
+    double gather_since; /* a streamed exec: when the output not yet sent began */
     int stream;  /* output goes out as "out" frames as it arrives (nothing is buffered) */
     int spawned;    /* stdin stays open for "stdin" ops; answers "started" */
     int registered; /* a spawn, or a streamed exec with an integer id: "signal" reaches it */
@@ -920,6 +923,20 @@ static int exec_spawn(struct execution *x) {
     return 1;
 }
 
+/* A streamed exec: send what the stream has gathered as one "out" frame. Output is gathered
+ * for up to STREAM_LINGER seconds (or STREAM_GATHER bytes), so a burst goes out in few frames:
+ * each write to the virtio port waits for the host to take it, which under TCG costs
+ * milliseconds; a frame per pipe read made streaming 8 MiB 2.5x slower than buffering it. */
+static void flush_stream(struct execution *x, struct stream *s) {
+    if (!s->data.len) return;
+    struct buf b = {0};
+    reply_start(&b, "out", x->id);
+    field_str(&b, "stream", s == &x->out ? "stdout" : "stderr", 6);
+    chan_send(x->chan, &b, s->data.data, s->data.len, NULL, 0);
+    buf_free(&b);
+    s->data.len = 0;
+}
+
 /* Read one chunk, keeping up to the cap: 1 data, 0 nothing now, -1 EOF. */
 static int read_stream(struct execution *x, struct stream *s) {
     ssize_t n = read(s->fd, x->chunk, CHUNK);
@@ -933,16 +950,10 @@ static int read_stream(struct execution *x, struct stream *s) {
     size_t keep = (size_t)n < room ? (size_t)n : room;
     s->kept += keep;
     if ((size_t)n > room) s->truncated = 1;
-    if (keep && x->stream) {
-        struct buf b = {0};
-        reply_start(&b, "out", x->id);
-        field_str(&b, "stream", s == &x->out ? "stdout" : "stderr", 6);
-        chan_send(x->chan, &b, x->chunk, keep, NULL, 0);
-        buf_free(&b);
-        return 1;
-    }
+    if (keep && x->stream && !x->out.data.len && !x->err.data.len) x->gather_since = monotonic();
     buf_add(&s->data, x->chunk, keep);
     if (s->data.failed) s->truncated = 1;
+    if (x->stream && s->data.len >= STREAM_GATHER) flush_stream(x, s);
     return 1;
 }
 
@@ -1011,6 +1022,13 @@ static void exec_wait(struct execution *x) {
         double left = x->deadline - monotonic();
         ms = left <= 0 ? 0 : left > 1e6 ? 1000000000 : (int)(left * 1000) + 1;
     }
+    if (x->stream && (x->out.data.len || x->err.data.len)) {
+        double left = x->gather_since + STREAM_LINGER - monotonic();
+        if (left <= 0) {
+            flush_stream(x, &x->out);
+            flush_stream(x, &x->err);
+        } else if (ms < 0 || (int)(left * 1000) + 1 < ms) ms = (int)(left * 1000) + 1;
+    }
     int n = poll(p, 5, ms);
     if (n < 0) return;
     if (n == 0 && x->deadline && monotonic() >= x->deadline) {
@@ -1037,6 +1055,10 @@ static void exec_reply(struct execution *x) {
     /* What is already in the pipes (bounded: a background child may keep writing). */
     for (int i = 0; i < 1024 && x->out.fd >= 0 && read_stream(x, &x->out) == 1; i++) {}
     for (int i = 0; i < 1024 && x->err.fd >= 0 && read_stream(x, &x->err) == 1; i++) {}
+    if (x->stream) {
+        flush_stream(x, &x->out);
+        flush_stream(x, &x->err);
+    }
     int status = 0;
     while (waitpid(x->pid, &status, 0) < 0 && errno == EINTR) {}
     struct buf b = {0};
