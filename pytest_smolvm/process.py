@@ -245,7 +245,8 @@ class Process:
         self._stdin_lock = threading.Lock()
 
     def __repr__(self) -> str:
-        state = "running" if self.exit_code is None else f"exit {self.exit_code}"
+        state = ("running" if not self._out.finished else "ended" if self._result is None
+                 else f"exit {self._result.exit_code}")  # never collects: a repr must not raise
         return f"<Process {self._vm.name} pid={self.pid} {self.command!r} {state}>"
 
     def __enter__(self) -> Process:

@@ -10,8 +10,10 @@ import time
 
 import pytest
 from helpers import REAL_CACHE, qemu_processes
+from test_hostile import STEAL_PORT
 
-from pytest_smolvm import CommandTimeout, GuestError, SmolVM, SmolVMError
+from pytest_smolvm import CommandTimeout, GuestError, ProtocolError, SmolVM, SmolVMError
+from pytest_smolvm.guest import protocol
 
 # ---------------------------------------------------------------- run(on_output=...)
 
@@ -219,3 +221,42 @@ def test_spawn_on_output_that_raises_kills_it_and_wait_reraises(smolvm_session: 
         time.sleep(0.05)
     assert p.exit_code == -signal.SIGKILL
     assert smolvm_session.run(["pgrep", "-f", "sleep 32"]).exit_code == 1
+
+
+# ---------------------------------------------------------------- a hostile guest forging frames
+
+
+def _forge(vm: SmolVM, frames: bytes) -> None:
+    """Have a guest process steal the agent's channel and write ``frames`` into it
+    (tests/integration/test_hostile.py's technique)."""
+    vm.put(frames, "/root/frames.bin")
+    write_all = "data = open(sys.argv[1], 'rb').read()\nwhile data:\n    data = data[os.write(fd, data):]\n"
+    script = STEAL_PORT.replace("os.write(fd, bytes.fromhex(sys.argv[1]))\n", write_all)
+    assert write_all in script
+    vm.put(script.encode(), "/root/steal.py")
+    vm.spawn(["python3", "/root/steal.py", "/root/frames.bin"])
+
+
+def test_forged_out_frame_with_a_bad_stream_poisons_the_channel(smolvm: SmolVM) -> None:
+    p = smolvm.spawn("sleep 60")
+    _forge(smolvm, protocol.encode({"op": "out", "id": p._pending.id, "stream": "stdin"}, b"x"))  # type: ignore[union-attr]
+    with pytest.raises(ProtocolError, match="stream"):
+        p.wait(60)
+    with pytest.raises(ProtocolError):      # nothing more from this guest is trusted
+        smolvm.run("true")
+
+
+def test_forged_output_flood_is_capped_on_the_host(smolvm: SmolVM) -> None:
+    p = smolvm.spawn("sleep 60", max_output=100_000)
+    rid = p._pending.id  # type: ignore[union-attr]
+    _forge(smolvm, b"".join(protocol.encode({"op": "out", "id": rid, "stream": "stdout"}, b"f" * 65536)
+                            for _ in range(100)))   # 6.4 MiB of "output" the process never wrote
+    deadline = time.monotonic() + 60
+    while len(p.stdout_bytes) < 100_000 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1)
+    assert len(p.stdout_bytes) == 100_000
+    assert smolvm.run("echo still served").stdout == "still served\n"
+    p.kill()
+    r = p.wait(10)
+    assert r.stdout_truncated and len(r.stdout_bytes) == 100_000
