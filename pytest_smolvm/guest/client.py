@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from ..config import WireEnv
 from ..errors import ProtocolError
 from . import replies
-from .channel import Channel, Pending
+from .channel import SEND_TIMEOUT, Channel, Pending
 
 T = TypeVar("T")
 
@@ -103,7 +103,8 @@ class GuestClient:
             else:
                 raise ProtocolError("the guest agent sent 'started' for a command that is not a spawn")
 
-        return self.channel.start(req, stdin, max_body=exec_body_limit(max_output), on_frame=on_frame, wake=wake)
+        return self.channel.start(req, stdin, max_body=exec_body_limit(max_output), on_frame=on_frame, wake=wake,
+                                  send_timeout=max(SEND_TIMEOUT, timeout or 0.0))
 
     def finish_exec(self, pending: Pending, *, timeout: float | None,
                     abandon: bool = True) -> replies.ExecReply | replies.AgentError:
