@@ -404,25 +404,32 @@ class Process:
     def write_stdin(self, data: bytes | str, *, close: bool = False, timeout: float = 60.0) -> None:
         """Write ``data`` (str: as UTF-8) to its standard input and return once the process
         has taken all of it (a process that does not read makes this wait, up to ``timeout``
-        seconds, then :class:`GuestError`); with ``close`` close stdin afterwards (EOF)."""
+        seconds, then :class:`GuestError`); with ``close`` close stdin afterwards (EOF).
+        Writing to a process that exited or whose stdin is closed is a GuestError."""
         payload = data.encode() if isinstance(data, str) else bytes(data)
         if len(payload) > MAX_STDIN:
             raise ConfigError(f"write_stdin() of spawn({self.command!r}): {len(payload)} bytes is over the "
                               f"{MAX_STDIN}-byte limit of one write")
+        error = self._stdin(payload, close, timeout)
+        if error is not None:
+            why = {errno.ESRCH: "it has exited", errno.EPIPE: "its stdin is closed"}.get(error.errno, error.message)
+            raise GuestError(f"{self._vm.name}: write_stdin() of spawn({self.command!r}) failed: {why}")
+
+    def close_stdin(self) -> None:
+        """Close its standard input: the process reads EOF. Nothing happens if it is closed
+        already or the process has exited."""
+        error = self._stdin(b"", True, 60.0)
+        if error is not None and error.errno not in (errno.ESRCH, errno.EPIPE):
+            raise GuestError(f"{self._vm.name}: close_stdin() of spawn({self.command!r}) failed: {error.message}")
+
+    def _stdin(self, payload: bytes, close: bool, timeout: float) -> replies.AgentError | None:
         assert self._pending is not None
         target = self._pending.id
-        what = f"write_stdin() of spawn({self.command!r})"
+        what = f"stdin of spawn({self.command!r})"
         with self._stdin_lock:
             try:
-                error = self._vm._call(what, lambda guest: guest.write_stdin(target, payload, close=close,
-                                                                             timeout=timeout))
+                return self._vm._call(what, lambda guest: guest.write_stdin(target, payload, close=close,
+                                                                            timeout=timeout))
             except ReplyTimeout:
                 raise GuestError(f"{self._vm.name}: {what}: the process did not take the data within "
                                  f"{timeout:g}s") from None
-        if error is not None:
-            why = {errno.ESRCH: "it has exited", errno.EPIPE: "its stdin is closed"}.get(error.errno, error.message)
-            raise GuestError(f"{self._vm.name}: {what} failed: {why}")
-
-    def close_stdin(self) -> None:
-        """Close its standard input: the process reads EOF."""
-        self.write_stdin(b"", close=True)

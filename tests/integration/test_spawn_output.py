@@ -137,6 +137,12 @@ def test_stdin_writes_reach_the_process(smolvm_session: SmolVM) -> None:
     assert (r.exit_code, r.stdout) == (0, "given then more")
     with pytest.raises(GuestError, match="exited"):
         cat.write_stdin("late")
+    cat.close_stdin()                                 # closing again is harmless, as with Popen
+    sleeper = smolvm_session.spawn("exec sleep 30 <&-")   # closes its stdin itself...
+    sleeper.close_stdin()
+    with pytest.raises(GuestError, match="stdin is closed"):
+        sleeper.write_stdin("x")                      # ...and ours is closed now
+    sleeper.kill()
 
 
 def test_flooding_spawn_is_capped(smolvm_session: SmolVM) -> None:
