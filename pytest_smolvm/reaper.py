@@ -43,7 +43,7 @@ LEGACY_PID_FILES = ("qemu.pid", "firecracker.pid")
 YOUNG_S = 300.0
 #: How long a SIGKILLed VMM may take to go before its directory is left in place.
 KILL_WAIT = 10.0
-_SNAPSHOT_BUILD = re.compile(r"\.build-[0-9a-f]+-(\d+)-\d+")
+_SNAPSHOT_BUILD = re.compile(r"\.build-([0-9a-f]+)-(\d+)-\d+")
 
 
 @dataclasses.dataclass
@@ -199,16 +199,34 @@ def find_leftovers(*, include_kept: bool = False, root: Path | None = None) -> l
 
 
 def find_partial_snapshots(snapshots_root: Path | None = None) -> list[Leftover]:
-    """Snapshot builds (``.build-<key>-<pid>-<thread>``) whose builder process is dead."""
+    """Snapshot builds (``.build-<key>-<pid>-<thread>``) whose builder process is dead and
+    whose key's build lock nobody holds. The pid alone is not proof: a builder in another PID
+    namespace (a container or simulated host sharing the cache) has a pid that looks dead here.
+    """
     base = snapshots_root or cache_dir() / "snapshots"
     found: list[Leftover] = []
     if not base.is_dir():
         return found
     for d in sorted(base.iterdir()):
         m = _SNAPSHOT_BUILD.fullmatch(d.name)
-        if m and d.is_dir() and not d.is_symlink() and not process_alive(int(m[1]), None):
-            found.append(Leftover(d, "-", None, False, f"snapshot build by dead pid {m[1]}"))
+        if (m and d.is_dir() and not d.is_symlink() and not process_alive(int(m[2]), None)
+                and not _build_in_progress(base, m[1])):
+            found.append(Leftover(d, "-", None, False, f"snapshot build by dead pid {m[2]}"))
     return found
+
+
+def _build_in_progress(base: Path, key: str) -> bool:
+    """Whether someone holds the build lock of snapshot ``key`` (or it cannot be checked)."""
+    from filelock import FileLock, Timeout
+
+    from .snapshots import build_lock_path
+
+    lock = FileLock(str(build_lock_path(base, key)), timeout=0)
+    try:
+        with lock:
+            return False
+    except (Timeout, OSError):
+        return True
 
 
 def _kill(procs: list[psutil.Process]) -> list[psutil.Process]:

@@ -34,6 +34,12 @@ def _files(d: Path) -> tuple[str, ...]:
     return ("mem", "state", disk)
 
 
+def build_lock_path(root: Path, key: str) -> Path:
+    """The file lock held while the snapshot ``key`` under ``root`` is built: the builder's
+    proof of life, which the reaper trusts over a pid (pids differ between PID namespaces)."""
+    return root / f"{key}.lock"
+
+
 class SnapshotError(SmolVMError):
     """A snapshot is missing, corrupt or could not be built (callers fall back to cold boot)."""
 
@@ -92,7 +98,7 @@ class SnapshotStore:
         """Return the snapshot for ``key``, building it with ``build(target_dir)`` if needed."""
         self.root.mkdir(parents=True, exist_ok=True)
         try:
-            with FileLock(str(self.root / f"{key}.lock"), timeout=600):
+            with FileLock(str(build_lock_path(self.root, key)), timeout=600):
                 existing = self.lookup(key)
                 if existing is not None:
                     return existing

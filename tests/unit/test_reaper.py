@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -253,6 +254,37 @@ def test_partial_snapshot_builds_of_dead_processes_are_reaped(tmp_path: Path) ->
     assert [x.path for x in find_partial_snapshots(snaps)] == [stale]
     reap(root=tmp_path / "runtime", snapshots_root=snaps)
     assert not stale.exists() and live.exists()
+
+
+def test_a_partial_snapshot_build_whose_lock_is_held_is_left_alone(tmp_path: Path) -> None:
+    """A builder in another PID namespace (a container or simulated host sharing the cache)
+    has a pid that looks dead here; its build lock says it is alive. Reaping by pid alone
+    deleted another run's snapshot build mid-way (FileNotFoundError on its state file)."""
+    import subprocess as sp
+
+    from filelock import FileLock
+
+    from pytest_smolvm.reaper import find_partial_snapshots, reap
+    from pytest_smolvm.snapshots import build_lock_path
+
+    dead = sp.Popen(["true"])
+    dead.wait()
+    snaps = tmp_path / "snapshots"
+    building = snaps / f".build-beef01-{dead.pid}-5"
+    building.mkdir(parents=True)
+    lock = sp.Popen([sys.executable, "-c", "import sys, time; from filelock import FileLock; "
+                     "l = FileLock(sys.argv[1]); l.acquire(); print('held', flush=True); time.sleep(60)",
+                     str(build_lock_path(snaps, "beef01"))], stdout=sp.PIPE, text=True)
+    try:
+        assert lock.stdout is not None and lock.stdout.readline() == "held\n"
+        assert find_partial_snapshots(snaps) == []
+        reap(root=tmp_path / "runtime", snapshots_root=snaps)
+        assert building.exists()
+    finally:
+        lock.kill()
+        lock.wait()
+    assert [x.path for x in find_partial_snapshots(snaps)] == [building]
+    assert FileLock(str(build_lock_path(snaps, "beef01")), timeout=0).acquire()
 
 
 # ---------------------------------------------------------------- issue 10: never follow, never guess
