@@ -18,7 +18,8 @@ from pathlib import Path
 
 from .config import VMConfig
 from .drivers import Driver, Machine
-from .drivers.base import TEMPLATE_MAC, Nic, SnapshotDriver
+from .checkpoints import Checkpoint
+from .drivers.base import TEMPLATE_MAC, CheckpointDriver, Nic, SnapshotDriver
 from .drivers.consolelog import read_bounded
 from .errors import BootError, NetworkError, ProtocolError
 from .guest.channel import Channel, ChannelClosed, ReplyTimeout
@@ -28,6 +29,7 @@ from .images import Image
 from .network.hub import VMNetwork
 from .snapshots import SnapshotError, SnapshotStore, default_store
 from .timeouts import scaled
+from .transfer import BUSYBOX
 from .volumes import check_mounted, guest_mounts
 
 #: How long a restored clone may take to answer before the VM falls back to a cold boot.
@@ -43,6 +45,10 @@ KEEP_ON_DISCARD = ("owner.json",)
 #: would read them from disk (measured under TCG: first python3 in a clone 662 -> ~360 ms).
 PRIME_COMMANDS: tuple[tuple[str, ...], ...] = (("/bin/sh", "-c", "true"), ("python3", "-c", "pass"))
 PRIME_TIMEOUT = 60.0
+#: Run in a checkpoint's clone (busybox sh, ``$1`` the prepared VM's address/prefix): the
+#: agent's setup added the clone's lease but the saved NIC still holds the old address,
+#: which the host's policy would drop as spoofed.
+DROP_ADDRESS = 'for d in /sys/class/net/*; do n=${d##*/}; [ "$n" = lo ] || ip addr del "$1" dev "$n" 2>/dev/null; done; true'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +135,27 @@ class Boot:
         self._open_guest(time.monotonic(), min(self.config.boot_timeout, scaled(RESTORE_TIMEOUT)))
         self._setup(grow_root=False)
         self.mode = "snapshot"
+
+    def restore(self, checkpoint: Checkpoint) -> None:
+        """Start a clone of ``checkpoint`` (no fallback: a cold boot would lack the prepared
+        state), then make it unique like any clone. The prepared VM's NIC address is dropped
+        for this VM's own lease."""
+        driver = self.driver
+        assert isinstance(driver, CheckpointDriver)
+        checkpoint.verify()
+        boot_log = read_bounded(checkpoint.path / "console.log", BOOT_LOG_LIMIT)
+        machine = driver.launch_checkpoint(self.config, self.image, checkpoint.path, self.workdir,
+                                           ram=str(checkpoint.shape["ram"]), disk_bytes=checkpoint.disk_bytes,
+                                           **self._nic_kw())
+        self._launched(machine, f"{boot_log}--- {self.name}: restored from checkpoint {checkpoint.name} ---\n")
+        self._open_guest(time.monotonic(), min(self.config.boot_timeout, scaled(RESTORE_TIMEOUT)))
+        self._setup(grow_root=False)
+        old = checkpoint.guest_address
+        if self.net is not None and old and old != self.net.guest_setup()["address"]:
+            assert self._guest is not None
+            self._guest.exec([BUSYBOX, "sh", "-c", DROP_ADDRESS, BUSYBOX, old], timeout=30, wait=scaled(30) + 10,
+                             max_output=4096)
+        self.mode = "checkpoint"
 
     def build_template(self, driver: SnapshotDriver, target: Path) -> None:
         """Cold-boot a template into ``target``, bring it to the state every clone starts

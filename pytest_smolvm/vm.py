@@ -22,9 +22,11 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from . import images, paths, transfer
-from .boot import Boot, VMHooks
+from .boot import BOOT_LOG_LIMIT, Boot, VMHooks
+from .checkpoints import Checkpoint, check_network, digest_files, register, shape_mismatch, write_meta
 from .config import VMConfig, WireEnv
 from .drivers import Accel, Driver, Machine, default_driver
+from .drivers.base import CheckpointDriver
 from .drivers.consolelog import read_bounded
 from .errors import (
     BootError,
@@ -210,13 +212,29 @@ class SmolVM:
     def __init__(self, config: VMConfig | None = None, *, driver: Driver | None = None,
                  name: str | None = None, resolve_image: Callable[[str], images.Image] | None = None,
                  snapshot_store: SnapshotStore | None = None, runtime_dir: Path | None = None,
-                 attach_network: AttachNetwork | None = None) -> None:
-        """``resolve_image``, ``snapshot_store``, ``runtime_dir`` and ``attach_network`` replace,
+                 attach_network: AttachNetwork | None = None, checkpoint: Checkpoint | None = None) -> None:
+        """``checkpoint``: start a clone of that prepared state (:meth:`checkpoint`) instead of
+        booting; ``config`` (default: the prepared VM's) must have the checkpoint's shape
+        (backend, accelerator, image, vcpus, memory, CPU, volumes: a ConfigError names the
+        field that differs), and a network policy with a NIC exactly when the checkpoint has one.
+
+        ``resolve_image``, ``snapshot_store``, ``runtime_dir`` and ``attach_network`` replace,
         for this VM, the image store (``images.resolve``), the snapshot store
         (``snapshots.default_store()``), the runtime directory (``paths.runtime_dir()``, which
         ``reap`` searches; one given must exist and be trusted) and the network hub
         (``network.hub.attach``); None means those."""
-        self.config = config or VMConfig()
+        if checkpoint is not None and not isinstance(checkpoint, Checkpoint):
+            raise ConfigError(f"invalid checkpoint={checkpoint!r}: expected what vm.checkpoint() returned")
+        self.config = config or (checkpoint.config if checkpoint is not None else VMConfig())
+        if checkpoint is not None:
+            if self.config.disk_mode != "isolated":
+                raise ConfigError(f"invalid disk_mode={self.config.disk_mode!r} for a clone of checkpoint "
+                                  f"{checkpoint.name}: clones need their own disk (disk_mode='isolated')")
+            check_network(checkpoint, self.config)
+        self._checkpoint = checkpoint
+        self._checkpoints = itertools.count(1)
+        #: How the guest's RAM appears in a migration stream (checkpoints.SHAPE_FIELDS "ram").
+        self._ram_layout = "builtin"
         self._driver = driver
         self._resolve_image = resolve_image
         self._snapshot_store = snapshot_store
@@ -301,6 +319,9 @@ class SmolVM:
         try:
             self.image = (self._resolve_image or images.resolve)(self.config.image)
             driver = self._driver or default_driver(self.config)
+            self._driver_used = driver
+            if self._checkpoint is not None:
+                self._check_checkpoint(driver, self._checkpoint)
             make_private_dirs(self.workdir, self._runtime_root())
             (self.workdir / "owner.json").write_text(json.dumps(
                 {**owner_stamp(os.getpid()), "run_id": self.run_id, "vm": self.name, "started": time.time(),
@@ -348,7 +369,10 @@ class SmolVM:
         boot = Boot(self.name, self.config, self.image, self.workdir, driver, self._net, VMHooks(
             launched=self._launched, connected=self._connected, call=self._call,
             console_tail=self._console_tail, exit_status=self._vmm_exit_status), snapshots=self._snapshot_store)
-        if boot.wants_snapshot:
+        if self._checkpoint is not None:
+            boot.restore(self._checkpoint)
+            self._ram_layout = str(self._checkpoint.shape["ram"])
+        elif boot.wants_snapshot:
             try:
                 boot.clone()
             except (SnapshotError, BootError, GuestDied, ProtocolError) as exc:
@@ -360,6 +384,66 @@ class SmolVM:
         else:
             boot.cold(t0)
         self.boot_mode = boot.mode
+        if boot.mode == "snapshot":
+            self._ram_layout = "mem"
+
+    def _check_checkpoint(self, driver: Driver, cp: Checkpoint) -> None:
+        """ConfigError unless this VM can start from ``cp`` (before anything is created)."""
+        assert self.image is not None
+        if not isinstance(driver, CheckpointDriver):
+            raise ConfigError(f"{self.name}: backend {driver.name!r} cannot start from checkpoint {cp.name}")
+        mismatch = shape_mismatch(cp.shape, driver.checkpoint_shape(self.config, self.image, str(cp.shape["ram"])))
+        if mismatch:
+            raise ConfigError(f"{self.name}: cannot start from checkpoint {cp.name}: {mismatch}; a clone "
+                              f"needs the same VM shape (start it with the checkpoint's config, cp.config)")
+        cp.verify()
+
+    def checkpoint(self, *, timeout: float = 300.0) -> Checkpoint:
+        """Save this VM's state (RAM, devices, disk) and let it run on; returns a
+        :class:`~pytest_smolvm.checkpoints.Checkpoint` to start clones from.
+
+        The VM is paused while its RAM is written (no command runs meanwhile) and then
+        resumes where it was: processes keep running, files stay. The checkpoint lives in the
+        run's runtime directory until :meth:`Checkpoint.remove`, session end (pytest) or
+        interpreter exit, and ``reap`` removes a dead run's. Needs ``disk_mode='isolated'``
+        and a backend that can do it (QEMU; Firecracker cannot yet).
+        """
+        if self._state != VMState.RUNNING or self._machine is None or self._guest is None:
+            raise SmolVMError(f"{self.name} is not running (state {self._state}); cannot take a checkpoint")
+        if self.config.disk_mode != "isolated":
+            raise ConfigError(f"{self.name}: cannot take a checkpoint of a VM with disk_mode="
+                              f"{self.config.disk_mode!r}: its disk is the image's shared one, which later "
+                              f"VMs keep changing; use disk_mode='isolated'")
+        driver = self._driver_used
+        if not isinstance(driver, CheckpointDriver):
+            raise ConfigError(f"{self.name}: backend {driver.name!r} cannot take checkpoints (QEMU can)")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ConfigError(f"invalid timeout={timeout!r} for checkpoint(): expected seconds > 0")
+        assert self.image is not None
+        root = self._runtime_root()
+        name = check_name(f"{self.name[:52]}.cp{next(self._checkpoints)}", "checkpoint name")
+        path = root / self.run_id / name
+        t0 = time.monotonic()
+        make_private_dirs(path, root)
+        try:
+            (path / "owner.json").write_text(json.dumps(
+                {**owner_stamp(os.getpid()), "run_id": self.run_id, "vm": name, "started": time.time(),
+                 "checkpoint_of": self.name}))
+            with self._guest.channel.lock:  # no request in flight while the state is saved
+                disk_bytes, paused = driver.save_checkpoint(self._machine, path, float(timeout))
+            self.disk_path = self._machine.disk_path
+            (path / "console.log").write_text(read_bounded(self._machine.console_path, BOOT_LOG_LIMIT))
+            cp = Checkpoint(name=name, path=path, run_id=self.run_id, config=self.config,
+                            shape=driver.checkpoint_shape(self.config, self.image, self._ram_layout),
+                            files=digest_files(path), disk_bytes=disk_bytes,
+                            guest_address=str(self._net.guest_setup()["address"]) if self._net else None,
+                            paused_s=paused, taken_s=time.monotonic() - t0)
+            write_meta(cp)
+        except BaseException:
+            shutil.rmtree(path, ignore_errors=True)
+            raise
+        register(cp)
+        return cp
 
     def _launched(self, machine: Machine | None, console_prefix: str) -> None:
         self._machine = machine

@@ -260,3 +260,19 @@ class SnapshotDriver(Protocol):
     def launch_clone(self, config: VMConfig, image: Image, snapshot: Path, workdir: Path,
                      nic: Nic | None = None) -> Machine:
         """Start a VM restored from ``snapshot``, with its own disk overlay in ``workdir``."""
+
+
+@runtime_checkable
+class CheckpointDriver(Protocol):
+    """A driver that can save a running VM's state and start clones of it (vm.checkpoint())."""
+
+    def checkpoint_shape(self, config: VMConfig, image: Image, ram: str) -> dict[str, object]:
+        """Everything the saved state depends on, by field: a clone must match every value."""
+
+    def save_checkpoint(self, machine: Machine, target: Path, timeout: float) -> tuple[int, float]:
+        """Save ``machine``'s RAM, devices and disk layer into ``target`` and let it run on;
+        returns the disk's virtual size in bytes and the seconds the guest was paused."""
+
+    def launch_checkpoint(self, config: VMConfig, image: Image, checkpoint: Path, workdir: Path, *, ram: str,
+                          disk_bytes: int, nic: Nic | None = None) -> Machine:
+        """Start a VM restored from the checkpoint in ``checkpoint``, with its own overlay."""

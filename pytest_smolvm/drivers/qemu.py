@@ -25,6 +25,7 @@ from ..images import Image
 from ..volumes import open_volumes, qemu_volume_args, volume_sizes
 from .accel import accel_args, choose_accel
 from .base import (
+    Machine,
     TEMPLATE_FORMAT,
     TEMPLATE_MAC,
     Accel,
@@ -89,13 +90,18 @@ def _disk_args(spec: MachineSpec) -> list[str]:
     if spec.disk is None:
         return []
     cache = "unsafe" if spec.disk_format == "qcow2" else "writeback"
+    # A VM's own overlay takes no image lock: nothing else opens it, and a checkpoint, which
+    # reopens it read-only, would find the launch's read-write descriptor still holding the
+    # write lock (QEMU closes a removed fd-set descriptor only while the guest runs).
+    locking = ",file.locking=off" if spec.disk_format == "qcow2" else ""
     file = _opt(spec.disk)
     argv = []
     if spec.disk_fds is not None:
         argv += ["-add-fd", f"fd={spec.disk_fds[0]},set=1,opaque={file}", "-add-fd", f"fd={spec.disk_fds[1]},set=1"]
         file = "/dev/fdset/1"
     # Volumes after the root disk's device: the guest names disks in argv order (root is vda).
-    return [*argv, "-drive", f"id=root,file={file},format={spec.disk_format},if=none,cache={cache},discard=unmap",
+    return [*argv, "-drive", f"id=root,file={file},format={spec.disk_format},if=none,cache={cache},discard=unmap"
+            f"{locking}",
             "-device", "virtio-blk-device,drive=root", *qemu_volume_args(spec.volume_fds)]
 
 
@@ -109,6 +115,8 @@ def _nic_args(spec: MachineSpec) -> list[str]:
 def _ram_args(spec: MachineSpec) -> list[str]:
     if spec.ram is None:
         return []
+    if spec.ram.path is None:
+        return ["-object", f"memory-backend-ram,id=mem,size={spec.memory_mib}M"]
     return ["-object", f"memory-backend-file,id=mem,size={spec.memory_mib}M,mem-path={_opt(spec.ram.path)},"
                        f"share={'on' if spec.ram.shared else 'off'}"]
 
@@ -116,7 +124,7 @@ def _ram_args(spec: MachineSpec) -> list[str]:
 def _monitor_args(spec: MachineSpec) -> list[str]:
     """QMP, and waiting on it for a snapshot restore's migration stream."""
     argv = [] if spec.qmp is None else ["-qmp", f"unix:{_opt(spec.qmp)},server=on,wait=off"]
-    if spec.ram is not None and spec.ram.incoming:
+    if spec.incoming or (spec.ram is not None and spec.ram.incoming):
         argv += ["-incoming", "defer"]
     return argv
 
@@ -139,6 +147,12 @@ class QemuMachine(VMMProcess):
         super().__init__(proc, accel, workdir, disk, "qemu.log", spawned)
         self.control_path = workdir / CONTROL_NAME
         self.qmp_path = workdir / "qmp.sock"
+        #: Checkpoints taken: each one moves the VM onto a new disk overlay.
+        self.generation = 0
+        #: (fd set, descriptor number in QEMU) of the active disk's read-write descriptor, when
+        #: the disk came as an fd set. A checkpoint removes it once the layer is read-only: its
+        #: open file description would otherwise keep the layer's write lock.
+        self.rw_fd: tuple[int, int | None] | None = None
 
     def connect(self, timeout: float) -> socket.socket:
         deadline = time.monotonic() + timeout
@@ -208,7 +222,8 @@ class QemuDriver:
 
     def _spec(self, config: VMConfig, image: Image, workdir: Path, accel: Accel, disk: Path | None,
               fmt: str = "qcow2", *, nic: Nic | None, ram: RamFile | None = None,
-              disk_fds: tuple[int, int] | None = None, volume_fds: tuple[int, ...] = ()) -> MachineSpec:
+              disk_fds: tuple[int, int] | None = None, volume_fds: tuple[int, ...] = (),
+              incoming: bool = False) -> MachineSpec:
         """The one spec of a launch: sockets in ``workdir``, the disk, NIC and RAM file given."""
         if (nic is None) != (config.network == "none"):
             raise ConfigError(f"network={config.network!r} needs a NIC exactly when it is not 'none' "
@@ -218,7 +233,8 @@ class QemuDriver:
             binary=self.binary, accel=accel.name, cpu=config.cpu, vcpus=config.vcpus, memory_mib=config.memory_mib,
             kernel=image.kernel, initrd=image.initrd, cmdline=self._cmdline(config, accel),
             control=workdir / CONTROL_NAME, disk=disk, disk_format=fmt, disk_fds=disk_fds, qmp=workdir / "qmp.sock",
-            ram=ram, nic=nic, sandbox=self._sandbox(), runas=runas, chroot=chroot, volume_fds=volume_fds)
+            ram=ram, nic=nic, sandbox=self._sandbox(), runas=runas, chroot=chroot, volume_fds=volume_fds,
+            incoming=incoming)
 
     def _argv(self, spec: MachineSpec) -> list[str]:
         if spec.accel == "tcg":
@@ -226,7 +242,7 @@ class QemuDriver:
         return qemu_argv(spec)
 
     def _start(self, config: VMConfig, image: Image, workdir: Path, accel: Accel, disk: Path, fmt: str = "qcow2",
-               *, nic: Nic | None, ram: RamFile | None = None) -> QemuMachine:
+               *, nic: Nic | None, ram: RamFile | None = None, incoming: bool = False) -> QemuMachine:
         """Build the spec and start QEMU. Read-only volumes always go in as descriptors; when QEMU
         drops privileges, the root disk does too."""
         volume_fds = tuple(open_volumes(config.volumes))
@@ -235,7 +251,7 @@ class QemuDriver:
             if self._privilege_drop(workdir):
                 fds = (os.open(disk, os.O_RDWR | os.O_CLOEXEC), os.open(disk, os.O_RDONLY | os.O_CLOEXEC))
             spec = self._spec(config, image, workdir, accel, disk, fmt, nic=nic, ram=ram, disk_fds=fds,
-                              volume_fds=volume_fds)
+                              volume_fds=volume_fds, incoming=incoming)
             return self._spawn(spec, accel, workdir, disk)
         finally:
             for fd in (*(fds or ()), *volume_fds):
@@ -247,7 +263,10 @@ class QemuDriver:
         pass_fds = (*(spec.disk_fds or ()), *spec.volume_fds, *((spec.nic.tap_fd,) if spec.nic is not None else ()))
         spawned = spawn_vmm(self._argv(spec), workdir, driver="qemu", uid=uid, stderr_name="qemu.log",
                             pass_fds=pass_fds, watch=self.die_with_parent)
-        return QemuMachine(spawned.proc, accel, workdir, disk, spawned)
+        machine = QemuMachine(spawned.proc, accel, workdir, disk, spawned)
+        if spec.disk_fds is not None:
+            machine.rw_fd = (1, None)  # QEMU keeps a duplicate: its number comes from query-fdsets
+        return machine
 
     def launch(self, config: VMConfig, image: Image, workdir: Path, nic: Nic | None = None) -> QemuMachine:
         accel = self.select_accel(config.accel, image)
@@ -308,36 +327,163 @@ class QemuDriver:
         overlay = create_overlay(snapshot / "disk.qcow2", "qcow2", workdir / "disk.qcow2")
         machine = self._start(config, image, workdir, accel, overlay, nic=nic,
                               ram=RamFile(snapshot / "mem", incoming=True))
+        _restore(machine, snapshot / "state", ignore_shared=True, what="snapshot")
+        return machine
+
+    # ------------------------------------------------------------- checkpoints
+
+    def checkpoint_shape(self, config: VMConfig, image: Image, ram: str) -> dict[str, object]:
+        """What a checkpoint's RAM and device state depend on, by field (pure but for the
+        accelerator and QEMU version probes): a clone must match every value. ``ram`` is how
+        the VM's RAM is named in the migration stream: ``mem`` (a memory backend, as snapshot
+        clones have) or ``builtin`` (a cold-booted VM)."""
+        accel = self.select_accel(config.accel, image)
+        shape: dict[str, object] = {
+            "backend": self.name, "qemu": host.qemu_version(self.binary), "accel": accel.name, "image": image.id,
+            "vcpus": config.vcpus, "memory_mib": config.memory_mib, "cpu": config.cpu,
+            "disk_size_mib": config.disk_size_mib, "nic": config.network != "none",
+            "aslr": config.aslr, "volumes": [f"{v.target}={v.source}" for v in config.volumes], "ram": ram}
+        if accel.name != "tcg":  # -cpu host: the state holds this CPU's features
+            shape["host_cpu"] = host.cpu_identity()
+        return shape
+
+    def save_checkpoint(self, machine: Machine, target: Path, timeout: float) -> tuple[int, float]:
+        """Save a running VM's whole state into ``target`` and let it run on; returns the
+        disk's virtual size in bytes.
+
+        The VM is paused; its disk overlay is hard-linked to ``target/disk.qcow2`` and the VM
+        continues on a new overlay on top of it (``blockdev-snapshot``: QEMU reopens the old
+        layer read-only, so nothing writes it again); its RAM and device state are streamed
+        to ``target/state`` (every page: a snapshot clone's RAM is a private copy, not a
+        file clones could share); then it resumes. The new overlay is made here and handed
+        over as descriptors, so this works in QEMU's chroot without privileges. Returns the
+        disk's virtual size in bytes and how long the guest was paused."""
+        assert isinstance(machine, QemuMachine)
+        old = machine.disk_path
+        layer = target / "disk.qcow2"
+        qmp = QMP(machine.qmp_path, timeout=max(timeout, 10.0))
+        stopped: float | None = None
         try:
-            qmp = QMP(machine.qmp_path)
-            try:
-                qmp.command("migrate-set-capabilities",
-                            capabilities=[{"capability": "x-ignore-shared", "state": True}])
-                qmp.send_file("state", snapshot / "state", os.O_RDONLY)
-                qmp.command("migrate-incoming", uri="fd:state")
-                deadline = time.monotonic() + 30
-                while (status := qmp.command("query-status")["status"]) == "inmigrate":
-                    if time.monotonic() > deadline:
-                        raise BootError("snapshot restore did not finish within 30s")
-                    time.sleep(0.002)
-                if status != "running":
+            size = _disk_virtual_size(qmp.command("query-block"))
+            machine.generation += 1
+            new = machine.workdir / f"disk.{machine.generation}.qcow2"
+            os.link(old, layer)
+            create_overlay(layer, "qcow2", new, size_bytes=size, unsafe=True)
+            qmp.command("stop")
+            stopped = time.monotonic()
+            fdset: int | None = None
+            added = []
+            for flags in (os.O_RDWR, os.O_RDONLY):
+                fd = os.open(new, flags | os.O_CLOEXEC)
+                try:
+                    fdset, qemu_fd = qmp.add_fd(fd, fdset, opaque=f"{new.name}:{'rw' if flags == os.O_RDWR else 'ro'}")
+                    added.append(qemu_fd)
+                finally:
+                    os.close(fd)
+            assert fdset is not None
+            node = f"cp{machine.generation}"
+            qmp.command("blockdev-add", driver="qcow2", **{"node-name": node}, backing=None,
+                        file={"driver": "file", "filename": f"/dev/fdset/{fdset}", "locking": "off"},
+                        cache={"no-flush": True})
+            qmp.command("blockdev-snapshot", node="root", overlay=node)
+            machine.disk_path = new
+            if machine.rw_fd is not None:  # closed once the guest runs again: the layer is read-only now
+                fdset_id, rw = machine.rw_fd
+                if rw is None:  # the launch's set: its read-write descriptor is the one with the opaque
+                    rw = _opaque_fd(qmp.command("query-fdsets"), fdset_id)
+                qmp.command("remove-fd", **{"fdset-id": fdset_id, "fd": rw})
+            machine.rw_fd = (fdset, added[0])
+            qmp.command("migrate-set-capabilities",
+                        capabilities=[{"capability": "x-ignore-shared", "state": False}])
+            qmp.command("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
+            qmp.send_file("checkpoint", target / "state", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            qmp.command("migrate", uri="fd:checkpoint")
+            qmp.wait_migration(timeout)
+            qmp.command("cont")
+            paused = time.monotonic() - stopped
+            stopped = None
+        except BootError as exc:
+            raise BootError(f"saving a checkpoint of the VM failed: {exc}; QEMU said: "
+                            f"{machine.diagnostics()}") from None
+        finally:
+            if stopped is not None and machine.alive():
+                try:  # whatever failed, the VM runs on
                     qmp.command("cont")
-            finally:
-                qmp.close()
-        except BaseException as exc:
-            diag = machine.diagnostics()
-            machine.kill()
-            if isinstance(exc, BootError) and diag:
-                raise BootError(f"{exc}; QEMU said: {diag}") from None
-            raise
+                except (BootError, OSError):
+                    pass
+            qmp.close()
+        return size, paused
+
+    def launch_checkpoint(self, config: VMConfig, image: Image, checkpoint: Path, workdir: Path, *, ram: str,
+                          disk_bytes: int, nic: Nic | None = None) -> QemuMachine:
+        """Start a VM restored from a checkpoint: a fresh overlay on the checkpoint's disk
+        layer, the full RAM and device state from its stream."""
+        accel = self.select_accel(config.accel, image)
+        overlay = create_overlay(checkpoint / "disk.qcow2", "qcow2", workdir / "disk.qcow2",
+                                 size_bytes=disk_bytes, unsafe=True)
+        machine = self._start(config, image, workdir, accel, overlay, nic=nic,
+                              ram=RamFile(None, incoming=True) if ram == "mem" else None, incoming=True)
+        _restore(machine, checkpoint / "state", ignore_shared=False, what="checkpoint")
         return machine
 
 
-def create_overlay(backing: Path, backing_format: str, overlay: Path, size_mib: int | None = None) -> Path:
-    """A qcow2 overlay on ``backing`` (with its virtual size grown to ``size_mib`` if given)."""
+def _opaque_fd(fdsets: object, fdset_id: int) -> int:
+    """The descriptor of fd set ``fdset_id`` that carries an opaque string (``query-fdsets``)."""
+    for found in fdsets if isinstance(fdsets, list) else []:
+        if found.get("fdset-id") == fdset_id:
+            for fd in found.get("fds", []):
+                if "opaque" in fd:
+                    return int(fd["fd"])
+    raise BootError(f"QEMU reported no read-write descriptor in fd set {fdset_id} (query-fdsets)")
+
+
+def _disk_virtual_size(blocks: object) -> int:
+    """The root disk's virtual size from a ``query-block`` reply."""
+    for dev in blocks if isinstance(blocks, list) else []:
+        if dev.get("device") == "root" and "inserted" in dev:
+            return int(dev["inserted"]["image"]["virtual-size"])
+    raise BootError("QEMU reported no root disk (query-block)")
+
+
+def _restore(machine: QemuMachine, state: Path, *, ignore_shared: bool, what: str) -> None:
+    """Load ``state`` into a QEMU started with ``-incoming defer`` and let the guest run;
+    kills the machine on failure."""
+    try:
+        qmp = QMP(machine.qmp_path)
+        try:
+            qmp.command("migrate-set-capabilities",
+                        capabilities=[{"capability": "x-ignore-shared", "state": ignore_shared}])
+            qmp.send_file("state", state, os.O_RDONLY)
+            qmp.command("migrate-incoming", uri="fd:state")
+            deadline = time.monotonic() + 30
+            while (status := qmp.command("query-status")["status"]) == "inmigrate":
+                if time.monotonic() > deadline:
+                    raise BootError(f"{what} restore did not finish within 30s")
+                time.sleep(0.002)
+            if status != "running":
+                qmp.command("cont")
+        finally:
+            qmp.close()
+    except BaseException as exc:
+        diag = machine.diagnostics()
+        machine.kill()
+        if isinstance(exc, BootError) and diag:
+            raise BootError(f"{exc}; QEMU said: {diag}") from None
+        raise
+
+
+def create_overlay(backing: Path, backing_format: str, overlay: Path, size_mib: int | None = None, *,
+                   size_bytes: int | None = None, unsafe: bool = False) -> Path:
+    """A qcow2 overlay on ``backing`` (with its virtual size grown to ``size_mib`` if given).
+    ``unsafe`` (``-u``, with ``size_bytes``): the backing is not opened, so a layer a running
+    QEMU still holds (a checkpoint's) needs no lock."""
     argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", backing_format, "-b", str(backing), str(overlay)]
+    if unsafe:
+        argv.insert(2, "-u")
     if size_mib is not None:
         argv.append(f"{size_mib}M")
+    elif size_bytes is not None:
+        argv.append(str(size_bytes))
     res = subprocess.run(argv, capture_output=True, text=True)
     if res.returncode != 0:
         raise BootError(f"qemu-img could not create the disk overlay {overlay}: {res.stderr.strip()}")

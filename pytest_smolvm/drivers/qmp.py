@@ -73,6 +73,18 @@ class QMP:
         socket.send_fds(self.sock, [req], [fd])
         self._reply("getfd")
 
+    def add_fd(self, fd: int, fdset: int | None, opaque: str) -> tuple[int, int]:
+        """Add ``fd`` to fd set ``fdset`` (None: a new one); QEMU opens ``/dev/fdset/ID``
+        through it (``add-fd`` with SCM_RIGHTS). Returns the set's id and the descriptor's
+        number in QEMU."""
+        args: dict[str, Any] = {"opaque": opaque}
+        if fdset is not None:
+            args["fdset-id"] = fdset
+        req = json.dumps({"execute": "add-fd", "arguments": args}).encode() + b"\n"
+        socket.send_fds(self.sock, [req], [fd])
+        reply = self._reply("add-fd")
+        return int(reply["fdset-id"]), int(reply["fd"])
+
     def send_file(self, name: str, path: Path, flags: int) -> None:
         """Open ``path`` with ``flags`` and hand it to QEMU as ``name`` (see :meth:`send_fd`)."""
         fd = os.open(path, flags | os.O_CLOEXEC, 0o644)

@@ -21,9 +21,12 @@ class RamFile:
     ``shared`` for a snapshot template: the guest's writes must reach the file. Private
     (copy-on-write) for a clone, which also sets ``incoming``: QEMU waits for the migration
     stream that restores the device state, started over QMP.
+
+    ``path`` None: anonymous RAM (``memory-backend-ram``) that keeps the backend's name
+    (``mem``), for a clone of a checkpoint whose full RAM arrives in the migration stream.
     """
 
-    path: Path
+    path: Path | None
     shared: bool = False
     incoming: bool = False
 
@@ -60,3 +63,6 @@ class MachineSpec:
     cpu: str | None = None
     #: Read-only volumes (:mod:`pytest_smolvm.volumes`): inherited descriptors, in order.
     volume_fds: tuple[int, ...] = ()
+    #: Wait for a migration stream (``-incoming defer``) even without a RAM file: a clone of
+    #: a checkpoint taken from a cold-booted VM.
+    incoming: bool = False

@@ -182,7 +182,7 @@ def guest_part(kernel: str, initrd: str, cmdline: str, ctl: str) -> list[str]:
 FIXED: dict[str, Any] = {"vcpus": 2, "memory_mib": 512, "kernel": Path("/i/Image"), "initrd": Path("/i/boot.cpio"),
          "cmdline": "console=x", "control": Path("/r/vm/ctl.sock"), "disk": Path("/r/vm/disk.qcow2")}
 GUEST = guest_part("/i/Image", "/i/boot.cpio", "console=x", "/r/vm/ctl.sock")
-DRIVE = ["-drive", "id=root,file=/r/vm/disk.qcow2,format=qcow2,if=none,cache=unsafe,discard=unmap",
+DRIVE = ["-drive", "id=root,file=/r/vm/disk.qcow2,format=qcow2,if=none,cache=unsafe,discard=unmap,file.locking=off",
          "-device", "virtio-blk-device,drive=root"]
 
 
@@ -268,14 +268,14 @@ def test_hvf_driver_launch_is_pinned(tmp_path: Path, spawned: list[list[str]]) -
         [ARM, "-M", "virt", "-accel", "hvf", "-cpu", "host", "-smp", "2", "-m", "256",
          *guest_part(f"{t}/vmlinux", f"{t}/boot.cpio", f"console=ttyAMA0 {CMDLINE} possible_cpus=2",
                      f"{t}/a/ctl.sock"),
-         "-drive", f"id=root,file={t}/a/disk.qcow2,format=qcow2,if=none,cache=unsafe,discard=unmap",
+         "-drive", f"id=root,file={t}/a/disk.qcow2,format=qcow2,if=none,cache=unsafe,discard=unmap,file.locking=off",
          "-device", "virtio-blk-device,drive=root", "-qmp", f"unix:{t}/a/qmp.sock,server=on,wait=off"],
         [X86, "-M", "microvm", "-accel", "hvf", "-cpu", "host", "-smp", "1", "-m", "256",
          *guest_part(f"{t}/vmlinux", f"{t}/boot.cpio",
                      f"console=ttyS0 {CMDLINE.replace('lsm= ', 'lsm= tsc=reliable ')} reboot=t possible_cpus=2"
                      " smolvm.net=1",
                      f"{t}/x/ctl.sock"),
-         "-drive", f"id=root,file={t}/x/disk.qcow2,format=qcow2,if=none,cache=unsafe,discard=unmap",
+         "-drive", f"id=root,file={t}/x/disk.qcow2,format=qcow2,if=none,cache=unsafe,discard=unmap,file.locking=off",
          "-device", "virtio-blk-device,drive=root",
          "-netdev", "tap,id=net0,fd=5", "-device", "virtio-net-device,netdev=net0,mac=02:00:00:00:00:01",
          "-qmp", f"unix:{t}/x/qmp.sock,server=on,wait=off"],
@@ -291,7 +291,7 @@ def test_hvf_driver_template_is_pinned(tmp_path: Path, spawned: list[list[str]])
         [ARM, "-M", "virt,memory-backend=mem", "-accel", "hvf", "-cpu", "host", "-smp", "1", "-m", "256",
          *guest_part(f"{t}/vmlinux", f"{t}/boot.cpio", f"console=ttyAMA0 {CMDLINE} possible_cpus=2",
                      f"{t}/vm/ctl.sock"),
-         "-drive", f"id=root,file={t}/snap/disk.qcow2,format=qcow2,if=none,cache=unsafe,discard=unmap",
+         "-drive", f"id=root,file={t}/snap/disk.qcow2,format=qcow2,if=none,cache=unsafe,discard=unmap,file.locking=off",
          "-device", "virtio-blk-device,drive=root",
          "-object", f"memory-backend-file,id=mem,size=256M,mem-path={t}/snap/mem,share=on",
          "-qmp", f"unix:{t}/vm/qmp.sock,server=on,wait=off"],

@@ -1,0 +1,219 @@
+"""Checkpoints: a running VM's prepared state (RAM, devices, disk), cloned by later VMs.
+
+``vm.checkpoint()`` pauses the VM, saves it into ``<runtime>/<run_id>/cp-<vm>-<n>/`` and
+lets it run on; ``SmolVM(config, checkpoint=cp)`` starts a clone of that state. The
+directory holds:
+
+- ``state``: the full migration stream (every RAM page and the device state);
+- ``disk.qcow2``: the VM's disk overlay as it was at the pause (a hard link of the layer
+  the VM left; the VM and each clone write their own overlay on top, never into it);
+- ``owner.json``: the owning process, so ``reap`` removes a dead run's checkpoints like
+  its VM directories; ``meta.json`` and ``console.log`` for people.
+
+The sizes and sha256 digests a clone checks come from the :class:`Checkpoint` value held
+in memory, never from the directory: a file changed after the checkpoint was taken is
+refused. Checkpoints are removed by :meth:`Checkpoint.remove`, by :func:`remove_all` (the
+pytest plugin calls it at session end) and when the interpreter exits.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import json
+import os
+import shutil
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .config import VMConfig
+from .digest import sha256_file
+from .errors import ConfigError, SmolVMError
+
+#: The files of a checkpoint a clone reads, each checked against its size and sha256.
+FILES = ("state", "disk.qcow2")
+#: Fields of a checkpoint's shape, in the order a mismatch is reported, with what they mean.
+SHAPE_FIELDS: Mapping[str, str] = {
+    "backend": "backend", "qemu": "QEMU version", "accel": "accelerator", "host_cpu": "host CPU",
+    "image": "image id", "vcpus": "vcpus", "memory_mib": "memory_mib", "cpu": "cpu",
+    "disk_size_mib": "disk_size_mib", "nic": "network device", "aslr": "aslr", "volumes": "volumes",
+    "ram": "RAM layout",
+}
+
+
+class CheckpointError(SmolVMError):
+    """A checkpoint is gone, changed on disk, or could not be taken or restored."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FileDigest:
+    name: str
+    size: int
+    sha256: str
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Checkpoint:
+    """The saved state of a prepared VM. Start clones with ``SmolVM(config, checkpoint=cp)``
+    or ``smolvm_factory(checkpoint=cp)``; ``config`` defaults to the prepared VM's.
+
+    ``shape`` is everything a clone's RAM and devices must match (backend, accelerator,
+    image, vcpus, memory, CPU model, NIC or not, ...); ``network`` the prepared VM's policy;
+    ``guest_address`` its NIC's address (a clone drops it for its own lease)."""
+
+    name: str
+    path: Path
+    run_id: str
+    config: VMConfig
+    shape: Mapping[str, Any]
+    files: tuple[FileDigest, ...]
+    disk_bytes: int
+    guest_address: str | None = None
+    #: Seconds the VM was paused for, and the whole checkpoint() call took.
+    paused_s: float = 0.0
+    taken_s: float = 0.0
+
+    def __repr__(self) -> str:
+        return f"<Checkpoint {self.name} {self.config.describe()}{'' if self.exists else ' (removed)'}>"
+
+    @property
+    def exists(self) -> bool:
+        return self.path.is_dir()
+
+    @property
+    def size(self) -> int:
+        """Bytes on disk (the RAM stream and the disk layer)."""
+        return sum(f.size for f in self.files)
+
+    def remove(self) -> None:
+        """Delete the checkpoint's files. Idempotent; clones already running are unaffected."""
+        _registry.forget(self)
+        shutil.rmtree(self.path, ignore_errors=True)
+        try:
+            self.path.parent.rmdir()  # the run directory, once nothing of the run is left
+        except OSError:
+            pass
+
+    def verify(self) -> None:
+        """Raise CheckpointError unless every file still has the size and sha256 recorded
+        when the checkpoint was taken (contents once per process per file version)."""
+        if not self.exists:
+            raise CheckpointError(f"checkpoint {self.name} was removed ({self.path}); take a new one")
+        for f in self.files:
+            p = self.path / f.name
+            try:
+                st = os.stat(p, follow_symlinks=False)
+            except OSError:
+                raise CheckpointError(f"checkpoint {self.name} is missing {p}") from None
+            if st.st_size != f.size:
+                raise CheckpointError(f"checkpoint file {p} has {st.st_size} bytes, expected {f.size}: "
+                                      f"it changed after the checkpoint was taken")
+            stamp = (str(p), st.st_ino, st.st_size, st.st_mtime_ns, f.sha256)
+            if _registry.verified(stamp):
+                continue
+            if sha256_file(p) != f.sha256:
+                raise CheckpointError(f"checkpoint file {p} does not match its sha256: it changed after "
+                                      f"the checkpoint was taken")
+            _registry.mark_verified(stamp)
+
+
+def shape_mismatch(taken: Mapping[str, Any], wanted: Mapping[str, Any]) -> str | None:
+    """The first field where a clone's shape differs from its checkpoint's, described with
+    both values, or None when they match (pure)."""
+    for key in [*SHAPE_FIELDS, *sorted(set(taken) | set(wanted))]:
+        if taken.get(key) != wanted.get(key):
+            what = SHAPE_FIELDS.get(key, key)
+            return f"{what} is {wanted.get(key)!r} for this VM but {taken.get(key)!r} in the checkpoint"
+    return None
+
+
+def check_network(checkpoint: Checkpoint, config: VMConfig) -> None:
+    """A clone's network policy against its checkpoint's (pure). Among the NIC policies
+    (``isolated``, ``nat`` with ``allow``, ``nat``) any is fine: the policy is enforced on the
+    host, and the pytest layer holds it under the run's ceiling. But the NIC is a device in
+    the saved state, so ``none`` (no device at all) and the others never mix."""
+    had_nic = checkpoint.config.network != "none"
+    if had_nic and config.network == "none":
+        raise ConfigError(f"invalid network='none' for a clone of checkpoint {checkpoint.name}: the VM it was "
+                          f"taken from had network={checkpoint.config.network!r}, so its saved state holds a "
+                          f"network device, and 'none' means no device at all; take the checkpoint from a VM "
+                          f"with network='none', or give the clone network='isolated' (which reaches the "
+                          f"host only)")
+    if not had_nic and config.network != "none":
+        raise ConfigError(f"invalid network={config.network!r} for a clone of checkpoint {checkpoint.name}: the "
+                          f"VM it was taken from had network='none', so its saved state has no network device "
+                          f"to attach; take the checkpoint from a VM with a network")
+
+
+def write_meta(cp: Checkpoint) -> None:
+    """``meta.json``, for people and tools (clones trust the in-memory value, not this)."""
+    meta = {"name": cp.name, "run_id": cp.run_id, "created": time.time(), "shape": dict(cp.shape),
+            "config": cp.config.describe(), "disk_bytes": cp.disk_bytes,
+            "files": {f.name: {"size": f.size, "sha256": f.sha256} for f in cp.files}}
+    (cp.path / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
+
+
+def digest_files(path: Path) -> tuple[FileDigest, ...]:
+    """Size and sha256 of each of a checkpoint's :data:`FILES`, marked verified for this process."""
+    found = []
+    for name in FILES:
+        p = path / name
+        digest = sha256_file(p)
+        st = os.stat(p)
+        found.append(FileDigest(name, st.st_size, digest))
+        _registry.mark_verified((str(p), st.st_ino, st.st_size, st.st_mtime_ns, digest))
+    return tuple(found)
+
+
+class _Registry:
+    """Checkpoints this process took and has not removed, and file versions it verified."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._owned: dict[Path, Checkpoint] = {}
+        self._verified: set[tuple[object, ...]] = set()
+
+    def add(self, cp: Checkpoint) -> None:
+        with self._lock:
+            self._owned[cp.path] = cp
+
+    def forget(self, cp: Checkpoint) -> None:
+        with self._lock:
+            self._owned.pop(cp.path, None)
+
+    def owned(self) -> list[Checkpoint]:
+        with self._lock:
+            return list(self._owned.values())
+
+    def verified(self, stamp: tuple[object, ...]) -> bool:
+        with self._lock:
+            return stamp in self._verified
+
+    def mark_verified(self, stamp: tuple[object, ...]) -> None:
+        with self._lock:
+            self._verified.add(stamp)
+
+
+_registry = _Registry()
+
+
+def register(cp: Checkpoint) -> None:
+    _registry.add(cp)
+
+
+def live_checkpoints() -> list[Checkpoint]:
+    """Checkpoints this process took and has not removed."""
+    return _registry.owned()
+
+
+@atexit.register
+def remove_all() -> int:
+    """Remove every checkpoint this process took (session end, interpreter exit); returns
+    how many there were."""
+    found = _registry.owned()
+    for cp in found:
+        cp.remove()
+    return len(found)
