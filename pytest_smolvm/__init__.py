@@ -9,6 +9,7 @@ imports pytest and can be used from any script::
         print(vm.run("uname -a").stdout)
 """
 
+from .checkpoints import Checkpoint, CheckpointError
 from .config import VMConfig
 from .errors import (
     BootError,
@@ -32,6 +33,8 @@ from .vm import SmolVM
 
 __all__ = [
     "BootError",
+    "Checkpoint",
+    "CheckpointError",
     "CommandFailed",
     "CommandTimeout",
     "ConfigError",

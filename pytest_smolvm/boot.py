@@ -16,9 +16,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from .checkpoints import Checkpoint
 from .config import VMConfig
 from .drivers import Driver, Machine
-from .checkpoints import Checkpoint
 from .drivers.base import TEMPLATE_MAC, CheckpointDriver, Nic, SnapshotDriver
 from .drivers.consolelog import read_bounded
 from .errors import BootError, NetworkError, ProtocolError
@@ -48,7 +48,8 @@ PRIME_TIMEOUT = 60.0
 #: Run in a checkpoint's clone (busybox sh, ``$1`` the prepared VM's address/prefix): the
 #: agent's setup added the clone's lease but the saved NIC still holds the old address,
 #: which the host's policy would drop as spoofed.
-DROP_ADDRESS = 'for d in /sys/class/net/*; do n=${d##*/}; [ "$n" = lo ] || ip addr del "$1" dev "$n" 2>/dev/null; done; true'
+DROP_ADDRESS = ('for d in /sys/class/net/*; do n=${d##*/}; '
+                '[ "$n" = lo ] || ip addr del "$1" dev "$n" 2>/dev/null; done; true')
 
 
 @dataclasses.dataclass(frozen=True)

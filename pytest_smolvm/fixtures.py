@@ -8,6 +8,7 @@ from typing import Any, Protocol, cast
 
 import pytest
 
+from .checkpoints import Checkpoint
 from .config import VMConfig, config_from_layers
 from .errors import ConfigError
 from .vm import SmolVM
@@ -23,7 +24,8 @@ class SessionState(Protocol):
     def config_for_item(self, item: pytest.Item) -> VMConfig: ...
     def session_config(self) -> VMConfig: ...
     def ceiling_violation(self, cfg: VMConfig) -> str | None: ...
-    def start_vm(self, request: pytest.FixtureRequest, cfg: VMConfig) -> SmolVM: ...
+    def start_vm(self, request: pytest.FixtureRequest, cfg: VMConfig,
+                 checkpoint: Checkpoint | None = None) -> SmolVM: ...
     def finish_vm(self, request: pytest.FixtureRequest, vm: SmolVM) -> None: ...
 
 
@@ -71,18 +73,27 @@ def smolvm_factory(
     smolvm_config: VMConfig, request: pytest.FixtureRequest
 ) -> Iterator[Callable[..., SmolVM]]:
     """``smolvm_factory(**overrides)`` starts a VM from ``smolvm_config`` plus ``overrides``;
-    every VM it made is destroyed after the test."""
+    every VM it made is destroyed after the test.
+
+    ``smolvm_factory(checkpoint=cp, **overrides)`` starts a clone of ``cp`` (``vm.checkpoint()``)
+    from the checkpoint's config plus ``overrides`` (markers do not apply: the clone has the
+    prepared VM's shape). Its network policy may differ among those with a NIC, and is held
+    under the run's ceiling like any other (a test asking for more is skipped)."""
     plugin = _plugin(request.config)
     made: list[SmolVM] = []
 
-    def make(**overrides: Any) -> SmolVM:
-        base = {f.name: getattr(smolvm_config, f.name) for f in dataclasses.fields(VMConfig)}
-        cfg = config_from_layers([("smolvm_config", base),
+    def make(*, checkpoint: Checkpoint | None = None, **overrides: Any) -> SmolVM:
+        if checkpoint is not None and not isinstance(checkpoint, Checkpoint):
+            raise ConfigError(f"invalid checkpoint={checkpoint!r} for smolvm_factory() in {request.node.nodeid}: "
+                              f"expected what vm.checkpoint() returned")
+        origin = smolvm_config if checkpoint is None else checkpoint.config
+        base = {f.name: getattr(origin, f.name) for f in dataclasses.fields(VMConfig)}
+        cfg = config_from_layers([("smolvm_config" if checkpoint is None else f"checkpoint {checkpoint.name}", base),
                                   (f"smolvm_factory() in {request.node.nodeid}", overrides)])
         reason = plugin.ceiling_violation(cfg)
         if reason:
             pytest.skip(reason)
-        vm = plugin.start_vm(request, cfg)
+        vm = plugin.start_vm(request, cfg, checkpoint)
         made.append(vm)
         return vm
 

@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 
 from . import hookspecs
+from .checkpoints import Checkpoint
+from .checkpoints import remove_all as remove_checkpoints
 from .config import VMConfig, config_from_layers
 from .drivers import Driver, default_driver
 from .errors import BootError, ConfigError, ImageError, SmolVMError
@@ -288,7 +290,7 @@ class SmolVMPlugin:
             self.drivers[config.backend] = driver
         return self.drivers[config.backend]
 
-    def start_vm(self, request: pytest.FixtureRequest, cfg: VMConfig) -> SmolVM:
+    def start_vm(self, request: pytest.FixtureRequest, cfg: VMConfig, checkpoint: Checkpoint | None = None) -> SmolVM:
         # The last word before any VM starts: a pytest_smolvm_configure hook or a conftest's
         # smolvm_config override may have raised the policy after the markers were checked.
         reason = self.ceiling_violation(cfg)
@@ -296,7 +298,7 @@ class SmolVMPlugin:
             pytest.skip(f"{reason} (the config after smolvm_config overrides and pytest_smolvm_configure hooks)")
         self.ensure_image(cfg.image)
         driver = self.config.hook.pytest_smolvm_make_driver(config=cfg, pytestconfig=self.config)
-        vm = self._start_with_retry(request, cfg, driver)
+        vm = self._start_with_retry(request, cfg, driver, checkpoint)
         if self.config.option.capture == "no":  # -s: show each command's output as it runs
             redact = vm.redact
             vm.live_output = lambda label: LiveOutput(label, _terminal_write, redact)
@@ -309,11 +311,14 @@ class SmolVMPlugin:
             raise
         return vm
 
-    def _start_with_retry(self, request: pytest.FixtureRequest, cfg: VMConfig, driver: Driver) -> SmolVM:
+    def _start_with_retry(self, request: pytest.FixtureRequest, cfg: VMConfig, driver: Driver,
+                          checkpoint: Checkpoint | None = None) -> SmolVM:
         """Start a VM; an infrastructure failure (the VM did not come up) is retried once on
         a fresh VM. Errors in the test's own use of a VM are never retried."""
         for attempt in (1, 2):
             try:
+                if checkpoint is not None:
+                    return SmolVM(cfg, driver=driver, checkpoint=checkpoint).start()
                 if request.scope == "function":
                     return self.pool.acquire(cfg, driver)
                 return SmolVM(cfg, driver=driver).start()
@@ -410,6 +415,7 @@ class SmolVMPlugin:
 
     def pytest_sessionfinish(self) -> None:
         self.pool.close()
+        remove_checkpoints()  # session fixtures are torn down by now: no clone can want them
         workeroutput = getattr(self.config, "workeroutput", None)
         if workeroutput is not None:  # an xdist worker: tell the controller (pytest_testnodedown)
             workeroutput["smolvm"] = self.summary()

@@ -25,10 +25,10 @@ from ..images import Image
 from ..volumes import open_volumes, qemu_volume_args, volume_sizes
 from .accel import accel_args, choose_accel
 from .base import (
-    Machine,
     TEMPLATE_FORMAT,
     TEMPLATE_MAC,
     Accel,
+    Machine,
     Nic,
     Spawned,
     VMMProcess,
@@ -371,28 +371,7 @@ class QemuDriver:
             create_overlay(layer, "qcow2", new, size_bytes=size, unsafe=True)
             qmp.command("stop")
             stopped = time.monotonic()
-            fdset: int | None = None
-            added = []
-            for flags in (os.O_RDWR, os.O_RDONLY):
-                fd = os.open(new, flags | os.O_CLOEXEC)
-                try:
-                    fdset, qemu_fd = qmp.add_fd(fd, fdset, opaque=f"{new.name}:{'rw' if flags == os.O_RDWR else 'ro'}")
-                    added.append(qemu_fd)
-                finally:
-                    os.close(fd)
-            assert fdset is not None
-            node = f"cp{machine.generation}"
-            qmp.command("blockdev-add", driver="qcow2", **{"node-name": node}, backing=None,
-                        file={"driver": "file", "filename": f"/dev/fdset/{fdset}", "locking": "off"},
-                        cache={"no-flush": True})
-            qmp.command("blockdev-snapshot", node="root", overlay=node)
-            machine.disk_path = new
-            if machine.rw_fd is not None:  # closed once the guest runs again: the layer is read-only now
-                fdset_id, rw = machine.rw_fd
-                if rw is None:  # the launch's set: its read-write descriptor is the one with the opaque
-                    rw = _opaque_fd(qmp.command("query-fdsets"), fdset_id)
-                qmp.command("remove-fd", **{"fdset-id": fdset_id, "fd": rw})
-            machine.rw_fd = (fdset, added[0])
+            _switch_overlay(qmp, machine, new)
             qmp.command("migrate-set-capabilities",
                         capabilities=[{"capability": "x-ignore-shared", "state": False}])
             qmp.command("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
@@ -425,6 +404,33 @@ class QemuDriver:
                               ram=RamFile(None, incoming=True) if ram == "mem" else None, incoming=True)
         _restore(machine, checkpoint / "state", ignore_shared=False, what="checkpoint")
         return machine
+
+
+def _switch_overlay(qmp: QMP, machine: QemuMachine, new: Path) -> None:
+    """Move the paused VM's disk onto the overlay ``new`` (``blockdev-snapshot``), handed to
+    QEMU as an fd set; the old layer becomes its read-only backing."""
+    fdset: int | None = None
+    added = []
+    for flags in (os.O_RDWR, os.O_RDONLY):
+        fd = os.open(new, flags | os.O_CLOEXEC)
+        try:
+            fdset, qemu_fd = qmp.add_fd(fd, fdset, opaque=f"{new.name}:{'rw' if flags == os.O_RDWR else 'ro'}")
+            added.append(qemu_fd)
+        finally:
+            os.close(fd)
+    assert fdset is not None
+    node = f"cp{machine.generation}"
+    qmp.command("blockdev-add", driver="qcow2", **{"node-name": node}, backing=None,
+                file={"driver": "file", "filename": f"/dev/fdset/{fdset}", "locking": "off"},
+                cache={"no-flush": True})
+    qmp.command("blockdev-snapshot", node="root", overlay=node)
+    machine.disk_path = new
+    if machine.rw_fd is not None:  # closed once the guest runs again: the layer is read-only now
+        fdset_id, rw = machine.rw_fd
+        if rw is None:  # the launch's set: its read-write descriptor is the one with the opaque
+            rw = _opaque_fd(qmp.command("query-fdsets"), fdset_id)
+        qmp.command("remove-fd", **{"fdset-id": fdset_id, "fd": rw})
+    machine.rw_fd = (fdset, added[0])
 
 
 def _opaque_fd(fdsets: object, fdset_id: int) -> int:
