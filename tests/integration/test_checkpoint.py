@@ -1,0 +1,184 @@
+"""Checkpoints of a prepared VM (vm.checkpoint(), SmolVM(checkpoint=cp)), with real microVMs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import REAL_CACHE, qemu_processes
+
+from pytest_smolvm import Checkpoint, CheckpointError, ConfigError, SmolVM, VMConfig
+from pytest_smolvm.paths import runtime_dir
+
+#: Prepares a guest: files, and a server started in the background that must survive.
+PREPARE = ("mkdir -p /srv/www && echo prepared > /srv/www/index.txt && "
+           "cd /srv/www && (python3 -m http.server 8000 >/dev/null 2>&1 &) && "
+           "for i in $(seq 100); do python3 -c \"import socket; socket.create_connection(('127.0.0.1', 8000))\" "
+           "2>/dev/null && exit 0; sleep 0.1; done; exit 1")
+FETCH = "python3 -c \"import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:8000/index.txt').read().decode())\""
+
+
+@pytest.fixture(scope="module")
+def prepared() -> Iterator[tuple[SmolVM, Checkpoint]]:
+    with SmolVM(VMConfig(memory_mib=256)) as vm:
+        vm.run(PREPARE, check=True, timeout=60)
+        cp = vm.checkpoint()
+        yield vm, cp
+        cp.remove()
+
+
+def test_clone_sees_prepared_files_and_the_server_still_answers(prepared: tuple[SmolVM, Checkpoint]) -> None:
+    vm, cp = prepared
+    with SmolVM(checkpoint=cp) as clone:
+        assert clone.boot_mode == "checkpoint"
+        assert clone.run("cat /srv/www/index.txt").stdout == "prepared\n"
+        assert clone.run(FETCH, check=True).stdout == "prepared\n\n"
+        ids = [m.run("hostname; cat /etc/machine-id").stdout for m in (vm, clone)]
+        assert ids[0] != ids[1] and clone.name in ids[1]
+        assert "restored from checkpoint" in clone.console_log
+
+
+def test_two_clones_writes_never_meet(prepared: tuple[SmolVM, Checkpoint]) -> None:
+    _, cp = prepared
+    with SmolVM(checkpoint=cp) as a, SmolVM(checkpoint=cp) as b:
+        a.run("echo from-a > /srv/www/index.txt && echo a > /root/only-a && sync", check=True)
+        b.run("echo b > /root/only-b && sync", check=True)
+        assert b.run("cat /srv/www/index.txt").stdout == "prepared\n"
+        assert b.run("test -e /root/only-a").exit_code == 1
+        assert a.run("test -e /root/only-b").exit_code == 1
+        assert a.run(FETCH).stdout == "from-a\n\n" and b.run(FETCH).stdout == "prepared\n\n"
+    cp.verify()  # the clones wrote their own overlays, never the checkpoint's layer
+    with SmolVM(checkpoint=cp) as c:
+        assert c.run("cat /srv/www/index.txt; ls /root").stdout == "prepared\n"
+
+
+def test_prepared_vm_runs_on_and_its_later_writes_stay_its_own(prepared: tuple[SmolVM, Checkpoint]) -> None:
+    vm, cp = prepared
+    assert vm.alive and vm.run(FETCH, check=True).stdout == "prepared\n\n"
+    vm.run("echo after > /root/after-checkpoint && sync", check=True)
+    assert cp.paused_s < cp.taken_s
+    with SmolVM(checkpoint=cp) as clone:
+        assert clone.run("test -e /root/after-checkpoint").exit_code == 1
+    assert vm.run("cat /root/after-checkpoint").stdout == "after\n"
+
+
+def test_a_second_checkpoint_and_a_changed_file_is_refused(prepared: tuple[SmolVM, Checkpoint]) -> None:
+    vm, _ = prepared
+    vm.run("echo second > /root/second", check=True)
+    cp2 = vm.checkpoint()
+    try:
+        with SmolVM(checkpoint=cp2) as clone:
+            assert clone.run("cat /root/second").stdout == "second\n"
+            cp3 = clone.checkpoint()  # a clone of a checkpoint can be checkpointed too
+        with SmolVM(checkpoint=cp3) as grandchild:
+            assert grandchild.run("cat /root/second /srv/www/index.txt").stdout == "second\nprepared\n"
+        cp3.remove()
+        with open(cp2.path / "state", "r+b") as f:  # same size, one byte different
+            f.seek(4096)
+            byte = f.read(1)
+            f.seek(4096)
+            f.write(bytes([byte[0] ^ 1]))
+        before = set(os.listdir(cp2.path.parent))
+        with pytest.raises(CheckpointError, match="sha256"):
+            SmolVM(checkpoint=cp2).start()
+        assert set(os.listdir(cp2.path.parent)) == before  # the refused VM left nothing
+    finally:
+        cp2.remove()
+    assert not cp2.path.exists()
+    with pytest.raises(CheckpointError, match="removed"):
+        SmolVM(checkpoint=cp2).start()
+
+
+def test_shapes_that_cannot_be_restored_are_refused(prepared: tuple[SmolVM, Checkpoint]) -> None:
+    _, cp = prepared
+    before = set(os.listdir(cp.path.parent))
+    with pytest.raises(ConfigError, match=r"memory_mib is 512 for this VM but 256 in the checkpoint"):
+        SmolVM(cp.config.replace(memory_mib=512), checkpoint=cp).start()
+    with pytest.raises(ConfigError, match="vcpus is 2 for this VM but 1"):
+        SmolVM(cp.config.replace(vcpus=2), checkpoint=cp).start()
+    with pytest.raises(ConfigError, match="disk_mode='shared'"):
+        SmolVM(cp.config.replace(disk_mode="shared"), checkpoint=cp)
+    with pytest.raises(ConfigError, match="no network device"):
+        SmolVM(cp.config.replace(network="isolated"), checkpoint=cp)
+    assert set(os.listdir(cp.path.parent)) == before  # refused before anything was made
+
+
+def test_shared_disk_vm_cannot_be_checkpointed() -> None:
+    with SmolVM(VMConfig(disk_mode="shared")) as vm:
+        with pytest.raises(ConfigError, match="disk_mode='shared'"):
+            vm.checkpoint()
+        assert vm.run("true").ok
+
+
+def test_networked_clone_gets_its_own_lease() -> None:
+    with SmolVM(VMConfig(network="isolated")) as vm:
+        vm.run(PREPARE, check=True, timeout=60)
+        cp = vm.checkpoint()
+        try:
+            with pytest.raises(ConfigError, match="network='none'"):
+                SmolVM(cp.config.replace(network="none"), checkpoint=cp)
+            with SmolVM(checkpoint=cp) as clone:
+                assert clone.network.guest_ip != vm.network.guest_ip
+                addrs = clone.run("ip -4 -o addr show | grep -v ' lo '").stdout
+                assert clone.network.guest_ip in addrs and str(vm.network.guest_ip) not in addrs
+                port = clone.forward(8000)
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/index.txt", timeout=30) as resp:
+                    assert resp.read() == b"prepared\n"
+            assert vm.run(FETCH, check=True).stdout == "prepared\n\n"
+        finally:
+            cp.remove()
+
+
+def _procs_of(run_id: str) -> list[str]:
+    return [cmd for cmd in qemu_processes().values() if f"/{run_id}/" in cmd]
+
+
+def test_checkpoints_end_with_the_process_and_reap_removes_a_killed_ones(tmp_path: Path) -> None:
+    script = tmp_path / "prep.py"
+    script.write_text(textwrap.dedent("""
+        import sys, time
+        from pytest_smolvm import SmolVM, VMConfig
+        vm = SmolVM(VMConfig()).start()
+        vm.run("echo x > /root/x", check=True)
+        cp = vm.checkpoint()
+        clone = SmolVM(checkpoint=cp).start()
+        print(cp.path, flush=True)
+        if sys.argv[1] == "wait":
+            time.sleep(600)
+    """))
+    env = {**os.environ, "SMOLVM_CACHE_DIR": str(REAL_CACHE), "PYTHONPATH": str(Path(__file__).parents[2])}
+    # A normal exit removes the checkpoint (and the VMs).
+    run_id = f"cpx{os.getpid():x}"
+    done = subprocess.run([sys.executable, str(script), "exit"], env={**env, "SMOLVM_RUN_ID": run_id},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not Path(done.stdout.strip()).exists() and not (runtime_dir() / run_id).exists()
+    # kill -9 leaves it; reap removes it.
+    run_id = f"cpk{os.getpid():x}"
+    proc = subprocess.Popen([sys.executable, str(script), "wait"], env={**env, "SMOLVM_RUN_ID": run_id},
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        path = Path(proc.stdout.readline().strip())
+        assert (path / "state").is_file() and (path / "disk.qcow2").is_file()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert path.exists()
+    reap = subprocess.run([sys.executable, "-m", "pytest_smolvm", "reap"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert reap.returncode == 0, reap.stderr[-2000:]
+    deadline = time.monotonic() + 10
+    while _procs_of(run_id) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not (runtime_dir() / run_id).exists() and not _procs_of(run_id)
