@@ -4,7 +4,8 @@
 lets it run on; ``SmolVM(config, checkpoint=cp)`` starts a clone of that state. The
 directory holds:
 
-- ``state``: the full migration stream (every RAM page and the device state);
+- ``mem`` and ``state``: the guest's RAM, which clones map copy-on-write, and its device
+  state, as in a golden snapshot;
 - ``disk.qcow2``: the VM's disk overlay as it was at the pause (a hard link of the layer
   the VM left; the VM and each clone write their own overlay on top, never into it);
 - ``owner.json``: the owning process, so ``reap`` removes a dead run's checkpoints like
@@ -34,7 +35,7 @@ from .digest import sha256_file
 from .errors import ConfigError, SmolVMError
 
 #: The files of a checkpoint a clone reads, each checked against its size and sha256.
-FILES = ("state", "disk.qcow2")
+FILES = ("mem", "state", "disk.qcow2")
 #: Fields of a checkpoint's shape, in the order a mismatch is reported, with what they mean.
 SHAPE_FIELDS: Mapping[str, str] = {
     "backend": "backend", "qemu": "QEMU version", "accel": "accelerator", "host_cpu": "host CPU",

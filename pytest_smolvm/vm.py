@@ -26,7 +26,7 @@ from .boot import BOOT_LOG_LIMIT, Boot, VMHooks
 from .checkpoints import Checkpoint, check_network, digest_files, register, shape_mismatch, write_meta
 from .config import VMConfig, WireEnv
 from .drivers import Accel, Driver, Machine, default_driver
-from .drivers.base import CheckpointDriver
+from .drivers.base import TEMPLATE_MAC, CheckpointDriver, Nic
 from .drivers.consolelog import read_bounded
 from .errors import (
     BootError,
@@ -430,7 +430,9 @@ class SmolVM:
                 {**owner_stamp(os.getpid()), "run_id": self.run_id, "vm": name, "started": time.time(),
                  "checkpoint_of": self.name}))
             with self._guest.channel.lock:  # no request in flight while the state is saved
-                disk_bytes, paused = driver.save_checkpoint(self._machine, path, float(timeout))
+                disk_bytes, paused = driver.save_checkpoint(
+                    self._machine, self.config, self.image, path, ram=self._ram_layout, timeout=float(timeout),
+                    **({"nic": Nic(self._net.tap_fd, self._net.addr.tap, TEMPLATE_MAC)} if self._net else {}))
             self.disk_path = self._machine.disk_path
             (path / "console.log").write_text(read_bounded(self._machine.console_path, BOOT_LOG_LIMIT))
             cp = Checkpoint(name=name, path=path, run_id=self.run_id, config=self.config,

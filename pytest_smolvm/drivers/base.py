@@ -269,7 +269,8 @@ class CheckpointDriver(Protocol):
     def checkpoint_shape(self, config: VMConfig, image: Image, ram: str) -> dict[str, object]:
         """Everything the saved state depends on, by field: a clone must match every value."""
 
-    def save_checkpoint(self, machine: Machine, target: Path, timeout: float) -> tuple[int, float]:
+    def save_checkpoint(self, machine: Machine, config: VMConfig, image: Image, target: Path, *, ram: str,
+                        timeout: float, nic: Nic | None = None) -> tuple[int, float]:
         """Save ``machine``'s RAM, devices and disk layer into ``target`` and let it run on;
         returns the disk's virtual size in bytes and the seconds the guest was paused."""
 

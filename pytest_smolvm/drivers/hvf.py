@@ -46,7 +46,7 @@ def virt_argv(spec: MachineSpec) -> list[str]:
         raise ConfigError(f"invalid accel={spec.accel!r}: expected hvf, kvm or tcg")
     machine = "virt,gic-version=max" if spec.accel == "tcg" else "virt"
     if spec.ram is not None:
-        machine += ",memory-backend=mem"
+        machine += f",memory-backend={spec.ram.id}"
     return [spec.binary, "-M", machine, "-accel", spec.accel, "-cpu", "max" if spec.accel == "tcg" else "host",
             "-smp", str(spec.vcpus), "-m", str(spec.memory_mib), *guest_args(spec)]
 

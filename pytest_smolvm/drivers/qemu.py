@@ -11,6 +11,7 @@ import functools
 import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -43,6 +44,9 @@ from .qmp import QMP
 from .spec import MachineSpec, RamFile
 
 CONTROL_PORT = "smolvm.ctl"
+#: What ``-M microvm`` names its own RAM (QEMU's ``default-ram-id``): a checkpoint of a
+#: cold-booted VM restores into a backend of that name, or the stream would not match.
+BUILTIN_RAM_ID = "microvm.ram"
 #: The control socket in a VM directory (the guest agent's virtio-serial port).
 CONTROL_NAME = "ctl.sock"
 #: QEMU's seccomp filter: no obsolete syscalls, no privilege changes, no spawning helpers,
@@ -61,7 +65,7 @@ def _opt(path: Path | str) -> str:
 
 def qemu_argv(spec: MachineSpec) -> list[str]:
     """Full QEMU ``-M microvm`` argv for one VM (pure)."""
-    machine = "microvm" if spec.ram is None else "microvm,memory-backend=mem"
+    machine = "microvm" if spec.ram is None else f"microvm,memory-backend={spec.ram.id}"
     return [spec.binary, "-M", machine, *accel_args(spec.accel, spec.cpu), "-smp", str(spec.vcpus),
             "-m", str(spec.memory_mib), *guest_args(spec)]
 
@@ -115,17 +119,17 @@ def _nic_args(spec: MachineSpec) -> list[str]:
 def _ram_args(spec: MachineSpec) -> list[str]:
     if spec.ram is None:
         return []
-    if spec.ram.path is None:
-        return ["-object", f"memory-backend-ram,id=mem,size={spec.memory_mib}M"]
-    return ["-object", f"memory-backend-file,id=mem,size={spec.memory_mib}M,mem-path={_opt(spec.ram.path)},"
+    return ["-object", f"memory-backend-file,id={spec.ram.id},size={spec.memory_mib}M,mem-path={_opt(spec.ram.path)},"
                        f"share={'on' if spec.ram.shared else 'off'}"]
 
 
 def _monitor_args(spec: MachineSpec) -> list[str]:
     """QMP, and waiting on it for a snapshot restore's migration stream."""
     argv = [] if spec.qmp is None else ["-qmp", f"unix:{_opt(spec.qmp)},server=on,wait=off"]
-    if spec.incoming or (spec.ram is not None and spec.ram.incoming):
+    if spec.ram is not None and spec.ram.incoming:
         argv += ["-incoming", "defer"]
+    if spec.paused:
+        argv.append("-S")
     return argv
 
 
@@ -223,7 +227,7 @@ class QemuDriver:
     def _spec(self, config: VMConfig, image: Image, workdir: Path, accel: Accel, disk: Path | None,
               fmt: str = "qcow2", *, nic: Nic | None, ram: RamFile | None = None,
               disk_fds: tuple[int, int] | None = None, volume_fds: tuple[int, ...] = (),
-              incoming: bool = False) -> MachineSpec:
+              paused: bool = False) -> MachineSpec:
         """The one spec of a launch: sockets in ``workdir``, the disk, NIC and RAM file given."""
         if (nic is None) != (config.network == "none"):
             raise ConfigError(f"network={config.network!r} needs a NIC exactly when it is not 'none' "
@@ -234,7 +238,7 @@ class QemuDriver:
             kernel=image.kernel, initrd=image.initrd, cmdline=self._cmdline(config, accel),
             control=workdir / CONTROL_NAME, disk=disk, disk_format=fmt, disk_fds=disk_fds, qmp=workdir / "qmp.sock",
             ram=ram, nic=nic, sandbox=self._sandbox(), runas=runas, chroot=chroot, volume_fds=volume_fds,
-            incoming=incoming)
+            paused=paused)
 
     def _argv(self, spec: MachineSpec) -> list[str]:
         if spec.accel == "tcg":
@@ -242,7 +246,7 @@ class QemuDriver:
         return qemu_argv(spec)
 
     def _start(self, config: VMConfig, image: Image, workdir: Path, accel: Accel, disk: Path, fmt: str = "qcow2",
-               *, nic: Nic | None, ram: RamFile | None = None, incoming: bool = False) -> QemuMachine:
+               *, nic: Nic | None, ram: RamFile | None = None, paused: bool = False) -> QemuMachine:
         """Build the spec and start QEMU. Read-only volumes always go in as descriptors; when QEMU
         drops privileges, the root disk does too."""
         volume_fds = tuple(open_volumes(config.volumes))
@@ -251,7 +255,7 @@ class QemuDriver:
             if self._privilege_drop(workdir):
                 fds = (os.open(disk, os.O_RDWR | os.O_CLOEXEC), os.open(disk, os.O_RDONLY | os.O_CLOEXEC))
             spec = self._spec(config, image, workdir, accel, disk, fmt, nic=nic, ram=ram, disk_fds=fds,
-                              volume_fds=volume_fds, incoming=incoming)
+                              volume_fds=volume_fds, paused=paused)
             return self._spawn(spec, accel, workdir, disk)
         finally:
             for fd in (*(fds or ()), *volume_fds):
@@ -347,27 +351,64 @@ class QemuDriver:
             shape["host_cpu"] = host.cpu_identity()
         return shape
 
-    def save_checkpoint(self, machine: Machine, target: Path, timeout: float) -> tuple[int, float]:
-        """Save a running VM's whole state into ``target`` and let it run on; returns the
-        disk's virtual size in bytes.
+    def save_checkpoint(self, machine: Machine, config: VMConfig, image: Image, target: Path, *, ram: str,
+                        timeout: float, nic: Nic | None = None) -> tuple[int, float]:
+        """Save a running VM's state into ``target`` as a snapshot clones restore like a
+        golden one (``mem``, ``state``, ``disk.qcow2``), and let it run on. ``ram``: how the
+        VM's RAM is named (``mem``: a snapshot clone; ``builtin``: cold-booted). Returns the
+        disk's virtual size in bytes and the seconds the guest was paused.
 
-        The VM is paused; its disk overlay is hard-linked to ``target/disk.qcow2`` and the VM
-        continues on a new overlay on top of it (``blockdev-snapshot``: QEMU reopens the old
-        layer read-only, so nothing writes it again); its RAM and device state are streamed
-        to ``target/state`` (every page: a snapshot clone's RAM is a private copy, not a
-        file clones could share); then it resumes. The new overlay is made here and handed
-        over as descriptors, so this works in QEMU's chroot without privileges. Returns the
-        disk's virtual size in bytes and how long the guest was paused."""
+        The VM itself is paused only while its full state is streamed to a file
+        (:meth:`_stream_out`). A helper QEMU, never running its guest, then loads that stream
+        into a shared RAM file and saves its device state beside it, so every clone maps the
+        RAM copy-on-write (restored in tens of ms, pages shared) instead of loading ~100 MB."""
         assert isinstance(machine, QemuMachine)
-        old = machine.disk_path
-        layer = target / "disk.qcow2"
+        stream = target / "stream"
+        size, paused = self._stream_out(machine, target / "disk.qcow2", stream, timeout)
+        helper_dir = target / "helper"
+        helper_dir.mkdir(mode=0o700)
+        try:
+            overlay = create_overlay(target / "disk.qcow2", "qcow2", helper_dir / "disk.qcow2", size_bytes=size,
+                                     unsafe=True)
+            # The helper shares the VM's TAP (a NIC's features must match its state), but a
+            # stopped guest's NIC never reads or writes it (QEMU sends nothing while stopped).
+            helper = self._start(config, image, helper_dir, self.select_accel(config.accel, image), overlay, nic=nic,
+                                 ram=RamFile(target / "mem", shared=True, incoming=True, id=self._ram_id(ram)),
+                                 paused=True)
+            try:
+                _restore(helper, stream, ignore_shared=False, what="checkpoint", run=False)
+                qmp = QMP(helper.qmp_path, timeout=max(timeout, 10.0))
+                try:
+                    qmp.command("migrate-set-capabilities",
+                                capabilities=[{"capability": "x-ignore-shared", "state": True}])
+                    qmp.send_file("state", target / "state", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+                    qmp.command("migrate", uri="fd:state")
+                    qmp.wait_migration(timeout)
+                finally:
+                    qmp.close()
+            finally:
+                helper.kill()
+        finally:
+            shutil.rmtree(helper_dir, ignore_errors=True)
+            stream.unlink(missing_ok=True)
+        return size, paused
+
+    def _ram_id(self, ram: str) -> str:
+        return "mem" if ram == "mem" else BUILTIN_RAM_ID
+
+    def _stream_out(self, machine: QemuMachine, layer: Path, stream: Path, timeout: float) -> tuple[int, float]:
+        """Pause the VM, hard-link its disk overlay to ``layer`` and move the VM onto a new
+        overlay on top of it (``blockdev-snapshot``: QEMU reopens the old layer read-only, so
+        nothing writes it again), stream its RAM and device state to ``stream`` (every page:
+        a snapshot clone's RAM is a private copy), resume it. The new overlay is made here and
+        handed over as descriptors, so this works in QEMU's chroot without privileges."""
         qmp = QMP(machine.qmp_path, timeout=max(timeout, 10.0))
         stopped: float | None = None
         try:
             size = _disk_virtual_size(qmp.command("query-block"))
             machine.generation += 1
             new = machine.workdir / f"disk.{machine.generation}.qcow2"
-            os.link(old, layer)
+            os.link(machine.disk_path, layer)
             create_overlay(layer, "qcow2", new, size_bytes=size, unsafe=True)
             qmp.command("stop")
             stopped = time.monotonic()
@@ -375,7 +416,7 @@ class QemuDriver:
             qmp.command("migrate-set-capabilities",
                         capabilities=[{"capability": "x-ignore-shared", "state": False}])
             qmp.command("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
-            qmp.send_file("checkpoint", target / "state", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            qmp.send_file("checkpoint", stream, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
             qmp.command("migrate", uri="fd:checkpoint")
             qmp.wait_migration(timeout)
             qmp.command("cont")
@@ -395,14 +436,14 @@ class QemuDriver:
 
     def launch_checkpoint(self, config: VMConfig, image: Image, checkpoint: Path, workdir: Path, *, ram: str,
                           disk_bytes: int, nic: Nic | None = None) -> QemuMachine:
-        """Start a VM restored from a checkpoint: a fresh overlay on the checkpoint's disk
-        layer, the full RAM and device state from its stream."""
+        """Start a VM restored from a checkpoint, as a snapshot clone: its RAM file mapped
+        privately, a fresh overlay on the checkpoint's disk layer."""
         accel = self.select_accel(config.accel, image)
         overlay = create_overlay(checkpoint / "disk.qcow2", "qcow2", workdir / "disk.qcow2",
                                  size_bytes=disk_bytes, unsafe=True)
         machine = self._start(config, image, workdir, accel, overlay, nic=nic,
-                              ram=RamFile(None, incoming=True) if ram == "mem" else None, incoming=True)
-        _restore(machine, checkpoint / "state", ignore_shared=False, what="checkpoint")
+                              ram=RamFile(checkpoint / "mem", incoming=True, id=self._ram_id(ram)))
+        _restore(machine, checkpoint / "state", ignore_shared=True, what="checkpoint")
         return machine
 
 
@@ -451,9 +492,9 @@ def _disk_virtual_size(blocks: object) -> int:
     raise BootError("QEMU reported no root disk (query-block)")
 
 
-def _restore(machine: QemuMachine, state: Path, *, ignore_shared: bool, what: str) -> None:
-    """Load ``state`` into a QEMU started with ``-incoming defer`` and let the guest run;
-    kills the machine on failure."""
+def _restore(machine: QemuMachine, state: Path, *, ignore_shared: bool, what: str, run: bool = True) -> None:
+    """Load ``state`` into a QEMU started with ``-incoming defer`` and (``run``) let the guest
+    run; kills the machine on failure."""
     try:
         qmp = QMP(machine.qmp_path)
         try:
@@ -466,7 +507,7 @@ def _restore(machine: QemuMachine, state: Path, *, ignore_shared: bool, what: st
                 if time.monotonic() > deadline:
                     raise BootError(f"{what} restore did not finish within 30s")
                 time.sleep(0.002)
-            if status != "running":
+            if run and status != "running":
                 qmp.command("cont")
         finally:
             qmp.close()

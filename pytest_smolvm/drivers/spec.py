@@ -22,13 +22,15 @@ class RamFile:
     (copy-on-write) for a clone, which also sets ``incoming``: QEMU waits for the migration
     stream that restores the device state, started over QMP.
 
-    ``path`` None: anonymous RAM (``memory-backend-ram``) that keeps the backend's name
-    (``mem``), for a clone of a checkpoint whose full RAM arrives in the migration stream.
+    ``id`` names the backend, and so the RAM in a migration stream: ``mem`` for snapshots;
+    a checkpoint of a cold-booted VM keeps the machine's own name (``microvm.ram``), which
+    QEMU allows for a backend given as ``memory-backend=`` (its migration-compatibility rule).
     """
 
-    path: Path | None
+    path: Path
     shared: bool = False
     incoming: bool = False
+    id: str = "mem"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +65,5 @@ class MachineSpec:
     cpu: str | None = None
     #: Read-only volumes (:mod:`pytest_smolvm.volumes`): inherited descriptors, in order.
     volume_fds: tuple[int, ...] = ()
-    #: Wait for a migration stream (``-incoming defer``) even without a RAM file: a clone of
-    #: a checkpoint taken from a cold-booted VM.
-    incoming: bool = False
+    #: Start with the guest paused (``-S``): a restore that must never run the guest.
+    paused: bool = False

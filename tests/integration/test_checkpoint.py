@@ -111,6 +111,19 @@ def test_shapes_that_cannot_be_restored_are_refused(prepared: tuple[SmolVM, Chec
     assert set(os.listdir(cp.path.parent)) == before  # refused before anything was made
 
 
+def test_cold_booted_vm_checkpoint_keeps_the_machine_ram_name() -> None:
+    with SmolVM(VMConfig(snapshot=False)) as vm:
+        assert vm.boot_mode == "cold"
+        vm.run("echo cold > /root/cold", check=True)
+        cp = vm.checkpoint()
+        try:
+            assert cp.shape["ram"] == "builtin"
+            with SmolVM(checkpoint=cp) as clone:
+                assert clone.run("cat /root/cold").stdout == "cold\n"
+        finally:
+            cp.remove()
+
+
 def test_shared_disk_vm_cannot_be_checkpointed() -> None:
     with SmolVM(VMConfig(disk_mode="shared")) as vm:
         with pytest.raises(ConfigError, match="disk_mode='shared'"):
