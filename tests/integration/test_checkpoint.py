@@ -195,3 +195,41 @@ def test_checkpoints_end_with_the_process_and_reap_removes_a_killed_ones(tmp_pat
     while _procs_of(run_id) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not (runtime_dir() / run_id).exists() and not _procs_of(run_id)
+
+
+def test_factory_clones_a_session_checkpoint_under_the_ceiling(pytester: pytest.Pytester,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    run_id = f"cpf{os.getpid():x}"
+    monkeypatch.setenv("SMOLVM_RUN_ID", run_id)
+    monkeypatch.setenv("SMOLVM_CACHE_DIR", str(REAL_CACHE))
+    record = pytester.path / "checkpoint-path"
+    pytester.makepyfile(f"""
+        import pytest
+
+        @pytest.fixture(scope="session")
+        def prepared(smolvm_session):
+            smolvm_session.run("echo ready > /root/state", check=True)
+            cp = smolvm_session.checkpoint()
+            open({str(record)!r}, "w").write(str(cp.path))
+            return cp  # not removed here: the plugin removes it at session end
+
+        @pytest.mark.smolvm(memory_mib=512)  # markers do not reshape a clone
+        def test_clone(prepared, smolvm_factory):
+            vm = smolvm_factory(checkpoint=prepared)
+            assert vm.boot_mode == "checkpoint" and vm.config.memory_mib == 256
+            assert vm.run("cat /root/state").stdout == "ready\\n"
+
+        def test_over_the_ceiling_is_skipped(prepared, smolvm_factory):
+            smolvm_factory(checkpoint=prepared, network="isolated")
+
+        def test_not_a_checkpoint(smolvm_factory):
+            smolvm_factory(checkpoint="/tmp/cp")
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rs", "--smolvm-network=none",
+                                           "--smolvm-memory=256")
+    result.assert_outcomes(passed=1, skipped=1, failed=1)
+    result.stdout.fnmatch_lines(["*invalid checkpoint='/tmp/cp' for smolvm_factory()*",
+                                 "*network='isolated'*caps network policy at 'none'*"])
+    path = Path(record.read_text())
+    assert path.name.startswith("vm") and not path.exists()
+    assert not (runtime_dir() / run_id).exists() and not _procs_of(run_id)
