@@ -76,13 +76,16 @@ class Checkpoint:
     #: Seconds the VM was paused for, and the whole checkpoint() call took.
     paused_s: float = 0.0
     taken_s: float = 0.0
+    #: The checkpoint whose disk layer this one's sits on (its layer names that file), if any.
+    parent: Checkpoint | None = dataclasses.field(default=None, repr=False)
 
     def __repr__(self) -> str:
         return f"<Checkpoint {self.name} {self.config.describe()}{'' if self.exists else ' (removed)'}>"
 
     @property
     def exists(self) -> bool:
-        return self.path.is_dir()
+        """False once :meth:`remove` was called (its files may stay while others need them)."""
+        return not _registry.is_removed(self) and self.path.is_dir()
 
     @property
     def size(self) -> int:
@@ -90,8 +93,12 @@ class Checkpoint:
         return sum(f.size for f in self.files)
 
     def remove(self) -> None:
-        """Delete the checkpoint's files. Idempotent; clones already running are unaffected."""
-        _registry.forget(self)
+        """Remove the checkpoint: no clone can start from it any more. Idempotent. Its files
+        go now, or, while a running VM or a later checkpoint sits on its disk layer, when the
+        last of those goes. Clones already running are unaffected."""
+        _registry.remove(self)
+
+    def _delete(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
         try:
             self.path.parent.rmdir()  # the run directory, once nothing of the run is left
@@ -103,6 +110,9 @@ class Checkpoint:
         when the checkpoint was taken (contents once per process per file version)."""
         if not self.exists:
             raise CheckpointError(f"checkpoint {self.name} was removed ({self.path}); take a new one")
+        if self.parent is not None and not self.parent.path.is_dir():
+            raise CheckpointError(f"checkpoint {self.name} sits on the disk layer of checkpoint {self.parent.name}, "
+                                  f"whose files are gone ({self.parent.path}); take a new one")
         for f in self.files:
             p = self.path / f.name
             try:
@@ -170,24 +180,68 @@ def digest_files(path: Path) -> tuple[FileDigest, ...]:
 
 
 class _Registry:
-    """Checkpoints this process took and has not removed, and file versions it verified."""
+    """Checkpoints this process took and has not deleted, what depends on each (running VMs
+    and later checkpoints on its disk layer: the layers name their backing file by path), and
+    the file versions this process verified."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._owned: dict[Path, Checkpoint] = {}
+        self._holds: dict[Path, int] = {}
+        self._removed: set[Path] = set()
         self._verified: set[tuple[object, ...]] = set()
 
     def add(self, cp: Checkpoint) -> None:
         with self._lock:
             self._owned[cp.path] = cp
+            if cp.parent is not None:
+                self.hold(cp.parent)
 
-    def forget(self, cp: Checkpoint) -> None:
+    def hold(self, cp: Checkpoint) -> None:
         with self._lock:
-            self._owned.pop(cp.path, None)
+            self._holds[cp.path] = self._holds.get(cp.path, 0) + 1
+
+    def release(self, cp: Checkpoint) -> None:
+        with self._lock:
+            left = self._holds.get(cp.path, 0) - 1
+            if left > 0:
+                self._holds[cp.path] = left
+                return
+            self._holds.pop(cp.path, None)
+            if cp.path in self._removed:
+                self._delete(cp)
+
+    def remove(self, cp: Checkpoint) -> None:
+        with self._lock:
+            if cp.path in self._removed:
+                return
+            self._removed.add(cp.path)
+            if not self._holds.get(cp.path):
+                self._delete(cp)
+
+    def _delete(self, cp: Checkpoint) -> None:
+        self._owned.pop(cp.path, None)
+        cp._delete()
+        if cp.parent is not None:
+            self.release(cp.parent)
+
+    def is_removed(self, cp: Checkpoint) -> bool:
+        with self._lock:
+            return cp.path in self._removed
 
     def owned(self) -> list[Checkpoint]:
         with self._lock:
             return list(self._owned.values())
+
+    def delete_all(self) -> int:
+        with self._lock:
+            found = list(self._owned.values())
+            for cp in found:
+                self._removed.add(cp.path)
+                cp._delete()
+            self._owned.clear()
+            self._holds.clear()
+            return len(found)
 
     def verified(self, stamp: tuple[object, ...]) -> bool:
         with self._lock:
@@ -202,19 +256,27 @@ _registry = _Registry()
 
 
 def register(cp: Checkpoint) -> None:
+    """Own ``cp`` (removed with :func:`remove_all`); it holds its parent's files."""
     _registry.add(cp)
 
 
+def hold(cp: Checkpoint) -> None:
+    """A VM now sits on ``cp``'s disk layer: its files stay until :func:`release`."""
+    _registry.hold(cp)
+
+
+def release(cp: Checkpoint) -> None:
+    """Undo one :func:`hold`; a removed checkpoint's files go with its last holder."""
+    _registry.release(cp)
+
+
 def live_checkpoints() -> list[Checkpoint]:
-    """Checkpoints this process took and has not removed."""
+    """Checkpoints this process took whose files are still there (removed or not)."""
     return _registry.owned()
 
 
 @atexit.register
 def remove_all() -> int:
-    """Remove every checkpoint this process took (session end, interpreter exit); returns
-    how many there were."""
-    found = _registry.owned()
-    for cp in found:
-        cp.remove()
-    return len(found)
+    """Delete every checkpoint this process took, needed or not (session end, interpreter
+    exit); returns how many there were."""
+    return _registry.delete_all()

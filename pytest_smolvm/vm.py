@@ -24,6 +24,8 @@ from typing import Any, TypeVar
 from . import images, paths, transfer
 from .boot import BOOT_LOG_LIMIT, Boot, VMHooks
 from .checkpoints import Checkpoint, check_network, digest_files, register, shape_mismatch, write_meta
+from .checkpoints import hold as hold_checkpoint
+from .checkpoints import release as release_checkpoint
 from .config import VMConfig, WireEnv
 from .drivers import Accel, Driver, Machine, default_driver
 from .drivers.base import TEMPLATE_MAC, CheckpointDriver, Nic
@@ -232,6 +234,8 @@ class SmolVM:
                                   f"{checkpoint.name}: clones need their own disk (disk_mode='isolated')")
             check_network(checkpoint, self.config)
         self._checkpoint = checkpoint
+        #: The checkpoint whose disk layer this VM's disk sits on (its files must stay).
+        self._disk_parent: Checkpoint | None = None
         self._checkpoints = itertools.count(1)
         #: How the guest's RAM appears in a migration stream (checkpoints.SHAPE_FIELDS "ram").
         self._ram_layout = "builtin"
@@ -322,6 +326,8 @@ class SmolVM:
             self._driver_used = driver
             if self._checkpoint is not None:
                 self._check_checkpoint(driver, self._checkpoint)
+                hold_checkpoint(self._checkpoint)
+                self._disk_parent = self._checkpoint
             make_private_dirs(self.workdir, self._runtime_root())
             (self.workdir / "owner.json").write_text(json.dumps(
                 {**owner_stamp(os.getpid()), "run_id": self.run_id, "vm": self.name, "started": time.time(),
@@ -439,12 +445,18 @@ class SmolVM:
                             shape=driver.checkpoint_shape(self.config, self.image, self._ram_layout),
                             files=digest_files(path), disk_bytes=disk_bytes,
                             guest_address=str(self._net.guest_setup()["address"]) if self._net else None,
-                            paused_s=paused, taken_s=time.monotonic() - t0)
+                            paused_s=paused, taken_s=time.monotonic() - t0, parent=self._disk_parent)
             write_meta(cp)
         except BaseException:
             shutil.rmtree(path, ignore_errors=True)
             raise
+        # This VM's disk now sits on cp's layer, which sits on the old parent's: cp takes over
+        # the VM's hold on the parent (register), and the VM holds cp.
         register(cp)
+        hold_checkpoint(cp)
+        if self._disk_parent is not None:
+            release_checkpoint(self._disk_parent)
+        self._disk_parent = cp
         return cp
 
     def _launched(self, machine: Machine | None, console_prefix: str) -> None:
@@ -532,6 +544,9 @@ class SmolVM:
             self.workdir.parent.rmdir()  # the run directory, once its last VM is gone
         except OSError:
             pass
+        if self._disk_parent is not None:
+            parent, self._disk_parent = self._disk_parent, None
+            release_checkpoint(parent)
         _live.discard(self)
         if net_error is not None:
             raise net_error

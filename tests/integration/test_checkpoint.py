@@ -92,9 +92,35 @@ def test_a_second_checkpoint_and_a_changed_file_is_refused(prepared: tuple[SmolV
         assert set(os.listdir(cp2.path.parent)) == before  # the refused VM left nothing
     finally:
         cp2.remove()
-    assert not cp2.path.exists()
+    assert not cp2.exists and cp2.path.is_dir()  # the prepared VM's disk sits on its layer until it closes
     with pytest.raises(CheckpointError, match="removed"):
         SmolVM(checkpoint=cp2).start()
+
+
+def test_removing_a_checkpoint_others_sit_on_keeps_what_they_need() -> None:
+    vm = SmolVM().start()
+    try:
+        vm.run("echo 1 > /root/gen", check=True)
+        cp1 = vm.checkpoint()
+        cp1.remove()  # refused from now on, but the VM's disk sits on its layer
+        assert not cp1.exists and cp1.path.is_dir()
+        with pytest.raises(CheckpointError, match="was removed"):
+            SmolVM(checkpoint=cp1).start()
+        vm.run("echo 2 > /root/gen", check=True)
+        cp2 = vm.checkpoint()  # its layer names cp1's
+        vm.close()
+        assert cp1.path.is_dir()  # cp2 still needs it
+        with SmolVM(checkpoint=cp2) as clone:
+            clone.run("echo 3 > /root/gen", check=True)
+            cp3 = clone.checkpoint()
+        cp2.remove()
+        with SmolVM(checkpoint=cp3) as grandchild:
+            assert grandchild.run("cat /root/gen").stdout == "3\n"
+        assert cp1.path.is_dir() and cp2.path.is_dir()
+        cp3.remove()  # the last one: the whole chain goes
+        assert not any(p.path.exists() for p in (cp1, cp2, cp3))
+    finally:
+        vm.close()
 
 
 def test_shapes_that_cannot_be_restored_are_refused(prepared: tuple[SmolVM, Checkpoint]) -> None:

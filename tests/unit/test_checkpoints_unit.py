@@ -13,8 +13,10 @@ from pytest_smolvm.checkpoints import (
     CheckpointError,
     check_network,
     digest_files,
+    hold,
     live_checkpoints,
     register,
+    release,
     remove_all,
     shape_mismatch,
     write_meta,
@@ -24,13 +26,14 @@ SHAPE = {"backend": "qemu", "qemu": "7.2.0", "accel": "tcg", "image": "abc", "vc
          "cpu": None, "disk_size_mib": None, "nic": False, "aslr": None, "volumes": [], "ram": "mem"}
 
 
-def make(tmp_path: Path, config: VMConfig | None = None, name: str = "vm1.cp1") -> Checkpoint:
+def make(tmp_path: Path, config: VMConfig | None = None, name: str = "vm1.cp1",
+         parent: Checkpoint | None = None) -> Checkpoint:
     path = tmp_path / "run" / name
     path.mkdir(parents=True)
     for f, data in (("mem", b"\0" * 8192 + b"ram"), ("state", b"devices"), ("disk.qcow2", b"QFI\xfb layer")):
         (path / f).write_bytes(data)
     return Checkpoint(name=name, path=path, run_id="run", config=config or VMConfig(), shape=dict(SHAPE),
-                      files=digest_files(path), disk_bytes=1 << 30)
+                      files=digest_files(path), disk_bytes=1 << 30, parent=parent)
 
 
 def test_matching_shapes_have_no_mismatch() -> None:
@@ -127,3 +130,31 @@ def test_meta_records_shape_and_digests(tmp_path: Path) -> None:
     meta = json.loads((cp.path / "meta.json").read_text())
     assert meta["shape"]["memory_mib"] == 256 and set(meta["files"]) == {"mem", "state", "disk.qcow2"}
     assert meta["files"]["state"]["size"] == 7
+
+
+def test_a_held_checkpoint_is_refused_at_once_and_deleted_with_its_last_holder(tmp_path: Path) -> None:
+    parent = make(tmp_path, name="vm1.cp1")
+    register(parent)
+    hold(parent)  # a running VM's disk sits on its layer
+    child = make(tmp_path, name="vm1.cp2", parent=parent)
+    register(child)  # the child's layer names the parent's: it holds it too
+    parent.remove()
+    assert not parent.exists and parent.path.is_dir()
+    with pytest.raises(CheckpointError, match="was removed"):
+        parent.verify()
+    release(parent)  # the VM closed
+    assert parent.path.is_dir()
+    child.verify()
+    child.remove()
+    assert not parent.path.exists() and not child.path.exists()
+    assert parent not in live_checkpoints() and child not in live_checkpoints()
+
+
+def test_a_child_whose_parent_files_are_gone_is_refused(tmp_path: Path) -> None:
+    parent = make(tmp_path, name="vm1.cp1")
+    child = make(tmp_path, name="vm1.cp2", parent=parent)
+    import shutil
+
+    shutil.rmtree(parent.path)
+    with pytest.raises(CheckpointError, match="whose files are gone"):
+        child.verify()
