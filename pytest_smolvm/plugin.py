@@ -317,10 +317,10 @@ class SmolVMPlugin:
         a fresh VM. Errors in the test's own use of a VM are never retried."""
         for attempt in (1, 2):
             try:
+                if request.scope == "function":
+                    return self.pool.acquire(cfg, driver, checkpoint=checkpoint)
                 if checkpoint is not None:
                     return SmolVM(cfg, driver=driver, checkpoint=checkpoint).start()
-                if request.scope == "function":
-                    return self.pool.acquire(cfg, driver)
                 return SmolVM(cfg, driver=driver).start()
             except BootError as exc:
                 if attempt == 2:

@@ -18,6 +18,7 @@ import re
 import threading
 from typing import Any
 
+from .checkpoints import Checkpoint
 from .config import VMConfig
 from .drivers import Driver
 from .vm import SmolVM, live_vm_count
@@ -85,7 +86,8 @@ class VMPool:
         self.size = size
         self.warmup = warmup
         self._ready: dict[str, collections.deque[SmolVM]] = collections.defaultdict(collections.deque)
-        self._wanted: collections.OrderedDict[str, tuple[VMConfig, Driver]] = collections.OrderedDict()
+        self._wanted: collections.OrderedDict[str, tuple[VMConfig, Driver, Checkpoint | None]] = \
+            collections.OrderedDict()
         self._cond = threading.Condition()
         self._closed = False
         self._busy = False
@@ -101,15 +103,20 @@ class VMPool:
             self._thread = threading.Thread(target=self._loop, name="smolvm-pool", daemon=True)
             self._thread.start()
 
-    def acquire(self, config: VMConfig, driver: Driver, **kw: Any) -> SmolVM:
-        """A started VM for ``config``: a ready one from the pool, else one started now.
+    def acquire(self, config: VMConfig, driver: Driver, *, checkpoint: Checkpoint | None = None,
+                **kw: Any) -> SmolVM:
+        """A started VM for ``config`` (a clone of ``checkpoint``, if given): a ready one
+        from the pool, else one started now.
 
         Either way the pool is asked to have the next one ready.
         """
-        key = config_key(config)
+        key = config_key(config) + (f" checkpoint {checkpoint.path}" if checkpoint is not None else "")
         evicted: list[SmolVM] = []
         with self._cond:
             vm = None
+            if checkpoint is not None and not checkpoint.exists:  # removed: no spares, and the start below says why
+                self._wanted.pop(key, None)
+                evicted.extend(self._ready.pop(key, ()))
             # The pool is starting exactly this shape right now: starting a second one in
             # parallel would only compete with it for the CPU, so wait for it.
             self._cond.wait_for(lambda: self._inflight != key or bool(self._ready[key]), timeout=120)
@@ -119,8 +126,8 @@ class VMPool:
                     vm = candidate
                     break
                 candidate.close()
-            if self.size > 0 and not self._closed and poolable(config):
-                self._wanted[key] = (config, driver)
+            if self.size > 0 and not self._closed and poolable(config) and (checkpoint is None or checkpoint.exists):
+                self._wanted[key] = (config, driver, checkpoint)
                 self._wanted.move_to_end(key)
                 while len(self._wanted) > MAX_SHAPES:
                     old, _ = self._wanted.popitem(last=False)
@@ -134,12 +141,12 @@ class VMPool:
             vm.arm_lifetime()
             return vm
         self.stats["misses"] += 1
-        return SmolVM(config, driver=driver, **kw).start()
+        return SmolVM(config, driver=driver, checkpoint=checkpoint, **kw).start()
 
-    def _next_job(self) -> tuple[str, VMConfig, Driver] | None:
-        for key, (config, driver) in reversed(self._wanted.items()):
-            if len(self._ready[key]) < self.size:
-                return key, config, driver
+    def _next_job(self) -> tuple[str, VMConfig, Driver, Checkpoint | None] | None:
+        for key, (config, driver, checkpoint) in reversed(self._wanted.items()):
+            if len(self._ready[key]) < self.size and (checkpoint is None or checkpoint.exists):
+                return key, config, driver, checkpoint
         return None
 
     def _loop(self) -> None:
@@ -152,8 +159,8 @@ class VMPool:
                     return
                 self._busy = True
                 self._inflight = job[0]
-            key, config, driver = job
-            vm = self._prestart(config, driver)
+            key, config, driver, checkpoint = job
+            vm = self._prestart(config, driver, checkpoint)
             with self._cond:
                 self._busy, self._inflight = False, None
                 if vm is None:
@@ -169,13 +176,13 @@ class VMPool:
             if self._closed:
                 return
 
-    def _prestart(self, config: VMConfig, driver: Driver) -> SmolVM | None:
+    def _prestart(self, config: VMConfig, driver: Driver, checkpoint: Checkpoint | None = None) -> SmolVM | None:
         """A started, warmed-up VM, or None. Nothing escapes: whatever goes wrong (a driver
         bug, a MemoryError, a hook that exits) is recorded and the VM is torn down, so the
         thread lives on and a failed warm-up leaves no VMM, directory or TAP behind."""
         vm = None
         try:
-            vm = SmolVM(config, driver=driver).start()
+            vm = SmolVM(config, driver=driver, checkpoint=checkpoint).start()
             if self.warmup:
                 vm.run(self.warmup)
                 vm.transcript.clear()

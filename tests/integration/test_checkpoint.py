@@ -123,6 +123,32 @@ def test_removing_a_checkpoint_others_sit_on_keeps_what_they_need() -> None:
         vm.close()
 
 
+def test_the_warm_pool_prestarts_clones_of_a_checkpoint() -> None:
+    from pytest_smolvm.drivers import default_driver
+    from pytest_smolvm.pool import VMPool
+
+    with SmolVM() as vm:
+        vm.run("echo pooled > /root/p", check=True)
+        cp = vm.checkpoint()
+    driver = default_driver(cp.config)
+    pool = VMPool(size=1)
+    try:
+        with pool.acquire(cp.config, driver, checkpoint=cp) as first:  # a miss: started now
+            assert first.boot_mode == "checkpoint"
+        assert pool.wait_idle(120)
+        with pool.acquire(cp.config, driver, checkpoint=cp) as second:  # the spare
+            assert second.run("cat /root/p").stdout == "pooled\n"
+        assert pool.stats["hits"] == 1 and not pool.errors
+        assert pool.wait_idle(120)
+        cp.remove()
+        with pytest.raises(CheckpointError, match="was removed"):
+            pool.acquire(cp.config, driver, checkpoint=cp)  # the spare is closed, not handed out
+        assert not cp.path.exists()  # nothing holds it any more
+    finally:
+        pool.close()
+        cp.remove()
+
+
 def test_shapes_that_cannot_be_restored_are_refused(prepared: tuple[SmolVM, Checkpoint]) -> None:
     _, cp = prepared
     before = set(os.listdir(cp.path.parent))
