@@ -96,7 +96,7 @@ def suite_seconds(template: str, n: int, extra: list[str]) -> float:
 
 
 def checkpoint_costs(memory_mib: int, driver: object, rounds: int) -> tuple[float, float, float, int]:
-    """(set-up seconds, median pause, median checkpoint() seconds, checkpoint bytes) for a
+    """(set-up seconds, median pause, median checkpoint() seconds, checkpoint bytes on disk) for a
     prepared guest of ``memory_mib``."""
     with SmolVM(VMConfig(memory_mib=memory_mib), driver=driver) as vm:  # type: ignore[arg-type]
         t0 = time.perf_counter()
@@ -105,7 +105,7 @@ def checkpoint_costs(memory_mib: int, driver: object, rounds: int) -> tuple[floa
         cps = [vm.checkpoint() for _ in range(rounds)]
         try:
             return (setup, statistics.median(c.paused_s for c in cps), statistics.median(c.taken_s for c in cps),
-                    cps[0].size)
+                    cps[0].disk_usage)
         finally:
             for cp in cps:
                 cp.remove()

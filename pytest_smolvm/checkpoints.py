@@ -89,8 +89,19 @@ class Checkpoint:
 
     @property
     def size(self) -> int:
-        """Bytes on disk (the RAM stream and the disk layer)."""
+        """Apparent bytes of its files (the RAM file's size is the guest's RAM; it is sparse)."""
         return sum(f.size for f in self.files)
+
+    @property
+    def disk_usage(self) -> int:
+        """Bytes its files take on disk now (0 once they are gone)."""
+        used = 0
+        for f in self.files:
+            try:
+                used += os.stat(self.path / f.name).st_blocks * 512
+            except OSError:
+                pass
+        return used
 
     def remove(self) -> None:
         """Remove the checkpoint: no clone can start from it any more. Idempotent. Its files

@@ -47,6 +47,9 @@ CONTROL_PORT = "smolvm.ctl"
 #: What ``-M microvm`` names its own RAM (QEMU's ``default-ram-id``): a checkpoint of a
 #: cold-booted VM restores into a backend of that name, or the stream would not match.
 BUILTIN_RAM_ID = "microvm.ram"
+MIB = 1 << 20
+#: Room for device state (and a stream's per-page headers) beyond guest RAM in a checkpoint.
+STATE_SLACK = 64 * MIB
 #: The control socket in a VM directory (the guest agent's virtio-serial port).
 CONTROL_NAME = "ctl.sock"
 #: QEMU's seccomp filter: no obsolete syscalls, no privilege changes, no spawning helpers,
@@ -365,6 +368,9 @@ class QemuDriver:
         assert isinstance(machine, QemuMachine)
         stream = target / "stream"
         size, paused = self._stream_out(machine, target / "disk.qcow2", stream, timeout)
+        # The guest cannot make the stream bigger than its RAM and devices; a QEMU that did
+        # (one the guest took over) gets no helper to feed it to.
+        _check_size(stream, config.memory_mib * MIB + STATE_SLACK, "the VM's migration stream")
         helper_dir = target / "helper"
         helper_dir.mkdir(mode=0o700)
         try:
@@ -388,6 +394,7 @@ class QemuDriver:
                     qmp.close()
             finally:
                 helper.kill()
+            _check_size(target / "state", STATE_SLACK, "the checkpoint's device state")
         finally:
             shutil.rmtree(helper_dir, ignore_errors=True)
             stream.unlink(missing_ok=True)
@@ -472,6 +479,13 @@ def _switch_overlay(qmp: QMP, machine: QemuMachine, new: Path) -> None:
             rw = _opaque_fd(qmp.command("query-fdsets"), fdset_id)
         qmp.command("remove-fd", **{"fdset-id": fdset_id, "fd": rw})
     machine.rw_fd = (fdset, added[0])
+
+
+def _check_size(path: Path, limit: int, what: str) -> None:
+    size = path.stat().st_size
+    if size > limit:
+        raise BootError(f"{what} ({path}) is {size} bytes, over the {limit} a guest of this size can produce; "
+                        f"the checkpoint was not made")
 
 
 def _opaque_fd(fdsets: object, fdset_id: int) -> int:

@@ -76,6 +76,7 @@ def test_verify_accepts_the_files_as_taken(tmp_path: Path) -> None:
     cp = make(tmp_path)
     cp.verify()
     assert cp.size == sum(len((cp.path / f).read_bytes()) for f in ("mem", "state", "disk.qcow2"))
+    assert cp.disk_usage > 0
 
 
 def test_verify_refuses_a_changed_size(tmp_path: Path) -> None:
