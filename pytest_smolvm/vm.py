@@ -236,6 +236,8 @@ class SmolVM:
         self._checkpoint = checkpoint
         #: The checkpoint whose disk layer this VM's disk sits on (its files must stay).
         self._disk_parent: Checkpoint | None = None
+        self._no_checkpoint: str | None = None  # why checkpoint() is refused from now on
+        self._driver_used: Driver | None = None
         self._checkpoints = itertools.count(1)
         #: How the guest's RAM appears in a migration stream (checkpoints.SHAPE_FIELDS "ram").
         self._ram_layout = "builtin"
@@ -404,6 +406,24 @@ class SmolVM:
                               f"needs the same VM shape (start it with the checkpoint's config, cp.config)")
         cp.verify()
 
+    def _checkpoint_driver(self, timeout: object) -> CheckpointDriver:
+        """The driver, once checkpoint() is known to be possible (else the error saying why)."""
+        if self._state != VMState.RUNNING or self._machine is None or self._guest is None:
+            raise SmolVMError(f"{self.name} is not running (state {self._state}); cannot take a checkpoint")
+        if self._no_checkpoint:
+            raise SmolVMError(f"{self.name}: cannot take another checkpoint: {self._no_checkpoint}")
+        if self.config.disk_mode != "isolated":
+            raise ConfigError(f"{self.name}: cannot take a checkpoint of a VM with disk_mode="
+                              f"{self.config.disk_mode!r}: its disk is the image's shared one, which later "
+                              f"VMs keep changing; use disk_mode='isolated'")
+        driver = self._driver_used
+        assert driver is not None  # set when it started
+        if not isinstance(driver, CheckpointDriver):
+            raise ConfigError(f"{self.name}: backend {driver.name!r} cannot take checkpoints (QEMU can)")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ConfigError(f"invalid timeout={timeout!r} for checkpoint(): expected seconds > 0")
+        return driver
+
     def checkpoint(self, *, timeout: float = 300.0) -> Checkpoint:
         """Save this VM's state (RAM, devices, disk) and let it run on; returns a
         :class:`~pytest_smolvm.checkpoints.Checkpoint` to start clones from.
@@ -414,22 +434,13 @@ class SmolVM:
         interpreter exit, and ``reap`` removes a dead run's. Needs ``disk_mode='isolated'``
         and a backend that can do it (QEMU; Firecracker cannot yet).
         """
-        if self._state != VMState.RUNNING or self._machine is None or self._guest is None:
-            raise SmolVMError(f"{self.name} is not running (state {self._state}); cannot take a checkpoint")
-        if self.config.disk_mode != "isolated":
-            raise ConfigError(f"{self.name}: cannot take a checkpoint of a VM with disk_mode="
-                              f"{self.config.disk_mode!r}: its disk is the image's shared one, which later "
-                              f"VMs keep changing; use disk_mode='isolated'")
-        driver = self._driver_used
-        if not isinstance(driver, CheckpointDriver):
-            raise ConfigError(f"{self.name}: backend {driver.name!r} cannot take checkpoints (QEMU can)")
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-            raise ConfigError(f"invalid timeout={timeout!r} for checkpoint(): expected seconds > 0")
-        assert self.image is not None
+        driver = self._checkpoint_driver(timeout)
+        assert self.image is not None and self._machine is not None and self._guest is not None
         root = self._runtime_root()
         name = check_name(f"{self.name[:52]}.cp{next(self._checkpoints)}", "checkpoint name")
         path = root / self.run_id / name
         t0 = time.monotonic()
+        old_disk = self._machine.disk_path
         make_private_dirs(path, root)
         try:
             (path / "owner.json").write_text(json.dumps(
@@ -447,8 +458,10 @@ class SmolVM:
                             guest_address=str(self._net.guest_setup()["address"]) if self._net else None,
                             paused_s=paused, taken_s=time.monotonic() - t0, parent=self._disk_parent)
             write_meta(cp)
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(path, ignore_errors=True)
+            if self._machine.disk_path != old_disk:  # it runs on, on a layer whose name is gone
+                self._no_checkpoint = f"an earlier checkpoint() failed after its disk moved ({exc})"
             raise
         # This VM's disk now sits on cp's layer, which sits on the old parent's: cp takes over
         # the VM's hold on the parent (register), and the VM holds cp.

@@ -206,34 +206,57 @@ def _procs_of(run_id: str) -> list[str]:
     return [cmd for cmd in qemu_processes().values() if f"/{run_id}/" in cmd]
 
 
-def test_checkpoints_end_with_the_process_and_reap_removes_a_killed_ones(tmp_path: Path) -> None:
+def test_checkpoints_end_with_the_process_and_reap_removes_a_killed_runs(tmp_path: Path) -> None:
     script = tmp_path / "prep.py"
     script.write_text(textwrap.dedent("""
-        import sys, time
         from pytest_smolvm import SmolVM, VMConfig
         vm = SmolVM(VMConfig()).start()
         vm.run("echo x > /root/x", check=True)
         cp = vm.checkpoint()
         clone = SmolVM(checkpoint=cp).start()
         print(cp.path, flush=True)
-        if sys.argv[1] == "wait":
+    """))
+    suite = tmp_path / "test_killed.py"
+    suite.write_text(textwrap.dedent("""
+        import time
+        import pytest
+
+        @pytest.fixture(scope="session")
+        def prepared(smolvm_session):
+            smolvm_session.run("echo x > /root/x", check=True)
+            return smolvm_session.checkpoint()
+
+        def test_first(prepared, smolvm_factory):
+            smolvm_factory(checkpoint=prepared).run("true", check=True)
+
+        def test_killed_here(prepared, smolvm_factory):
+            smolvm_factory(checkpoint=prepared)
+            print("CHECKPOINT", prepared.path, flush=True)
             time.sleep(600)
     """))
     env = {**os.environ, "SMOLVM_CACHE_DIR": str(REAL_CACHE), "PYTHONPATH": str(Path(__file__).parents[2])}
     # A normal exit removes the checkpoint (and the VMs).
     run_id = f"cpx{os.getpid():x}"
-    done = subprocess.run([sys.executable, str(script), "exit"], env={**env, "SMOLVM_RUN_ID": run_id},
+    done = subprocess.run([sys.executable, str(script)], env={**env, "SMOLVM_RUN_ID": run_id},
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert not Path(done.stdout.strip()).exists() and not (runtime_dir() / run_id).exists()
-    # kill -9 leaves it; reap removes it.
+    # kill -9 mid-suite leaves it; reap removes it.
     run_id = f"cpk{os.getpid():x}"
-    proc = subprocess.Popen([sys.executable, str(script), "wait"], env={**env, "SMOLVM_RUN_ID": run_id},
-                            stdout=subprocess.PIPE, text=True)
+    # No warm pool: a spare being created at the instant of the kill has no owner stamp yet,
+    # and reap leaves such a young directory alone (it cannot tell it from one being made).
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-s", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
+                             "--smolvm-pool=0", str(suite)], env={**env, "SMOLVM_RUN_ID": run_id},
+                            stdout=subprocess.PIPE, text=True, cwd=tmp_path)
     try:
         assert proc.stdout is not None
-        path = Path(proc.stdout.readline().strip())
-        assert (path / "state").is_file() and (path / "disk.qcow2").is_file()
+        line = ""
+        while not line.startswith("CHECKPOINT"):
+            line = proc.stdout.readline()
+            assert line, "the suite ended before it reached the test that is killed"
+            line = line[line.find("CHECKPOINT"):] if "CHECKPOINT" in line else line
+        path = Path(line.split()[1])
+        assert (path / "mem").is_file() and (path / "disk.qcow2").is_file()
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
@@ -247,6 +270,25 @@ def test_checkpoints_end_with_the_process_and_reap_removes_a_killed_ones(tmp_pat
     while _procs_of(run_id) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not (runtime_dir() / run_id).exists() and not _procs_of(run_id)
+
+
+def test_a_checkpoint_failing_half_way_leaves_the_vm_running(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pytest_smolvm import BootError, SmolVMError
+    from pytest_smolvm.drivers import qemu
+
+    def too_big(path: Path, limit: int, what: str) -> None:
+        raise BootError(f"{what} is too big (made to fail by the test)")
+
+    with SmolVM() as vm:
+        vm.run("echo x > /root/x", check=True)
+        before = set(os.listdir(vm.workdir.parent))
+        monkeypatch.setattr(qemu, "_check_size", too_big)
+        with pytest.raises(BootError, match="too big"):
+            vm.checkpoint()
+        assert set(os.listdir(vm.workdir.parent)) == before  # no checkpoint directory left
+        assert vm.run("cat /root/x; echo y > /root/y").stdout == "x\n"  # runs on, and writes
+        with pytest.raises(SmolVMError, match="cannot take another checkpoint"):
+            vm.checkpoint()
 
 
 def test_factory_clones_a_session_checkpoint_under_the_ceiling(pytester: pytest.Pytester,
