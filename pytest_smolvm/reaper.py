@@ -1,5 +1,8 @@
 """Find and remove what dead runs left behind (VMM processes, run directories, disks).
 
+Checkpoints (``<runtime>/<run_id>/<vm>.cpN/``, :mod:`~pytest_smolvm.checkpoints`) carry an
+``owner.json`` like VM directories and are found and removed the same way.
+
 Every VM directory is ``<runtime>/<run_id>/<vm>/`` with an ``owner.json`` naming the owning
 process (pid + start time, so a reused pid is not mistaken for a live owner) and a
 ``vmm.json`` naming its VMM the same way (older versions: ``qemu.pid`` / ``firecracker.pid``).

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from helpers import REAL_CACHE, qemu_processes
+from nettopo import ALLOWED_HOST, ALLOWED_NET, Internet
 
 from pytest_smolvm import Checkpoint, CheckpointError, ConfigError, SmolVM, VMConfig
 from pytest_smolvm.paths import runtime_dir
@@ -183,8 +184,17 @@ def test_shared_disk_vm_cannot_be_checkpointed() -> None:
         assert vm.run("true").ok
 
 
-def test_networked_clone_gets_its_own_lease() -> None:
-    with SmolVM(VMConfig(network="isolated")) as vm:
+@pytest.fixture(scope="module")
+def internet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Internet]:
+    net = Internet.create(tmp_path_factory.mktemp("internet"))
+    yield net
+    net.destroy()
+
+
+def test_networked_clone_gets_its_own_lease_and_may_get_another_policy(internet: Internet) -> None:
+    fetch_allowed = ["python3", "-c", "import socket, sys; s = socket.socket(); s.settimeout(3); "
+                     "print(s.connect_ex((sys.argv[1], 80)))", ALLOWED_HOST]
+    with SmolVM(VMConfig(network="isolated", uplink=internet.uplink)) as vm:
         vm.run(PREPARE, check=True, timeout=60)
         cp = vm.checkpoint()
         try:
@@ -197,6 +207,13 @@ def test_networked_clone_gets_its_own_lease() -> None:
                 port = clone.forward(8000)
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/index.txt", timeout=30) as resp:
                     assert resp.read() == b"prepared\n"
+                assert clone.run(fetch_allowed).stdout.strip() != "0"  # isolated: dropped
+                assert (ALLOWED_HOST, 80, "tcp") in clone.network.denied
+            # Another policy with a NIC is fine (the pytest layer holds it under the ceiling).
+            nat_cfg = cp.config.replace(network="nat", allow=(ALLOWED_NET,))
+            with SmolVM(nat_cfg, checkpoint=cp) as nat:
+                assert nat.run(fetch_allowed).stdout.strip() == "0"  # the allowed network answers
+                assert nat.run(FETCH, check=True).stdout == "prepared\n\n"
             assert vm.run(FETCH, check=True).stdout == "prepared\n\n"
         finally:
             cp.remove()
