@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import enum
 import errno
@@ -16,14 +17,14 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
 from . import images, paths, transfer
 from .boot import BOOT_LOG_LIMIT, Boot, VMHooks
-from .checkpoints import Checkpoint, check_network, digest_files, register, shape_mismatch, write_meta
+from .checkpoints import Checkpoint, CheckpointError, check_network, digest_files, register, shape_mismatch, write_meta
 from .checkpoints import hold as hold_checkpoint
 from .checkpoints import release as release_checkpoint
 from .config import VMConfig, WireEnv
@@ -45,7 +46,7 @@ from .errors import (
     SmolVMError,
 )
 from .guest import replies
-from .guest.channel import ChannelClosed, ReplyTimeout
+from .guest.channel import ChannelBusy, ChannelClosed, ReplyTimeout
 from .guest.client import GuestClient
 from .guest.ssh import SSHKeys
 from .host import host_name, owner_stamp
@@ -446,7 +447,7 @@ class SmolVM:
             (path / "owner.json").write_text(json.dumps(
                 {**owner_stamp(os.getpid()), "run_id": self.run_id, "vm": name, "started": time.time(),
                  "checkpoint_of": self.name}))
-            with self._guest.channel.lock:  # no request in flight while the state is saved
+            with self._quiesced():  # nothing in flight while the state is saved
                 disk_bytes, paused = driver.save_checkpoint(
                     self._machine, self.config, self.image, path, ram=self._ram_layout, timeout=float(timeout),
                     **({"nic": Nic(self._net.tap_fd, self._net.addr.tap, TEMPLATE_MAC)} if self._net else {}))
@@ -471,6 +472,18 @@ class SmolVM:
             release_checkpoint(self._disk_parent)
         self._disk_parent = cp
         return cp
+
+    @contextlib.contextmanager
+    def _quiesced(self) -> Iterator[None]:
+        assert self._guest is not None
+        try:
+            with self._guest.channel.quiesced():
+                yield
+        except ChannelBusy as exc:
+            raise CheckpointError(
+                f"checkpoint() of {self.name} needs its agent idle, but {exc}: a spawn()ed process still "
+                f"running or a run() in another thread. Wait for or kill them first; start services "
+                f"meant to outlive the checkpoint with run('cmd >/dev/null 2>&1 &') instead") from None
 
     def _launched(self, machine: Machine | None, console_prefix: str) -> None:
         self._machine = machine

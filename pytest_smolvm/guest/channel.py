@@ -13,10 +13,11 @@ instead of a hang. A frame that breaks the protocol closes the channel for good.
 from __future__ import annotations
 
 import collections
+import contextlib
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from ..errors import ProtocolError
@@ -57,6 +58,10 @@ class Pending:
     @property
     def finished(self) -> bool:
         return self.reply is not None or self.failure is not None
+
+
+class ChannelBusy(Exception):
+    """:meth:`Channel.quiesced` found requests in flight (the message says how many)."""
 
 
 class Channel:
@@ -181,8 +186,11 @@ class Channel:
             return
         with self._cond:
             pending = self._pending.get(rid)
-        if pending is None:
-            return  # a late reply (or output) for a request that timed out: dropped
+        if pending is None:  # a late reply (or output) for a request that timed out: dropped
+            if header.get("op") not in ("out", "started"):
+                with self._cond:
+                    self._abandoned.pop(rid, None)  # answered at last: nothing of it runs on
+            return
         if pending.on_frame is not None and header["op"] in ("out", "started"):
             pending.on_frame(header, body)
             return
@@ -194,6 +202,19 @@ class Channel:
             pending.wake()
 
     # ------------------------------------------------------------------ requests
+
+    @contextlib.contextmanager
+    def quiesced(self) -> Iterator[None]:
+        """A block during which the agent has nothing to send: no request is in flight (an
+        unanswered one, e.g. a spawned process, raises :class:`ChannelBusy`) and none is sent
+        until the block ends. For saving the guest's state: a frame the agent had half-written
+        would reach a clone's host as the tail of a frame and break its channel."""
+        with self._send_lock:
+            with self._cond:
+                busy = [p.id for p in self._pending.values()] + list(self._abandoned)
+            if busy:
+                raise ChannelBusy(f"{len(busy)} request(s) to the guest agent still in flight")
+            yield
 
     def start(self, header: dict[str, Any], body: bytes = b"", *, max_body: int | None = None,
               on_frame: FrameHandler | None = None, wake: Callable[[], None] | None = None,

@@ -150,6 +150,25 @@ def test_the_warm_pool_prestarts_clones_of_a_checkpoint() -> None:
         cp.remove()
 
 
+def test_a_running_spawn_refuses_the_checkpoint_until_it_ends() -> None:
+    """A spawn()ed process keeps a request open and its output frames may be half-written
+    when the guest is paused: a clone's host would read a frame's tail. So checkpoint() wants
+    the agent idle, says why, and works once the process is gone."""
+    with SmolVM(VMConfig(memory_mib=256)) as vm:
+        p = vm.spawn("while true; do echo tick; sleep 0.05; done")
+        with pytest.raises(CheckpointError, match=r"needs its agent idle.*spawn"):
+            vm.checkpoint()
+        assert p.poll() is None  # refused before anything was paused or moved
+        p.kill()
+        p.wait(timeout=30)
+        cp = vm.checkpoint()
+        try:
+            with SmolVM(checkpoint=cp) as clone:
+                assert clone.run("echo ok").stdout == "ok\n"
+        finally:
+            cp.remove()
+
+
 def test_shapes_that_cannot_be_restored_are_refused(prepared: tuple[SmolVM, Checkpoint]) -> None:
     _, cp = prepared
     before = set(os.listdir(cp.path.parent))

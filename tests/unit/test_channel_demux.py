@@ -182,3 +182,37 @@ def test_poison_fails_other_waiters_with_protocol_error(guest: Guest) -> None:
     chan.poison("a malformed exec reply")
     with pytest.raises(ProtocolError, match="malformed exec reply"):
         chan.wait(other, 5)
+
+
+def test_quiesced_refuses_while_a_request_is_in_flight_and_holds_new_ones(guest: Guest) -> None:
+    """checkpoint() saves the guest only when the agent has nothing to send: a request in
+    flight (a spawn) or one given up on that may still answer makes quiesced() refuse; inside
+    the block a new request waits until the block ends."""
+    from pytest_smolvm.guest.channel import ChannelBusy
+
+    chan = make_channel(guest)
+    pending = chan.start({"op": "exec"})
+    req, _ = guest.read_request()
+    with pytest.raises(ChannelBusy, match="1 request"), chan.quiesced():
+        pass
+    with pytest.raises(ReplyTimeout):
+        chan.wait(pending, 0.05)  # given up on: its late reply may still come
+    with pytest.raises(ChannelBusy), chan.quiesced():
+        pass
+    guest.send({"op": "result", "id": req["id"]})  # the late reply: now nothing is in flight
+    deadline = time.monotonic() + 5
+    sent: list[Any] = []
+    while True:
+        try:
+            with chan.quiesced():
+                t = threading.Thread(target=lambda: sent.append(chan.start({"op": "ping"})))
+                t.start()
+                t.join(0.3)
+                assert not sent  # held until the block ends
+            break
+        except ChannelBusy:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    t.join(5)
+    assert sent and guest.read_request()[0]["op"] == "ping"
+    chan.close()
