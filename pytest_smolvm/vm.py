@@ -226,14 +226,7 @@ class SmolVM:
         (``snapshots.default_store()``), the runtime directory (``paths.runtime_dir()``, which
         ``reap`` searches; one given must exist and be trusted) and the network hub
         (``network.hub.attach``); None means those."""
-        if checkpoint is not None and not isinstance(checkpoint, Checkpoint):
-            raise ConfigError(f"invalid checkpoint={checkpoint!r}: expected what vm.checkpoint() returned")
-        self.config = config or (checkpoint.config if checkpoint is not None else VMConfig())
-        if checkpoint is not None:
-            if self.config.disk_mode != "isolated":
-                raise ConfigError(f"invalid disk_mode={self.config.disk_mode!r} for a clone of checkpoint "
-                                  f"{checkpoint.name}: clones need their own disk (disk_mode='isolated')")
-            check_network(checkpoint, self.config)
+        self.config = self._clone_config(config, checkpoint)
         self._checkpoint = checkpoint
         #: The checkpoint whose disk layer this VM's disk sits on (its files must stay).
         self._disk_parent: Checkpoint | None = None
@@ -275,6 +268,21 @@ class SmolVM:
         #: label (the VM's name; ``name:pid`` for a spawn) once per command, it returns an
         #: ``on_output`` callback for that command, used beside the caller's. None: off.
         self.live_output: Callable[[str], OutputCallback] | None = None
+
+    @staticmethod
+    def _clone_config(config: VMConfig | None, checkpoint: Checkpoint | None) -> VMConfig:
+        """The VM's config: ``config``, else the checkpoint's, else the default; checked
+        against what a clone of ``checkpoint`` needs."""
+        if checkpoint is None:
+            return config or VMConfig()
+        if not isinstance(checkpoint, Checkpoint):
+            raise ConfigError(f"invalid checkpoint={checkpoint!r}: expected what vm.checkpoint() returned")
+        config = config or checkpoint.config
+        if config.disk_mode != "isolated":
+            raise ConfigError(f"invalid disk_mode={config.disk_mode!r} for a clone of checkpoint "
+                              f"{checkpoint.name}: clones need their own disk (disk_mode='isolated')")
+        check_network(checkpoint, config)
+        return config
 
     @classmethod
     def _next_number(cls) -> int:
