@@ -77,6 +77,11 @@ SELECTION = {
     "tests/integration/test_lifecycle.py": "",
     "tests/integration/test_run.py": "",
     "tests/integration/test_security_guest.py": "",
+    # Issue 15 under KVM: checkpoints (a -cpu host VM's full state, restored by KVM) and the
+    # streaming channel. The networked checkpoint case needs a nat uplink, left out like
+    # test_network's nat cases.
+    "tests/integration/test_checkpoint.py": "not networked_clone",
+    "tests/integration/test_spawn_output.py": "",
 }
 
 
