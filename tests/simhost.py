@@ -36,10 +36,17 @@ SUITE = "/tmp/suite"
 DROP_ENV = ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID", "PYTEST_CURRENT_TEST",
             "SMOLVM_RUN_ID", "PYTEST_ADDOPTS", "COV_CORE_SOURCE")
 
-SETUP = ("mount -t tmpfs -o mode=1777 tmpfs /tmp && mount -t tmpfs -o mode=755 tmpfs /run && "
-         "mkdir -m 755 /run/netns && hostname \"$0\" && "
-         "if [ -n \"$1\" ]; then mkdir /run/shared-images && mount --bind \"$1\" /run/shared-images && "
-         "mount -o remount,bind,ro /run/shared-images; fi && echo ready && exec sleep infinity")
+#: Where a host sees the package (its PYTHONPATH) and the tests' helper modules: read-only
+#: bind mounts made before the private /tmp hides them (a checkout under /tmp, as CI's clone
+#: is, would otherwise vanish inside the host).
+SRC, TESTS = "/run/smolvm-src", "/run/smolvm-tests"
+#: $0 host name, $1 the package's directory, $2 the tests directory, $3 shared images or "".
+SETUP = ("mount -t tmpfs -o mode=755 tmpfs /run && mkdir -m 755 /run/netns && "
+         f"mkdir {SRC} {TESTS} && mount --bind \"$1\" {SRC} && mount -o remount,bind,ro {SRC} && "
+         f"mount --bind \"$2\" {TESTS} && mount -o remount,bind,ro {TESTS} && "
+         "if [ -n \"$3\" ]; then mkdir /run/shared-images && mount --bind \"$3\" /run/shared-images && "
+         "mount -o remount,bind,ro /run/shared-images; fi && "
+         "mount -t tmpfs -o mode=1777 tmpfs /tmp && hostname \"$0\" && echo ready && exec sleep infinity")
 #: Where a host given ``shared_images`` sees them: read-only, as an NFS export would be.
 SHARED_IMAGES = "/run/shared-images"
 #: The private cache of such a host (snapshots, probes, the agent build, derived boot layers).
@@ -73,7 +80,7 @@ class SimHost:
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in DROP_ENV}
-        env.update(SMOLVM_RUNTIME_DIR=RUNTIME, PYTHONPATH=self.pythonpath, PYTHONUNBUFFERED="1")
+        env.update(SMOLVM_RUNTIME_DIR=RUNTIME, PYTHONPATH=SRC, PYTHONUNBUFFERED="1")
         if self.shared_images is not None:
             env.update(SMOLVM_CACHE_DIR=PRIVATE_CACHE, SMOLVM_IMAGE_PATH=SHARED_IMAGES)
         if self.uplink is not None:
@@ -107,7 +114,8 @@ class SimHost:
         with open(self.logs / f"{self.name}-holder.log", "wb") as err:
             self.holder = subprocess.Popen(
                 ["unshare", "--mount", "--uts", "--pid", "--fork", "--mount-proc", "--propagation", "private",
-                 "sh", "-c", SETUP, self.name, str(self.shared_images or "")],
+                 "sh", "-c", SETUP, self.name, self.pythonpath, str(Path(__file__).parent),
+                 str(self.shared_images or "")],
                 stdout=subprocess.PIPE, stderr=err, start_new_session=True)
         assert self.holder.stdout is not None
         if self.holder.stdout.readline().strip() != b"ready":
@@ -117,7 +125,8 @@ class SimHost:
             raise RuntimeError(f"simulated host {self.name}: expected one init process, found {children}")
         self.init_pid = children[0].pid
         # Nothing is shared with the controller but what a CI host would also have: the
-        # installed package (PYTHONPATH) and the image cache. The suite travels as a tar.
+        # installed package (PYTHONPATH, bound read-only at SRC) and the image cache. The
+        # suite travels as a tar.
         res = self.run(["sh", "-c", f"mkdir -p {SUITE} && tar -C {SUITE} -xf -"], stdin=_tar(suite))
         if res.returncode != 0:
             raise RuntimeError(f"copying the suite into {self.name} failed: {res.stderr}")
@@ -130,7 +139,7 @@ class SimHost:
                   "from nettopo import Internet; net = Internet.create(Path('/tmp/internet')); "
                   "print(net.uplink, flush=True); signal.pause()")
         with open(self.logs / f"{self.name}-internet.log", "wb") as err:
-            helper = subprocess.Popen(self.nsenter([sys.executable, "-c", script, str(Path(__file__).parent)]),
+            helper = subprocess.Popen(self.nsenter([sys.executable, "-c", script, TESTS]),
                                       env=self.env(), stdout=subprocess.PIPE, stderr=err, start_new_session=True,
                                       cwd="/")
         assert helper.stdout is not None
