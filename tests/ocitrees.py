@@ -108,6 +108,11 @@ def umoci(*args: str) -> None:
     subprocess.run(["umoci", *args], check=True, capture_output=True)
 
 
+#: setcap's cap_net_raw+ep (VFS_CAP_REVISION_2), as layer 2 of :func:`layout_with_whiteout`
+#: gives /opt/capped when built as root.
+CAP_NET_RAW = bytes([1, 0, 0, 2, 0, 0x20, 0, 0]) + bytes(12)
+
+
 #: Every file of a tree gets this time before it is packed, so the same tree always gives the
 #: same layer (the same diff_id, so the same image and snapshot: nothing piles up in the cache).
 EPOCH = 1_700_000_000
@@ -120,7 +125,8 @@ def settle(root: Path) -> None:
 
 def layout_with_whiteout(layout: Path, base: Path, tag: str = "t") -> None:
     """Two layers: ``base`` as it is, then a layer that removes /etc/gone (a whiteout),
-    adds /opt/new and gives /opt/owned to 1234:2345 with mode 4750."""
+    adds /opt/new, gives /opt/owned to 1234:2345 with mode 4750, and adds /opt/capped with
+    the xattr user.smolvm and (as root) the file capability :data:`CAP_NET_RAW`."""
     umoci("init", "--layout", str(layout))
     umoci("new", "--image", f"{layout}:{tag}")
     bundle = layout.parent / f"{layout.name}-bundle"
@@ -137,6 +143,11 @@ def layout_with_whiteout(layout: Path, base: Path, tag: str = "t") -> None:
     owned.write_text("owned\n")
     os.chown(owned, 1234, 2345)
     os.chmod(owned, 0o4750)
+    capped = rootfs / "opt/capped"  # umoci records xattrs as SCHILY.xattr.* pax records
+    capped.write_text("capped\n")
+    os.setxattr(capped, "user.smolvm", b"note")
+    if os.geteuid() == 0:  # file capabilities need CAP_SETFCAP to set on the host
+        os.setxattr(capped, "security.capability", CAP_NET_RAW)
     settle(rootfs)
     umoci("repack", "--image", f"{layout}:{tag}", str(bundle))
     shutil.rmtree(bundle)

@@ -128,6 +128,9 @@ def apply_layers(tree: lay.Tree, image: oci.Layers, budget: ts.Budget, progress:
                              f"(got {stream.diff_id()}): corrupt or tampered")
     if tree.skipped_devices:
         progress(f"    skipped {tree.skipped_devices} device node(s): the guest's /dev is a devtmpfs")
+    if tree.skipped_xattrs:
+        progress(f"    skipped {tree.skipped_xattrs} extended attribute(s): only security.capability and user.* "
+                 f"are kept")
 
 
 def add_mount_points(tree: lay.Tree) -> None:

@@ -11,11 +11,16 @@ import's :class:`~.tarstream.Budget`.
 Nothing is chowned on the host, so no root is needed: each path's owner, group and mode are
 kept in :attr:`Tree.meta` and stamped onto the ext4 image by ``debugfs`` after
 ``mkfs.ext4 -d`` (:func:`write_ext4`). Host files stay private to us (``0600``/``0700``).
+Extended attributes travel the same way, never set on a host file: ``security.capability``
+on regular files (file capabilities, e.g. ``ping``'s ``cap_net_raw``: the guest's kernel
+grants them as the image meant) and ``user.*`` on files and directories. Others (SELinux
+labels, ``trusted.*``, ACLs, which ext4 stores in a format of its own) are counted and skipped.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -40,6 +45,23 @@ class Meta:
     mode: int
     uid: int = 0
     gid: int = 0
+    #: Extended attributes to stamp (names already checked by :func:`kept_xattrs`).
+    xattrs: tuple[tuple[str, bytes], ...] = ()
+
+
+#: A ``user.*`` attribute name we pass to debugfs (anything else is skipped).
+_USER_XATTR = re.compile(r"user\.[A-Za-z0-9._-]{1,200}")
+
+
+def kept_xattrs(kind: int, xattrs: tuple[tuple[str, bytes], ...]) -> tuple[tuple[str, bytes], ...]:
+    """The extended attributes of a path of type ``kind`` (``stat.S_IF*``) that the image
+    keeps: ``security.capability`` on regular files, ``user.*`` on files and directories."""
+    def kept(name: str) -> bool:
+        if name == "security.capability":
+            return kind == stat.S_IFREG
+        return bool(_USER_XATTR.fullmatch(name)) and kind in (stat.S_IFREG, stat.S_IFDIR)
+
+    return tuple((name, value) for name, value in xattrs if kept(name))
 
 
 def _parts(name: str, where: str) -> list[str]:
@@ -60,6 +82,7 @@ class Tree:
         self.meta: dict[str, Meta] = {"": Meta(stat.S_IFDIR | 0o755)}
         self.touched: set[str] = set()  # paths the current layer created (whiteouts spare them)
         self.skipped_devices = 0
+        self.skipped_xattrs = 0
 
     # ------------------------------------------------------------------ paths
 
@@ -199,7 +222,12 @@ class Tree:
         if not is_dir:
             self._clear(rel)
             os.mkdir(path, 0o700)
-        self.meta[rel] = Meta(stat.S_IFDIR | m.mode, m.uid, m.gid)
+        self.meta[rel] = Meta(stat.S_IFDIR | m.mode, m.uid, m.gid, self._xattrs(stat.S_IFDIR, m))
+
+    def _xattrs(self, kind: int, m: ts.Member) -> tuple[tuple[str, bytes], ...]:
+        kept = kept_xattrs(kind, m.xattrs)
+        self.skipped_xattrs += len(m.xattrs) - len(kept)
+        return kept
 
     def _place(self, rel: str, m: ts.Member, data: ts.Counted, where: str) -> None:
         path = self._abs(rel.split("/"))
@@ -219,7 +247,8 @@ class Tree:
             self._hardlink(path, m.linkname, where)
             return
         os.utime(path, ns=(m.mtime * 10**9, m.mtime * 10**9), follow_symlinks=False)
-        self.meta[rel] = Meta(kind | (0o777 if kind == stat.S_IFLNK else m.mode), m.uid, m.gid)
+        self.meta[rel] = Meta(kind | (0o777 if kind == stat.S_IFLNK else m.mode), m.uid, m.gid,
+                              self._xattrs(kind, m))
 
     def _hardlink(self, path: str, linkname: str, where: str) -> None:
         parts = _parts(linkname, where)
@@ -263,13 +292,20 @@ def _quote(path: str) -> str:
     return '"' + path.replace('"', '""') + '"'
 
 
-def debugfs_script(meta: dict[str, Meta]) -> str:
-    """``set_inode_field`` commands giving every path its mode, owner and group (pure)."""
-    lines = []
+def debugfs_script(meta: dict[str, Meta], values: Path) -> tuple[str, dict[Path, bytes]]:
+    """``set_inode_field`` commands giving every path its mode, owner and group, and
+    ``ea_set`` commands for its extended attributes, whose values debugfs reads from the
+    files returned (to be written under ``values``) (pure)."""
+    lines: list[str] = []
+    files: dict[Path, bytes] = {}
     for rel, m in sorted(meta.items()):
         q = _quote("/" + rel)
         lines.append(f"sif {q} mode 0{m.mode:o}\nsif {q} uid {m.uid}\nsif {q} gid {m.gid}\n")
-    return "".join(lines)
+        for name, value in m.xattrs:
+            f = values / str(len(files))
+            files[f] = value
+            lines.append(f"ea_set -f {_quote(str(f))} {q} {name}\n")
+    return "".join(lines), files
 
 
 def write_ext4(tree: Tree, target: Path, size_mib: int, label: str = "smolvm-root") -> None:
@@ -279,11 +315,18 @@ def write_ext4(tree: Tree, target: Path, size_mib: int, label: str = "smolvm-roo
     _run(["mkfs.ext4", "-q", "-F", "-L", label, "-N", str(inodes), "-E", "root_owner=0:0", "-d", str(tree.root),
           str(target), f"{size_mib}M"], "mkfs.ext4")
     script = target.with_name(target.name + ".debugfs")
-    script.write_text(debugfs_script(tree.meta))
+    values = target.with_name(target.name + ".xattrs")
+    text, files = debugfs_script(tree.meta, values)
+    script.write_text(text)
     try:
+        if files:
+            values.mkdir(mode=0o700)
+            for path, value in files.items():
+                path.write_bytes(value)
         out = _run(["debugfs", "-w", "-f", str(script), str(target)], "debugfs")
     finally:
         script.unlink()
+        shutil.rmtree(values, ignore_errors=True)
     errors = [ln for ln in out.splitlines() if ln and not ln.startswith("debugfs")]
     if errors:
         raise ImageError(f"setting ownership in {target} failed: {'; '.join(errors[:5])}")

@@ -24,6 +24,10 @@ from ..errors import ImageError
 
 BLOCK = 512
 MAX_META = 1 << 20  # a pax or GNU long-name body
+XATTR_PREFIX = "SCHILY.xattr."
+#: Extended attributes an entry may carry, and a value's size (ext4 keeps them in one block).
+MAX_XATTRS = 32
+MAX_XATTR_VALUE = 4096
 MAX_NAME = 4096
 MAX_LINK = 4096
 MAX_MTIME = (1 << 31) - 1 + (3 << 32)  # 2446-05-10, the last second ext4 (and the host fs) can hold
@@ -207,6 +211,8 @@ class Member:
     gid: int
     mtime: int
     linkname: str
+    #: Extended attributes (pax ``SCHILY.xattr.NAME``), raw values, as the archive gives them.
+    xattrs: tuple[tuple[str, bytes], ...] = ()
 
 
 def _number(field: bytes, what: str) -> int:
@@ -323,4 +329,14 @@ def _member(block: bytes, typ: str, size: int, pax: dict[str, str], where: str) 
         raise ImageError(f"{where}: entry {name[:200]!r} has an out-of-range size, uid or gid")
     mtime = min(max(mtime, 0), MAX_MTIME)  # what ext4 can hold; a bad date is no reason to refuse
     mode = _number(block[100:108], "mode") & 0o7777
-    return Member(name, typ, size, mode, uid, gid, mtime, linkname)
+    return Member(name, typ, size, mode, uid, gid, mtime, linkname, _xattrs(pax, name, where))
+
+
+def _xattrs(pax: dict[str, str], name: str, where: str) -> tuple[tuple[str, bytes], ...]:
+    """An entry's ``SCHILY.xattr.*`` records (values back to their raw bytes), bounded."""
+    found = tuple((key[len(XATTR_PREFIX):], value.encode("utf-8", "surrogateescape"))
+                  for key, value in pax.items() if key.startswith(XATTR_PREFIX))
+    if len(found) > MAX_XATTRS or any(len(v) > MAX_XATTR_VALUE for _, v in found):
+        raise ImageError(f"{where}: entry {name[:200]!r} has over {MAX_XATTRS} extended attributes or one "
+                         f"over {MAX_XATTR_VALUE} bytes (refused)")
+    return found

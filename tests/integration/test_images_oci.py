@@ -4,12 +4,14 @@ a file of the first (a whiteout) and adding files with their own owners and mode
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from ocitrees import (
+    CAP_NET_RAW,
     busybox_tree,
     docker_archive,
     have_tools,
@@ -60,6 +62,12 @@ def test_imported_two_layer_image_keeps_whiteouts_owners_and_modes(layouts: dict
         assert vm.run("echo $((6*7))").stdout == "42\n"  # the image's busybox shell
         vm.put(b"round trip", "/root/f")
         assert vm.get("/root/f") == b"round trip"
+        # Extended attributes: user.* and the file capability reach the guest's ext4 intact.
+        read = "import os; print(os.getxattr('/opt/capped', {!r}).hex())"
+        assert vm.run(["/usr/bin/python3", "-S", "-c", read.format("user.smolvm")]).stdout == b"note".hex() + "\n"
+        if os.geteuid() == 0:  # the layout's builder could set it (ocitrees.layout_with_whiteout)
+            cap = vm.run(["/usr/bin/python3", "-S", "-c", read.format("security.capability")])
+            assert cap.stdout == CAP_NET_RAW.hex() + "\n", cap.stderr
 
 
 def test_docker_archive_of_the_same_layers_is_the_same_image(layouts: dict[str, Path], tmp_path: Path) -> None:

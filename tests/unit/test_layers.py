@@ -40,6 +40,7 @@ def tar(entries: list[Entry], fmt: int = tarfile.PAX_FORMAT) -> bytes:
             info.uid, info.gid = int(extra.get("uid", 0)), int(extra.get("gid", 0))  # type: ignore[call-overload]
             info.mode = int(extra.get("mode", 0o755 if kind == "d" else 0o644))  # type: ignore[call-overload]
             info.mtime = 1_700_000_000
+            info.pax_headers = dict(extra.get("pax", {}))  # type: ignore[call-overload]
             t.addfile(info, io.BytesIO(data))
     return buf.getvalue()
 
@@ -222,8 +223,60 @@ def test_ext4_gets_the_layers_owners_and_modes_without_chown(tree: layers.Tree, 
 
 
 def test_debugfs_script_quotes_paths() -> None:
-    script = layers.debugfs_script({'a "b"': layers.Meta(stat.S_IFREG | 0o600, 1, 2)})
+    script, files = layers.debugfs_script({'a "b"': layers.Meta(stat.S_IFREG | 0o600, 1, 2)}, Path("/v"))
     assert script == 'sif "/a ""b""" mode 0100600\nsif "/a ""b""" uid 1\nsif "/a ""b""" gid 2\n'
+    assert files == {}
+
+
+#: A file capability as setcap writes it (VFS_CAP_REVISION_2, cap_net_raw effective+permitted):
+#: not valid UTF-8 once past its first bytes, as real values often are not.
+CAP_NET_RAW = bytes([1, 0, 0, 2, 0, 0x20, 0, 0]) + bytes(12)
+
+
+def xattr(name: str, value: bytes) -> dict[str, str]:
+    return {f"SCHILY.xattr.{name}": value.decode("utf-8", "surrogateescape")}
+
+
+def test_file_capabilities_and_user_xattrs_are_kept_others_skipped(tree: layers.Tree, tmp_path: Path) -> None:
+    """security.capability on regular files and user.* on files and directories reach the
+    ext4 image (the guest's kernel grants the capability); an SELinux label, trusted.*, a
+    capability on a symlink and a user name debugfs could misread are skipped and counted.
+    Nothing is set on a host file."""
+    apply(tree, tar([
+        ("bin/", "d", {"pax": xattr("user.dir", b"d")}),
+        ("bin/ping", "f", {"mode": 0o755, "pax": {**xattr("security.capability", CAP_NET_RAW),
+                                                   **xattr("user.note", b"hi\xff"),
+                                                   **xattr("security.selinux", b"system_u:object_r:bin_t"),
+                                                   **xattr("trusted.overlay.opaque", b"y")}}),
+        ("bin/link", "l", {"to": "ping", "pax": xattr("security.capability", CAP_NET_RAW)}),
+        ("bin/odd", "f", {"pax": xattr("user.a b", b"x")}),
+    ]))
+    assert tree.meta["bin/ping"].xattrs == (("security.capability", CAP_NET_RAW), ("user.note", b"hi\xff"))
+    assert tree.meta["bin"].xattrs == (("user.dir", b"d"),)
+    assert tree.meta["bin/link"].xattrs == () and tree.meta["bin/odd"].xattrs == ()
+    assert tree.skipped_xattrs == 4
+    assert os.listxattr(tree.root / "bin" / "ping") == []
+    image = tmp_path / "root.ext4"
+    layers.write_ext4(tree, image, 64)
+    assert not (tmp_path / "root.ext4.xattrs").exists()
+
+    def ea(path: str, name: str) -> str:
+        return subprocess.run(["debugfs", "-R", f'ea_get -x "{path}" {name}', str(image)], capture_output=True,
+                              text=True).stdout
+
+    assert "01 00 00 02 00 20 00 00" in ea("/bin/ping", "security.capability")
+    assert "68 69 ff" in ea("/bin/ping", "user.note")
+    assert "64" in ea("/bin", "user.dir")
+    assert "security.selinux" not in subprocess.run(["debugfs", "-R", 'ea_list "/bin/ping"', str(image)],
+                                                    capture_output=True, text=True).stdout
+
+
+def test_too_many_or_too_large_xattrs_are_refused(tree: layers.Tree) -> None:
+    many = {k: v for i in range(ts.MAX_XATTRS + 1) for k, v in xattr(f"user.a{i}", b"x").items()}
+    with pytest.raises(ImageError, match="extended attributes"):
+        apply(tree, tar([("f", "f", {"pax": many})]))
+    with pytest.raises(ImageError, match="extended attributes"):
+        apply(tree, tar([("g", "f", {"pax": xattr("user.big", b"x" * (ts.MAX_XATTR_VALUE + 1))})]))
 
 
 def test_line_breaks_in_names_are_refused(tree: layers.Tree) -> None:
