@@ -107,6 +107,10 @@ def _cmd_image_prune(args: argparse.Namespace) -> int:
 
     n = prune_images(dry_run=args.dry_run)
     print(f"{n} volume image(s) {'would be ' if args.dry_run else ''}removed (rebuilt on demand)")
+    from .images.kernel import prune_kernels
+
+    n = prune_kernels(dry_run=args.dry_run)
+    print(f"{n} older fetched kernel(s) {'would be ' if args.dry_run else ''}removed")
     from .images.agentbin import prune_binaries
 
     n = prune_binaries(dry_run=args.dry_run)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -47,6 +48,29 @@ def ensure_kernel(progress: build.Progress, recipe: Recipe | None = None) -> tup
         raise ImageError(f"another process holds {exc.lock_file} for over 30 minutes") from exc
     meta = json.loads((final / "kernel.json").read_text())
     return final, {k: str(v) for k, v in meta.items()}
+
+
+def prune_kernels(*, dry_run: bool = False) -> int:
+    """Remove fetched kernels other than the current recipe's (every image holds its own
+    copy, so an older one still boots): how many (would be) removed. One being fetched
+    right now (its lock held) is left alone."""
+    root = cache_dir() / "kernels"
+    if not root.is_dir():
+        return 0
+    keep = kernel_key(Recipe())
+    old = [d for d in root.iterdir()  # fetched kernels only: never a fetch's .kernel-* work dir
+           if re.fullmatch(r"[0-9a-f]{16}", d.name) and d.is_dir() and not d.is_symlink() and d.name != keep]
+    removed = 0
+    for d in old:
+        lock = FileLock(str(root / f".{d.name}.lock"), timeout=0)
+        try:
+            with lock:
+                if not dry_run:
+                    shutil.rmtree(d)
+                removed += 1
+        except Timeout:
+            continue
+    return removed
 
 
 def _fetch(recipe: Recipe, final: Path, progress: build.Progress) -> None:
