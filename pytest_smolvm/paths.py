@@ -94,16 +94,35 @@ def _secure_parent(path: Path, what: str, source: str) -> Path:
             except OSError as exc:
                 raise ConfigError(f"cannot create {part} for the {what} {path} (from {source}): {exc}") from exc
             continue
-        if st.st_uid not in (0, os.getuid()):
-            raise ConfigError(f"{what} {path} (from {source}) is below {part}, which belongs to uid "
-                              f"{st.st_uid}: that user could swap what is in it; use a path that only "
-                              f"you or root own")
-        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
-            raise ConfigError(f"{what} {path} (from {source}) is below {part}, which others can write "
-                              f"without the sticky bit (mode {stat.S_IMODE(st.st_mode):o}), so they could "
-                              f"replace what is in it; use a directory below a private or sticky parent "
-                              f"(like /tmp)")
+        _check_component(part, st, what, path, source)
     return parent / path.name
+
+
+def _check_component(part: Path, st: os.stat_result, what: str, path: Path, source: str) -> None:
+    """The safe-path rule for one directory on the way to ``path`` (see :func:`_secure_parent`)."""
+    if st.st_uid not in (0, os.getuid()):
+        raise ConfigError(f"{what} {path} (from {source}) is below {part}, which belongs to uid "
+                          f"{st.st_uid}: that user could swap what is in it; use a path that only "
+                          f"you or root own")
+    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        raise ConfigError(f"{what} {path} (from {source}) is below {part}, which others can write "
+                          f"without the sticky bit (mode {stat.S_IMODE(st.st_mode):o}), so they could "
+                          f"replace what is in it; use a directory below a private or sticky parent "
+                          f"(like /tmp)")
+
+
+def check_safe_path(path: Path, what: str, source: str) -> Path:
+    """``path`` (an existing directory read but never written, e.g. a shared image cache),
+    resolved, after checking it and every directory above it with the safe-path rule: no
+    one but us or root can swap what it holds. Raises :class:`ConfigError` naming the culprit."""
+    real = Path(os.path.realpath(path))
+    for part in [*reversed(real.parents), real]:
+        try:
+            st = os.stat(part)
+        except OSError as exc:
+            raise ConfigError(f"{what} {path} (from {source}) cannot be used: {exc}") from None
+        _check_component(part, st, what, path, source)
+    return real
 
 
 def _ensure_private_dir(path: Path, source: str, what: str, env: str) -> None:

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 
 from ..errors import ImageError
-from ..paths import cache_dir
+from ..paths import cache_dir, check_safe_path
 from .agentbin import agent_binary
 from .initramfs import build_initramfs
 from .recipe import Recipe, boot_digest
@@ -59,11 +59,16 @@ def shared_image_dirs() -> list[Path]:
 
 
 def find_build(name: str, digest: str) -> Path | None:
-    """The build ``digest`` of image ``name``: in this host's cache, else in a shared one."""
-    for base in [images_dir(), *shared_image_dirs()]:
+    """The build ``digest`` of image ``name``: in this host's cache, else in a shared one.
+    A shared build is used only if no one but us or root could have swapped it
+    (:func:`~pytest_smolvm.paths.check_safe_path`): a ConfigError says which directory is not."""
+    path = images_dir() / name / digest
+    if (path / "manifest.json").is_file():
+        return path
+    for base in shared_image_dirs():
         path = base / name / digest
         if (path / "manifest.json").is_file():
-            return path
+            return check_safe_path(path, "shared image build", "SMOLVM_IMAGE_PATH")
     return None
 
 
@@ -106,9 +111,12 @@ def resolve(name_or_path: str) -> Image:
 def _current(name: str) -> Path | None:
     for base in [images_dir(), *shared_image_dirs()]:
         try:
-            return (base / name / "current").resolve(strict=True)
+            found = (base / name / "current").resolve(strict=True)
         except OSError:
             continue
+        if base != images_dir():
+            check_safe_path(found, "shared image build", "SMOLVM_IMAGE_PATH")
+        return found
     return None
 
 

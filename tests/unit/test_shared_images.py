@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from test_store import make_image
 
-from pytest_smolvm.errors import ImageError
+from pytest_smolvm.errors import ConfigError, ImageError
 from pytest_smolvm.images import provision, store
 from pytest_smolvm.images.recipe import Recipe, boot_digest
 
@@ -83,3 +83,26 @@ def test_missing_everywhere_names_every_place_searched(shared: Path) -> None:
         store.resolve("nothere")
     assert str(store.images_dir()) in str(info.value) and str(shared) in str(info.value)
     assert not provision.default_built()
+
+
+def test_a_shared_cache_others_could_write_is_refused(shared: Path) -> None:
+    """A shared image cache that another local user could write (a world-writable directory on
+    the way, e.g. SMOLVM_IMAGE_PATH=/tmp/images planted by someone else) could have its image
+    swapped: refused with an error naming the directory, never booted."""
+    build = make_image(shared / "default" / Recipe().digest())
+    (build / f"boot-{boot_digest()}.cpio").write_bytes(b"cpio")
+    assert store.resolve("default").path == build
+    shared.chmod(0o777)
+    store._load_cached.cache_clear()
+    with pytest.raises(ConfigError, match=f"SMOLVM_IMAGE_PATH.*{shared}, which others can write"):
+        store.resolve("default")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another uid needs root")
+def test_a_shared_cache_another_user_owns_is_refused(shared: Path) -> None:
+    build = make_image(shared / "default" / Recipe().digest())
+    (build / f"boot-{boot_digest()}.cpio").write_bytes(b"cpio")
+    os.chown(shared / "default", 12345, 12345)
+    store._load_cached.cache_clear()
+    with pytest.raises(ConfigError, match="belongs to uid 12345"):
+        store.resolve("default")
