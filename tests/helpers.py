@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any, TypeVar
 
 from pytest_smolvm.paths import cache_dir
 
@@ -42,3 +43,21 @@ def processes(text: str) -> dict[int, str]:
             if text in cmd:
                 found[int(pid)] = cmd
     return found
+
+
+#: Settings of the outer run that a pytester run must not inherit (they would reshape its VMs).
+OUTER_SETTINGS = ("SMOLVM_NETWORK", "SMOLVM_VCPUS", "SMOLVM_MEMORY_MIB", "SMOLVM_IMAGE", "SMOLVM_ACCEL")
+
+
+P = TypeVar("P")
+
+
+def isolated_pytester(pytester: P, monkeypatch: Any, conftest: str | None = FAKE_CONFTEST) -> P:
+    """``pytester`` cut off from the outer run's settings, on the real image cache, with
+    ``conftest`` (default: the fake driver's) written."""
+    for var in OUTER_SETTINGS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("SMOLVM_CACHE_DIR", str(REAL_CACHE))
+    if conftest is not None:
+        pytester.makeconftest(conftest)  # type: ignore[attr-defined]  # P is a pytest.Pytester
+    return pytester

@@ -7,16 +7,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import FAKE_CONFTEST, REAL_CACHE  # computed before pytester moves HOME
+from helpers import FAKE_CONFTEST, isolated_pytester
 
 
 @pytest.fixture
 def fake(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
-    for var in ("SMOLVM_NETWORK", "SMOLVM_VCPUS", "SMOLVM_MEMORY_MIB", "SMOLVM_IMAGE", "SMOLVM_ACCEL"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("SMOLVM_CACHE_DIR", str(REAL_CACHE))
-    pytester.makeconftest(FAKE_CONFTEST)
-    return pytester
+    return isolated_pytester(pytester, monkeypatch)
 
 
 def test_bad_marker_value_is_usage_error_naming_test_and_value(fake: pytest.Pytester) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import FAKE_CONFTEST, REAL_CACHE
+from helpers import FAKE_CONFTEST, isolated_pytester
 
 CONFTEST = FAKE_CONFTEST + """
 def pytest_sessionfinish(session):
@@ -37,10 +37,7 @@ def test_session(smolvm_session):
 
 @pytest.fixture
 def fake(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
-    for var in ("SMOLVM_NETWORK", "SMOLVM_VCPUS", "SMOLVM_MEMORY_MIB", "SMOLVM_IMAGE", "SMOLVM_ACCEL"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("SMOLVM_CACHE_DIR", str(REAL_CACHE))
-    return pytester
+    return isolated_pytester(pytester, monkeypatch, conftest=None)
 
 
 def _launched(pytester: pytest.Pytester) -> list[str]:

@@ -8,7 +8,7 @@ import socket
 from pathlib import Path
 
 import pytest
-from helpers import FAKE_CONFTEST, REAL_CACHE
+from helpers import isolated_pytester
 
 MIXED = """
     import json, os, pytest
@@ -43,11 +43,7 @@ MIXED = """
 
 @pytest.fixture
 def fake(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
-    for var in ("SMOLVM_NETWORK", "SMOLVM_VCPUS", "SMOLVM_MEMORY_MIB", "SMOLVM_IMAGE", "SMOLVM_ACCEL"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("SMOLVM_CACHE_DIR", str(REAL_CACHE))
-    pytester.makeconftest(FAKE_CONFTEST)
-    return pytester
+    return isolated_pytester(pytester, monkeypatch)
 
 
 def ran(pytester: pytest.Pytester) -> dict[str, dict[str, str]]:
