@@ -136,7 +136,7 @@ def test_the_warm_pool_prestarts_clones_of_a_checkpoint() -> None:
     try:
         with pool.acquire(cp.config, driver, checkpoint=cp) as first:  # a miss: started now
             assert first.boot_mode == "checkpoint"
-        assert pool.wait_idle(120)
+        assert pool.wait_idle(120), f"no spare within 120 s: {pool.stats}, errors {list(pool.errors)}"
         with pool.acquire(cp.config, driver, checkpoint=cp) as second:  # the spare
             assert second.run("cat /root/p").stdout == "pooled\n"
         assert pool.stats["hits"] == 1 and not pool.errors
@@ -270,7 +270,10 @@ def test_checkpoints_end_with_the_process_and_reap_removes_a_killed_runs(tmp_pat
             print("CHECKPOINT", prepared.path, flush=True)
             time.sleep(600)
     """))
-    env = {**os.environ, "SMOLVM_CACHE_DIR": str(REAL_CACHE), "PYTHONPATH": str(Path(__file__).parents[2])}
+    # The project first, and whatever PYTHONPATH the run had after it (where pytest and the
+    # plugin's metadata may live: the nested KVM harness puts them there).
+    pythonpath = os.pathsep.join(p for p in (str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "SMOLVM_CACHE_DIR": str(REAL_CACHE), "PYTHONPATH": pythonpath}
     # A normal exit removes the checkpoint (and the VMs).
     run_id = f"cpx{os.getpid():x}"
     done = subprocess.run([sys.executable, str(script)], env={**env, "SMOLVM_RUN_ID": run_id},

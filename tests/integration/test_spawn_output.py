@@ -236,11 +236,17 @@ def _forge(vm: SmolVM, frames: bytes) -> None:
     """Have a guest process steal the agent's channel and write ``frames`` into it
     (tests/integration/test_hostile.py's technique)."""
     vm.put(frames, "/root/frames.bin")
-    write_all = "data = open(sys.argv[1], 'rb').read()\nwhile data:\n    data = data[os.write(fd, data):]\n"
+    # It writes only once the host has the agent's last frame (the spawn's "started", then the
+    # put of /root/go) and a second more: bytes the agent sent meanwhile would interleave with
+    # the forged ones and break the framing for a reason of their own (seen under nested KVM).
+    write_all = ("while not os.path.exists('/root/go'):\n    __import__('time').sleep(0.05)\n"
+                 "__import__('time').sleep(1)\n"
+                 "data = open(sys.argv[1], 'rb').read()\nwhile data:\n    data = data[os.write(fd, data):]\n")
     script = STEAL_PORT.replace("os.write(fd, bytes.fromhex(sys.argv[1]))\n", write_all)
     assert write_all in script
     vm.put(script.encode(), "/root/steal.py")
     vm.spawn(["python3", "/root/steal.py", "/root/frames.bin"])
+    vm.put(b"", "/root/go")
 
 
 def test_forged_out_frame_with_a_bad_stream_poisons_the_channel(smolvm: SmolVM) -> None:
