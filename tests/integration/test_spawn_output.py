@@ -12,7 +12,7 @@ import pytest
 from helpers import REAL_CACHE, qemu_processes
 from test_hostile import STEAL_PORT
 
-from pytest_smolvm import CommandTimeout, GuestError, ProtocolError, SmolVM, SmolVMError
+from pytest_smolvm import CommandTimeout, GuestError, Process, ProtocolError, SmolVM, SmolVMError
 from pytest_smolvm.guest import protocol
 
 # ---------------------------------------------------------------- run(on_output=...)
@@ -232,21 +232,25 @@ def test_spawn_on_output_that_raises_kills_it_and_wait_reraises(smolvm_session: 
 # ---------------------------------------------------------------- a hostile guest forging frames
 
 
-def _forge(vm: SmolVM, frames: bytes) -> None:
+def _forge(vm: SmolVM, frames: bytes) -> Process:
     """Have a guest process steal the agent's channel and write ``frames`` into it
     (tests/integration/test_hostile.py's technique)."""
     vm.put(frames, "/root/frames.bin")
     # It writes only once the host has the agent's last frame (the spawn's "started", then the
     # put of /root/go) and a second more: bytes the agent sent meanwhile would interleave with
     # the forged ones and break the framing for a reason of their own (seen under nested KVM).
+    # It exits once everything is written: the agent reports that exit after the last forged
+    # byte, so a caller that waits for it sends its next request into a quiet channel.
     write_all = ("while not os.path.exists('/root/go'):\n    __import__('time').sleep(0.05)\n"
                  "__import__('time').sleep(1)\n"
-                 "data = open(sys.argv[1], 'rb').read()\nwhile data:\n    data = data[os.write(fd, data):]\n")
+                 "data = open(sys.argv[1], 'rb').read()\nwhile data:\n    data = data[os.write(fd, data):]\n"
+                 "os._exit(0)\n")
     script = STEAL_PORT.replace("os.write(fd, bytes.fromhex(sys.argv[1]))\n", write_all)
     assert write_all in script
     vm.put(script.encode(), "/root/steal.py")
-    vm.spawn(["python3", "/root/steal.py", "/root/frames.bin"])
+    stealer = vm.spawn(["python3", "/root/steal.py", "/root/frames.bin"])
     vm.put(b"", "/root/go")
+    return stealer
 
 
 def test_forged_out_frame_with_a_bad_stream_poisons_the_channel(smolvm: SmolVM) -> None:
@@ -261,12 +265,11 @@ def test_forged_out_frame_with_a_bad_stream_poisons_the_channel(smolvm: SmolVM) 
 def test_forged_output_flood_is_capped_on_the_host(smolvm: SmolVM) -> None:
     p = smolvm.spawn("sleep 60", max_output=100_000)
     rid = p._pending.id  # type: ignore[union-attr]
-    _forge(smolvm, b"".join(protocol.encode({"op": "out", "id": rid, "stream": "stdout"}, b"f" * 65536)
-                            for _ in range(100)))   # 6.4 MiB of "output" the process never wrote
-    deadline = time.monotonic() + 60
-    while len(p.stdout_bytes) < 100_000 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    time.sleep(1)
+    stealer = _forge(smolvm, b"".join(protocol.encode({"op": "out", "id": rid, "stream": "stdout"}, b"f" * 65536)
+                                      for _ in range(100)))   # 6.4 MiB of "output" the process never wrote
+    # Until the stealer is done, a request's reply would interleave with its bytes (under
+    # nested KVM the 6.4 MiB took longer than a fixed pause).
+    assert stealer.wait(timeout=300).exit_code == 0
     assert len(p.stdout_bytes) == 100_000
     assert smolvm.run("echo still served").stdout == "still served\n"
     p.kill()
