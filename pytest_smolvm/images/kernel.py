@@ -41,7 +41,7 @@ def ensure_kernel(progress: build.Progress, recipe: Recipe | None = None) -> tup
     root.mkdir(exist_ok=True)
     final = root / kernel_key(recipe)
     try:
-        with FileLock(str(root / f".{final.name}.lock"), timeout=1800):
+        with FileLock(str(_fetch_lock(root, final.name)), timeout=1800):
             if not (final / "kernel.json").is_file():
                 _fetch(recipe, final, progress)
     except Timeout as exc:
@@ -62,15 +62,23 @@ def prune_kernels(*, dry_run: bool = False) -> int:
            if re.fullmatch(r"[0-9a-f]{16}", d.name) and d.is_dir() and not d.is_symlink() and d.name != keep]
     removed = 0
     for d in old:
-        lock = FileLock(str(root / f".{d.name}.lock"), timeout=0)
+        lock = FileLock(str(_fetch_lock(root, d.name)), timeout=0)
         try:
-            with lock:
-                if not dry_run:
-                    shutil.rmtree(d)
-                removed += 1
-        except Timeout:
+            lock.acquire()
+        except Timeout:  # being fetched right now: leave it
             continue
+        try:
+            if not dry_run:
+                shutil.rmtree(d)
+            removed += 1
+        finally:
+            lock.release()
     return removed
+
+
+def _fetch_lock(root: Path, key: str) -> Path:
+    """The lock held while kernel ``key`` is fetched into ``root`` (and while prune removes it)."""
+    return root / f".{key}.lock"
 
 
 def _fetch(recipe: Recipe, final: Path, progress: build.Progress) -> None:
