@@ -666,9 +666,8 @@ class SmolVM:
         is over ``max_output`` is not passed on. If it raises, the command's process group is
         killed and the exception propagates out of ``run()``.
         """
-        if on_output is not None and not callable(on_output):
-            raise ConfigError(f"invalid on_output={on_output!r} for run(): expected a callable(stream, text)")
-        call = self._exec_call(command, timeout=timeout, env=env, cwd=cwd, input=input, max_output=max_output)
+        call = self._exec_call(command, timeout=timeout, env=env, cwd=cwd, input=input, max_output=max_output,
+                               on_output=on_output)
         t0 = time.monotonic()
         callbacks = [cb for cb in (on_output, self.live_output and self.live_output(self.name)) if cb is not None]
         parsed = self._exec(call, t0, callbacks)
@@ -696,10 +695,8 @@ class SmolVM:
         in a thread of the spawn's own; if it raises, the process is killed and ``wait()``
         raises that exception.
         """
-        if on_output is not None and not callable(on_output):
-            raise ConfigError(f"invalid on_output={on_output!r} for spawn(): expected a callable(stream, text)")
         call = self._exec_call(command, timeout=None, env=env, cwd=cwd, input=input, max_output=max_output,
-                               what="spawn")
+                               on_output=on_output, what="spawn")
         live = self.live_output
         proc = Process(self, call, on_output, None if live is None else lambda pid: live(f"{self.name}:{pid}"))
         proc._start(scaled(REPLY_GRACE) * 3)
@@ -719,9 +716,11 @@ class SmolVM:
 
     def _exec_call(self, command: str | Sequence[str], *, timeout: float | None, env: Mapping[str, str] | None,
                    cwd: str | None, input: bytes | str | None, max_output: int | None,
-                   what: str = "run") -> ExecCall:
+                   on_output: object = None, what: str = "run") -> ExecCall:
         """``what``'s (run() or spawn()) arguments, checked (a ConfigError names the bad one)
         and merged with the config."""
+        if on_output is not None and not callable(on_output):
+            raise ConfigError(f"invalid on_output={on_output!r} for {what}(): expected a callable(stream, text)")
         argv, shown = command_argv(command)
         limit = self.config.timeout if timeout is None else timeout
         if not (isinstance(limit, (int, float)) and limit > 0):

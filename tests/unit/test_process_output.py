@@ -112,3 +112,13 @@ def test_live_output_never_holds_more_than_a_line() -> None:
     assert shown[-1] == "[vm] xxxxx\n"
     live("stdout", "\r\ncarriage\rreturn\n")
     assert shown[-1] == "[vm] \\x0d\n[vm] carriage\\x0dreturn\n"
+
+
+def test_a_callback_that_is_not_callable_is_refused_before_anything_is_sent() -> None:
+    from pytest_smolvm import ConfigError, SmolVM, VMConfig
+
+    vm = SmolVM(VMConfig())  # never started: the check comes before any guest call
+    with pytest.raises(ConfigError, match=r"invalid on_output=5 for run\(\)"):
+        vm.run("true", on_output=5)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"invalid on_output='x' for spawn\(\)"):
+        vm.spawn("true", on_output="x")  # type: ignore[arg-type]
