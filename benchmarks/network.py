@@ -18,7 +18,7 @@ import urllib.request
 
 from pytest_smolvm import SmolVM, VMConfig
 from pytest_smolvm.network.hub import attach
-from pytest_smolvm.vm import current_run_id
+from pytest_smolvm.runs import current_run_id
 
 
 def start_to_first_command(cfg: VMConfig) -> float:

@@ -7,8 +7,19 @@ import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import SmolVMError
+
+if TYPE_CHECKING:
+    from .config import VMConfig
+    from .vm import SmolVM
+
+
+def _make_vm(config: VMConfig, name: str) -> SmolVM:
+    from .vm import SmolVM
+
+    return SmolVM(config, name=name)
 
 
 def _cmd_image_build(args: argparse.Namespace) -> int:
@@ -30,7 +41,7 @@ def _cmd_image_build(args: argparse.Namespace) -> int:
             print(f"error: image {args.name!r} is declared in {pyproject}; --include and --arch do not apply "
                   f"(declare apt packages there)", file=sys.stderr)
             return 2
-        image = ensure_declared(declared[args.name], force=args.force)
+        image = ensure_declared(declared[args.name], _make_vm, force=args.force)
         print(f"{image.name}: {image.path}")
         return 0
     packages = DEFAULT_PACKAGES + tuple(p for p in (args.include or "").split(",") if p)

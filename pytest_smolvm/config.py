@@ -16,6 +16,7 @@ from typing import Any, Final
 
 from .cpumodel import check_cpu
 from .errors import ConfigError
+from .reporting import redacted_repr
 from .timeouts import scaled
 from .volumes import Volume, check_volumes
 
@@ -56,18 +57,6 @@ class SecretEnv(Mapping[str, str]):
 
     def __reduce__(self) -> tuple[type[SecretEnv], tuple[dict[str, str]]]:
         return SecretEnv, (self._data,)
-
-
-class WireEnv(dict[str, str]):
-    """The environment of one request to the guest: a plain dict for the JSON encoder, but
-    shown redacted, like :class:`SecretEnv`, if a traceback prints it."""
-
-    def __repr__(self) -> str:
-        return redacted_repr(self)
-
-
-def redacted_repr(env: Mapping[str, str]) -> str:
-    return "{" + ", ".join(f"{k!r}: '***'" for k in env) + "}"
 
 
 def _freeze_env(env: Mapping[str, str] | Iterable[tuple[str, str]] | None) -> Mapping[str, str]:

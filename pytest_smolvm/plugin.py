@@ -28,9 +28,11 @@ from .markers import MARKER_DOC, marker_layers
 from .paths import runtime_dir
 from .pool import VMPool, shape_group
 from .reaper import Leftover, reap
-from .reporting import LiveOutput, sanitize, tail
+from .reporting import LiveOutput, sanitize
+from .reports import host_lines, redact_all, vm_sections
+from .runs import current_run_id, set_run_id
 from .settings import OPTIONS, POOL, exceeds_ceiling, network_ceiling, pool_size, session_layers
-from .vm import SmolVM, current_run_id, set_run_id
+from .vm import SmolVM
 
 __all__ = ["smolvm", "smolvm_config", "smolvm_factory", "smolvm_session"]
 
@@ -244,7 +246,8 @@ class SmolVMPlugin:
 
         with capman.global_and_fixture_disabled() if capman is not None else contextlib.nullcontext():
             try:
-                ensure(name, pyproject=self.pyproject if name in self.declared else None, progress=progress)
+                ensure(name, lambda cfg, vm_name: SmolVM(cfg, name=vm_name),
+                       pyproject=self.pyproject if name in self.declared else None, progress=progress)
             except SmolVMError as exc:
                 self.failed[name] = str(exc).splitlines()[0][:500]
                 raise
@@ -360,9 +363,9 @@ class SmolVMPlugin:
             vms.setdefault(vm.name, (vm, start))
         if report.failed:
             for vm, start in vms.values():
-                report.sections.extend(_vm_sections(vm, start))
+                report.sections.extend(vm_sections(vm, start, CONSOLE_TAIL_LINES))
         if vms:
-            _scrub(report, lambda text: sanitize(_redact(text, [vm for vm, _ in vms.values()])))
+            _scrub(report, lambda text: sanitize(redact_all(text, [vm for vm, _ in vms.values()])))
         return report
 
     def pytest_report_teststatus(self, report: pytest.TestReport) -> tuple[str, str, Any] | None:
@@ -397,7 +400,7 @@ class SmolVMPlugin:
         if self.reaped:
             terminalreporter.write_line(f"smolvm: removed {len(self.reaped)} leftover VM(s) of dead runs "
                                         f"({', '.join(sorted({r.run_id for r in self.reaped}))})")
-        for line in _host_lines(self.workers or {"main": self.summary()}):
+        for line in host_lines(self.workers or {"main": self.summary()}):
             terminalreporter.write_line(line)
         if not self.kept:
             return
@@ -441,69 +444,6 @@ def _terminal_write(text: str) -> None:
     """Live output under ``-s``: straight to the terminal, at once."""
     sys.stdout.write(text)
     sys.stdout.flush()
-
-
-def network_section(vm: SmolVM) -> str:
-    """The policy in force, its caps, and what it dropped, for a failing test's report."""
-    net = vm.network
-    head = (f"policy {net.policy}" + (f" allow={','.join(net.allow)}" if net.allow else "")
-            + f"; guest {net.guest_ip}, gateway {net.host_ip}, namespace {net.netns}")
-    try:
-        denied = net.denied_details()
-        unitemised, capped = net.unitemised, net.capped
-    except SmolVMError as exc:
-        return f"{head}\ndenied egress: unknown ({exc})"
-    head += (f"\negress caps {vm.config.egress_kib_per_s} KiB/s, {vm.config.egress_conns_per_s} new connections/s"
-             + "".join(f"; {kind} cap hit ({n} packet(s) dropped)" for kind, n in capped.items() if n))
-    more = f"\n  ... {unitemised} more denials not itemised (the denial ledger was full)" if unitemised else ""
-    if not denied and not more:
-        return f"{head}\ndenied egress: none"
-    rows = [f"  {d.proto} {d.dest}" + (f":{d.port}" if d.port else "") + f"  ({d.packets} packet(s))"
-            for d in denied]
-    return f"{head}\ndenied egress ({len(denied)}):\n" + "\n".join(rows) + more
-
-
-def _host_lines(workers: dict[str, dict[str, Any]]) -> list[str]:
-    """One line per host: its workers, VMs started and how many the warm pool had ready
-    (``pool hits``), leftovers its workers reaped. Nothing for a run that started no VM."""
-    hosts: dict[str, list[tuple[str, dict[str, Any]]]] = {}
-    for gw, info in sorted(workers.items()):
-        hosts.setdefault(str(info.get("host", "?")), []).append((gw, info))
-    lines = []
-    for host, rows in hosts.items():
-        hits = sum(int(info.get("hits", 0)) for _, info in rows)
-        vms = hits + sum(int(info.get("misses", 0)) for _, info in rows)
-        reaped = sum(int(info.get("reaped", 0)) for _, info in rows)
-        if not vms and not reaped:
-            continue
-        rate = f" ({100 * hits / vms:.0f}%)" if vms else ""
-        lines.append(f"smolvm: host {host} ({', '.join(gw for gw, _ in rows)}): {vms} VM(s), pool hits "
-                     f"{hits}/{vms}{rate}" + (f", {reaped} leftover(s) of dead runs reaped" if reaped else ""))
-    return lines
-
-
-def _vm_sections(vm: SmolVM, start: int) -> list[tuple[str, str]]:
-    """Report sections of one VM of a failed test: where it ran, its transcript, network and
-    console."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
-    sections = [(f"smolvm host {vm.name}", f"host {host_name()}, worker {worker}, run {vm.run_id}, "
-                                           f"VM directory {vm.workdir}")]
-    entries = vm.transcript[start:]
-    if entries:
-        sections.append((f"smolvm transcript {vm.name}", "\n".join(e.render() for e in entries)))
-    if vm.config.network != "none":
-        sections.append((f"smolvm network {vm.name}", network_section(vm)))
-    console = vm.console_log
-    if console:
-        sections.append((f"smolvm console {vm.name} (last {CONSOLE_TAIL_LINES} lines)",
-                         tail(console, CONSOLE_TAIL_LINES)))
-    return sections
-
-
-def _redact(text: str, vms: list[SmolVM]) -> str:
-    for vm in vms:
-        text = vm.redact(text)
-    return text
 
 
 def _scrub(report: pytest.TestReport, scrub: Callable[[str], str]) -> None:

@@ -21,7 +21,8 @@ from typing import Any
 from .checkpoints import Checkpoint
 from .config import VMConfig
 from .drivers import Driver
-from .vm import SmolVM, live_vm_count
+from .runs import live_vm_count
+from .vm import SmolVM
 
 #: Host memory kept free beyond the guests' own RAM (MiB), and the per-VM VMM overhead
 #: (TCG's translation cache dominates: ~120 MiB measured).

@@ -20,11 +20,10 @@ import time
 from collections.abc import Callable
 from typing import Protocol, TypeVar
 
-from .config import WireEnv
 from .errors import CommandTimeout, ConfigError, GuestError, SmolVMError
 from .guest import replies
 from .guest.channel import POLL, Pending, ReplyTimeout
-from .guest.client import GuestClient
+from .guest.client import GuestClient, WireEnv
 from .results import RunResult
 
 T = TypeVar("T")

@@ -9,7 +9,7 @@ exception message, a report section or the terminal; the raw bytes stay on the r
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 # CSI / OSC / other ESC sequences, then any C0/C1 control character except \n and \t.
 _ESCAPES = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b\n]*(\x07|\x1b\\)?|[@-Z\\-_])")
@@ -97,3 +97,8 @@ class LiveOutput:
         if lines:
             label = self.name if stream == "stdout" else f"{self.name} {stream}"
             self.write("".join(f"[{label}] {sanitize(self.redact(line))}\n" for line in lines))
+
+
+def redacted_repr(env: Mapping[str, str]) -> str:
+    """An environment as a traceback may show it: the names, every value ``***``."""
+    return "{" + ", ".join(f"{k!r}: '***'" for k in env) + "}"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import dataclasses
 import enum
@@ -16,18 +15,17 @@ import shutil
 import threading
 import time
 import warnings
-import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
-from . import images, paths, transfer
+from . import images, paths, runs, transfer
 from .boot import BOOT_LOG_LIMIT, Boot, VMHooks
 from .checkpoints import Checkpoint, CheckpointError, check_network, digest_files, register, shape_mismatch, write_meta
 from .checkpoints import hold as hold_checkpoint
 from .checkpoints import release as release_checkpoint
-from .config import VMConfig, WireEnv
+from .config import VMConfig
 from .drivers import Accel, Driver, Machine, default_driver
 from .drivers.base import TEMPLATE_MAC, CheckpointDriver, Nic
 from .drivers.consolelog import read_bounded
@@ -47,7 +45,7 @@ from .errors import (
 )
 from .guest import replies
 from .guest.channel import ChannelBusy, ChannelClosed, ReplyTimeout
-from .guest.client import GuestClient
+from .guest.client import GuestClient, WireEnv
 from .guest.ssh import SSHKeys
 from .host import host_name, owner_stamp
 from .network import hub
@@ -75,32 +73,6 @@ TRANSFER_MESSAGES = 64 * 1024
 T = TypeVar("T")
 #: How a networked VM gets its NIC: ``network.hub.attach(vm, run_id, policy, allow, uplink, caps)``.
 AttachNetwork = Callable[[str, str, str, tuple[str, ...], str | None, Caps], VMNetwork]
-_live: weakref.WeakSet[SmolVM] = weakref.WeakSet()
-_run_id_lock = threading.Lock()
-_run_id: str | None = None
-
-
-def live_vm_count() -> int:
-    """VMs of this process that are started and not yet closed."""
-    return len(_live)
-
-
-def current_run_id() -> str:
-    """The id stamped on every resource this process creates (``SMOLVM_RUN_ID`` or random)."""
-    global _run_id
-    with _run_id_lock:
-        if _run_id is None:
-            _run_id = os.environ.get("SMOLVM_RUN_ID") or secrets.token_hex(4)
-        return _run_id
-
-
-def set_run_id(run_id: str) -> None:
-    """Use ``run_id`` for resources created from now on (the pytest plugin shares one per run)."""
-    global _run_id
-    with _run_id_lock:
-        _run_id = run_id
-
-
 class VMState(enum.Enum):
     """Where a SmolVM is in its life. Shown by value in messages and ``repr``."""
 
@@ -241,7 +213,7 @@ class SmolVM:
         self._runtime_dir = runtime_dir
         self._attach_network = attach_network
         self.name = check_name(name or f"vm{self._next_number()}-{secrets.token_hex(2)}", "VM name")
-        self.run_id = check_name(current_run_id(), "run id (SMOLVM_RUN_ID)")
+        self.run_id = check_name(runs.current_run_id(), "run id (SMOLVM_RUN_ID)")
         self.workdir = self._runtime_root() / self.run_id / self.name
         self.transcript: list[TranscriptEntry] = []
         self.network = NetworkState(self.config.network, self.config.allow, self.config.uplink)
@@ -343,7 +315,7 @@ class SmolVM:
             (self.workdir / "owner.json").write_text(json.dumps(
                 {**owner_stamp(os.getpid()), "run_id": self.run_id, "vm": self.name, "started": time.time(),
                  "host": host_name()}))
-            _live.add(self)
+            runs.track(self)
             if self.config.network != "none":
                 self._attach()
             self._boot(driver, t0)
@@ -541,7 +513,7 @@ class SmolVM:
                 self._guest.close()
             (self.workdir / "kept").write_text(json.dumps({"pid": self.pid, "at": time.time()}))
             self._state = VMState.DETACHED
-            _live.discard(self)
+            runs.untrack(self)
 
     def _teardown(self) -> None:
         if self._lifetime_timer is not None:
@@ -581,7 +553,7 @@ class SmolVM:
         if self._disk_parent is not None:
             parent, self._disk_parent = self._disk_parent, None
             release_checkpoint(parent)
-        _live.discard(self)
+        runs.untrack(self)
         if net_error is not None:
             raise net_error
 
@@ -957,13 +929,3 @@ class SmolVM:
         fwd = PortForward(lambda: net.connect(guest_port), f"{self.name}-{guest_port}")
         self._forwards.append(fwd)
         return fwd.host_port
-
-
-@atexit.register
-def _close_all() -> None:
-    """Last line of defence: no VM outlives the interpreter that started it."""
-    for vm in list(_live):
-        try:
-            vm.close()
-        except Exception:
-            pass

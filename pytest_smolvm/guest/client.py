@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
-from ..config import WireEnv
 from ..errors import ProtocolError
+from ..reporting import redacted_repr
 from . import replies
 from .channel import SEND_TIMEOUT, Channel, Pending
 
@@ -29,6 +29,14 @@ def exec_body_limit(max_output: int) -> int:
     """The largest exec reply body an agent capping each stream at ``max_output`` may send."""
     return 2 * max_output + EXEC_BODY_SLACK
 
+
+
+class WireEnv(dict[str, str]):
+    """The environment of one request to the guest: a plain dict for the JSON encoder, but
+    shown redacted, like :class:`~pytest_smolvm.config.SecretEnv`, if a traceback prints it."""
+
+    def __repr__(self) -> str:
+        return redacted_repr(self)
 
 class GuestClient:
     """Requests to one guest agent over ``channel``. Calls are serialised by the channel."""

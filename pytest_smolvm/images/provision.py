@@ -24,8 +24,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Protocol
 
 from filelock import FileLock, Timeout
 
@@ -34,7 +35,6 @@ from ..errors import ImageError
 from ..host import find_tool
 from ..reporting import sanitize
 from ..results import RunResult
-from ..vm import SmolVM
 from ..volumes import check_volumes
 from . import declared as dcl
 from .imported import BUILD_LOCK_TIMEOUT, import_image, import_key, point_current, publish
@@ -42,6 +42,25 @@ from .recipe import Recipe
 from .store import Image, find_build, images_dir, load_image, resolve
 
 Progress = Callable[[str], None]
+
+
+class BuildVM(Protocol):
+    """What a declared image's build needs of a VM (a :class:`~pytest_smolvm.vm.SmolVM`)."""
+
+    disk_path: Path | None
+
+    def start(self) -> object: ...
+
+    def run(self, command: str | Sequence[str], *, timeout: float | None = None) -> RunResult: ...
+
+    def put(self, src: os.PathLike[str], dest: str, *, mode: int | None = None) -> None: ...
+
+    def close(self) -> None: ...
+
+
+#: Makes (does not start) the build's VMs: ``make_vm(config, name)``. The caller passes the
+#: VM class (``SmolVM``), so image provisioning does not import the VM handle.
+MakeVM = Callable[[VMConfig, str], BuildVM]
 BUILD_MOUNT = "/mnt/.smolvm-build"
 BUSYBOX = "/run/smolvm/busybox"  # the boot layer's busybox, in every guest whatever its image
 STEP_TIMEOUT = 1800.0
@@ -59,12 +78,13 @@ def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def ensure(name: str, *, pyproject: Path | None = None, progress: Progress = _stderr, force: bool = False) -> Image:
+def ensure(name: str, make_vm: MakeVM, *, pyproject: Path | None = None, progress: Progress = _stderr,
+           force: bool = False) -> Image:
     """The image ``name``, built first if it is declared in ``pyproject`` (or is ``default``)
-    and this content's build is missing."""
+    and this content's build is missing; a declared image's steps run in VMs of ``make_vm``."""
     decls = dcl.load(pyproject) if pyproject is not None and pyproject.is_file() else {}
     if name in decls:
-        return ensure_declared(decls[name], progress=progress, force=force)
+        return ensure_declared(decls[name], make_vm, progress=progress, force=force)
     if name == "default":
         return ensure_default(progress)
     return resolve(name)
@@ -101,7 +121,8 @@ def base_id(decl: dcl.Declared) -> str:
     return recipe.digest() if recipe is not None else import_key(decl.base)[0]
 
 
-def ensure_declared(decl: dcl.Declared, *, progress: Progress = _stderr, force: bool = False) -> Image:
+def ensure_declared(decl: dcl.Declared, make_vm: MakeVM, *, progress: Progress = _stderr,
+                    force: bool = False) -> Image:
     key = dcl.key(decl, base_id(decl))
     name_dir = images_dir() / decl.name
     found = find_build(decl.name, key)
@@ -115,7 +136,7 @@ def ensure_declared(decl: dcl.Declared, *, progress: Progress = _stderr, force: 
     try:
         with FileLock(str(name_dir / ".build.lock"), timeout=BUILD_LOCK_TIMEOUT):
             if force or not (final / "manifest.json").is_file():
-                _build(decl, key, final, progress)
+                _build(decl, key, final, progress, make_vm)
             point_current(name_dir, key)
     except Timeout as exc:
         raise ImageError(f"another build of image {decl.name!r} holds {exc.lock_file} for over an hour") from exc
@@ -138,7 +159,7 @@ class _Steps:
         return time.monotonic() - self.started
 
 
-def _build(decl: dcl.Declared, key: str, final: Path, progress: Progress) -> None:
+def _build(decl: dcl.Declared, key: str, final: Path, progress: Progress, make_vm: MakeVM) -> None:
     total = 2 + bool(decl.has_steps) * (1 + len(decl.files) + 2 * bool(decl.pip) + len(decl.run))
     steps = _Steps(decl.name, total, progress)
     progress(f"smolvm: building image {decl.name!r} ({key}) declared in {decl.pyproject}")
@@ -151,7 +172,7 @@ def _build(decl: dcl.Declared, key: str, final: Path, progress: Progress) -> Non
         for name in ("vmlinux", "busybox", "modules"):
             _link_or_copy(base.path / name, out / name)
         if decl.has_steps:
-            _provision(decl, base, work, out / "rootfs.ext4", steps)
+            _provision(decl, base, work, out / "rootfs.ext4", steps, make_vm)
         else:
             _link_or_copy(base.rootfs, out / "rootfs.ext4")
         steps("publishing")
@@ -181,15 +202,15 @@ def _link_or_copy_file(src: str, dst: str) -> None:
         shutil.copyfile(src, dst)
 
 
-def _provision(decl: dcl.Declared, base: Image, work: Path, rootfs: Path, steps: _Steps) -> None:
+def _provision(decl: dcl.Declared, base: Image, work: Path, rootfs: Path, steps: _Steps, make_vm: MakeVM) -> None:
     """Run the declaration's steps in a VM of ``base`` and write its disk to ``rootfs``."""
     dirs = [(f"{BUILD_MOUNT}/f{i}", host) for i, (_, host) in enumerate(decl.files) if os.path.isdir(host)]
-    wheels = _download_wheels(decl, base, work, steps) if decl.pip else None
+    wheels = _download_wheels(decl, base, work, steps, make_vm) if decl.pip else None
     volumes = dict(dirs) | ({f"{BUILD_MOUNT}/wheels": str(wheels)} if wheels else {})
     steps(f"booting a build VM of {decl.base}" + (" with the apt packages" if decl.apt else ""))
     cfg = VMConfig(image=str(base.path), snapshot=False, network="none", memory_mib=1024, timeout=STEP_TIMEOUT,
                    disk_size_mib=decl.size_mib, volumes=check_volumes(volumes), retain_disk_on_delete=True)
-    vm = SmolVM(cfg, name=f"build-{decl.name}"[:64])
+    vm = make_vm(cfg, f"build-{decl.name}"[:64])
     done = False
     try:
         vm.start()
@@ -227,7 +248,7 @@ def _check(result: RunResult, decl: dcl.Declared, what: str) -> None:
                          f"{result.exit_code}:\n{output}")
 
 
-def _copy_files(vm: SmolVM, decl: dcl.Declared, mounts: dict[str, str], steps: _Steps) -> None:
+def _copy_files(vm: BuildVM, decl: dcl.Declared, mounts: dict[str, str], steps: _Steps) -> None:
     for guest, host in decl.files:
         steps(f"files {guest} <- {host}")
         if host in mounts:
@@ -236,12 +257,16 @@ def _copy_files(vm: SmolVM, decl: dcl.Declared, mounts: dict[str, str], steps: _
             vm.put(Path(host), guest, mode=os.stat(host).st_mode & 0o7777)
 
 
-def _download_wheels(decl: dcl.Declared, base: Image, work: Path, steps: _Steps) -> Path:
+def _download_wheels(decl: dcl.Declared, base: Image, work: Path, steps: _Steps, make_vm: MakeVM) -> Path:
     """``pip download`` on the host for the guest's interpreter: its Python version, glibc and
     machine come from probing a VM of the base (they decide which wheels fit)."""
     steps(f"pip: downloading {', '.join(decl.pip)} on the host")
-    with SmolVM(VMConfig(image=str(base.path), snapshot=False, network="none")) as vm:
+    vm = make_vm(VMConfig(image=str(base.path), snapshot=False, network="none"), f"probe-{decl.name}"[:64])
+    try:
+        vm.start()
         probe = vm.run(["python3", "-c", PROBE])
+    finally:
+        vm.close()
     if probe.exit_code != 0:
         raise ImageError(f"[tool.smolvm.images.{decl.name}] pip in {decl.pyproject}: the image has no "
                          f"working python3 ({sanitize(probe.stderr.strip()[-300:])})")
@@ -286,7 +311,7 @@ def platform_args(libc: str, machine: str) -> list[str]:
     return args
 
 
-def _pip_install(vm: SmolVM, decl: dcl.Declared, steps: _Steps) -> None:
+def _pip_install(vm: BuildVM, decl: dcl.Declared, steps: _Steps) -> None:
     steps(f"pip: installing {', '.join(decl.pip)} in the guest")
     wheels = f"{BUILD_MOUNT}/wheels"
     found = vm.run([BUSYBOX, "sh", "-c", f'ls "{wheels}" | grep "^pip-.*\\.whl$" | head -n 1'])

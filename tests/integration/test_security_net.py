@@ -156,7 +156,7 @@ def test_a_full_denial_ledger_still_drops(smolvm_factory: Factory, internet: Int
     assert len(vm.network.denied) <= 65536
     unitemised = vm.network.unitemised
     assert unitemised > 0
-    from pytest_smolvm.plugin import network_section
+    from pytest_smolvm.reports import network_section
 
     assert f"{unitemised} more denials not itemised" in network_section(vm)
 
@@ -259,7 +259,7 @@ def test_egress_caps_bound_a_flood(smolvm_factory: Factory, internet: Internet) 
     assert got_flows <= conns * (flows_time + 1) + conns
     capped = vm.network.capped
     assert capped["bandwidth"] > 0 and capped["connections"] > 0, capped
-    from pytest_smolvm.plugin import network_section
+    from pytest_smolvm.reports import network_section
 
     assert "bandwidth cap hit" in network_section(vm)
 

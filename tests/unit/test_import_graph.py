@@ -74,3 +74,33 @@ def test_the_package_import_graph_is_acyclic() -> None:
 def test_the_cycle_finder_finds_cycles() -> None:
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def _package_of(module: str) -> str:
+    """A subpackage (``pytest_smolvm.images``) stands for all its modules; a top-level module
+    (``pytest_smolvm.vm``) for itself."""
+    parts = module.split(".")
+    return ".".join(parts[:2])
+
+
+def package_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for name, targets in graph.items():
+        src = _package_of(name)
+        out.setdefault(src, set()).update(_package_of(t) for t in targets if _package_of(t) != src)
+    return out
+
+
+def test_no_import_loop_between_packages() -> None:
+    """images -> vm -> images was such a loop: image provisioning imported the VM handle. A
+    subpackage is one node here, so no module of it may lean on a module that leans back on it."""
+    modules = _modules()
+    graph = package_graph({name: _imports(name, path, modules) for name, path in modules.items()})
+    assert {"pytest_smolvm.images", "pytest_smolvm.drivers", "pytest_smolvm.vm"} <= set(graph)
+    cycle = _cycle(graph)
+    assert cycle is None, "package import cycle: " + " -> ".join(cycle or [])
+
+
+def test_package_graph_collapses_subpackages() -> None:
+    graph = package_graph({"p.images.provision": {"p.vm"}, "p.vm": {"p.images.store"}, "p.images.store": set()})
+    assert _cycle(graph) == ["p.images", "p.vm", "p.images"]
