@@ -156,10 +156,10 @@ def _cmd_shell(args: argparse.Namespace) -> int:
     """A line-at-a-time shell into a kept VM, through its control socket. What the guest
     prints is shown sanitised (it cannot drive this terminal) and its replies are validated."""
     from .drivers import connect_kept
-    from .guest.channel import Channel, ChannelClosed, ReplyTimeout
-    from .guest.client import GuestClient
+    from .errors import GuestDied, GuestTimeout
     from .guest.replies import AgentError
     from .reporting import clip, sanitize
+    from .session import GuestSession
 
     workdir = Path(args.workdir)
     try:
@@ -167,9 +167,9 @@ def _cmd_shell(args: argparse.Namespace) -> int:
     except OSError as exc:  # ConnectionError included
         print(f"cannot connect to the VM kept in {workdir}: {exc}", file=sys.stderr)
         return 1
-    guest = GuestClient(Channel(sock, lambda: True, max_body=64 << 20))
+    session = GuestSession.attach(workdir.name, sock, max_body=64 << 20)
     try:
-        guest.hello(timeout=10)
+        session.call("hello", lambda guest: guest.hello(timeout=10))
         print(f"connected to {sanitize(workdir.name)}; commands run with /bin/sh -c; Ctrl-D to leave")
         while True:
             try:
@@ -179,8 +179,8 @@ def _cmd_shell(args: argparse.Namespace) -> int:
                 return 0
             if not line.strip():
                 continue
-            result = guest.exec(["/bin/sh", "-c", line], timeout=args.timeout, wait=args.timeout + 10,
-                                max_output=16 << 20)
+            result = session.call("run", lambda guest, line=line: guest.exec(  # type: ignore[misc]
+                ["/bin/sh", "-c", line], timeout=args.timeout, wait=args.timeout + 10, max_output=16 << 20))
             if isinstance(result, AgentError):
                 print(f"[agent error: {result.message}]")
                 continue
@@ -188,12 +188,12 @@ def _cmd_shell(args: argparse.Namespace) -> int:
             sys.stdout.write(sanitize(result.stderr.decode(errors="replace")))
             if result.exit_code or result.timed_out:
                 print(f"[exit {result.exit_code}{', timed out' if result.timed_out else ''}]")
-    except ReplyTimeout:
+    except GuestTimeout:
         print("the guest agent did not answer; the VM may be overloaded or its agent stopped", file=sys.stderr)
-    except ChannelClosed as exc:
+    except GuestDied as exc:
         print(f"the VM went away: {clip(str(exc), 200)}", file=sys.stderr)
     finally:
-        guest.close()
+        session.close()
     return 1
 
 

@@ -22,9 +22,9 @@ from typing import Protocol, TypeVar
 
 from .errors import CommandTimeout, ConfigError, GuestError, SmolVMError
 from .guest import replies
-from .guest.channel import POLL, Pending, ReplyTimeout
 from .guest.client import GuestClient, WireEnv
 from .results import RunResult
+from .session import POLL, Pending
 
 T = TypeVar("T")
 
@@ -64,7 +64,8 @@ class Host(Protocol):
 
     def redact(self, text: str) -> str: ...
 
-    def _call(self, what: str, op: Callable[[GuestClient], T]) -> T: ...
+    def _call(self, what: str, op: Callable[[GuestClient], T], *, wait: float | None = None,
+              on_timeout: Callable[[], Exception] | None = None) -> T: ...
 
     def _result(self, shown: str, limit: float, parsed: replies.ExecReply | replies.AgentError,
                 duration: float, check: bool) -> RunResult: ...
@@ -214,7 +215,7 @@ def _kill_quietly(guest: GuestClient, pending: Pending, *, wait: bool = True) ->
             guest.finish_exec(pending, timeout=KILL_GRACE)
     except Exception:
         if wait:
-            guest.channel.forget(pending)
+            guest.forget(pending)
 
 
 class Process:
@@ -273,7 +274,7 @@ class Process:
                 self._out.cond.wait(POLL)
         if self._out.pid is None and not self._out.finished:
             assert self._guest is not None
-            self._guest.channel.forget(self._pending)
+            self._guest.forget(self._pending)
             raise GuestError(f"{self._vm.name}: spawn({self.command!r}): the guest agent did not start it "
                              f"within {timeout:g}s (the guest is overloaded or its agent was stopped)")
         if self._out.deliver:
@@ -426,9 +427,6 @@ class Process:
         target = self._pending.id
         what = f"stdin of spawn({self.command!r})"
         with self._stdin_lock:
-            try:
-                return self._vm._call(what, lambda guest: guest.write_stdin(target, payload, close=close,
-                                                                            timeout=timeout))
-            except ReplyTimeout:
-                raise GuestError(f"{self._vm.name}: {what}: the process did not take the data within "
-                                 f"{timeout:g}s") from None
+            return self._vm._call(what, lambda guest: guest.write_stdin(target, payload, close=close, timeout=timeout),
+                                  on_timeout=lambda: GuestError(f"{self._vm.name}: {what}: the process did not take "
+                                                                f"the data within {timeout:g}s"))

@@ -15,18 +15,18 @@ import shutil
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
 from . import images, paths, runs, transfer
-from .boot import BOOT_LOG_LIMIT, Boot, VMHooks
+from .boot import BOOT_LOG_LIMIT, Boot
 from .checkpoints import Checkpoint, CheckpointError, check_network, digest_files, register, shape_mismatch, write_meta
 from .checkpoints import hold as hold_checkpoint
 from .checkpoints import release as release_checkpoint
 from .config import VMConfig
-from .drivers import Accel, Driver, Machine, default_driver
+from .drivers import Accel, Driver, default_driver
 from .drivers.base import TEMPLATE_MAC, CheckpointDriver, Nic
 from .drivers.consolelog import read_bounded
 from .errors import (
@@ -44,7 +44,6 @@ from .errors import (
     SmolVMError,
 )
 from .guest import replies
-from .guest.channel import ChannelBusy, ChannelClosed, ReplyTimeout
 from .guest.client import GuestClient, WireEnv
 from .guest.ssh import SSHKeys
 from .host import host_name, owner_stamp
@@ -54,13 +53,12 @@ from .network.hub import VMNetwork
 from .network.policy import Caps, Denied
 from .paths import cache_dir, check_name, make_private_dirs
 from .process import CallbackFailed, ExecCall, OutputCallback, Process, run_streamed
-from .reporting import clip, redact, tail
+from .reporting import clip, redact
 from .results import RunResult as RunResult  # re-exported: it was defined here
+from .session import GuestSession
 from .snapshots import SnapshotError, SnapshotStore, SnapshotWarning
 from .timeouts import scaled
 
-#: How long a VMM whose control stream closed may take to exit by itself.
-EXIT_GRACE = 3.0
 #: Extra seconds the host waits past a command's timeout for the agent's (killed) reply.
 REPLY_GRACE = 10.0
 DEFAULT_GET_LIMIT = 256 * 1024 * 1024
@@ -222,14 +220,10 @@ class SmolVM:
         #: "snapshot" (a clone of a golden snapshot) or "cold" (booted from scratch).
         self.boot_mode: str | None = None
         self.disk_path: Path | None = None
-        self._machine: Machine | None = None
-        self._guest: GuestClient | None = None
-        self._console_cache: str | None = None
-        self._console_prefix = ""  # a clone's console starts with its snapshot's boot log
+        self._session: GuestSession | None = None  # the running guest, once booted
         self._state = VMState.NEW
         self._lock = threading.Lock()
         self._lifetime_timer: threading.Timer | None = None
-        self._expired: str | None = None
         self._net: VMNetwork | None = None
         self._forwards: list[PortForward] = []
         self._ssh_keys: SSHKeys | None = None
@@ -281,16 +275,16 @@ class SmolVM:
     @property
     def accel(self) -> Accel | None:
         """The accelerator in use (and why it was chosen)."""
-        return self._machine.accel if self._machine else None
+        return self._session.machine.accel if self._session and self._session.machine else None
 
     @property
     def pid(self) -> int | None:
         """The VMM's process id."""
-        return self._machine.pid if self._machine else None
+        return self._session.machine.pid if self._session and self._session.machine else None
 
     @property
     def alive(self) -> bool:
-        return self._state == VMState.RUNNING and self._machine is not None and self._machine.alive()
+        return self._state == VMState.RUNNING and self._session is not None and self._session.alive
 
     def start(self) -> SmolVM:
         """Boot the VM and wait for its agent. On any failure nothing is left behind.
@@ -318,7 +312,8 @@ class SmolVM:
             runs.track(self)
             if self.config.network != "none":
                 self._attach()
-            self._boot(driver, t0)
+            self._session = self._boot(driver, t0)
+            self.disk_path = self._session.machine.disk_path if self._session.machine else None
         except BaseException:
             self._state = VMState.FAILED
             self._teardown()
@@ -341,9 +336,8 @@ class SmolVM:
     def _expire(self) -> None:
         """Destroy the VMM: the VM outlived ``config.lifetime``. Calls in flight and later
         ones raise GuestDied naming the limit."""
-        self._expired = f"the VM exceeded its lifetime of {self.config.lifetime:g}s and was destroyed"
-        if self._machine is not None:
-            self._machine.kill()
+        if self._session is not None:
+            self._session.expire(f"the VM exceeded its lifetime of {self.config.lifetime:g}s and was destroyed")
 
     def _attach(self) -> None:
         """Give the VM its NIC, with the config's network policy in force."""
@@ -352,29 +346,28 @@ class SmolVM:
                            Caps(self.config.egress_kib_per_s, self.config.egress_conns_per_s))
         self.network._net = self._net
 
-    def _boot(self, driver: Driver, t0: float) -> None:
+    def _boot(self, driver: Driver, t0: float) -> GuestSession:
         """Clone the golden snapshot if this VM can, else (or if that fails) cold-boot."""
         assert self.image is not None
-        boot = Boot(self.name, self.config, self.image, self.workdir, driver, self._net, VMHooks(
-            launched=self._launched, connected=self._connected, call=self._call,
-            console_tail=self._console_tail, exit_status=self._vmm_exit_status), snapshots=self._snapshot_store)
+        boot = Boot(self.name, self.config, self.image, self.workdir, driver, self._net,
+                    snapshots=self._snapshot_store, redact=self.redact)
         if self._checkpoint is not None:
-            boot.restore(self._checkpoint)
+            session = boot.restore(self._checkpoint)
             self._ram_layout = str(self._checkpoint.shape["ram"])
         elif boot.wants_snapshot:
             try:
-                boot.clone()
+                session = boot.clone()
             except (SnapshotError, BootError, GuestDied, ProtocolError) as exc:
                 # stacklevel 3: the line that called start()
                 warnings.warn(f"{self.name}: starting from a snapshot failed ({exc}); cold-booting "
                               f"instead", SnapshotWarning, stacklevel=3)
-                boot.discard_attempt()
-                boot.cold(t0)
+                session = boot.cold(t0)
         else:
-            boot.cold(t0)
+            session = boot.cold(t0)
         self.boot_mode = boot.mode
         if boot.mode == "snapshot":
             self._ram_layout = "mem"
+        return session
 
     def _check_checkpoint(self, driver: Driver, cp: Checkpoint) -> None:
         """ConfigError unless this VM can start from ``cp`` (before anything is created)."""
@@ -389,7 +382,7 @@ class SmolVM:
 
     def _checkpoint_driver(self, timeout: object) -> CheckpointDriver:
         """The driver, once checkpoint() is known to be possible (else the error saying why)."""
-        if self._state != VMState.RUNNING or self._machine is None or self._guest is None:
+        if self._state != VMState.RUNNING or self._session is None or self._session.machine is None:
             raise SmolVMError(f"{self.name} is not running (state {self._state}); cannot take a checkpoint")
         if self._no_checkpoint:
             raise SmolVMError(f"{self.name}: cannot take another checkpoint: {self._no_checkpoint}")
@@ -416,12 +409,13 @@ class SmolVM:
         and a backend that can do it (QEMU; Firecracker cannot yet).
         """
         driver = self._checkpoint_driver(timeout)
-        assert self.image is not None and self._machine is not None and self._guest is not None
+        assert self.image is not None and self._session is not None and self._session.machine is not None
+        machine = self._session.machine
         root = self._runtime_root()
         name = check_name(f"{self.name[:52]}.cp{next(self._checkpoints)}", "checkpoint name")
         path = root / self.run_id / name
         t0 = time.monotonic()
-        old_disk = self._machine.disk_path
+        old_disk = machine.disk_path
         make_private_dirs(path, root)
         try:
             (path / "owner.json").write_text(json.dumps(
@@ -429,10 +423,10 @@ class SmolVM:
                  "checkpoint_of": self.name}))
             with self._quiesced():  # nothing in flight while the state is saved
                 disk_bytes, paused = driver.save_checkpoint(
-                    self._machine, self.config, self.image, path, ram=self._ram_layout, timeout=float(timeout),
+                    machine, self.config, self.image, path, ram=self._ram_layout, timeout=float(timeout),
                     **({"nic": Nic(self._net.tap_fd, self._net.addr.tap, TEMPLATE_MAC)} if self._net else {}))
-            self.disk_path = self._machine.disk_path
-            (path / "console.log").write_text(read_bounded(self._machine.console_path, BOOT_LOG_LIMIT))
+            self.disk_path = machine.disk_path
+            (path / "console.log").write_text(read_bounded(machine.console_path, BOOT_LOG_LIMIT))
             cp = Checkpoint(name=name, path=path, run_id=self.run_id, config=self.config,
                             shape=driver.checkpoint_shape(self.config, self.image, self._ram_layout),
                             files=digest_files(path), disk_bytes=disk_bytes,
@@ -441,7 +435,7 @@ class SmolVM:
             write_meta(cp)
         except BaseException as exc:
             shutil.rmtree(path, ignore_errors=True)
-            if self._machine.disk_path != old_disk:  # it runs on, on a layer whose name is gone
+            if machine.disk_path != old_disk:  # it runs on, on a layer whose name is gone
                 self._no_checkpoint = f"an earlier checkpoint() failed after its disk moved ({exc})"
             raise
         # This VM's disk now sits on cp's layer, which sits on the old parent's: cp takes over
@@ -453,35 +447,12 @@ class SmolVM:
         self._disk_parent = cp
         return cp
 
-    @contextlib.contextmanager
-    def _quiesced(self) -> Iterator[None]:
-        assert self._guest is not None
-        try:
-            with self._guest.channel.quiesced():
-                yield
-        except ChannelBusy as exc:
-            raise CheckpointError(
-                f"checkpoint() of {self.name} needs its agent idle, but {exc}: a spawn()ed process still "
-                f"running or a run() in another thread. Wait for or kill them first; start services "
-                f"meant to outlive the checkpoint with run('cmd >/dev/null 2>&1 &') instead") from None
-
-    def _launched(self, machine: Machine | None, console_prefix: str) -> None:
-        self._machine = machine
-        self._console_prefix = console_prefix
-        if machine is not None:
-            self.disk_path = machine.disk_path
-
-    def _connected(self, guest: GuestClient | None) -> None:
-        self._guest = guest
-
-    def _vmm_exit_status(self) -> int | None:
-        """The VMM's exit status, after waiting up to EXIT_GRACE for it: the control stream
-        can close a moment before QEMU exits by itself. None if it still runs."""
-        deadline = time.monotonic() + EXIT_GRACE
-        while self._machine is not None and self._machine.exit_status() is None \
-                and time.monotonic() < deadline:
-            time.sleep(0.01)
-        return self._machine.exit_status() if self._machine is not None else None
+    def _quiesced(self) -> contextlib.AbstractContextManager[None]:
+        assert self._session is not None
+        return self._session.quiesced(lambda why: CheckpointError(
+            f"checkpoint() of {self.name} needs its agent idle, but {why}: a spawn()ed process still "
+            f"running or a run() in another thread. Wait for or kill them first; start services "
+            f"meant to outlive the checkpoint with run('cmd >/dev/null 2>&1 &') instead"))
 
     def close(self) -> None:
         """Stop the VM and remove everything it created. Idempotent."""
@@ -509,8 +480,8 @@ class SmolVM:
         with self._lock:
             if self._state != VMState.RUNNING:
                 raise SmolVMError(f"{self.name} is not running (state {self._state}); cannot detach")
-            if self._guest is not None:
-                self._guest.close()
+            if self._session is not None:
+                self._session.disconnect("detached")
             (self.workdir / "kept").write_text(json.dumps({"pid": self.pid, "at": time.time()}))
             self._state = VMState.DETACHED
             runs.untrack(self)
@@ -528,11 +499,8 @@ class SmolVM:
                 client.close()
             except Exception:
                 pass
-        if self._guest is not None:
-            self._guest.close()
-        if self._machine is not None:
-            self._machine.kill()
-            self._console_cache = self._read_console()
+        if self._session is not None:
+            self._session.close()
         net_error = None
         if self._net is not None:
             try:
@@ -559,60 +527,20 @@ class SmolVM:
 
     # ------------------------------------------------------------------ console
 
-    def _read_console(self) -> str:
-        if self._machine is None:
-            return self._console_prefix
-        if not self._machine.alive():
-            self._machine.kill()  # reaps it and waits (bounded) for its last console output
-        if not self._machine.console_path.exists():
-            return self._console_cache or self._console_prefix
-        return self._console_prefix + read_bounded(self._machine.console_path)
-
     @property
     def console_log(self) -> str:
         """What the guest printed on its serial console so far: all of it up to 2 MiB, else
         the first and last MiB around a marker line; lines cut at 4 KiB."""
-        if self._console_cache is not None and self._state == VMState.CLOSED:
-            return self._console_cache
-        return self._read_console()
-
-    def _console_tail(self, lines: int = 40) -> str:
-        return tail(self.console_log, lines)
+        return self._session.console() if self._session is not None else ""
 
     # ------------------------------------------------------------------ calls
 
-    def _call(self, what: str, op: Callable[[GuestClient], T]) -> T:
-        """``op`` on this VM's guest client; a control stream that ends under it is GuestDied."""
-        if self._expired and self._state == VMState.DEAD:
-            raise GuestDied(f"{self.name}: cannot {what}: {self._expired} (config lifetime)")
-        if self._guest is None or self._state not in (VMState.STARTING, VMState.RUNNING):
+    def _call(self, what: str, op: Callable[[GuestClient], T], *, wait: float | None = None,
+              on_timeout: Callable[[], Exception] | None = None) -> T:
+        """``op`` on this VM's guest (:meth:`GuestSession.call`, which maps its errors)."""
+        if self._session is None or self._state not in (VMState.STARTING, VMState.RUNNING):
             raise SmolVMError(f"{self.name} is not running (state {self._state}); cannot {what}")
-        try:
-            return op(self._guest)
-        except ChannelClosed as exc:
-            status, killed = None, False
-            # After a guest poweroff, judge how it ended only once QEMU has exited.
-            if self._machine is not None and (status := self._vmm_exit_status()) is None:
-                # The VMM lives but its guest broke off (a frame stalled half-way): the
-                # guest's doing, so it is destroyed and the test fails (not an ERROR).
-                killed = True
-                self._machine.kill()
-                status = self._machine.exit_status()
-            self._state = VMState.DEAD
-            # A guest poweroff or panic (panic=-1 reboots, -no-reboot exits) ends QEMU with 0;
-            # anything else the VMM did by itself means the VMM itself died.
-            console = self.redact(self._console_tail())
-            if self._expired:
-                raise GuestDied(f"{self.name}: {what} stopped: {self._expired} (config lifetime)",
-                                console) from None
-            if killed:
-                why = "the guest agent broke off its reply while the VM ran on; the VM was destroyed"
-            elif status == 0:
-                why = "the guest powered off or panicked"
-            else:
-                why = f"the VMM died (exit status {status}): an infrastructure failure, not the test's"
-            raise GuestDied(f"{self.name}: the guest stopped during {what}: {why} ({exc})",
-                            console, infra=not killed and status != 0) from None
+        return self._session.call(what, op, wait=wait, on_timeout=on_timeout)
 
     def run(
         self,
@@ -722,19 +650,20 @@ class SmolVM:
             return guest.exec(call.argv, timeout=call.timeout, wait=call.timeout + grace,
                               max_output=call.max_output, env=call.env, cwd=call.cwd, stdin=call.stdin)
 
-        try:
-            return self._call(f"run({call.shown!r})", op)
-        except CallbackFailed as exc:
-            self._record(call.shown, "killed: on_output raised", time.monotonic() - t0, b"", b"")
-            raise exc.error from None
-        except ReplyTimeout:
+        def no_reply() -> CommandTimeout:
             # No confirmation: the guest is overloaded or the test stopped its agent. Either
             # way it is the guest's doing, so the test fails (not an infrastructure ERROR).
             self._record(call.shown, "no reply", time.monotonic() - t0, b"", b"")
-            raise CommandTimeout(self.redact(
+            return CommandTimeout(self.redact(
                 f"{self.name}: run({call.shown!r}) timed out after {call.timeout:g}s and the guest agent did "
                 f"not confirm the kill within {grace:g}s more (the guest is overloaded or its agent "
-                f"was stopped)"), command=call.shown, timeout=call.timeout) from None
+                f"was stopped)"), command=call.shown, timeout=call.timeout)
+
+        try:
+            return self._call(f"run({call.shown!r})", op, on_timeout=no_reply)
+        except CallbackFailed as exc:
+            self._record(call.shown, "killed: on_output raised", time.monotonic() - t0, b"", b"")
+            raise exc.error from None
         except GuestDied:
             self._record(call.shown, "guest died", time.monotonic() - t0, b"", b"")
             raise
@@ -844,12 +773,9 @@ class SmolVM:
                   max_output: int) -> replies.ExecReply:
         """One tar command of a tree transfer in the guest (busybox, no shell of the image needed)."""
         grace = scaled(REPLY_GRACE)
-        try:
-            parsed = self._call(what, lambda guest: guest.exec(argv, timeout=timeout, wait=timeout + grace,
-                                                               max_output=max_output, cwd="/", stdin=stdin))
-        except ReplyTimeout:
-            raise GuestTimeout(f"{self.name}: {what}: the guest agent did not answer within {timeout + grace:.0f}s "
-                               f"(the guest is overloaded or its agent was stopped)") from None
+        parsed = self._call(what, lambda guest: guest.exec(argv, timeout=timeout, wait=timeout + grace,
+                                                           max_output=max_output, cwd="/", stdin=stdin),
+                            wait=timeout + grace)
         if isinstance(parsed, replies.AgentError):
             raise GuestFileError(parsed.errno or errno.EIO, f"{self.name}: {what} failed in the guest: "
                                  f"{parsed.message}", path)
@@ -867,11 +793,7 @@ class SmolVM:
                    what: str, path: str) -> bytes:
         """One ``put``/``get`` round trip: a silent agent is a GuestTimeout, a failure in the
         guest a GuestFileError; returns what was read (nothing for a put)."""
-        try:
-            outcome = self._call(what, op)
-        except ReplyTimeout:
-            raise GuestTimeout(f"{self.name}: {what}: the guest agent did not answer within {timeout:.0f}s "
-                               f"(the guest is overloaded or its agent was stopped)") from None
+        outcome = self._call(what, op, wait=timeout)
         if isinstance(outcome, replies.AgentError):
             raise GuestFileError(outcome.errno, f"{self.name}: {what} failed in the guest: {outcome.message}", path)
         return outcome or b""

@@ -44,6 +44,10 @@ class GuestClient:
     def __init__(self, channel: Channel) -> None:
         self.channel = channel
 
+    def forget(self, pending: Pending) -> None:
+        """Stop waiting for ``pending``'s reply (its frames are dropped when they come)."""
+        self.channel.forget(pending)
+
     def close(self) -> None:
         self.channel.close()
 

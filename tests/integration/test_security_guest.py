@@ -88,7 +88,7 @@ def test_hostile_guest_text_and_env_secrets_never_reach_the_terminal(
 
         def test_agent_error(smolvm):
             smolvm.put(GUEST_TOOL.encode(), "/root/tool.py")
-            rid = smolvm._guest.channel._next_id + 1
+            rid = smolvm._session.client.channel._next_id + 1
             raw = ('{"op":"error","id":%d,"error":%s}' % (rid, json.dumps(HOSTILE))).encode()
             forged = protocol.PREFIX.pack(protocol.MAGIC, len(raw), 0) + raw
             smolvm.run(["python3", "/root/tool.py", "write", forged.hex()])
@@ -104,7 +104,7 @@ def test_hostile_guest_text_and_env_secrets_never_reach_the_terminal(
 
 def test_malformed_reply_is_a_protocol_error_and_nothing_more_is_trusted(smolvm: SmolVM) -> None:
     smolvm.put(GUEST_TOOL.encode(), "/root/tool.py")
-    rid = smolvm._guest.channel._next_id + 1 if smolvm._guest else 0
+    rid = smolvm._session.client.channel._next_id + 1 if smolvm._session else 0
     header = json.dumps({"op": "result", "id": rid, "stdout_len": 999}).replace("}", ',"exit_code":1e309}')
     with pytest.raises(ProtocolError, match="malformed exec reply"):
         smolvm.run(["python3", "/root/tool.py", "write", frame(header)], timeout=60)

@@ -325,7 +325,7 @@ def test_close_interrupted_half_way_is_finished_by_the_next_close() -> None:
     vm = SmolVM(VMConfig()).start()
     pid, workdir = vm.pid, vm.workdir
     assert pid is not None
-    machine = vm._machine
+    machine = vm._session.machine if vm._session else None
     assert machine is not None
     real_kill = machine.kill
     calls = []

@@ -19,7 +19,7 @@ from pytest_smolvm import RunResult, SmolVM, VMConfig
 from pytest_smolvm.errors import GuestError, ProtocolError, SmolVMError
 from pytest_smolvm.guest import protocol
 from pytest_smolvm.guest.channel import Channel
-from pytest_smolvm.guest.client import GuestClient
+from pytest_smolvm.session import GuestSession
 from pytest_smolvm.vm import VMState
 
 MAX_BODY = 1 << 20
@@ -90,7 +90,7 @@ def vm_talking_to(reply: tuple[str, bytes] | bytes) -> Iterator[SmolVM]:
     """A SmolVM whose control channel leads to a HostileAgent instead of a VMM."""
     agent = HostileAgent(reply)
     vm = SmolVM(VMConfig())
-    vm._guest = GuestClient(Channel(agent.host, lambda: True, MAX_BODY))
+    vm._session = GuestSession.attach(vm.name, agent.host, max_body=MAX_BODY)
     vm._state = VMState.RUNNING
     try:
         yield vm
@@ -177,7 +177,7 @@ def test_put_get_timeouts_are_smolvm_errors(call: str, monkeypatch: pytest.Monke
     monkeypatch.setattr(Channel, "call", quick)
     agent = HostileAgent(b"", silent=True)  # reads the request, then says nothing
     vm = SmolVM(VMConfig())
-    vm._guest = GuestClient(Channel(agent.host, lambda: True, MAX_BODY))
+    vm._session = GuestSession.attach(vm.name, agent.host, max_body=MAX_BODY)
     vm._state = VMState.RUNNING
     try:
         with pytest.raises(SmolVMError, match="did not answer") as info:
