@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .checkpoints import Checkpoint
+from .checkpoints import BOOT_LOG_LIMIT, Checkpoint
 from .config import VMConfig
 from .drivers import Driver, Machine
 from .drivers.base import TEMPLATE_MAC, CheckpointDriver, Nic, SnapshotDriver
@@ -34,8 +34,6 @@ from .volumes import check_mounted, guest_mounts
 
 #: How long a restored clone may take to answer before the VM falls back to a cold boot.
 RESTORE_TIMEOUT = 30.0
-#: The most of a snapshot's boot log a clone's console starts with (the log is guest-fed).
-BOOT_LOG_LIMIT = 256 * 1024
 #: Files of a VM directory a failed clone attempt leaves for the cold boot.
 KEEP_ON_DISCARD = ("owner.json",)
 #: Run once in a snapshot template before it is saved, failures ignored (an image may lack

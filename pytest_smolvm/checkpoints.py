@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import itertools
 import json
 import os
 import shutil
@@ -32,7 +33,19 @@ from typing import Any
 
 from .config import VMConfig
 from .digest import sha256_file
+from .drivers import Driver
+from .drivers.base import TEMPLATE_MAC, CheckpointDriver, Nic
+from .drivers.consolelog import read_bounded
 from .errors import ConfigError, SmolVMError
+from .images import Image
+from .network.hub import VMNetwork
+from .paths import check_name, make_private_dirs
+from .runs import write_owner
+from .session import GuestSession
+
+#: The most of a boot log a snapshot or checkpoint keeps (its clones' consoles start with
+#: it; the log is guest-fed).
+BOOT_LOG_LIMIT = 256 * 1024
 
 #: The files of a checkpoint a clone reads, each checked against its size and sha256.
 FILES = ("mem", "state", "disk.qcow2")
@@ -170,6 +183,21 @@ def check_network(checkpoint: Checkpoint, config: VMConfig) -> None:
                           f"to attach; take the checkpoint from a VM with a network")
 
 
+def clone_config(config: VMConfig | None, checkpoint: Checkpoint | None) -> VMConfig:
+    """A VM's config: ``config``, else the checkpoint's, else the default; checked against
+    what a clone of ``checkpoint`` needs."""
+    if checkpoint is None:
+        return config or VMConfig()
+    if not isinstance(checkpoint, Checkpoint):
+        raise ConfigError(f"invalid checkpoint={checkpoint!r}: expected what vm.checkpoint() returned")
+    config = config or checkpoint.config
+    if config.disk_mode != "isolated":
+        raise ConfigError(f"invalid disk_mode={config.disk_mode!r} for a clone of checkpoint "
+                          f"{checkpoint.name}: clones need their own disk (disk_mode='isolated')")
+    check_network(checkpoint, config)
+    return config
+
+
 def write_meta(cp: Checkpoint) -> None:
     """``meta.json``, for people and tools (clones trust the in-memory value, not this)."""
     meta = {"name": cp.name, "run_id": cp.run_id, "created": time.time(), "shape": dict(cp.shape),
@@ -291,3 +319,96 @@ def remove_all() -> int:
     """Delete every checkpoint this process took, needed or not (session end, interpreter
     exit); returns how many there were."""
     return _registry.delete_all()
+
+
+class VMCheckpoints:
+    """The checkpoints of one VM (``name``): the one it was cloned from (``start_from``), the
+    ones it takes, and the one its disk sits on now, which must outlive it (held, released
+    at :meth:`release`)."""
+
+    def __init__(self, name: str, start_from: Checkpoint | None) -> None:
+        self.name = name
+        self.start_from = start_from
+        #: The checkpoint whose disk layer this VM's disk sits on (its files must stay).
+        self._disk_parent: Checkpoint | None = None
+        self._refused: str | None = None  # why take() is refused from now on
+        self._numbers = itertools.count(1)
+
+    def check_clone(self, driver: Driver, config: VMConfig, image: Image) -> None:
+        """ConfigError unless this VM can start from ``start_from`` (before anything is
+        created); then hold it: the clone's disk sits on its layer."""
+        cp = self.start_from
+        assert cp is not None
+        if not isinstance(driver, CheckpointDriver):
+            raise ConfigError(f"{self.name}: backend {driver.name!r} cannot start from checkpoint {cp.name}")
+        mismatch = shape_mismatch(cp.shape, driver.checkpoint_shape(config, image, str(cp.shape["ram"])))
+        if mismatch:
+            raise ConfigError(f"{self.name}: cannot start from checkpoint {cp.name}: {mismatch}; a clone "
+                              f"needs the same VM shape (start it with the checkpoint's config, cp.config)")
+        cp.verify()
+        hold(cp)
+        self._disk_parent = cp
+
+    def driver_for(self, driver: Driver, config: VMConfig, timeout: object) -> CheckpointDriver:
+        """``driver``, once a checkpoint of this VM is known to be possible (else the error saying why)."""
+        if self._refused:
+            raise SmolVMError(f"{self.name}: cannot take another checkpoint: {self._refused}")
+        if config.disk_mode != "isolated":
+            raise ConfigError(f"{self.name}: cannot take a checkpoint of a VM with disk_mode="
+                              f"{config.disk_mode!r}: its disk is the image's shared one, which later "
+                              f"VMs keep changing; use disk_mode='isolated'")
+        if not isinstance(driver, CheckpointDriver):
+            raise ConfigError(f"{self.name}: backend {driver.name!r} cannot take checkpoints (QEMU can)")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ConfigError(f"invalid timeout={timeout!r} for checkpoint(): expected seconds > 0")
+        return driver
+
+    def take(self, session: GuestSession, driver: CheckpointDriver, config: VMConfig, image: Image, *,
+             root: Path, run_id: str, net: VMNetwork | None, timeout: float) -> Checkpoint:
+        """:meth:`SmolVM.checkpoint <pytest_smolvm.vm.SmolVM.checkpoint>` of the running guest
+        ``session``: saved into ``<root>/<run_id>/<vm>.cpN/``."""
+        machine = session.machine
+        assert machine is not None
+        name = check_name(f"{self.name[:52]}.cp{next(self._numbers)}", "checkpoint name")
+        path = root / run_id / name
+        t0 = time.monotonic()
+        old_disk = machine.disk_path
+        ram = driver.ram_layout(machine)
+        make_private_dirs(path, root)
+        try:
+            write_owner(path, run_id, name, checkpoint_of=self.name)
+            with session.quiesced(self._busy):  # nothing in flight while the state is saved
+                disk_bytes, paused = driver.save_checkpoint(
+                    machine, config, image, path, ram=ram, timeout=float(timeout),
+                    **({"nic": Nic(net.tap_fd, net.addr.tap, TEMPLATE_MAC)} if net else {}))
+            (path / "console.log").write_text(read_bounded(machine.console_path, BOOT_LOG_LIMIT))
+            cp = Checkpoint(name=name, path=path, run_id=run_id, config=config,
+                            shape=driver.checkpoint_shape(config, image, ram), files=digest_files(path),
+                            disk_bytes=disk_bytes, guest_address=str(net.guest_setup()["address"]) if net else None,
+                            paused_s=paused, taken_s=time.monotonic() - t0, parent=self._disk_parent)
+            write_meta(cp)
+        except BaseException as exc:
+            shutil.rmtree(path, ignore_errors=True)
+            if machine.disk_path != old_disk:  # it runs on, on a layer whose name is gone
+                self._refused = f"an earlier checkpoint() failed after its disk moved ({exc})"
+            raise
+        # This VM's disk now sits on cp's layer, which sits on the old parent's: cp takes over
+        # the VM's hold on the parent (register), and the VM holds cp.
+        register(cp)
+        hold(cp)
+        if self._disk_parent is not None:
+            release(self._disk_parent)
+        self._disk_parent = cp
+        return cp
+
+    def _busy(self, why: str) -> CheckpointError:
+        return CheckpointError(
+            f"checkpoint() of {self.name} needs its agent idle, but {why}: a spawn()ed process still "
+            f"running or a run() in another thread. Wait for or kill them first; start services "
+            f"meant to outlive the checkpoint with run('cmd >/dev/null 2>&1 &') instead")
+
+    def release(self) -> None:
+        """The VM is gone: the checkpoint its disk sat on may go when nothing else needs it."""
+        if self._disk_parent is not None:
+            parent, self._disk_parent = self._disk_parent, None
+            release(parent)

@@ -18,15 +18,12 @@ import signal as signals
 import threading
 import time
 from collections.abc import Callable
-from typing import Protocol, TypeVar
 
 from .errors import CommandTimeout, ConfigError, GuestError, SmolVMError
 from .guest import replies
 from .guest.client import GuestClient, WireEnv
 from .results import RunResult
-from .session import POLL, Pending
-
-T = TypeVar("T")
+from .session import POLL, GuestSession, Pending
 
 #: ``on_output(stream, text)``: ``stream`` is ``"stdout"`` or ``"stderr"``, ``text`` the
 #: next piece of it, decoded as UTF-8 (errors replaced; a character is never split).
@@ -54,21 +51,9 @@ class ExecCall:
     stdin: bytes
 
 
-class Host(Protocol):
-    """What a :class:`Process` needs of its VM (:class:`~pytest_smolvm.vm.SmolVM`)."""
-
-    name: str
-
-    @property
-    def alive(self) -> bool: ...
-
-    def redact(self, text: str) -> str: ...
-
-    def _call(self, what: str, op: Callable[[GuestClient], T], *, wait: float | None = None,
-              on_timeout: Callable[[], Exception] | None = None) -> T: ...
-
-    def _result(self, shown: str, limit: float, parsed: replies.ExecReply | replies.AgentError,
-                duration: float, check: bool) -> RunResult: ...
+#: Turns a finished command's reply into its result (or error), and records it:
+#: :meth:`Commands.result <pytest_smolvm.commands.Commands.result>`.
+Finish = Callable[[str, float, "replies.ExecReply | replies.AgentError", float, bool], RunResult]
 
 
 class CallbackFailed(Exception):
@@ -227,10 +212,12 @@ class Process:
     that kills the process on exit.
     """
 
-    def __init__(self, vm: Host, call: ExecCall, on_output: OutputCallback | None = None,
-                 live: Callable[[int], OutputCallback] | None = None) -> None:
+    def __init__(self, session: GuestSession, call: ExecCall, finish: Finish, redact: Callable[[str], str],
+                 on_output: OutputCallback | None = None, live: Callable[[int], OutputCallback] | None = None) -> None:
         self.command = call.shown
-        self._vm = vm
+        self._session = session
+        self._finish = finish
+        self._redact = redact
         self._call = call
         self._on_output = on_output
         self._live = live
@@ -247,18 +234,18 @@ class Process:
     def __repr__(self) -> str:
         state = ("running" if not self._out.finished else "ended" if self._result is None
                  else f"exit {self._result.exit_code}")  # never collects: a repr must not raise
-        return f"<Process {self._vm.name} pid={self.pid} {self.command!r} {state}>"
+        return f"<Process {self._session.name} pid={self.pid} {self.command!r} {state}>"
 
     def __enter__(self) -> Process:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._vm.alive and self.exit_code is None:
+        if self._session.alive and self.exit_code is None:
             self.kill()
 
     # ------------------------------------------------------------------ start
 
-    def _start(self, timeout: float) -> None:
+    def start(self, timeout: float) -> None:
         """Send the spawn and wait until it runs (or failed to start: then it has its result)."""
         def start(guest: GuestClient) -> Pending:
             self._guest = guest
@@ -267,7 +254,7 @@ class Process:
                                     on_started=self._out.started, wake=self._out.finish, env=call.env,
                                     cwd=call.cwd, stdin=call.stdin)
 
-        self._pending = self._vm._call(f"spawn({self.command!r})", start)
+        self._pending = self._session.call(f"spawn({self.command!r})", start)
         deadline = time.monotonic() + timeout
         with self._out.cond:
             while self._out.pid is None and not self._out.finished and time.monotonic() < deadline:
@@ -275,7 +262,7 @@ class Process:
         if self._out.pid is None and not self._out.finished:
             assert self._guest is not None
             self._guest.forget(self._pending)
-            raise GuestError(f"{self._vm.name}: spawn({self.command!r}): the guest agent did not start it "
+            raise GuestError(f"{self._session.name}: spawn({self.command!r}): the guest agent did not start it "
                              f"within {timeout:g}s (the guest is overloaded or its agent was stopped)")
         if self._out.deliver:
             live = self._live(self._out.pid) if self._live is not None and self._out.pid else None
@@ -341,16 +328,16 @@ class Process:
         """The final reply is in (or the channel ended): build the result, or raise why not."""
         pending = self._pending
         assert pending is not None
-        if pending.failure is not None and not self._vm.alive:
-            raise SmolVMError(f"{self._vm.name}: spawn({self.command!r}) was killed with the VM")
+        if pending.failure is not None and not self._session.alive:
+            raise SmolVMError(f"{self._session.name}: spawn({self.command!r}) was killed with the VM")
         with self._collect_lock:
             if self._result is not None:
                 return
-            parsed = self._vm._call(f"spawn({self.command!r})",
+            parsed = self._session.call(f"spawn({self.command!r})",
                                     lambda guest: guest.finish_exec(pending, timeout=0.0))
             if isinstance(parsed, replies.ExecReply):
                 parsed = self._out.merged(parsed)
-            self._result = self._vm._result(self.command, 0.0, parsed, time.monotonic() - self._t0, False)
+            self._result = self._finish(self.command, 0.0, parsed, time.monotonic() - self._t0, False)
 
     def wait(self, timeout: float | None = None) -> RunResult:
         """Wait for it to exit and return its result (as ``run()`` would). If it is still
@@ -371,8 +358,8 @@ class Process:
         if self._callback_error is not None:
             raise self._callback_error
         if self.poll() is None:
-            raise CommandTimeout(self._vm.redact(
-                f"{self._vm.name}: spawn({self.command!r}) still runs after wait(timeout={timeout!r}); it was "
+            raise CommandTimeout(self._redact(
+                f"{self._session.name}: spawn({self.command!r}) still runs after wait(timeout={timeout!r}); it was "
                 f"not killed (call kill())"), command=self.command, timeout=float(timeout or 0),
                 stdout=self.stdout, stderr=self.stderr)
         assert self._result is not None
@@ -388,10 +375,10 @@ class Process:
             return
         assert self._pending is not None
         target = self._pending.id
-        error = self._vm._call(f"signal spawn({self.command!r})",
+        error = self._session.call(f"signal spawn({self.command!r})",
                                lambda guest: guest.signal(target, int(signum), timeout=KILL_GRACE))
         if error is not None and error.errno != errno.ESRCH:  # it exited meanwhile
-            raise GuestError(f"{self._vm.name}: cannot signal spawn({self.command!r}): {error.message}")
+            raise GuestError(f"{self._session.name}: cannot signal spawn({self.command!r}): {error.message}")
 
     def kill(self, signal: int = signals.SIGKILL) -> None:
         """Send ``signal`` (default SIGKILL) to its process group; see :meth:`send_signal`."""
@@ -413,20 +400,21 @@ class Process:
         error = self._stdin(payload, close, timeout)
         if error is not None:
             why = {errno.ESRCH: "it has exited", errno.EPIPE: "its stdin is closed"}.get(error.errno, error.message)
-            raise GuestError(f"{self._vm.name}: write_stdin() of spawn({self.command!r}) failed: {why}")
+            raise GuestError(f"{self._session.name}: write_stdin() of spawn({self.command!r}) failed: {why}")
 
     def close_stdin(self) -> None:
         """Close its standard input: the process reads EOF. Nothing happens if it is closed
         already or the process has exited."""
         error = self._stdin(b"", True, 60.0)
         if error is not None and error.errno not in (errno.ESRCH, errno.EPIPE):
-            raise GuestError(f"{self._vm.name}: close_stdin() of spawn({self.command!r}) failed: {error.message}")
+            raise GuestError(f"{self._session.name}: close_stdin() of spawn({self.command!r}) failed: {error.message}")
 
     def _stdin(self, payload: bytes, close: bool, timeout: float) -> replies.AgentError | None:
         assert self._pending is not None
         target = self._pending.id
         what = f"stdin of spawn({self.command!r})"
         with self._stdin_lock:
-            return self._vm._call(what, lambda guest: guest.write_stdin(target, payload, close=close, timeout=timeout),
-                                  on_timeout=lambda: GuestError(f"{self._vm.name}: {what}: the process did not take "
-                                                                f"the data within {timeout:g}s"))
+            return self._session.call(
+                what, lambda guest: guest.write_stdin(target, payload, close=close, timeout=timeout),
+                on_timeout=lambda: GuestError(f"{self._session.name}: {what}: the process did not take the data "
+                                              f"within {timeout:g}s"))

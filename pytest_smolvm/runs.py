@@ -8,11 +8,16 @@ live VMs is the last line of defence: at interpreter exit, every VM still open i
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import secrets
 import threading
+import time
 import weakref
+from pathlib import Path
 from typing import Protocol
+
+from .host import host_name, owner_stamp
 
 
 class Closable(Protocol):
@@ -63,3 +68,11 @@ def _close_all() -> None:
             vm.close()
         except Exception:
             pass
+
+
+def write_owner(directory: Path, run_id: str, name: str, **extra: object) -> None:
+    """``owner.json`` in a VM's (or checkpoint's) directory: the process, host and run that
+    own it, so ``reap`` can tell a dead run's leftovers from a live one's."""
+    (directory / "owner.json").write_text(json.dumps(
+        {**owner_stamp(os.getpid()), "run_id": run_id, "vm": name, "started": time.time(), "host": host_name(),
+         **extra}))

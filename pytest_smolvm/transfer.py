@@ -1,4 +1,5 @@
-"""Directory trees into and out of a guest, as one tar stream each way.
+"""Files into and out of a running guest: :class:`Files` (``vm.put``, ``vm.get``,
+``vm.get_dir``), and directory trees as one tar stream each way.
 
 ``vm.put(Path(dir), dest)``: the host packs the tree (:func:`pack`) from ``lstat`` through
 directory file descriptors, so nothing inside it is followed: a symlink travels as a link
@@ -30,15 +31,26 @@ import shutil
 import stat
 import tarfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ConfigError, GuestFileError, ImageError
+from .commands import REPLY_GRACE
+from .errors import ConfigError, GuestFileError, GuestTimeout, ImageError, SmolVMError
+from .guest import replies
+from .guest.client import GuestClient
 from .guest.replies import ExecReply
 from .images import layers
 from .images import tarstream as ts
+from .session import GuestSession
+from .timeouts import scaled
 
 BUSYBOX = "/run/smolvm/busybox"  # the boot layer's busybox, in every guest whatever its image
+DEFAULT_GET_LIMIT = 256 * 1024 * 1024
+MAX_PUT = 1 << 30  # the agent's request-body limit
+GET_TIMEOUT = 120.0
+#: Room for a tree transfer's tar messages (its stderr) in the reply.
+TRANSFER_MESSAGES = 64 * 1024
 #: Deepest directory nesting packed or extracted (the layer applier's bound).
 MAX_DEPTH = layers.MAX_DEPTH
 #: Most entries a tree from the guest may have (each costs at least 512 bytes of the cap anyway).
@@ -311,3 +323,102 @@ def unpack(data: bytes, local: Path, what: str) -> list[str]:
                       f"symlinks (devices, FIFOs): {shown}{', ...' if len(tree.skipped) > 5 else ''}",
                       TransferWarning, stacklevel=3)
     return tree.skipped
+
+
+def check_guest_path(path: object, what: str) -> None:
+    if not isinstance(path, str) or not path.startswith("/") or "\0" in path:
+        raise ConfigError(f"invalid guest path {path!r} for {what}(): expected an absolute path")
+
+
+class Files:
+    """``put``, ``get`` and ``get_dir`` for the VM ``name`` (the docstrings the user reads
+    are :class:`~pytest_smolvm.vm.SmolVM`'s). Arguments are checked from the start; calls
+    reach the guest once :meth:`attach` gave the running guest."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._session: GuestSession | None = None
+
+    def attach(self, session: GuestSession) -> None:
+        self._session = session
+
+    @property
+    def session(self) -> GuestSession:
+        if self._session is None:
+            raise SmolVMError(f"{self.name} is not running (it was not started, or its start failed)")
+        return self._session
+
+    def put(self, src: bytes | bytearray | memoryview | os.PathLike[str], dest: str,
+            *, mode: int | None = None) -> None:
+        if isinstance(src, str):
+            raise TypeError(f"put() takes bytes or a pathlib.Path, not str ({src[:40]!r}); "
+                            f"use Path(...) for a local file or .encode() for text")
+        check_guest_path(dest, "put")
+        if not isinstance(src, (bytes, bytearray, memoryview)):
+            local = Path(src)
+            if local.is_dir():
+                if mode is not None:
+                    raise ConfigError(f"put({str(local)!r}, {dest!r}, mode={mode!r}): mode= is for a file; "
+                                      f"a directory's entries keep their own modes")
+                return self._put_tree(local, dest)
+            if not local.exists():
+                raise ConfigError(f"put({str(local)!r}, {dest!r}): the local source does not exist")
+        data = bytes(src) if isinstance(src, (bytes, bytearray, memoryview)) else Path(src).read_bytes()
+        if len(data) > MAX_PUT:
+            raise ConfigError(f"put({dest!r}): {len(data)} bytes is over the {MAX_PUT}-byte limit of one transfer")
+        timeout = 60.0 + len(data) / 5e6
+        self._file_call(lambda guest: guest.put(dest, data, mode=mode, timeout=timeout), timeout=timeout,
+                        what=f"put({dest!r})", path=dest)
+
+    def _put_tree(self, src: Path, dest: str) -> None:
+        packed = pack(src, MAX_PUT)
+        what = f"put({str(src)!r}, {dest!r})"
+        reply = self._tar(what, dest, put_argv(dest, packed.root_mode), packed.data,
+                          timeout=60.0 + len(packed.data) / 5e6, max_output=TRANSFER_MESSAGES)
+        if reply.exit_code != 0:
+            raise guest_failure(reply, f"{self.name}: {what}", dest)
+
+    def get_dir(self, src: str, local: str | os.PathLike[str], *, max_size: int, timeout: float) -> Path:
+        check_guest_path(src, "get_dir")
+        what = f"get_dir({src!r})"
+        if isinstance(max_size, bool) or not isinstance(max_size, int) or not 0 < max_size <= MAX_PUT:
+            raise ConfigError(f"invalid max_size={max_size!r} for {what}: expected bytes in 1..{MAX_PUT}")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ConfigError(f"invalid timeout={timeout!r} for {what}: expected seconds > 0")
+        path = check_local(local, what)
+        reply = self._tar(what, src, get_argv(src), b"", timeout=float(timeout), max_output=max_size)
+        if reply.stdout_truncated:
+            raise GuestFileError(errno.EFBIG, f"{self.name}: {what}: the tree is over the limit of {max_size} "
+                                 f"bytes as a tar (max_size=); nothing was written to {str(path)!r}", src)
+        if reply.exit_code != 0:
+            raise guest_failure(reply, f"{self.name}: {what}", src)
+        unpack(reply.stdout, path, f"{self.name}: {what}")
+        return path
+
+    def _tar(self, what: str, path: str, argv: list[str], stdin: bytes, *, timeout: float,
+             max_output: int) -> replies.ExecReply:
+        """One tar command of a tree transfer in the guest (busybox, no shell of the image needed)."""
+        grace = scaled(REPLY_GRACE)
+        parsed = self.session.call(what, lambda guest: guest.exec(argv, timeout=timeout, wait=timeout + grace,
+                                                                  max_output=max_output, cwd="/", stdin=stdin),
+                                   wait=timeout + grace)
+        if isinstance(parsed, replies.AgentError):
+            raise GuestFileError(parsed.errno or errno.EIO, f"{self.name}: {what} failed in the guest: "
+                                 f"{parsed.message}", path)
+        if parsed.timed_out:
+            raise GuestTimeout(f"{self.name}: {what} did not finish within {timeout:g}s; its tar was killed")
+        return parsed
+
+    def get(self, path: str, *, max_size: int) -> bytes:
+        check_guest_path(path, "get")
+        return self._file_call(lambda guest: guest.get(path, max_size=max_size, timeout=GET_TIMEOUT),
+                               timeout=GET_TIMEOUT, what=f"get({path!r})", path=path)
+
+    def _file_call(self, op: Callable[[GuestClient], bytes | replies.AgentError | None], *, timeout: float,
+                   what: str, path: str) -> bytes:
+        """One ``put``/``get`` round trip: a silent agent is a GuestTimeout, a failure in the
+        guest a GuestFileError; returns what was read (nothing for a put)."""
+        outcome = self.session.call(what, op, wait=timeout)
+        if isinstance(outcome, replies.AgentError):
+            raise GuestFileError(outcome.errno, f"{self.name}: {what} failed in the guest: {outcome.message}", path)
+        return outcome or b""

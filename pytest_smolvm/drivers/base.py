@@ -269,6 +269,10 @@ class CheckpointDriver(Protocol):
     def checkpoint_shape(self, config: VMConfig, image: Image, ram: str) -> dict[str, object]:
         """Everything the saved state depends on, by field: a clone must match every value."""
 
+    def ram_layout(self, machine: Machine) -> str:
+        """How ``machine``'s RAM is named in its migration stream (a shape field: clones of a
+        checkpoint name theirs the same way)."""
+
     def save_checkpoint(self, machine: Machine, config: VMConfig, image: Image, target: Path, *, ram: str,
                         timeout: float, nic: Nic | None = None) -> tuple[int, float]:
         """Save ``machine``'s RAM, devices and disk layer into ``target`` and let it run on;

@@ -156,6 +156,9 @@ class QemuMachine(VMMProcess):
         self.qmp_path = workdir / "qmp.sock"
         #: Checkpoints taken: each one moves the VM onto a new disk overlay.
         self.generation = 0
+        #: How the guest's RAM appears in a migration stream: ``mem`` (a memory backend of
+        #: ours, as snapshot clones have) or ``builtin`` (the machine's own RAM block).
+        self.ram_layout = "builtin"
         #: (fd set, descriptor number in QEMU) of the active disk's read-write descriptor, when
         #: the disk came as an fd set. A checkpoint removes it once the layer is read-only: its
         #: open file description would otherwise keep the layer's write lock.
@@ -271,6 +274,7 @@ class QemuDriver:
         spawned = spawn_vmm(self._argv(spec), workdir, driver="qemu", uid=uid, stderr_name="qemu.log",
                             pass_fds=pass_fds, watch=self.die_with_parent)
         machine = QemuMachine(spawned.proc, accel, workdir, disk, spawned)
+        machine.ram_layout = "mem" if spec.ram is not None and spec.ram.id == "mem" else "builtin"
         if spec.disk_fds is not None:
             machine.rw_fd = (1, None)  # QEMU keeps a duplicate: its number comes from query-fdsets
         return machine
@@ -353,6 +357,10 @@ class QemuDriver:
         if accel.name != "tcg":  # -cpu host: the state holds this CPU's features
             shape["host_cpu"] = host.cpu_identity()
         return shape
+
+    def ram_layout(self, machine: Machine) -> str:
+        assert isinstance(machine, QemuMachine)
+        return machine.ram_layout
 
     def save_checkpoint(self, machine: Machine, config: VMConfig, image: Image, target: Path, *, ram: str,
                         timeout: float, nic: Nic | None = None) -> tuple[int, float]:

@@ -114,8 +114,8 @@ def test_malformed_reply_is_a_protocol_error_and_nothing_more_is_trusted(smolvm:
 
 def test_silent_or_stalled_guest_fails_the_test_vmm_crash_is_an_error(real: pytest.Pytester) -> None:
     real.makeconftest(f"GUEST_TOOL = {GUEST_TOOL!r}\n"
-                      "import pytest_smolvm.vm, pytest_smolvm.guest.channel\n"
-                      "pytest_smolvm.vm.REPLY_GRACE = 1.0\n"          # keep the run short
+                      "import pytest_smolvm.commands, pytest_smolvm.guest.channel\n"
+                      "pytest_smolvm.commands.REPLY_GRACE = 1.0\n"          # keep the run short
                       "pytest_smolvm.guest.channel.FRAME_GRACE = 1.0\n")
     half = (protocol.PREFIX.pack(protocol.MAGIC, 100, 0) + b'{"op":"res').hex()
     real.makepyfile(f"""

@@ -85,12 +85,19 @@ class HostileAgent:
         self.thread.join(5)
 
 
+def _talk_through(vm: SmolVM, sock: socket.socket) -> None:
+    """Give ``vm`` a running guest whose control stream is ``sock`` (no VMM)."""
+    session = vm._session = GuestSession.attach(vm.name, sock, max_body=MAX_BODY)
+    vm._commands.attach(session, "default")
+    vm._files.attach(session)
+
+
 @contextmanager
 def vm_talking_to(reply: tuple[str, bytes] | bytes) -> Iterator[SmolVM]:
     """A SmolVM whose control channel leads to a HostileAgent instead of a VMM."""
     agent = HostileAgent(reply)
     vm = SmolVM(VMConfig())
-    vm._session = GuestSession.attach(vm.name, agent.host, max_body=MAX_BODY)
+    _talk_through(vm, agent.host)
     vm._state = VMState.RUNNING
     try:
         yield vm
@@ -177,7 +184,7 @@ def test_put_get_timeouts_are_smolvm_errors(call: str, monkeypatch: pytest.Monke
     monkeypatch.setattr(Channel, "call", quick)
     agent = HostileAgent(b"", silent=True)  # reads the request, then says nothing
     vm = SmolVM(VMConfig())
-    vm._session = GuestSession.attach(vm.name, agent.host, max_body=MAX_BODY)
+    _talk_through(vm, agent.host)
     vm._state = VMState.RUNNING
     try:
         with pytest.raises(SmolVMError, match="did not answer") as info:
