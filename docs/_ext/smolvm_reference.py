@@ -116,6 +116,8 @@ def _show_default(value: object) -> str:
         return _code(dict(value)) if value else "`{}`"  # type: ignore[call-overload]
     if value == ():
         return "`()`"
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1 << 20 and value % (1 << 20) == 0:
+        return f"`{value}` ({value >> 20} MiB)"
     return _code(repr(value))
 
 
