@@ -18,7 +18,7 @@ sys.path.insert(0, str(DOCS / "_ext"))
 
 project = "pytest-smolvm"
 author = "the pytest-smolvm developers"
-copyright = "the pytest-smolvm developers"  # noqa: A001 (Sphinx's name)
+copyright = "the pytest-smolvm developers"
 
 extensions = [
     "myst_parser",

@@ -26,13 +26,12 @@ from typing import Any
 
 from docutils import nodes
 from sphinx.application import Sphinx
-from sphinx.errors import ExtensionError
 from sphinx.util.docutils import SphinxDirective
 
 # What each marker keyword / VMConfig field means. Types and defaults are NOT written here:
 # they are read from the dataclass. Keep one line each; details live in the guide pages.
 MEANINGS: dict[str, str] = {
-    "vcpus": "vCPUs of the guest",
+    "vcpus": "vCPUs of the guest (at least 1)",
     "memory_mib": "guest RAM in MiB (at least 128)",
     "disk_mode": "`isolated` (a copy-on-write overlay per VM) or `shared` (one persistent disk per image, "
                  "for trusted provisioning only)",
@@ -56,6 +55,10 @@ MEANINGS: dict[str, str] = {
     "cpu": "guest CPU model under TCG, as QEMU spells it (None: `qemu64,+rdrand,+arat`)",
     "volumes": "read-only host data: `{\"/guest/path\": \"host/path\"}` or `\"HOST:GUEST\"` strings",
 }
+
+
+class Drift(Exception):
+    """The docs and the code disagree; the directive reports it as an error (the build fails)."""
 
 
 # --- small node helpers -------------------------------------------------------------------
@@ -127,11 +130,11 @@ def marker_rows() -> list[list[str]]:
     fields = dataclasses.fields(VMConfig)
     names = [f.name for f in fields]
     if set(names) != set(FIELD_NAMES):
-        raise ExtensionError("VMConfig fields and config.FIELD_NAMES disagree")
+        raise Drift("VMConfig fields and config.FIELD_NAMES disagree")
     missing = [n for n in names if n not in MEANINGS]
     stale = sorted(set(MEANINGS) - set(names))
     if missing or stale:
-        raise ExtensionError(f"docs/_ext/smolvm_reference.py MEANINGS is out of date: "
+        raise Drift(f"docs/_ext/smolvm_reference.py MEANINGS is out of date: "
                              f"VMConfig fields without a meaning {missing}, meanings of no field {stale}")
     return [[_code(f.name), _code(f.type), _show_default(_field_default(f)), MEANINGS[f.name]] for f in fields]
 
@@ -140,7 +143,11 @@ class MarkerKeywords(SphinxDirective):
     has_content = False
 
     def run(self) -> list[nodes.Node]:
-        return [_table(["keyword", "type", "default", "meaning"], marker_rows(), [16, 18, 14, 52])]
+        try:
+            rows = marker_rows()
+        except Drift as exc:
+            raise self.error(str(exc)) from None
+        return [_table(["keyword", "type", "default", "meaning"], rows, [16, 18, 14, 52])]
 
 
 # --- options --------------------------------------------------------------------------------
@@ -194,7 +201,7 @@ def option_rows() -> list[list[str]]:
         flags = " / ".join(_code(n) for names, _ in regs for n in names)
         ini = ini_of.get(dest, dest)
         if ini not in recorded.inis:
-            raise ExtensionError(f"option {flags} has no ini key {ini!r} registered")
+            raise Drift(f"option {flags} has no ini key {ini!r} registered")
         seen_inis.add(ini)
         ini_type = recorded.inis[ini]["type"]
         ini_cell = _code(ini) + ("" if ini_type == "string" else f" ({ini_type})")
@@ -210,7 +217,11 @@ class Options(SphinxDirective):
     has_content = False
 
     def run(self) -> list[nodes.Node]:
-        return [_table(["command line", "ini", "environment", "meaning"], option_rows(), [22, 20, 18, 40])]
+        try:
+            rows = option_rows()
+        except Drift as exc:
+            raise self.error(str(exc)) from None
+        return [_table(["command line", "ini", "environment", "meaning"], rows, [22, 20, 18, 40])]
 
 
 # --- command line ---------------------------------------------------------------------------
