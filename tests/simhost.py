@@ -7,7 +7,7 @@ directory and ``/run/netns`` are its own), UTS namespace (its own host name) and
 namespace's init, so the "machine" outlives its socket server: killing the server is a CI
 worker dying, killing the holder is the machine going away. The network namespace is the
 real one (the server listens on loopback, where the controller reaches it): the kernel's
-network objects are shared, see README "Scaling out" for what that means.
+network objects are shared, see docs/scaling-out.md ("What the simulation shares") for what that means.
 
 Everything a host runs is in its own session, so it is killed by process group, never by name.
 """
