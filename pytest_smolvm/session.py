@@ -120,6 +120,8 @@ class GuestSession:
             return GuestDied(f"{self.name}: {what} stopped: {self._expired} (config lifetime)", console)
         # A guest poweroff or panic (panic=-1 reboots, -no-reboot exits) ends QEMU with 0;
         # anything else the VMM did by itself means the VMM itself died.
+        if self.machine is None:  # a VM this process did not start: its VMM is not ours to judge
+            return GuestDied(f"{self.name}: the control stream closed during {what} ({exc})", console)
         if killed:
             why = "the guest agent broke off its reply while the VM ran on; the VM was destroyed"
         elif status == 0:

@@ -104,3 +104,16 @@ def test_no_import_loop_between_packages() -> None:
 def test_package_graph_collapses_subpackages() -> None:
     graph = package_graph({"p.images.provision": {"p.vm"}, "p.vm": {"p.images.store"}, "p.images.store": set()})
     assert _cycle(graph) == ["p.images", "p.vm", "p.images"]
+
+
+def test_only_the_session_knows_the_channel_layer() -> None:
+    """Outside guest/, only session.py imports guest.channel (its errors are mapped there, in
+    one place), and the package builds a GuestClient in exactly one place."""
+    modules = _modules()
+    importers = {name for name, path in modules.items()
+                 if "pytest_smolvm.guest.channel" in _imports(name, path, modules)
+                 and not name.startswith("pytest_smolvm.guest")}
+    assert importers == {"pytest_smolvm.session"}
+    built = [f"{path.name}:{n}" for path in PACKAGE.rglob("*.py")
+             for n, line in enumerate(path.read_text().splitlines(), 1) if "GuestClient(" in line]
+    assert built == [built[0]] and built[0].startswith("session.py:"), built
