@@ -72,8 +72,10 @@ def test_a_spawned_process_has_its_own_group_before_it_is_answered(agent: AgentP
         assert started["id"] == rid and started["op"] == "started", started
         pid = started["pid"]
         assert os.getpgid(pid) == pid and os.getsid(pid) == pid
-        agent.send({"op": "signal", "target": rid, "signal": signal.SIGKILL})
-        while (reply := recv_frame(agent.sock)[0])["op"] != "result":
-            pass
-        assert reply["exit_code"] == -signal.SIGKILL
+        sid = agent.send({"op": "signal", "target": rid, "signal": signal.SIGKILL})
+        replies = {}
+        while len(replies) < 2:  # the signal's "ok" and the spawn's "result", in either order
+            reply = recv_frame(agent.sock)[0]
+            replies[reply["id"]] = reply
+        assert replies[sid]["op"] == "ok" and replies[rid]["exit_code"] == -signal.SIGKILL
         assert gone(pid)
