@@ -27,7 +27,7 @@ from ..host import find_tool
 from . import layers, tarstream
 from .kmods import install_modules
 from .recipe import BOOT_MODULES, NET_MODULES, VSOCK_MODULES, Recipe
-from .store import Image, images_dir, resolve
+from .store import Image, find_build, images_dir, load_image, resolve
 
 TOOLS = {
     "mmdebstrap": "mmdebstrap",
@@ -153,7 +153,12 @@ ARM64_IMAGE_MAGIC = b"ARM\x64"
 
 
 def build(recipe: Recipe, *, force: bool = False, progress: Progress = _default_progress) -> Image:
-    """Build ``recipe`` into the cache unless an identical build exists; return the image."""
+    """Build ``recipe`` into the cache unless an identical build exists (here, or in a shared
+    cache of ``SMOLVM_IMAGE_PATH``, which is then used as it is); return the image."""
+    shared = None if force else find_build(recipe.name, recipe.digest())
+    if shared is not None and not shared.is_relative_to(images_dir()):
+        progress(f"image {recipe.name!r} ({recipe.digest()}) is already built at {shared} (SMOLVM_IMAGE_PATH)")
+        return load_image(shared, recipe.name)
     missing = missing_tools()
     if missing:
         raise ImageError(

@@ -173,4 +173,4 @@ def test_build_refuses_before_doing_anything_without_binfmt(tmp_path: Path, monk
     monkeypatch.setattr(build, "missing_tools", lambda: [])
     with pytest.raises(ImageError, match="cannot build image 'default-arm64': an arm64 image on this amd64 host"):
         build.build(arm64_recipe())
-    assert not (tmp_path / "cache").exists()
+    assert not (tmp_path / "cache" / "images" / "default-arm64").exists()
