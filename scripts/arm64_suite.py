@@ -42,7 +42,8 @@ AGENT_TESTS = ["tests/unit/test_agent_exec.py", "tests/unit/test_agent_spawn.py"
 #: What runs on arm64 guests (issue 22): the QEMU conformance cases, run()/lifecycle, the static
 #: agent's exec tests, snapshots/clones, checkpoints, the hostile cases (timeout kill, OOM, fork
 #: bombs, panic and poweroff -> GuestDied), put/get/get_dir, network none and isolated (the
-#: nat cases need an uplink, as in scripts/kvm_nested.py), spawn and live output.
+#: nat cases need an uplink, as in scripts/kvm_nested.py), spawn and live output, and the
+#: user-level cross-architecture case (an arm64 C build tested in the guest).
 SELECTION = {
     "tests/integration/test_conformance.py": "qemu-tcg",
     "tests/integration/test_run.py": "",
@@ -54,6 +55,7 @@ SELECTION = {
     "tests/integration/test_transfer.py": "",
     "tests/integration/test_network.py": "none_gives or isolated_reaches or nothing_of_a_run",
     "tests/integration/test_spawn_output.py": "",
+    "tests/integration/test_cross_arch.py": "",
 }
 
 
@@ -122,13 +124,16 @@ def run_pytest(args: list[str], env: dict[str, str], junit: Path) -> tuple[int, 
     """Run pytest; (exit status, counts from its JUnit XML, its summary line)."""
     proc = subprocess.Popen([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rfEs", "--color=no",
                              f"--junitxml={junit}", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT)
     assert proc.stdout is not None
-    summary = ""
-    for line in proc.stdout:
-        sys.stdout.write(line)
+    summary, text = "", b""
+    while chunk := os.read(proc.stdout.fileno(), 65536):  # as it comes: progress dots end no line
+        sys.stdout.buffer.write(chunk)
+        sys.stdout.flush()
+        text += chunk
+    for line in text.decode(errors="replace").splitlines():
         if re.match(r"^=*\s*\d+ (passed|failed|errors?|skipped|deselected).* in [\d.]+s", line):
-            summary = line.strip().strip("=").strip()
+            summary = line.strip().strip("=").strip()  # the last one is the run's own
     rc = proc.wait()
     counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
     try:
