@@ -23,6 +23,7 @@ from ..config import VMConfig
 from ..cpumodel import check_cpu_model
 from ..errors import BootError, ConfigError
 from ..images import Image
+from ..paths import check_socket_path
 from ..volumes import open_volumes, qemu_volume_args, volume_sizes
 from .accel import accel_args, choose_accel
 from .base import (
@@ -264,6 +265,8 @@ class QemuDriver:
                               f"(got {'none' if nic is None else nic.tap})")
         runas, chroot = self._privilege_drop(workdir) or (None, None)
         binary = self.binary_for(image)
+        for name in (CONTROL_NAME, "qmp.sock"):  # macOS allows 103 bytes, Linux 107
+            check_socket_path(workdir / name, "VM's control" if name == CONTROL_NAME else "VM's QMP")
         return MachineSpec(
             binary=binary, accel=accel.name, cpu=config.cpu, vcpus=config.vcpus, memory_mib=config.memory_mib,
             kernel=image.kernel, initrd=image.initrd, cmdline=self._cmdline(config, accel, image),
