@@ -53,7 +53,7 @@ def _cmd_image_build(args: argparse.Namespace) -> int:
 def _cmd_image_import(args: argparse.Namespace) -> int:
     from .images.imported import import_image
 
-    image = import_image(args.source, args.name, max_mib=args.max_mib, force=args.force)
+    image = import_image(args.source, args.name, max_mib=args.max_mib, force=args.force, arch=args.arch)
     print(f"{image.name}: {image.path}")
     return 0
 
@@ -215,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--name", required=True, help="the image name tests use: @pytest.mark.smolvm(image=NAME)")
     im.add_argument("--max-mib", type=int, default=8192, help="refuse images larger than this uncompressed")
     im.add_argument("--force", action="store_true", help="import again even if an identical import exists")
+    im.add_argument("--arch", choices=("amd64", "arm64"), default="amd64",
+                    help="the image's architecture (its linux/ARCH image, and our kernel for it)")
     im.set_defaults(func=_cmd_image_import)
     ls = img.add_parser("list", help="list built images")
     ls.add_argument("--verify", action="store_true", help="check every file against its sha256")

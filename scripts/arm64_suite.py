@@ -37,13 +37,14 @@ IMAGE = "default-arm64"
 #: tests of the arm64 build, toolchains and machine.
 AGENT_TESTS = ["tests/unit/test_agent_exec.py", "tests/unit/test_agent_spawn.py", "tests/unit/test_agent_listener.py",
                "tests/unit/test_agent_arm64.py", "tests/unit/test_agentbin.py", "tests/unit/test_arm64_build.py",
-               "tests/unit/test_virt_machine.py"]
+               "tests/unit/test_virt_machine.py", "tests/unit/test_deb.py", "tests/unit/test_macos_host.py"]
 
 #: What runs on arm64 guests (issue 22): the QEMU conformance cases, run()/lifecycle, the static
 #: agent's exec tests, snapshots/clones, checkpoints, the hostile cases (timeout kill, OOM, fork
 #: bombs, panic and poweroff -> GuestDied), put/get/get_dir, network none and isolated (the
 #: nat cases need an uplink, as in scripts/kvm_nested.py), spawn and live output, and the
-#: user-level cross-architecture case (an arm64 C build tested in the guest).
+#: user-level cross-architecture case (an arm64 C build tested in the guest), and an arm64
+#: image made the way a Mac must (OCI import, kernel .deb read in Python, agent from zig).
 SELECTION = {
     "tests/integration/test_conformance.py": "qemu-tcg",
     "tests/integration/test_run.py": "",
@@ -56,6 +57,7 @@ SELECTION = {
     "tests/integration/test_network.py": "none_gives or isolated_reaches or nothing_of_a_run",
     "tests/integration/test_spawn_output.py": "",
     "tests/integration/test_cross_arch.py": "",
+    "tests/integration/test_image_without_linux_tools.py": "",
 }
 
 
@@ -147,8 +149,10 @@ def run_pytest(args: list[str], env: dict[str, str], junit: Path) -> tuple[int, 
 
 #: What scripts/verify-macos runs under HVF on Apple silicon: the selection above but the
 #: cases macOS cannot have (networked policies: Linux netns/nftables/TAPs; the arm64 C build:
-#: Debian's cross gcc) and the QEMU conformance cases under HVF instead of TCG.
-MACOS_SELECTION = {**{k: v for k, v in SELECTION.items() if not k.endswith(("test_cross_arch.py", "test_network.py"))},
+#: Debian's cross gcc; the no-Linux-tools import, which prepares its packages with apt) and the
+#: QEMU conformance cases under HVF instead of TCG.
+LINUX_ONLY = ("test_cross_arch.py", "test_network.py", "test_image_without_linux_tools.py")
+MACOS_SELECTION = {**{k: v for k, v in SELECTION.items() if not k.endswith(LINUX_ONLY)},
                    "tests/integration/test_conformance.py": "qemu-hvf",
                    "tests/integration/test_checkpoint.py": "not networked",
                    "tests/integration/test_network.py": "none_gives"}

@@ -24,7 +24,7 @@ from filelock import FileLock, Timeout
 from ..digest import sha256_file
 from ..errors import ImageError
 from ..host import find_tool
-from . import layers, tarstream
+from . import deb, layers, tarstream
 from .kmods import install_modules
 from .recipe import BOOT_MODULES, NET_MODULES, VSOCK_MODULES, Recipe
 from .store import Image, find_build, images_dir, load_image, resolve
@@ -309,9 +309,57 @@ def _host_arch() -> str:
     return host_arch() or "amd64"
 
 
+#: Local Debian packages to use instead of ``apt-get download`` (a Mac has no apt): the kernel
+#: package the recipe names, and ``busybox-static`` of the image's architecture.
+KERNEL_DEB_ENV, BUSYBOX_DEB_ENV = "SMOLVM_KERNEL_DEB", "SMOLVM_BUSYBOX_DEB"
+
+
+def local_deb(env: str, arch: str, package: str) -> Path | None:
+    """The ``.deb`` file ``env`` names (checked: a package of ``arch`` whose name starts with
+    ``package``), or None when ``env`` is not set."""
+    value = os.environ.get(env, "").strip()
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ImageError(f"invalid {env}={value!r} (from the environment): no such file")
+    fields = deb.control(path)
+    if fields.get("Architecture") not in (arch, "all") or not fields.get("Package", "").startswith(package):
+        raise ImageError(f"invalid {env}={value!r} (from the environment): it is {fields.get('Package')} "
+                         f"for {fields.get('Architecture')}, not {package} for {arch}")
+    return path
+
+
+def unpack(package: Path, dest: Path, want: Callable[[str], bool] = lambda _p: True) -> None:
+    """Extract a ``.deb`` into ``dest``: with dpkg-deb where there is one, else in Python."""
+    if shutil.which("dpkg-deb") is not None:
+        _run(["dpkg-deb", "-x", str(package), str(dest)], "dpkg-deb -x")
+    else:
+        deb.extract(package, dest, want)
+
+
+def _kernel_files(path: str) -> bool:
+    return path.startswith(("boot/vmlinuz-", "lib/modules/"))
+
+
 def _download_kernel(b: _Build) -> None:
     recipe = b.recipe
     b.announce(f"downloading kernel package {recipe.kernel_package}")
+    local = local_deb(KERNEL_DEB_ENV, recipe.arch, "linux-image-")
+    if local is not None:
+        b.kernel_deb, b.kernel_package = local, deb.control(local)["Package"]
+    else:
+        b.kernel_deb, b.kernel_package = _apt_kernel(b)
+    unpack(b.kernel_deb, b.kernel_root, _kernel_files)
+
+
+def _apt_kernel(b: _Build) -> tuple[Path, str]:
+    recipe = b.recipe
+    if shutil.which("apt-get") is None:
+        raise ImageError(f"fetching the {recipe.arch} kernel needs apt-get, which this host lacks; download "
+                         f"{recipe.kernel_package}'s kernel package (https://packages.debian.org/{recipe.suite}/"
+                         f"{recipe.arch}/{recipe.kernel_package}: the linux-image-* .deb it depends on) and set "
+                         f"{KERNEL_DEB_ENV} to the file")
     deps = _run(["apt-cache", "depends", "--important", qualified(recipe.kernel_package, recipe.arch)],
                 "apt-cache depends")
     concrete = concrete_kernel_package(deps)
@@ -321,10 +369,7 @@ def _download_kernel(b: _Build) -> None:
     dl = b.work / "dl"
     dl.mkdir()
     _run(["apt-get", "download", qualified(concrete, recipe.arch)], "apt-get download", cwd=dl)
-    debs = list(dl.glob("*.deb"))
-    b.kernel_deb = debs[0]
-    b.kernel_package = concrete
-    _run(["dpkg-deb", "-x", str(b.kernel_deb), str(b.kernel_root)], "dpkg-deb -x")
+    return next(dl.glob("*.deb")), concrete
 
 
 def _foreign_hint(arch: str) -> str:
@@ -334,15 +379,23 @@ def _foreign_hint(arch: str) -> str:
 
 
 def busybox_for(b: _Build) -> Path:
-    """The static busybox of the image's architecture: the host's ``/bin/busybox`` when it
-    is the host's, else ``busybox-static:<arch>`` downloaded and unpacked into the build."""
+    """The static busybox of the image's architecture: ``SMOLVM_BUSYBOX_DEB``'s if set, the
+    host's ``/bin/busybox`` on Linux of that architecture, else ``busybox-static:<arch>``
+    downloaded with apt and unpacked into the build."""
     arch = b.recipe.arch
-    if arch == _host_arch():
-        return BUSYBOX
     dl = b.work / "busybox-dl"
-    dl.mkdir(exist_ok=True)
-    _run(["apt-get", "download", qualified("busybox-static", arch)], "apt-get download", cwd=dl)
-    _run(["dpkg-deb", "-x", str(next(dl.glob("*.deb"))), str(dl / "root")], "dpkg-deb -x")
+    package = local_deb(BUSYBOX_DEB_ENV, arch, "busybox-static")
+    if package is None and arch == _host_arch() and sys.platform.startswith("linux"):
+        return BUSYBOX
+    if package is None:
+        if shutil.which("apt-get") is None:
+            raise ImageError(f"an {arch} image needs busybox-static for {arch}, and this host has no apt-get to "
+                             f"fetch it; download it (https://packages.debian.org/{b.recipe.suite}/{arch}/"
+                             f"busybox-static) and set {BUSYBOX_DEB_ENV} to the file")
+        dl.mkdir(exist_ok=True)
+        _run(["apt-get", "download", qualified("busybox-static", arch)], "apt-get download", cwd=dl)
+        package = next(dl.glob("*.deb"))
+    unpack(package, dl / "root", lambda p: p == "bin/busybox")
     return dl / "root" / "bin" / "busybox"
 
 
