@@ -147,3 +147,10 @@ def test_restore_failure_carries_qemus_words(tmp_path: Path) -> None:
     assert said in str(info.value)
     assert isinstance(info.value.__cause__, ConnectionResetError)
     assert machine.killed
+
+
+def test_firecracker_is_never_picked_for_another_architecture(tmp_path: Path, x86_host: qemu.QemuDriver) -> None:
+    from pytest_smolvm.drivers.firecracker import guest_vsock_support
+
+    ok, why = guest_vsock_support(image(tmp_path, "arm64"))
+    assert not ok and why == "image 'test-arm64' is arm64: Firecracker runs only this host's architecture"
