@@ -26,6 +26,8 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import psutil
+
 from pytest_smolvm import SmolVM, VMConfig
 from pytest_smolvm.images.build import build
 from pytest_smolvm.images.recipe import arm64_recipe
@@ -106,8 +108,14 @@ def measure() -> None:
 
 
 def aarch64_qemus() -> list[str]:
-    out = subprocess.run(["pgrep", "-a", "qemu-system-aarch64"], capture_output=True, text=True).stdout
-    return [ln for ln in out.splitlines() if ln.strip()]
+    """Running qemu-system-aarch64 processes, "pid argv" (by argv[0]: pgrep matches at most 15
+    characters of a process name, and this one is longer)."""
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        argv = proc.info["cmdline"] or []
+        if argv and os.path.basename(argv[0]) == "qemu-system-aarch64":
+            found.append(f"{proc.info['pid']} {' '.join(argv)[:300]}")
+    return found
 
 
 def leftovers() -> list[str]:
