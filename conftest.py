@@ -4,6 +4,10 @@ With ``SMOLVM_REQUIRE_VMS=1`` (set by ``.ci/run``), a skipped test under
 ``tests/integration/`` or ``examples/`` is turned into a failure: CI must prove features
 in real VMs, never pass by skipping them. A test may opt out with
 ``@pytest.mark.smolvm_optional(reason)`` (e.g. backends that need hardware this host lacks).
+
+With ``SMOLVM_TEST_IMAGE=NAME`` (set by ``scripts/run-arm64``: ``default-arm64``), every VM
+the tests start on the default image boots NAME instead, the fixtures' and those the tests
+make with ``SmolVM(VMConfig())`` alike: the same tests then prove another guest architecture.
 """
 
 from __future__ import annotations
@@ -22,6 +26,27 @@ REAL_VM_DIRS = {"integration", "examples"}
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "smolvm_optional(reason): may skip even under SMOLVM_REQUIRE_VMS=1")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _smolvm_test_image() -> Generator[None, None, None]:
+    name = os.environ.get("SMOLVM_TEST_IMAGE", "").strip()
+    if not name:
+        yield
+        return
+    from pytest_smolvm import images
+
+    original = images.resolve
+
+    def resolve(name_or_path: str) -> images.Image:
+        return original(name if name_or_path == "default" else name_or_path)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(images, "resolve", resolve)
+        for module in list(sys.modules.values()):  # test modules that imported resolve itself
+            if getattr(module, "__name__", "").startswith("test_") and getattr(module, "resolve", None) is original:
+                mp.setattr(module, "resolve", resolve)
+        yield
 
 
 @pytest.hookimpl(wrapper=True)

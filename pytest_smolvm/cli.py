@@ -64,7 +64,7 @@ def _cmd_image_build(args: argparse.Namespace) -> int:
 def _cmd_image_import(args: argparse.Namespace) -> int:
     from .images.imported import import_image
 
-    image = import_image(args.source, args.name, max_mib=args.max_mib, force=args.force)
+    image = import_image(args.source, args.name, max_mib=args.max_mib, force=args.force, arch=args.arch)
     print(f"{image.name}: {image.path}")
     return 0
 
@@ -95,11 +95,12 @@ def _cmd_image_prune(args: argparse.Namespace) -> int:
 
     keep_default = Recipe().digest()
     removed = 0
-    for name, path, _ in list_images():
+    for name, path, manifest in list_images():
         current = (path.parent / "current").resolve() if (path.parent / "current").exists() else None
         if (name == "default" and path.name == keep_default) or path == current:
+            keep = {f"boot-{boot_digest()}.cpio", _boot_layer_name(manifest)}  # and a cross-built agent's
             for cpio in path.glob("boot-*.cpio"):  # boot layers of older agents
-                if cpio.name != f"boot-{boot_digest()}.cpio":
+                if cpio.name not in keep and not args.dry_run:
                     cpio.unlink()
             continue
         print(f"removing {path}")
@@ -127,6 +128,19 @@ def _cmd_image_prune(args: argparse.Namespace) -> int:
     n = prune_binaries(dry_run=args.dry_run)
     print(f"{n} older guest agent build(s) {'would be ' if args.dry_run else ''}removed")
     return 0
+
+
+def _boot_layer_name(manifest: dict[str, object]) -> str:
+    """The current boot layer's name for an image of the manifest's architecture ("" if no
+    compiler here builds its agent: then it cannot be rebuilt, and nothing is kept for it)."""
+    from .images.agentbin import boot_key
+    from .images.recipe import boot_digest
+    from .images.store import image_arch
+
+    try:
+        return f"boot-{boot_digest(boot_key(image_arch(manifest)))}.cpio"
+    except SmolVMError:
+        return ""
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
@@ -226,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--name", required=True, help="the image name tests use: @pytest.mark.smolvm(image=NAME)")
     im.add_argument("--max-mib", type=int, default=8192, help="refuse images larger than this uncompressed")
     im.add_argument("--force", action="store_true", help="import again even if an identical import exists")
+    im.add_argument("--arch", choices=("amd64", "arm64"), default="amd64",
+                    help="the image's architecture (its linux/ARCH image, and our kernel for it)")
     im.set_defaults(func=_cmd_image_import)
     ls = img.add_parser("list", help="list built images")
     ls.add_argument("--verify", action="store_true", help="check every file against its sha256")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+import sys
 from pathlib import Path
 
 from .errors import ConfigError
@@ -57,6 +58,23 @@ def runtime_dir() -> Path:
     source = "SMOLVM_RUNTIME_DIR" if env else "the default"
     path = _secure_parent(path, "runtime directory", source)
     _ensure_private_dir(path, source, "runtime directory", "SMOLVM_RUNTIME_DIR")
+    return path
+
+
+def sun_path_max() -> int:
+    """``sun_path``'s size, the terminating NUL included: 108 bytes on Linux, 104 on macOS and the BSDs."""
+    return 108 if sys.platform.startswith("linux") else 104
+
+
+def check_socket_path(path: Path, what: str) -> Path:
+    """``path`` if an AF_UNIX socket can be bound there, else a ConfigError naming it, the
+    limit and the fix (a shorter ``SMOLVM_RUNTIME_DIR``, or a shorter VM name)."""
+    limit = sun_path_max()
+    size = len(os.fsencode(path)) + 1
+    if size > limit:
+        raise ConfigError(f"the {what} socket path {path} is {size - 1} bytes, over the {limit - 1} an AF_UNIX "
+                          f"socket path can have on {sys.platform}; set SMOLVM_RUNTIME_DIR to a shorter directory "
+                          f"(the default, /tmp/smolvm-<uid>, is short) or give the VM a shorter name")
     return path
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import subprocess
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from ..paths import cache_dir
 from ..timeouts import scaled
 from .base import Accel
 from .kernel import kernel_cmdline
+from .virt import ARM64_TCG_CPU, aarch64_kernel_cmdline, host_arch, machine_type
 
 CANARY_MARK = "SMOLVM-CANARY-OK"
 CANARY_TIMEOUT = 8.0  # a working KVM reaches the initramfs in well under 1 s
@@ -64,14 +66,25 @@ def kvm_canary(binary: str, image: Image, timeout: float | None = None) -> tuple
     return ok, reason
 
 
+def canary_argv(binary: str, image: Image, accel: str) -> list[str]:
+    """The canary boot's argv (pure but for the host's TSC): the image's own machine type
+    (``-M virt`` for an arm64 image, as on arm64 Linux under KVM)."""
+    if machine_type(image.arch) == "virt":
+        head = ["-M", "virt", *accel_args(accel, ARM64_TCG_CPU)]
+        cmdline = aarch64_kernel_cmdline(["smolvm.canary=1"])
+    else:
+        tsc = host.host_tsc_khz() if accel == "tcg" else None
+        head = ["-M", "microvm", *accel_args(accel)]
+        cmdline = kernel_cmdline(accel, tsc, ["smolvm.canary=1"])
+    return [binary, *head, "-smp", "1", "-m", "128", "-nodefaults", "-no-user-config", "-display", "none",
+            "-no-reboot", "-kernel", str(image.kernel), "-initrd", str(image.initrd), "-append", cmdline,
+            "-serial", "stdio"]
+
+
 def canary_boot(binary: str, image: Image, accel: str, timeout: float) -> tuple[bool, str]:
     """Boot the image's kernel under ``accel`` to its initramfs, which prints the canary mark
     and powers off: (worked, why)."""
-    tsc = host.host_tsc_khz() if accel == "tcg" else None
-    argv = [binary, "-M", "microvm", *accel_args(accel), "-smp", "1", "-m", "128",
-            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-            "-kernel", str(image.kernel), "-initrd", str(image.initrd),
-            "-append", kernel_cmdline(accel, tsc, ["smolvm.canary=1"]), "-serial", "stdio"]
+    argv = canary_argv(binary, image, accel)
     what = accel.upper()
     started = time.monotonic()
     try:
@@ -91,6 +104,13 @@ def choose_accel(requested: str, binary: str, image: Image) -> Accel:
     """Pick the accelerator for ``requested`` (``auto``, ``kvm``, ``hvf`` or ``tcg``)."""
     if requested == "tcg":
         return Accel("tcg", "requested with accel=tcg")
+    here = host_arch()
+    if image.arch != here:
+        if requested in ("kvm", "hvf"):
+            raise ConfigError(f"invalid accel={requested!r} for image {image.name!r}: it is an {image.arch} image and "
+                              f"this host is {here or platform.machine()}; {requested.upper()} runs only guests of "
+                              f"the host's own architecture: use accel='tcg' (or 'auto')")
+        return Accel("tcg", f"an {image.arch} guest on an {here or platform.machine()} host: TCG emulation")
     if requested == "hvf" or (requested == "auto" and host.is_macos()):
         if not host.is_macos():
             raise ConfigError("invalid accel='hvf': HVF exists only on macOS hosts")

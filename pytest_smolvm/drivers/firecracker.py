@@ -366,6 +366,10 @@ def guest_vsock_support(image: Image | str) -> tuple[bool, str]:
             image = resolve(image)
         except SmolVMError as exc:
             return False, str(exc)
+    from .virt import host_arch
+
+    if image.arch != host_arch():  # backend=auto then picks QEMU, which emulates it
+        return False, f"image {image.name!r} is {image.arch}: Firecracker runs only this host's architecture"
     missing = [m for m in VSOCK_MODULES if not (image.path / "modules" / f"{m}.ko").exists()]
     if missing:
         return False, (f"the image has no vsock kernel modules ({', '.join(missing)}); rebuild it with: "

@@ -15,40 +15,19 @@ import platform
 from collections.abc import Sequence
 
 from .. import host
-from ..config import VMConfig
 from ..errors import ConfigError
 from ..images import Image
-from .base import Accel, guest_flags
-from .kernel import BASE_CMDLINE, kernel_cmdline
-from .qemu import QemuDriver, guest_args, qemu_argv
+from .base import Accel
+from .kernel import kernel_cmdline
+from .qemu import QemuDriver, qemu_argv, virt_argv
 from .spec import MachineSpec
+from .virt import HOST_ARCHES, aarch64_kernel_cmdline, qemu_for
+
+__all__ = ["QEMU_SYSTEM", "HvfQemuDriver", "aarch64_kernel_cmdline", "hvf_argv", "hvf_cmdline", "virt_argv"]
 
 #: Host CPU architecture (``platform.machine()``) -> QEMU system emulator.
 QEMU_SYSTEM: dict[str, str] = {"x86_64": "qemu-system-x86_64", "amd64": "qemu-system-x86_64",
                                "arm64": "qemu-system-aarch64", "aarch64": "qemu-system-aarch64"}
-
-
-def aarch64_kernel_cmdline(extra: Sequence[str] = (), vcpus: int = 1) -> str:
-    """The guest kernel command line on ``-M virt`` (pure): the console is the PL011
-    ``ttyAMA0``, and the x86-only TSC flags are left out."""
-    parts = ["console=ttyAMA0" if p == "console=ttyS0" else p for p in BASE_CMDLINE if not p.startswith("tsc=")]
-    parts.append(f"possible_cpus={max(vcpus, 2)}")
-    parts.extend(extra)
-    return " ".join(parts)
-
-
-def virt_argv(spec: MachineSpec) -> list[str]:
-    """Full ``qemu-system-aarch64 -M virt`` argv for one VM (pure): the arm64 counterpart of
-    :func:`qemu_argv`, same spec, same virtio-mmio devices (``virt`` has virtio-mmio
-    transports), so the control channel is the same virtio-serial port as on Linux/x86.
-    ``accel`` is ``hvf`` (Apple silicon), ``kvm`` (arm64 Linux) or ``tcg`` (``-cpu max``)."""
-    if spec.accel not in ("hvf", "kvm", "tcg"):
-        raise ConfigError(f"invalid accel={spec.accel!r}: expected hvf, kvm or tcg")
-    machine = "virt,gic-version=max" if spec.accel == "tcg" else "virt"
-    if spec.ram is not None:
-        machine += f",memory-backend={spec.ram.id}"
-    return [spec.binary, "-M", machine, "-accel", spec.accel, "-cpu", "max" if spec.accel == "tcg" else "host",
-            "-smp", str(spec.vcpus), "-m", str(spec.memory_mib), *guest_args(spec)]
 
 
 def hvf_argv(host_arch: str, spec: MachineSpec) -> list[str]:
@@ -77,7 +56,9 @@ def hvf_cmdline(host_arch: str, extra: Sequence[str] = (), vcpus: int = 1) -> st
 class HvfQemuDriver(QemuDriver):
     """The QEMU driver on macOS: HVF, ``-M virt`` on Apple silicon, no seccomp sandbox.
 
-    ``accel`` ``auto``/``hvf`` mean HVF; ``tcg`` is honoured (``-cpu max`` on aarch64).
+    ``accel`` ``auto``/``hvf`` mean HVF for a guest of the Mac's own architecture; ``tcg`` is
+    honoured, and a guest of the other architecture runs under TCG. The machine follows the
+    image (:mod:`.virt`), as on Linux.
     """
 
     name = "qemu"
@@ -88,7 +69,18 @@ class HvfQemuDriver(QemuDriver):
         super().__init__(binary or host.qemu_binary(), extra_cmdline=extra_cmdline)
         self.drop_privileges = False  # not wired for -M virt on macOS, where root is rare
 
+    def binary_for(self, image: Image) -> str:
+        if image.arch == HOST_ARCHES.get(self.host_arch):
+            return self.binary
+        return qemu_for(image.arch)
+
     def select_accel(self, requested: str, image: Image) -> Accel:
+        native = image.arch == HOST_ARCHES.get(self.host_arch)
+        if not native and requested in ("auto", "tcg"):
+            return Accel("tcg", f"an {image.arch} guest on this {self.host_arch} Mac: TCG emulation")
+        if not native and requested == "hvf":
+            raise ConfigError(f"invalid accel='hvf' for image {image.name!r}: HVF runs only guests of the Mac's own "
+                              f"architecture ({self.host_arch}), and the image is {image.arch}; use accel='tcg'")
         if requested in ("auto", "hvf"):
             ok, why = host.hvf_status()
             if not ok:
@@ -98,18 +90,5 @@ class HvfQemuDriver(QemuDriver):
             return Accel("tcg", "requested with accel=tcg")
         raise ConfigError(f"invalid accel={requested!r} on macOS: expected auto, hvf or tcg")
 
-    @property
-    def _aarch64(self) -> bool:
-        return QEMU_SYSTEM.get(self.host_arch) == "qemu-system-aarch64"
-
-    def _cmdline(self, config: VMConfig, accel: Accel) -> str:
-        flags = [*guest_flags(config, accel), *self.extra_cmdline]
-        if self._aarch64:
-            return aarch64_kernel_cmdline(flags, config.vcpus)
-        return kernel_cmdline(accel.name, host.host_tsc_khz(), flags, config.vcpus)
-
-    def _sandbox(self) -> bool:
+    def _sandbox(self, binary: str) -> bool:
         return False  # macOS QEMU has no seccomp
-
-    def _argv(self, spec: MachineSpec) -> list[str]:
-        return virt_argv(spec) if self._aarch64 else qemu_argv(spec)

@@ -23,6 +23,7 @@ from ..config import VMConfig
 from ..cpumodel import check_cpu_model
 from ..errors import BootError, ConfigError
 from ..images import Image
+from ..paths import check_socket_path
 from ..volumes import open_volumes, qemu_volume_args, volume_sizes
 from .accel import accel_args, choose_accel
 from .base import (
@@ -42,11 +43,12 @@ from .disks import checked_disk_size, shared_disk
 from .kernel import kernel_cmdline as kernel_cmdline
 from .qmp import QMP
 from .spec import MachineSpec, RamFile
+from .virt import ARM64_TCG_CPU, RAM_IDS, aarch64_kernel_cmdline, host_arch, machine_type, qemu_for
 
 CONTROL_PORT = "smolvm.ctl"
-#: What ``-M microvm`` names its own RAM (QEMU's ``default-ram-id``): a checkpoint of a
-#: cold-booted VM restores into a backend of that name, or the stream would not match.
-BUILTIN_RAM_ID = "microvm.ram"
+#: What ``-M microvm`` names its own RAM (QEMU's ``default-ram-id``; every machine's:
+#: :data:`~.virt.RAM_IDS`): a checkpoint of a cold-booted VM restores into a backend of that name.
+BUILTIN_RAM_ID = RAM_IDS["microvm"]
 MIB = 1 << 20
 #: Room for device state (and a stream's per-page headers) beyond guest RAM in a checkpoint.
 STATE_SLACK = 64 * MIB
@@ -71,6 +73,21 @@ def qemu_argv(spec: MachineSpec) -> list[str]:
     machine = "microvm" if spec.ram is None else f"microvm,memory-backend={spec.ram.id}"
     return [spec.binary, "-M", machine, *accel_args(spec.accel, spec.cpu), "-smp", str(spec.vcpus),
             "-m", str(spec.memory_mib), *guest_args(spec)]
+
+
+def virt_argv(spec: MachineSpec) -> list[str]:
+    """Full ``qemu-system-aarch64 -M virt`` argv for one VM (pure): the arm64 counterpart of
+    :func:`qemu_argv`, same spec, same virtio-mmio devices; the one ``virt`` builder of HVF
+    (Apple silicon), KVM (arm64 Linux) and TCG (``-cpu`` the spec's, else
+    :data:`~.virt.ARM64_TCG_CPU`)."""
+    if spec.accel not in ("hvf", "kvm", "tcg"):
+        raise ConfigError(f"invalid accel={spec.accel!r}: expected hvf, kvm or tcg")
+    machine = "virt,gic-version=max" if spec.accel == "tcg" else "virt"
+    if spec.ram is not None:
+        machine += f",memory-backend={spec.ram.id}"
+    cpu = (spec.cpu or ARM64_TCG_CPU) if spec.accel == "tcg" else "host"
+    return [spec.binary, "-M", machine, "-accel", spec.accel, "-cpu", cpu,
+            "-smp", str(spec.vcpus), "-m", str(spec.memory_mib), *guest_args(spec)]
 
 
 def guest_args(spec: MachineSpec) -> list[str]:
@@ -196,7 +213,7 @@ class QemuDriver:
             raise ConfigError("backend 'qemu' needs qemu-system-x86_64; install it with: "
                               "apt-get install -y qemu-system-x86 qemu-utils")
         self.binary = found
-        self._accel: dict[str, Accel] = {}
+        self._accel: dict[tuple[str, str], Accel] = {}
         #: Appended to the guest kernel command line (debugging: e.g. ``loglevel=7``).
         self.extra_cmdline = tuple(extra_cmdline)
         #: Kill QEMU when this process ends, however it ends (off only for --smolvm-keep-failed).
@@ -206,10 +223,19 @@ class QemuDriver:
         self.drop_privileges = True
 
     def select_accel(self, requested: str, image: Image) -> Accel:
-        """Resolve ``auto``/``kvm``/``hvf``/``tcg`` to an accelerator that works here."""
-        if requested not in self._accel:
-            self._accel[requested] = choose_accel(requested, self.binary, image)
-        return self._accel[requested]
+        """Resolve ``auto``/``kvm``/``hvf``/``tcg`` to an accelerator that works here for
+        ``image`` (whose architecture may not be the host's: then only TCG can run it)."""
+        key = (requested, image.arch)
+        if key not in self._accel:
+            self._accel[key] = choose_accel(requested, self.binary_for(image), image)
+        return self._accel[key]
+
+    def binary_for(self, image: Image) -> str:
+        """The QEMU that runs ``image``: this driver's for the host's architecture, else the
+        system emulator of the image's (``qemu-system-aarch64`` for an arm64 image)."""
+        if image.arch == (host_arch() or "amd64"):
+            return self.binary
+        return qemu_for(image.arch)
 
     def prepare_disk(self, config: VMConfig, image: Image, workdir: Path) -> tuple[Path, str]:
         """Create the VM's root disk; returns (path, qemu format)."""
@@ -218,12 +244,14 @@ class QemuDriver:
             return shared_disk(image, size), "raw"
         return create_overlay(image.rootfs, "raw", workdir / "disk.qcow2", size), "qcow2"
 
-    def _cmdline(self, config: VMConfig, accel: Accel) -> str:
-        return kernel_cmdline(accel.name, host.host_tsc_khz(), [*guest_flags(config, accel), *self.extra_cmdline],
-                              config.vcpus)
+    def _cmdline(self, config: VMConfig, accel: Accel, image: Image) -> str:
+        flags = [*guest_flags(config, accel), *self.extra_cmdline]
+        if machine_type(image.arch) == "virt":
+            return aarch64_kernel_cmdline(flags, config.vcpus)
+        return kernel_cmdline(accel.name, host.host_tsc_khz(), flags, config.vcpus)
 
-    def _sandbox(self) -> bool:
-        return sandbox_supported(self.binary)
+    def _sandbox(self, binary: str) -> bool:
+        return sandbox_supported(binary)
 
     def _privilege_drop(self, workdir: Path) -> tuple[str, Path] | None:
         """(``runas``, ``chroot``): as root, QEMU drops to the VMM user inside ``workdir``."""
@@ -239,17 +267,20 @@ class QemuDriver:
             raise ConfigError(f"network={config.network!r} needs a NIC exactly when it is not 'none' "
                               f"(got {'none' if nic is None else nic.tap})")
         runas, chroot = self._privilege_drop(workdir) or (None, None)
+        binary = self.binary_for(image)
+        for name in (CONTROL_NAME, "qmp.sock"):  # macOS allows 103 bytes, Linux 107
+            check_socket_path(workdir / name, "VM's control" if name == CONTROL_NAME else "VM's QMP")
         return MachineSpec(
-            binary=self.binary, accel=accel.name, cpu=config.cpu, vcpus=config.vcpus, memory_mib=config.memory_mib,
-            kernel=image.kernel, initrd=image.initrd, cmdline=self._cmdline(config, accel),
+            binary=binary, accel=accel.name, cpu=config.cpu, vcpus=config.vcpus, memory_mib=config.memory_mib,
+            kernel=image.kernel, initrd=image.initrd, cmdline=self._cmdline(config, accel, image),
             control=workdir / CONTROL_NAME, disk=disk, disk_format=fmt, disk_fds=disk_fds, qmp=workdir / "qmp.sock",
-            ram=ram, nic=nic, sandbox=self._sandbox(), runas=runas, chroot=chroot, volume_fds=volume_fds,
-            paused=paused)
+            ram=ram, nic=nic, sandbox=self._sandbox(binary), runas=runas, chroot=chroot, volume_fds=volume_fds,
+            paused=paused, machine=machine_type(image.arch))
 
     def _argv(self, spec: MachineSpec) -> list[str]:
         if spec.accel == "tcg":
-            check_cpu_model(self.binary, spec.cpu)
-        return qemu_argv(spec)
+            check_cpu_model(spec.binary, spec.cpu)
+        return virt_argv(spec) if spec.machine == "virt" else qemu_argv(spec)
 
     def _start(self, config: VMConfig, image: Image, workdir: Path, accel: Accel, disk: Path, fmt: str = "qcow2",
                *, nic: Nic | None, ram: RamFile | None = None, paused: bool = False) -> QemuMachine:
@@ -299,7 +330,7 @@ class QemuDriver:
         volume_fds = tuple(range(6, 6 + len(config.volumes)))  # placeholders too
         argv = self._argv(self._spec(config, image, placeholder, accel, placeholder / "disk.qcow2", "qcow2", nic=nic,
                                      ram=RamFile(placeholder / "mem"), disk_fds=fds, volume_fds=volume_fds))
-        shape: dict[str, object] = {"argv": argv, "qemu": host.qemu_version(self.binary), "image": image.id,
+        shape: dict[str, object] = {"argv": argv, "qemu": host.qemu_version(argv[0]), "image": image.id,
                                     "disk_size_mib": config.disk_size_mib, "format": TEMPLATE_FORMAT}
         if accel.name != "tcg":  # -cpu host: the state holds this CPU's features
             shape["host_cpu"] = host.cpu_identity()
@@ -350,7 +381,8 @@ class QemuDriver:
         clones have) or ``builtin`` (a cold-booted VM)."""
         accel = self.select_accel(config.accel, image)
         shape: dict[str, object] = {
-            "backend": self.name, "qemu": host.qemu_version(self.binary), "accel": accel.name, "image": image.id,
+            "backend": self.name, "qemu": host.qemu_version(self.binary_for(image)), "accel": accel.name,
+            "image": image.id,
             "vcpus": config.vcpus, "memory_mib": config.memory_mib, "cpu": config.cpu,
             "disk_size_mib": config.disk_size_mib, "nic": config.network != "none",
             "aslr": config.aslr, "volumes": [f"{v.target}={v.source}" for v in config.volumes], "ram": ram}
@@ -387,7 +419,7 @@ class QemuDriver:
             # The helper shares the VM's TAP (a NIC's features must match its state), but a
             # stopped guest's NIC never reads or writes it (QEMU sends nothing while stopped).
             helper = self._start(config, image, helper_dir, self.select_accel(config.accel, image), overlay, nic=nic,
-                                 ram=RamFile(target / "mem", shared=True, incoming=True, id=self._ram_id(ram)),
+                                 ram=RamFile(target / "mem", shared=True, incoming=True, id=self._ram_id(ram, image)),
                                  paused=True)
             try:
                 _restore(helper, stream, ignore_shared=False, what="checkpoint", run=False)
@@ -408,8 +440,10 @@ class QemuDriver:
             stream.unlink(missing_ok=True)
         return size, paused
 
-    def _ram_id(self, ram: str) -> str:
-        return "mem" if ram == "mem" else BUILTIN_RAM_ID
+    def _ram_id(self, ram: str, image: Image) -> str:
+        """The RAM block's name in a checkpoint's stream: ``mem`` (a snapshot clone's backend)
+        or the machine's own RAM of a cold-booted VM (``microvm.ram``, ``mach-virt.ram``)."""
+        return "mem" if ram == "mem" else RAM_IDS[machine_type(image.arch)]
 
     def _stream_out(self, machine: QemuMachine, layer: Path, stream: Path, timeout: float) -> tuple[int, float]:
         """Pause the VM, hard-link its disk overlay to ``layer`` and move the VM onto a new
@@ -457,7 +491,7 @@ class QemuDriver:
         overlay = create_overlay(checkpoint / "disk.qcow2", "qcow2", workdir / "disk.qcow2",
                                  size_bytes=disk_bytes, unsafe=True)
         machine = self._start(config, image, workdir, accel, overlay, nic=nic,
-                              ram=RamFile(checkpoint / "mem", incoming=True, id=self._ram_id(ram)))
+                              ram=RamFile(checkpoint / "mem", incoming=True, id=self._ram_id(ram, image)))
         _restore(machine, checkpoint / "state", ignore_shared=True, what="checkpoint")
         return machine
 
@@ -536,8 +570,13 @@ def _restore(machine: QemuMachine, state: Path, *, ignore_shared: bool, what: st
     except BaseException as exc:
         diag = machine.diagnostics()
         machine.kill()
-        if isinstance(exc, BootError) and diag:
-            raise BootError(f"{exc}; QEMU said: {diag}") from None
+        if isinstance(exc, BootError):
+            if diag:
+                raise BootError(f"{exc}; QEMU said: {diag}") from None
+            raise
+        if isinstance(exc, Exception):  # QEMU hung up on QMP as it failed (ConnectionResetError): say why
+            raise BootError(f"{what} restore failed ({type(exc).__name__}: {exc}); QEMU said: "
+                            f"{diag or '(nothing on stderr)'}") from exc
         raise
 
 

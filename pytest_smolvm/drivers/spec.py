@@ -23,7 +23,8 @@ class RamFile:
     stream that restores the device state, started over QMP.
 
     ``id`` names the backend, and so the RAM in a migration stream: ``mem`` for snapshots;
-    a checkpoint of a cold-booted VM keeps the machine's own name (``microvm.ram``), which
+    a checkpoint of a cold-booted VM keeps the machine's own name (``microvm.ram``,
+    ``mach-virt.ram`` on ``virt``: :data:`~.virt.RAM_IDS`), which
     QEMU allows for a backend given as ``memory-backend=`` (its migration-compatibility rule).
     """
 
@@ -67,3 +68,6 @@ class MachineSpec:
     volume_fds: tuple[int, ...] = ()
     #: Start with the guest paused (``-S``): a restore that must never run the guest.
     paused: bool = False
+    #: The QEMU machine type, which follows the image's architecture (:mod:`.virt`):
+    #: ``microvm`` (x86-64, :func:`~.qemu.qemu_argv`) or ``virt`` (aarch64, :func:`~.virt.virt_argv`).
+    machine: str = "microvm"

@@ -700,37 +700,58 @@ struct child_ctx {
     const char *exe, *cwd;
     char **argv, **envp;
     int fds[3];
-    volatile int err;      /* errno of the failed step, written by the vfork child */
-    volatile int cwd_failed;
+    int report; /* write end of a close-on-exec pipe: the child's exec failure, if any */
 };
 
-/* Runs in the vfork child (shares the agent's memory until execve): syscalls only. */
-static __attribute__((noinline, noreturn)) void child_exec(struct child_ctx *c) {
+/* What a child that could not exec writes to its report pipe. */
+struct exec_failure {
+    int err;
+    int cwd_failed;
+};
+
+/* Runs in the child (after vfork, which is a plain fork on some libcs: musl's aarch64
+ * vfork() shares no memory), so it reports a failure through the pipe, never through
+ * memory: syscalls only. */
+static __attribute__((noinline, noreturn)) void child_exec(const struct child_ctx *c) {
+    struct exec_failure f = {0, 0};
     sigset_t all;
     sigemptyset(&all);
     sigprocmask(SIG_SETMASK, &all, NULL);
     setsid();
     if (chdir(c->cwd)) {
-        c->err = errno;
-        c->cwd_failed = 1;
-        _exit(127);
+        f.err = errno;
+        f.cwd_failed = 1;
+    } else {
+        for (int i = 0; i < 3; i++) {
+            if (c->fds[i] == i) fcntl(i, F_SETFD, 0);
+            else dup2(c->fds[i], i);
+        }
+        if (guest_mode) set_oom_score_adj("0"); /* the agent's -1000 is inherited: hand it back */
+        execve(c->exe, c->argv, c->envp);
+        f.err = errno;
     }
-    for (int i = 0; i < 3; i++) {
-        if (c->fds[i] == i) fcntl(i, F_SETFD, 0);
-        else dup2(c->fds[i], i);
-    }
-    if (guest_mode) set_oom_score_adj("0"); /* the agent's -1000 is inherited: hand it back */
-    execve(c->exe, c->argv, c->envp);
-    c->err = errno;
+    ssize_t ignored = write(c->report, &f, sizeof f);
+    (void)ignored;
     _exit(127);
 }
 
-static pid_t start_child(struct child_ctx *c) {
-    c->err = 0;
-    c->cwd_failed = 0;
+static pid_t start_child(const struct child_ctx *c) {
     pid_t pid = vfork();
     if (pid == 0) child_exec(c);
     return pid;
+}
+
+/* Wait until the child has exec'd (its end of the report pipe closes: EOF) or has written
+ * why it could not. So the child has called setsid() before its pid is answered, and a
+ * group kill always finds its group. 0 on success; else the child is reaped. */
+static int await_exec(pid_t pid, int report, int *cwd_failed) {
+    struct exec_failure f;
+    ssize_t n;
+    while ((n = read(report, &f, sizeof f)) < 0 && errno == EINTR) {}
+    if (n != (ssize_t)sizeof f) return 0;
+    while (waitpid(pid, NULL, 0) < 0 && errno == EINTR) {}
+    *cwd_failed = f.cwd_failed;
+    return f.err ? f.err : EIO;
 }
 
 /* Start argv in a new session on fds; retries while the guest is out of process slots (a
@@ -740,7 +761,15 @@ static pid_t spawn(char **argv, char **envp, const char *path, const char *cwd, 
     *cwd_failed = 0;
     char *exe = which(argv[0], path);
     if (!exe) return -1;
-    struct child_ctx c = {.exe = exe, .cwd = cwd, .argv = argv, .envp = envp, .fds = {fds[0], fds[1], fds[2]}};
+    int report[2];
+    if (pipe2(report, O_CLOEXEC)) {
+        int err = errno;
+        free(exe);
+        errno = err;
+        return -1;
+    }
+    struct child_ctx c = {.exe = exe, .cwd = cwd, .argv = argv, .envp = envp, .fds = {fds[0], fds[1], fds[2]},
+                          .report = report[1]};
     double deadline = monotonic() + SPAWN_RETRY_SECONDS;
     useconds_t delay = 10000;
     pid_t pid;
@@ -749,13 +778,10 @@ static pid_t spawn(char **argv, char **envp, const char *path, const char *cwd, 
         delay = delay * 2 > 500000 ? 500000 : delay * 2;
     }
     int err = errno;
+    close(report[1]);
     free(exe);
-    if (pid > 0 && c.err) { /* the child could not exec: reap it and report why */
-        while (waitpid(pid, NULL, 0) < 0 && errno == EINTR) {}
-        *cwd_failed = c.cwd_failed;
-        err = c.err;
-        pid = -1;
-    }
+    if (pid > 0 && (err = await_exec(pid, report[0], cwd_failed)) != 0) pid = -1;
+    close(report[0]);
     errno = err;
     return pid;
 }

@@ -24,10 +24,10 @@ from filelock import FileLock, Timeout
 from ..digest import sha256_file
 from ..errors import ImageError
 from ..host import find_tool
-from . import layers, tarstream
+from . import deb, layers, tarstream
 from .kmods import install_modules
 from .recipe import BOOT_MODULES, NET_MODULES, VSOCK_MODULES, Recipe
-from .store import Image, images_dir, resolve
+from .store import Image, find_build, images_dir, load_image, resolve
 
 TOOLS = {
     "mmdebstrap": "mmdebstrap",
@@ -115,30 +115,59 @@ def _extract_elf(vmlinuz: Path, target: Path) -> None:
 
 
 def _extract_arm64_image(vmlinuz: Path, target: Path) -> None:
-    """Debian's arm64 vmlinuz is a gzip-compressed ``Image``, which QEMU ``-M virt`` boots
-    as it is once decompressed (it is not an ELF: the magic is ``ARM\x64`` at offset 56)."""
+    """Debian's arm64 vmlinuz is an ``Image`` that QEMU ``-M virt`` boots as it is: bookworm
+    ships it uncompressed (an EFI stub: ``MZ``), other releases gzip it (``Image.gz``).
+    Either way the result has the arm64 magic ``ARM\x64`` at offset 56 (it is not an ELF)."""
     import gzip
 
-    try:
-        data = gzip.decompress(vmlinuz.read_bytes())
-    except (OSError, EOFError) as exc:
-        raise ImageError(f"cannot decompress the arm64 kernel {vmlinuz}: {exc}") from exc
+    data = vmlinuz.read_bytes()
+    if data[:2] == GZIP_MAGIC:
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as exc:
+            raise ImageError(f"cannot decompress the arm64 kernel {vmlinuz}: {exc}") from exc
     if data[56:60] != ARM64_IMAGE_MAGIC:
-        raise ImageError(f"{vmlinuz} does not hold an arm64 Image (no ARM\\x64 magic at offset 56)")
+        raise ImageError(f"{vmlinuz} does not hold an arm64 Image (neither a raw Image nor a gzipped one: "
+                         f"no ARM\\x64 magic at offset 56; it starts with {data[:4]!r})")
     target.write_bytes(data)
+
+
+GZIP_MAGIC = b"\x1f\x8b"
+#: ELF ``e_machine`` of each Debian architecture's binaries.
+ELF_MACHINES = {"amd64": 0x3E, "arm64": 0xB7}
+
+
+def check_elf_arch(path: Path, arch: str, what: str) -> None:
+    """ImageError unless ``path`` is a 64-bit little-endian ELF for ``arch`` (Debian's name)."""
+    with open(path, "rb") as f:
+        head = f.read(20)
+    if head[:4] != b"\x7fELF" or len(head) < 20:
+        raise ImageError(f"{what} {path} is not an ELF binary")
+    machine = int.from_bytes(head[18:20], "little")
+    if machine != ELF_MACHINES[arch]:
+        found = next((a for a, m in ELF_MACHINES.items() if m == machine), f"e_machine {machine:#x}")
+        raise ImageError(f"{what} {path} is built for {found}, not for the image's architecture {arch}")
 
 
 ARM64_IMAGE_MAGIC = b"ARM\x64"
 
 
 def build(recipe: Recipe, *, force: bool = False, progress: Progress = _default_progress) -> Image:
-    """Build ``recipe`` into the cache unless an identical build exists; return the image."""
+    """Build ``recipe`` into the cache unless an identical build exists (here, or in a shared
+    cache of ``SMOLVM_IMAGE_PATH``, which is then used as it is); return the image."""
+    shared = None if force else find_build(recipe.name, recipe.digest())
+    if shared is not None and not shared.is_relative_to(images_dir()):
+        progress(f"image {recipe.name!r} ({recipe.digest()}) is already built at {shared} (SMOLVM_IMAGE_PATH)")
+        return load_image(shared, recipe.name)
     missing = missing_tools()
     if missing:
         raise ImageError(
             f"the image builder needs Debian packages that are not installed: {', '.join(missing)}; "
             f"install them with: apt-get install -y {' '.join(missing)}"
         )
+    foreign = binfmt_problem(recipe.arch)
+    if foreign is not None:
+        raise ImageError(f"cannot build image {recipe.name!r}: {foreign}")
     if os.geteuid() != 0:
         why = unshare_problem()
         if why is not None:
@@ -163,6 +192,31 @@ def build(recipe: Recipe, *, force: bool = False, progress: Progress = _default_
     except Timeout as exc:
         raise ImageError(f"another build of image {recipe.name!r} holds {exc.lock_file} for over an hour") from exc
     return resolve(str(final)) if recipe.name != "default" else resolve("default")
+
+
+BINFMT_DIR = Path("/proc/sys/fs/binfmt_misc")
+#: Debian architecture -> qemu-user's name for it (binfmt_misc entry ``qemu-<name>``).
+QEMU_USER_CPU = {"amd64": "x86_64", "arm64": "aarch64"}
+
+
+def binfmt_problem(arch: str) -> str | None:
+    """Why this host cannot run ``arch``'s programs (mmdebstrap runs the image's maintainer
+    scripts), or None: the host's own architecture, or another one registered with
+    binfmt_misc (qemu-user-static)."""
+    if arch == _host_arch():
+        return None
+    entry = BINFMT_DIR / f"qemu-{QEMU_USER_CPU[arch]}"
+    try:
+        state = entry.read_text().split("\n", 1)[0].strip()
+    except OSError:
+        state = "missing"
+    if state == "enabled":
+        return None
+    return (f"an {arch} image on this {_host_arch()} host runs {arch} programs through qemu-user, but "
+            f"binfmt_misc has no enabled {entry} ({state}); fix (as root): apt-get install qemu-user-static, then "
+            f"register it: systemctl restart systemd-binfmt, or without systemd: mount -t binfmt_misc binfmt_misc "
+            f"{BINFMT_DIR}; cat /usr/lib/binfmt.d/qemu-{QEMU_USER_CPU[arch]}.conf > {BINFMT_DIR}/register "
+            f"(scripts/setup does this)")
 
 
 def _user() -> str:
@@ -234,25 +288,115 @@ class _Build:
         return time.monotonic() - self.started
 
 
+def concrete_kernel_package(apt_cache_depends: str) -> str | None:
+    """The kernel package a metapackage depends on, from ``apt-cache depends`` output,
+    without an architecture qualifier (apt-cache names a foreign architecture's dependency
+    ``linux-image-6.1.0-57-cloud-arm64:arm64``); None if it names none."""
+    for line in apt_cache_depends.splitlines():
+        if line.strip().startswith("Depends:") and "linux-image-" in line:
+            return line.split(":", 1)[1].strip().split(":", 1)[0]
+    return None
+
+
+def qualified(package: str, arch: str) -> str:
+    """``package`` as apt names it for ``arch``: bare for this host's architecture."""
+    return package if arch == _host_arch() else f"{package}:{arch}"
+
+
+def _host_arch() -> str:
+    from .agentbin import host_arch
+
+    return host_arch() or "amd64"
+
+
+#: Local Debian packages to use instead of ``apt-get download`` (a Mac has no apt): the kernel
+#: package the recipe names, and ``busybox-static`` of the image's architecture.
+KERNEL_DEB_ENV, BUSYBOX_DEB_ENV = "SMOLVM_KERNEL_DEB", "SMOLVM_BUSYBOX_DEB"
+
+
+def local_deb(env: str, arch: str, package: str) -> Path | None:
+    """The ``.deb`` file ``env`` names (checked: a package of ``arch`` whose name starts with
+    ``package``), or None when ``env`` is not set."""
+    value = os.environ.get(env, "").strip()
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ImageError(f"invalid {env}={value!r} (from the environment): no such file")
+    fields = deb.control(path)
+    if fields.get("Architecture") not in (arch, "all") or not fields.get("Package", "").startswith(package):
+        raise ImageError(f"invalid {env}={value!r} (from the environment): it is {fields.get('Package')} "
+                         f"for {fields.get('Architecture')}, not {package} for {arch}")
+    return path
+
+
+def unpack(package: Path, dest: Path, want: Callable[[str], bool] = lambda _p: True) -> None:
+    """Extract a ``.deb`` into ``dest``: with dpkg-deb where there is one, else in Python."""
+    if shutil.which("dpkg-deb") is not None:
+        _run(["dpkg-deb", "-x", str(package), str(dest)], "dpkg-deb -x")
+    else:
+        deb.extract(package, dest, want)
+
+
+def _kernel_files(path: str) -> bool:
+    return path.startswith(("boot/vmlinuz-", "lib/modules/"))
+
+
 def _download_kernel(b: _Build) -> None:
     recipe = b.recipe
     b.announce(f"downloading kernel package {recipe.kernel_package}")
-    kpkg = recipe.kernel_package if recipe.arch == "amd64" else f"{recipe.kernel_package}:{recipe.arch}"
-    deps = _run(["apt-cache", "depends", "--important", kpkg], "apt-cache depends")
-    concrete = next((ln.split(":", 1)[1].strip() for ln in deps.splitlines()
-                     if ln.strip().startswith("Depends:") and "linux-image-" in ln), None)
+    local = local_deb(KERNEL_DEB_ENV, recipe.arch, "linux-image-")
+    if local is not None:
+        b.kernel_deb, b.kernel_package = local, deb.control(local)["Package"]
+    else:
+        b.kernel_deb, b.kernel_package = _apt_kernel(b)
+    unpack(b.kernel_deb, b.kernel_root, _kernel_files)
+
+
+def _apt_kernel(b: _Build) -> tuple[Path, str]:
+    recipe = b.recipe
+    if shutil.which("apt-get") is None:
+        raise ImageError(f"fetching the {recipe.arch} kernel needs apt-get, which this host lacks; download "
+                         f"{recipe.kernel_package}'s kernel package (https://packages.debian.org/{recipe.suite}/"
+                         f"{recipe.arch}/{recipe.kernel_package}: the linux-image-* .deb it depends on) and set "
+                         f"{KERNEL_DEB_ENV} to the file")
+    deps = _run(["apt-cache", "depends", "--important", qualified(recipe.kernel_package, recipe.arch)],
+                "apt-cache depends")
+    concrete = concrete_kernel_package(deps)
     if concrete is None:
-        raise ImageError(f"cannot resolve {recipe.kernel_package} to a kernel package; "
-                         f"run 'apt-get update' first (apt-cache said: {deps[-300:]})")
+        raise ImageError(f"cannot resolve {recipe.kernel_package} to a kernel package; run 'apt-get update' "
+                         f"first{_foreign_hint(recipe.arch)} (apt-cache said: {deps[-300:]})")
     dl = b.work / "dl"
     dl.mkdir()
-    # A foreign architecture's kernel needs `dpkg --add-architecture arm64 && apt-get update`.
-    pkg = concrete if recipe.arch == "amd64" else f"{concrete}:{recipe.arch}"
-    _run(["apt-get", "download", pkg], "apt-get download", cwd=dl)
-    debs = list(dl.glob("*.deb"))
-    b.kernel_deb = debs[0]
-    b.kernel_package = concrete
-    _run(["dpkg-deb", "-x", str(b.kernel_deb), str(b.kernel_root)], "dpkg-deb -x")
+    _run(["apt-get", "download", qualified(concrete, recipe.arch)], "apt-get download", cwd=dl)
+    return next(dl.glob("*.deb")), concrete
+
+
+def _foreign_hint(arch: str) -> str:
+    if arch == _host_arch():
+        return ""
+    return f" (another architecture's packages need: dpkg --add-architecture {arch} && apt-get update)"
+
+
+def busybox_for(b: _Build) -> Path:
+    """The static busybox of the image's architecture: ``SMOLVM_BUSYBOX_DEB``'s if set, the
+    host's ``/bin/busybox`` on Linux of that architecture, else ``busybox-static:<arch>``
+    downloaded with apt and unpacked into the build."""
+    arch = b.recipe.arch
+    dl = b.work / "busybox-dl"
+    package = local_deb(BUSYBOX_DEB_ENV, arch, "busybox-static")
+    if package is None and arch == _host_arch() and sys.platform.startswith("linux"):
+        return BUSYBOX
+    if package is None:
+        if shutil.which("apt-get") is None:
+            raise ImageError(f"an {arch} image needs busybox-static for {arch}, and this host has no apt-get to "
+                             f"fetch it; download it (https://packages.debian.org/{b.recipe.suite}/{arch}/"
+                             f"busybox-static) and set {BUSYBOX_DEB_ENV} to the file")
+        dl.mkdir(exist_ok=True)
+        _run(["apt-get", "download", qualified("busybox-static", arch)], "apt-get download", cwd=dl)
+        package = next(dl.glob("*.deb"))
+    unpack(package, dl / "root", lambda p: p == "bin/busybox")
+    return dl / "root" / "bin" / "busybox"
 
 
 def _extract_kernel(b: _Build) -> None:
@@ -269,7 +413,9 @@ def _extract_kernel(b: _Build) -> None:
             raise ImageError(f"kernel {b.kernel_release} has no module {mod}.ko")
     for mod in VSOCK_MODULES:  # optional: only Firecracker's vsock channel needs them
         _copy_module(b, mod)
-    shutil.copyfile(BUSYBOX, b.out / "busybox")
+    busybox = busybox_for(b)
+    check_elf_arch(busybox, b.recipe.arch, "busybox")
+    shutil.copyfile(busybox, b.out / "busybox")
 
 
 def _copy_module(b: _Build, mod: str) -> bool:

@@ -31,7 +31,7 @@ from . import layers as lay
 from . import oci
 from . import tarstream as ts
 from .kernel import copy_kernel, ensure_kernel, kernel_key
-from .recipe import BUILDER_VERSION, Recipe
+from .recipe import BUILDER_VERSION, Recipe, arm64_recipe
 from .store import Image, images_dir, resolve
 
 Progress = Callable[[str], None]
@@ -56,23 +56,32 @@ def check_image_name(name: str) -> str:
     return name
 
 
-def import_key(source: str, base: Path | None = None) -> tuple[str, oci.Layers]:
+def kernel_recipe(arch: str) -> Recipe:
+    """The recipe whose kernel an imported image of Debian architecture ``arch`` boots."""
+    return arm64_recipe() if arch == "arm64" else Recipe(arch=arch)
+
+
+def import_key(source: str, base: Path | None = None, arch: str = "amd64") -> tuple[str, oci.Layers]:
     """The content key an import of ``source`` gets (layers' diff_ids and our kernel), and
     its layers, read and checked but not applied."""
     src = oci.parse_source(source, base)
-    image = oci.read_layers(src)
+    image = oci.read_layers(src, arch)
     if not image.openers:
         raise ImageError(f"image source {source!r} has no layers")
-    blob = {"builder": BUILDER_VERSION, "import": 1, "diff_ids": image.diff_ids, "kernel": kernel_key(Recipe())}
+    blob = {"builder": BUILDER_VERSION, "import": 1, "diff_ids": image.diff_ids,
+            "kernel": kernel_key(kernel_recipe(arch))}
     return hashlib.sha256(json.dumps(blob).encode()).hexdigest()[:16], image
 
 
 def import_image(source: str, name: str, *, base: Path | None = None, progress: Progress = _stderr,
-                 max_mib: int = DEFAULT_MAX_MIB, force: bool = False) -> Image:
-    """Import the container image ``source`` (``oci:DIR[:TAG]``, ``docker-archive:FILE``)
-    as the guest image ``name`` unless an identical import exists; return it."""
+                 max_mib: int = DEFAULT_MAX_MIB, force: bool = False, arch: str = "amd64") -> Image:
+    """Import the ``linux/<arch>`` container image ``source`` (``oci:DIR[:TAG]``,
+    ``docker-archive:FILE``) as the guest image ``name`` unless an identical import exists;
+    return it. Needs no Linux tool but mkfs.ext4: the kernel comes from Debian's package,
+    read in Python when dpkg is missing (:mod:`.deb`)."""
     check_image_name(name)
-    key, image = import_key(source, base)
+    recipe = kernel_recipe(arch)
+    key, image = import_key(source, base, arch)
     name_dir = images_dir() / name
     name_dir.mkdir(parents=True, exist_ok=True)
     final = name_dir / key
@@ -81,8 +90,9 @@ def import_image(source: str, name: str, *, base: Path | None = None, progress: 
             if (final / "manifest.json").is_file() and not force:
                 progress(f"image {name!r} ({key}) from {source} is already imported at {final}")
             else:
-                kernel_dir, kernel = ensure_kernel(progress)
-                manifest = {"name": name, "digest": key, "source": source, "config_digest": image.config_digest,
+                kernel_dir, kernel = ensure_kernel(progress, recipe)
+                manifest = {"name": name, "digest": key, "source": source, "arch": arch,
+                            "config_digest": image.config_digest,
                             "diff_ids": image.diff_ids, "config": oci.image_env(image.config), **kernel}
                 _build(image, final, kernel_dir, manifest, progress, max_mib)
             point_current(name_dir, key)

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,9 +30,16 @@ KERNEL_FILES = ("vmlinux", "busybox", "modules")
 
 
 def kernel_key(recipe: Recipe) -> str:
-    blob = json.dumps({"builder": BUILDER_VERSION, "package": recipe.kernel_package, "arch": recipe.arch,
-                       "modules": [*BOOT_MODULES, *NET_MODULES, *VSOCK_MODULES]}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    fields: dict[str, object] = {"builder": BUILDER_VERSION, "package": recipe.kernel_package, "arch": recipe.arch,
+                                 "modules": [*BOOT_MODULES, *NET_MODULES, *VSOCK_MODULES]}
+    for env in (build.KERNEL_DEB_ENV, build.BUSYBOX_DEB_ENV):  # local packages: their own kernel
+        local = os.environ.get(env, "").strip()
+        if local:
+            try:
+                fields[env] = [Path(local).name, Path(local).stat().st_size]
+            except OSError:
+                fields[env] = local  # the fetch says what is wrong with it
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def ensure_kernel(progress: build.Progress, recipe: Recipe | None = None) -> tuple[Path, dict[str, str]]:
@@ -82,10 +90,15 @@ def _fetch_lock(root: Path, key: str) -> Path:
 
 
 def _fetch(recipe: Recipe, final: Path, progress: build.Progress) -> None:
-    missing = [t for t in ("apt-get", "dpkg-deb", "lz4") if shutil.which(t) is None]
-    if missing or not build.BUSYBOX.exists():
-        raise ImageError(f"fetching the guest kernel needs {', '.join(missing) or 'busybox'}: "
-                         f"apt-get install -y apt dpkg lz4 busybox-static")
+    # apt-get and dpkg-deb are optional (local packages, read in Python: a Mac has neither);
+    # lz4 unpacks the amd64 kernel only; busybox comes from the host only on Linux.
+    missing = [t for t in ("lz4",) if recipe.arch == "amd64" and shutil.which(t) is None]
+    if recipe.arch == build._host_arch() and sys.platform.startswith("linux") and not build.BUSYBOX.exists() \
+            and not os.environ.get(build.BUSYBOX_DEB_ENV):
+        missing.append("busybox-static")
+    if missing:
+        raise ImageError(f"fetching the guest kernel needs {', '.join(missing)}: apt-get install -y "
+                         f"{' '.join(missing)}")
     work = Path(tempfile.mkdtemp(prefix=".kernel-", dir=final.parent))
     try:
         b = build._Build(recipe, final, work, lambda msg: progress(f"  kernel {msg}"), time.monotonic(), total=2)

@@ -89,11 +89,15 @@ def _digest(value: object, what: str) -> str:
     return value
 
 
-def read_layers(src: Source) -> Layers:
-    """The config and layers of the image ``src`` names."""
-    if src.transport == "oci":
-        return _oci(src)
-    return _docker_archive(src)
+def read_layers(src: Source, arch: str = "amd64") -> Layers:
+    """The config and layers of the ``linux/<arch>`` image ``src`` names (Debian's and OCI's
+    architecture names agree for amd64 and arm64)."""
+    layers = _oci(src, arch) if src.transport == "oci" else _docker_archive(src)
+    found = layers.config.get("architecture")
+    if isinstance(found, str) and found != arch:
+        raise ImageError(f"image source {src.text!r} is a linux/{found} image, not linux/{arch}; "
+                         f"import it with --arch {found}, or pick the {arch} image")
+    return layers
 
 
 # ---------------------------------------------------------------------- OCI layout
@@ -138,15 +142,15 @@ def _pick(manifests: list[Any], ref: str | None, where: str) -> dict[str, Any]:
     return dict(manifests[0])
 
 
-def _platform(manifests: list[Any], where: str) -> dict[str, Any]:
+def _platform(manifests: list[Any], where: str, arch: str = "amd64") -> dict[str, Any]:
     for m in manifests:
         p = m.get("platform") or {} if isinstance(m, dict) else {}
-        if p.get("os") == "linux" and p.get("architecture") == "amd64":
+        if p.get("os") == "linux" and p.get("architecture") == arch:
             return dict(m)
-    raise ImageError(f"{where} has no linux/amd64 image")
+    raise ImageError(f"{where} has no linux/{arch} image")
 
 
-def _oci(src: Source) -> Layers:
+def _oci(src: Source, arch: str = "amd64") -> Layers:
     layout = src.path
     if not (layout / "oci-layout").is_file() or not (layout / "index.json").is_file():
         raise ImageError(f"image source {src.text!r}: {layout} is not an OCI image layout "
@@ -161,7 +165,7 @@ def _oci(src: Source) -> Layers:
         if desc.get("mediaType") not in INDEX_TYPES:
             break
         nested = _small_blob(layout, digest, "image index")
-        desc = _platform(list(nested.get("manifests") or []), f"image index {digest}")
+        desc = _platform(list(nested.get("manifests") or []), f"image index {digest}", arch)
     manifest = _small_blob(layout, digest, "image manifest")
     config_digest = _digest((manifest.get("config") or {}).get("digest"), "the image config")
     config = _small_blob(layout, config_digest, "image config")

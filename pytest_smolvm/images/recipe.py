@@ -204,12 +204,15 @@ def stage1_init() -> bytes:
             .replace("__VSOCK_MODULES__", " ".join(VSOCK_MODULES)).encode())
 
 
-def boot_digest() -> str:
+def boot_digest(toolchain: str = "") -> str:
     """Digest of everything in the boot layer that does not come from the base: stage 1, the
-    agent's source and compiler flags, stage 2."""
+    agent's source and compiler flags, stage 2, and ``toolchain`` (the agent compiler's
+    identity, :func:`~.agentbin.boot_key`; empty for the host's own musl-gcc)."""
     from .agentbin import CFLAGS
 
     h = hashlib.sha256(stage1_init() + "\0".join(CFLAGS).encode())
     for name, data in sorted(agent_sources().items()):
         h.update(name.encode() + b"\0" + data)
+    if toolchain:
+        h.update(b"toolchain\0" + toolchain.encode())
     return h.hexdigest()[:16]

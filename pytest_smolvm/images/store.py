@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..errors import ImageError
 from ..paths import cache_dir, check_safe_path
-from .agentbin import agent_binary
+from .agentbin import agent_binary, boot_key
 from .initramfs import build_initramfs
 from .recipe import Recipe, boot_digest
 
@@ -41,6 +41,8 @@ class Image:
     digest: str
     kernel_release: str
     ssh_host_key_pub: str
+    #: The guest's Debian architecture (``amd64``, ``arm64``): it picks the QEMU machine.
+    arch: str = "amd64"
 
     @property
     def id(self) -> str:
@@ -169,13 +171,23 @@ def _load_cached(path: Path, name: str, _mtime: int) -> Image:
         kernel_release=str(manifest.get("kernel_release", "")),
         ssh_host_key_pub=(path / "ssh_host_ed25519_key.pub").read_text().strip()
         if (path / "ssh_host_ed25519_key.pub").exists() else "",
+        arch=image_arch(manifest),
     )
+
+
+def image_arch(manifest: dict[str, object]) -> str:
+    """The Debian architecture an image's manifest says it was built for (``amd64`` for
+    builds made before images had one)."""
+    recipe = manifest.get("recipe", {})
+    arch = recipe.get("arch", "amd64") if isinstance(recipe, dict) else "amd64"
+    return str(manifest.get("arch", arch))
 
 
 def _boot_layer(path: Path, name: str, manifest: dict[str, object]) -> Path:
     """The image's boot layer for this version's agent: beside the image, or, for an image
     in a shared cache that lacks it, derived into this host's cache (never written there)."""
-    initrd = path / f"boot-{boot_digest()}.cpio"
+    arch = image_arch(manifest)
+    initrd = path / f"boot-{boot_digest(boot_key(arch))}.cpio"
     if initrd.exists():
         return initrd
     if not path.is_relative_to(images_dir()) and any(path.is_relative_to(d) for d in shared_image_dirs()):
@@ -184,8 +196,6 @@ def _boot_layer(path: Path, name: str, manifest: dict[str, object]) -> Path:
         initrd = local / initrd.name
         if initrd.exists():
             return initrd
-    recipe = manifest.get("recipe", {})
-    arch = str(recipe.get("arch", "amd64")) if isinstance(recipe, dict) else "amd64"
     try:
         build_initramfs(path, initrd, agent_binary(arch))
     except OSError as exc:

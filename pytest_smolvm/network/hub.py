@@ -25,6 +25,7 @@ import os
 import re
 import secrets
 import socket
+import sys
 import threading
 from pathlib import Path
 from typing import Final
@@ -210,6 +211,10 @@ def attach(vm: str, run_id: str, policy_name: str, allow: tuple[str, ...], uplin
     On failure nothing is left behind (no lease, TAP, namespace or rules)."""
     if policy_name not in ("isolated", "nat"):
         raise NetworkError(f"invalid network={policy_name!r}: only 'isolated' and 'nat' have a NIC")
+    if not sys.platform.startswith("linux"):
+        raise NetworkError(f"{vm}: network={policy_name!r} needs Linux (its policies are network namespaces, "
+                           f"nftables and TAP devices), and this host is {sys.platform}; use network='none' "
+                           f"(the default) here, and run networked tests on Linux")
     if uplink and not netns.exists(uplink):
         raise NetworkError(f"invalid uplink={uplink!r}: no network namespace of that name "
                            f"(ip netns list shows the existing ones)")

@@ -9,9 +9,11 @@ import subprocess
 import time
 from pathlib import Path
 
+from agentproc import agent_under_test
+
 from pytest_smolvm.drivers.firecracker import AGENT_VSOCK_PORT
 from pytest_smolvm.guest.channel import Channel
-from pytest_smolvm.images.agentbin import agent_binary, agent_source
+from pytest_smolvm.images.agentbin import agent_source
 
 
 def test_agent_port_matches_the_driver() -> None:
@@ -21,7 +23,7 @@ def test_agent_port_matches_the_driver() -> None:
 
 def test_listener_serves_one_host_after_another(tmp_path: Path) -> None:
     path = tmp_path / "agent.sock"
-    proc = subprocess.Popen([str(agent_binary()), "--listen-unix", str(path)], stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen([str(agent_under_test()), "--listen-unix", str(path)], stdin=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 10
         while not path.exists() and time.monotonic() < deadline:

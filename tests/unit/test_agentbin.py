@@ -75,7 +75,63 @@ def test_prune_keeps_only_this_versions_agent(tmp_path: Path, monkeypatch: pytes
     assert sorted(p.name for p in current.parent.iterdir()) == sorted([current.name, "unrelated"])
 
 
-def test_another_architecture_is_refused_clearly() -> None:
-    other = "arm64" if agentbin.platform.machine() == "x86_64" else "amd64"
-    with pytest.raises(ImageError, match=f"an {other} image needs it built on an {other} host"):
+def other_arch() -> str:
+    return "arm64" if agentbin.host_arch() == "amd64" else "amd64"
+
+
+def test_without_a_cross_compiler_the_error_names_both_fixes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 22, bug 4: agent_binary("arm64") refused on amd64 ("cross-compiling is not
+    supported"); now it cross-compiles, and only without any cross compiler says how to get one."""
+    monkeypatch.setattr(agentbin.shutil, "which", lambda _name: None)
+    monkeypatch.setattr(agentbin.importlib.util, "find_spec", lambda _name: None)
+    other = other_arch()
+    with pytest.raises(ImageError, match=f"cannot build the {other} guest agent") as info:
         agentbin.agent_binary(other)
+    assert f"musl-dev:{other}" in str(info.value) and "pip install ziglang" in str(info.value)
+
+
+def test_bad_toolchain_setting_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(agentbin.TOOLCHAIN_ENV, "clang")
+    with pytest.raises(ImageError, match=r"invalid SMOLVM_AGENT_TOOLCHAIN='clang' \(from the environment\)"):
+        agentbin.toolchain("arm64")
+    with pytest.raises(ImageError, match="invalid guest architecture 'riscv64'"):
+        agentbin.toolchain("riscv64")
+
+
+def elf_machine(path: Path) -> int:
+    return int.from_bytes(path.read_bytes()[18:20], "little")
+
+
+@pytest.mark.parametrize("kind", ["gcc-cross", "zig"])
+def test_cross_compiles_a_static_agent_for_the_other_architecture(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   kind: str) -> None:
+    monkeypatch.setenv("SMOLVM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv(agentbin.TOOLCHAIN_ENV, kind)
+    other = other_arch()
+    try:
+        tc = agentbin.toolchain(other)
+    except ImageError as exc:
+        pytest.skip(f"no {kind} toolchain here: {exc}")
+    binary = agentbin.agent_binary(other)
+    assert elf_machine(binary) == {"amd64": 0x3E, "arm64": 0xB7}[other]
+    assert not segment_types(binary.read_bytes()) & {PT_INTERP, PT_DYNAMIC}, "not a static binary"
+    assert binary.name == f"smolvm-agent-{agentbin.agent_digest(other)}"
+    assert tc.kind in tc.identity() and other in tc.identity()
+
+
+def test_the_toolchain_is_part_of_the_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agent's key and, for a cross-built agent, the boot layer's: a new compiler gives new ones."""
+    from pytest_smolvm.images.recipe import boot_digest
+
+    assert agentbin.boot_key() == "" and boot_digest(agentbin.boot_key()) == boot_digest()
+    fake = agentbin.Toolchain("zig", "arm64", ("zig", "cc"), ("-target", "aarch64-linux-musl"))
+    monkeypatch.setattr(agentbin, "toolchain", lambda arch=None: fake)
+    monkeypatch.setattr(agentbin, "_version_line", lambda command: "0.17.1")
+    zig = agentbin.boot_key("arm64")
+    assert "zig" in zig and "0.17.1" in zig
+    monkeypatch.setattr(agentbin, "_version_line", lambda command: "0.18.0")
+    assert agentbin.boot_key("arm64") != zig
+    assert boot_digest(agentbin.boot_key("arm64")) not in (boot_digest(zig), boot_digest())
+    digest = agentbin.agent_digest("arm64")
+    monkeypatch.setattr(agentbin, "_version_line", lambda command: "0.17.1")
+    assert agentbin.agent_digest("arm64") != digest

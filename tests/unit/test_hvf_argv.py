@@ -78,7 +78,8 @@ def test_virt_snapshot_clone_and_nic(tmp_path: Path) -> None:
 
 def test_virt_tcg_and_kvm_variants(tmp_path: Path) -> None:
     tcg = hvf.virt_argv(spec(tmp_path, accel="tcg"))
-    assert one(tcg, "-M") == "virt,gic-version=max" and one(tcg, "-cpu") == "max"
+    assert one(tcg, "-M") == "virt,gic-version=max" and one(tcg, "-cpu") == "max,pauth-impdef=on"
+    assert one(hvf.virt_argv(spec(tmp_path, accel="tcg", cpu="cortex-a72")), "-cpu") == "cortex-a72"
     assert one(hvf.virt_argv(spec(tmp_path, accel="kvm")), "-cpu") == "host"
     with pytest.raises(ConfigError, match="accel='whpx'"):
         hvf.virt_argv(spec(tmp_path, accel="whpx"))
@@ -93,19 +94,20 @@ def test_aarch64_cmdline_uses_the_pl011_console_and_no_tsc_flags() -> None:
     assert "console=ttyAMA0" in hvf.hvf_cmdline("arm64").split()
 
 
-def fake_image(tmp_path: Path) -> Image:
-    return Image(name="default-arm64", path=tmp_path, kernel=tmp_path / "vmlinux", initrd=tmp_path / "boot.cpio",
+def fake_image(tmp_path: Path, arch: str = "arm64") -> Image:
+    return Image(name=f"test-{arch}", path=tmp_path, kernel=tmp_path / "vmlinux", initrd=tmp_path / "boot.cpio",
                  rootfs=tmp_path / "rootfs.ext4", rootfs_mib=1024, digest="d" * 16, kernel_release="6.1",
-                 ssh_host_key_pub="")
+                 ssh_host_key_pub="", arch=arch)
 
 
-@pytest.mark.parametrize(("arch", "machine", "binary"), [
-    ("arm64", "virt", "qemu-system-aarch64"), ("x86_64", "microvm", "qemu-system-x86_64")])
+@pytest.mark.parametrize(("arch", "machine", "binary", "image_arch"), [
+    ("arm64", "virt", "qemu-system-aarch64", "arm64"), ("x86_64", "microvm", "qemu-system-x86_64", "amd64")])
 def test_hvf_driver_argv_per_platform(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, arch: str, machine: str,
-                                      binary: str) -> None:
+                                      binary: str, image_arch: str) -> None:
     monkeypatch.setattr(host, "host_tsc_khz", lambda: None)
     driver = hvf.HvfQemuDriver(f"/opt/homebrew/bin/{binary}", host_arch=arch)
-    argv = driver._argv(driver._spec(VMConfig(vcpus=2), fake_image(tmp_path), tmp_path, Accel("hvf", "test"),
+    argv = driver._argv(driver._spec(VMConfig(vcpus=2), fake_image(tmp_path, image_arch), tmp_path,
+                                     Accel("hvf", "test"),
                                      tmp_path / "disk.qcow2", nic=None))
     assert argv[0].endswith(binary) and one(argv, "-M") == machine and one(argv, "-accel") == "hvf"
     assert "-sandbox" not in argv
@@ -188,7 +190,7 @@ DRIVE = ["-drive", "id=root,file=/r/vm/disk.qcow2,format=qcow2,if=none,cache=uns
 
 def test_virt_argv_is_pinned() -> None:
     assert hvf.virt_argv(MachineSpec(binary=ARM, accel="tcg", **FIXED)) == [
-        ARM, "-M", "virt,gic-version=max", "-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "512",
+        ARM, "-M", "virt,gic-version=max", "-accel", "tcg", "-cpu", "max,pauth-impdef=on", "-smp", "2", "-m", "512",
         *GUEST, *DRIVE]
     clone = hvf.virt_argv(MachineSpec(binary=ARM, accel="hvf", **FIXED, qmp=Path("/r/vm/qmp.sock"),
                                       ram=RamFile(Path("/s/mem"), incoming=True),
@@ -261,7 +263,7 @@ def test_hvf_driver_launch_is_pinned(tmp_path: Path, spawned: list[list[str]]) -
     (tmp_path / "x").mkdir()
     image = fake_image(tmp_path)
     hvf_driver("arm64", ARM).launch(VMConfig(vcpus=2), image, tmp_path / "a")
-    hvf_driver("x86_64", X86).launch(VMConfig(network="isolated"), image, tmp_path / "x",
+    hvf_driver("x86_64", X86).launch(VMConfig(network="isolated"), fake_image(tmp_path, "amd64"), tmp_path / "x",
                                      Nic(5, "tap0", "02:00:00:00:00:01"))
     t = str(tmp_path)
     assert spawned == [

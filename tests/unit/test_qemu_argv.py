@@ -15,6 +15,7 @@ from pytest_smolvm.drivers.accel import accel_args, choose_accel
 from pytest_smolvm.drivers.base import TEMPLATE_MAC, Accel, Nic, Spawned, guest_flags
 from pytest_smolvm.drivers.qemu import kernel_cmdline, qemu_argv
 from pytest_smolvm.drivers.spec import MachineSpec, RamFile
+from pytest_smolvm.drivers.virt import host_arch
 from pytest_smolvm.errors import ConfigError
 from pytest_smolvm.images import Image
 
@@ -237,7 +238,10 @@ def test_guest_flags_in_cmdline_are_matched_by_stage1() -> None:
 
 
 class Dummy:
-    """Stands in for the binary / image: choose_accel must not look inside for these paths."""
+    """Stands in for the binary / image: choose_accel must not look inside for these paths
+    (but for the image's architecture: the host's, here)."""
+
+    arch = host_arch()
 
     def __getattr__(self, name: str) -> Any:
         raise AssertionError(f"choose_accel touched image.{name}")

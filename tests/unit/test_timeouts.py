@@ -80,6 +80,6 @@ def test_canary_timeout_message_matches_what_is_not_cached(monkeypatch: pytest.M
         raise subprocess.TimeoutExpired("qemu", 8)
 
     monkeypatch.setattr(subprocess, "run", slow)
-    image = type("I", (), {"kernel": "k", "initrd": "i"})()
+    image = type("I", (), {"kernel": "k", "initrd": "i", "arch": "amd64"})()
     ok, reason = accel.canary_boot("qemu", image, "kvm", 8.0)  # type: ignore[arg-type]
     assert not ok and accel.CANARY_TIMED_OUT in reason
