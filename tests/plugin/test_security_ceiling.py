@@ -10,9 +10,14 @@ import pytest
 from helpers import FAKE_CONFTEST, isolated_pytester
 
 CONFTEST = FAKE_CONFTEST + """
+_FIRST = []
+
+def pytest_sessionstart(session):
+    _FIRST.append(len(LAUNCHES))  # fake_driver may be imported already: count this run's only
+
 def pytest_sessionfinish(session):
     with open("launches.json", "w") as f:
-        json.dump([c.network for c in LAUNCHES], f)
+        json.dump([c.network for c in LAUNCHES[_FIRST[0]:]], f)
 """
 RAISING_HOOK = """
 def pytest_smolvm_configure(config, request):
