@@ -246,7 +246,8 @@ class VMNetwork:
         except NetworkError:
             allowed = []
         commands = policy.vm_removal(self.addr.tap, self.addr.host_ip, self.addr.guest_ip, self.addr.mac,
-                                     self.mark, self.egress, [d.as_tuple() for d in denied])
+                                     self.mark, self.egress, [d.as_tuple() for d in denied],
+                                     leased=self.policy != "none")
         commands += policy.dns_forget_elements(self.addr.tap, allowed)
         try:
             netns.run(self.netns, ["nft", "-f", "-"], input=commands)

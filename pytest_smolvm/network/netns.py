@@ -167,18 +167,17 @@ def write_sysctl(ns: str, key: str, value: str) -> None:
 
 
 def flush_conntrack(ns: str, mark: int) -> None:
-    """Delete the conntrack entries of ``ns`` whose mark is ``mark`` (one VM's connections)."""
+    """Delete the conntrack entries of ``ns`` whose mark is ``mark`` (one VM's connections).
+    pyroute2 opens its netlink socket lazily, at the first request: all of it runs inside."""
     from pyroute2 import Conntrack
 
     with entered(ns):
         try:
             ct = Conntrack()
-        except Exception as exc:
-            raise NetworkError(f"cannot open conntrack in network namespace {ns!r}: {exc}") from exc
-    try:
-        ct.flush(mark=mark)
-    except Exception as exc:  # pyroute2's NetlinkError; ENOENT when there is nothing to flush
-        if getattr(exc, "code", None) != 2:
-            raise NetworkError(f"cannot flush conntrack entries (mark {mark}) in {ns!r}: {exc}") from exc
-    finally:
-        ct.close()
+            try:
+                ct.flush(mark=mark)
+            finally:
+                ct.close()
+        except Exception as exc:  # pyroute2's NetlinkError; ENOENT when there is nothing to flush
+            if getattr(exc, "code", None) != 2:
+                raise NetworkError(f"cannot flush conntrack entries (mark {mark}) in {ns!r}: {exc}") from exc

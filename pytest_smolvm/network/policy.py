@@ -288,12 +288,14 @@ def vm_elements(tap: str, gateway: ipaddress.IPv4Address, guest: ipaddress.IPv4A
 
 
 def vm_removal(tap: str, gateway: ipaddress.IPv4Address, guest: ipaddress.IPv4Address, mac: str, mark: int,
-               egress: Iterable[str], denied: Iterable[tuple[str, int, str]]) -> str:
-    """nft commands that forget one VM (so the next VM on its TAP starts clean)."""
+               egress: Iterable[str], denied: Iterable[tuple[str, int, str]], leased: bool = True) -> str:
+    """nft commands that forget one VM (so the next VM on its TAP starts clean); ``leased``
+    False: its lease is already gone (a live change to ``none`` withdrew it)."""
     t = f"inet {RUN_TABLE}"
     lines = [f"delete element {t} {name} {{ {elems} }}" for name, elems in
-             _vm_sets(tap, gateway, guest, mac, mark, egress)]
-    lines.append(f'delete element arp {RUN_TABLE} arplease {{ "{tap}" . {guest} . {mac} }}')
+             _vm_sets(tap, gateway, guest, mac, mark, egress) if leased or name != "lease"]
+    if leased:
+        lines.append(f'delete element arp {RUN_TABLE} arplease {{ "{tap}" . {guest} . {mac} }}')
     lines += [f"delete counter {t} {obj}_{tap}" for obj in COUNTERS.values()]
     lines += [f"delete limit {t} bw_{tap}", f"delete limit {t} cps_{tap}"]
     lines += [f'delete element {t} denied {{ "{tap}" . {addr} . {proto} . {port} }}' for addr, port, proto in denied]

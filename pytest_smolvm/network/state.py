@@ -95,6 +95,12 @@ class NetworkState:
         return resolver.ledger.names() if resolver else []
 
     @property
+    def dns_allowed(self) -> list[str]:
+        """Addresses the guest may reach now because an allowed name's answer gave them
+        (each until its answer's TTL runs out; read live from the run's nft set)."""
+        return self._net.dns_allowed() if self._net and self._net.final_denied is None else []
+
+    @property
     def dns(self) -> dict[str, int]:
         """The resolver's counters: ``answered``, ``rate_refused`` (over the per-VM query rate),
         ``unitemised`` (denied lookups beyond the ledger), ``malformed``, ``upstream_failures``."""
