@@ -220,17 +220,24 @@ class VMNetwork:
                 with slot_table(self.run_id).lock:
                     _ensure_uplink(self.netns, self.run_id, self.uplink)
             egress = policy.egress_networks(policy_name, allow)
-            commands = policy.live_change(self.addr.tap, self.addr.guest_ip, self.addr.mac, (self.policy, self.egress),
-                                          (policy_name, egress), self.dns_allowed() if tighten else (), tighten)
+            nets, names = split_allow(allow)
+            if self.resolver is not None:  # first: no answer under the old policy comes after the flush
+                self.resolver.set_policy(NamePolicy.of(policy_name, names, bool(nets)))
             if policy_name == "none":
                 _set_link(self.netns, self.addr.tap, up=False)
-            if commands:
-                netns.run(self.netns, ["nft", "-f", "-"], input=commands)
+            for attempt in (1, 2):  # an answer's element may expire between listing and deleting it
+                commands = policy.live_change(self.addr.tap, self.addr.guest_ip, self.addr.mac,
+                                              (self.policy, self.egress), (policy_name, egress),
+                                              self.dns_allowed() if tighten else (), tighten)
+                try:
+                    if commands:
+                        netns.run(self.netns, ["nft", "-f", "-"], input=commands)
+                    break
+                except NetworkError:
+                    if attempt == 2:
+                        raise
             if tighten:
                 netns.flush_conntrack(self.netns, self.mark)
-            nets, names = split_allow(allow)
-            if self.resolver is not None:
-                self.resolver.set_policy(NamePolicy.of(policy_name, names, bool(nets)))
             if self.policy == "none" and policy_name != "none":
                 _set_link(self.netns, self.addr.tap, up=True)
             self.policy, self.allow, self.egress = policy_name, allow, egress

@@ -87,6 +87,7 @@ class VMResolver:
         self.answered = 0
         self._allowed: dict[str, float] = {}  # address -> when its element expires (monotonic)
         self._stop = threading.Event()
+        self._busy = threading.Lock()  # one query at a time, and never across a policy change
         self._conns: dict[int, _Conn] = {}
         with netns.entered(ns):
             self._udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -106,9 +107,12 @@ class VMResolver:
 
     def set_policy(self, policy: dns.NamePolicy) -> None:
         """A live change: later queries are judged by ``policy``; the addresses earlier answers
-        allowed are forgotten (the caller flushed them from the VM's allow set)."""
-        self.policy = policy
-        self._allowed = {}
+        allowed are forgotten (the caller flushes them from the VM's allow set *after* this
+        returns). Waits for a query in flight, so none judged by the old policy can put an
+        address back after that flush."""
+        with self._busy:
+            self.policy = policy
+            self._allowed = {}
 
     def close(self) -> None:
         self._stop.set()
@@ -195,6 +199,10 @@ class VMResolver:
         if not self.rate.take():
             self.ledger.count_rate()
             return bytes(dns.reply(request, dns.Verdict.REFUSED).pack())
+        with self._busy:
+            return self._judged(request, tcp)
+
+    def _judged(self, request: DNSRecord, tcp: bool) -> bytes:
         policy = self.policy
         decision = dns.decide(request, policy)
         if decision.verdict in (dns.Verdict.NXDOMAIN, dns.Verdict.REFUSED) and decision.name:

@@ -9,60 +9,22 @@ behind ``SMOLVM_DNS_UPSTREAM``). No packet leaves namespaces this module makes.
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from dnszone import Zone
+from dnszone import Echo, Zone
 from helpers import REAL_CACHE
 from nettopo import ALLOWED_HOST, ALLOWED_NET, OTHER_HOST, SERVER, Internet
 
 from pytest_smolvm import SmolVM
-from pytest_smolvm.network import netns
 
 Factory = Callable[..., SmolVM]
 ZONE_ADDR = "192.0.2.53"
 PKGS_ADDR = "192.0.2.80"
-
-
-class Echo:
-    """A TCP echo server on ``PKGS_ADDR:7`` in the internet namespace (threads in this process)."""
-
-    def __init__(self, ns: str) -> None:
-        with netns.entered(ns):
-            self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((PKGS_ADDR, 7))
-        self.sock.listen(16)
-        self.conns: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.conns.append(conn)
-            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
-
-    @staticmethod
-    def _echo(conn: socket.socket) -> None:
-        try:
-            while data := conn.recv(4096):
-                conn.sendall(data)
-        except OSError:
-            pass
-
-    def close(self) -> None:
-        self.sock.close()
-        for c in self.conns:
-            c.close()
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +42,7 @@ def internet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Interne
         net.wait_listening(net.inet_ns, PKGS_ADDR)
         zone = Zone(net.inet_ns, ZONE_ADDR, {"pkgs.test": PKGS_ADDR, "evil.test": OTHER_HOST})
         zone.wait_serving()
-        echo = Echo(net.inet_ns)
+        echo = Echo(net.inet_ns, PKGS_ADDR)
         yield net, zone
     finally:
         if echo is not None:
@@ -251,12 +213,16 @@ def test_live_changes_cut_open_connections_and_none_drops_everything(smolvm_fact
 def test_a_failed_test_reports_denied_lookups_and_the_ceiling_holds_live_changes(
         pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SMOLVM_CACHE_DIR", str(REAL_CACHE))
+    monkeypatch.setenv("SMOLVM_DNS_UPSTREAM", "192.0.2.53, 192.0.2.54:5353")
     pytester.makepyfile("""
         import pytest
         from pytest_smolvm import NetworkError
 
         @pytest.mark.smolvm(network="isolated")
         def test_looks_up(smolvm):
+            assert smolvm.config.dns_upstream == ("192.0.2.53:53", "192.0.2.54:5353")
+            resolv = smolvm.run("cat /etc/resolv.conf").stdout
+            assert resolv.splitlines()[0] == "nameserver " + smolvm.network.host_ip
             r = smolvm.run(["python3", "-c", "import socket\\ntry: socket.getaddrinfo('secret.evil.test', 80)\\n"
                             "except OSError as e: print('ERR', e)"])
             assert r.stdout.startswith("ERR")
