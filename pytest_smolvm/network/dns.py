@@ -75,6 +75,15 @@ class Decision:
     why: str = ""
 
 
+def parse(data: bytes) -> DNSRecord | None:
+    """A message from the wire, or None if dnslib cannot make one of it (whatever it raises:
+    the bytes are hostile, and a parser's surprise must not stop the resolver)."""
+    try:
+        return DNSRecord.parse(data)
+    except Exception:
+        return None
+
+
 def decide(request: DNSRecord, policy: NamePolicy) -> Decision:
     """The verdict on one parsed request. Only a single ``IN`` question of a standard query
     is answered; a name is judged only after :func:`~.names.query_name` accepted it."""

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Final
 
-from dnslib import QTYPE, RCODE, DNSError, DNSRecord
+from dnslib import QTYPE, RCODE, DNSRecord
 
 from ..errors import NetworkError
 from . import dns, netns
@@ -137,6 +137,11 @@ class VMResolver:
                         self._event(sel, key)
                     except OSError as exc:
                         log.debug("%s: DNS socket error: %s", self.vm, exc)
+                    except Exception:  # one bad message must not stop the VM's DNS
+                        log.exception("%s: a DNS message could not be handled", self.vm)
+                        self.ledger.count_bad()
+                        if key.data == "conn":
+                            self._drop(sel, key.fd)
                 now = time.monotonic()
                 for fd, conn in list(self._conns.items()):
                     if conn.idle_at < now:
@@ -191,9 +196,8 @@ class VMResolver:
 
     def handle(self, data: bytes, *, tcp: bool) -> bytes | None:
         """The reply to one message from the guest (None: no reply)."""
-        try:
-            request = DNSRecord.parse(data)
-        except (DNSError, ValueError, IndexError, UnicodeError):
+        request = dns.parse(data)
+        if request is None:
             self.ledger.count_bad()
             return None
         if not self.rate.take():
@@ -274,9 +278,11 @@ class VMResolver:
                 else:
                     sock.send(data)
                     raw = sock.recv(MAX_MESSAGE)
-            answer = DNSRecord.parse(raw)
-        except (OSError, DNSError, ValueError, IndexError, UnicodeError) as exc:
+        except OSError as exc:
             log.debug("%s: upstream %s failed: %s", self.vm, upstream, exc)
+            return None
+        answer = dns.parse(raw)
+        if answer is None:
             return None
         if answer.header.tc and not tcp:
             return self._ask(request, upstream, True)

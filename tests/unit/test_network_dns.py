@@ -8,6 +8,8 @@ import json
 
 import pytest
 from dnslib import CLASS, CNAME, OPCODE, QTYPE, RCODE, RR, A, DNSHeader, DNSQuestion, DNSRecord
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pytest_smolvm.network import dns, policy
 from pytest_smolvm.network.dns import Decision, Mode, NamePolicy, Verdict, decide
@@ -195,3 +197,30 @@ def test_live_change_loosening_only_adds() -> None:
         'add element arp smolvm arplease { "sv1" . 10.213.0.2 . 02:53:00:00:00:00 }',
     ]
     assert policy.live_change("sv1", GUEST, "m", ("nat", ["a"]), ("nat", ["a"]), ["192.0.2.80"], False) == ""
+
+
+# --------------------------------------------------------------------- hostile bytes
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=600))
+def test_any_bytes_are_a_request_or_nothing_and_never_raise(data: bytes) -> None:
+    request = dns.parse(data)
+    if request is not None:
+        decision = decide(request, NAMES)
+        assert decision.name.isprintable() and len(decision.name) <= 120
+        dns.reply(request, decision.verdict).pack()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(min_size=1, max_size=63), min_size=1, max_size=20))
+def test_any_labels_are_judged_without_raising(labels: list[bytes]) -> None:
+    raw = DNSRecord(DNSHeader(id=1), q=DNSQuestion("x.test"))
+    raw.questions[0].qname.label = tuple(labels)
+    request = dns.parse(raw.pack())
+    if request is None:
+        return
+    decision = decide(request, NamePolicy(Mode.ANY))
+    assert decision.verdict in (Verdict.FORWARD, Verdict.NXDOMAIN)
+    if decision.verdict is Verdict.FORWARD:  # only host names ever go upstream
+        assert all(part and len(part) <= 63 for part in decision.name.split("."))
+        assert set(decision.name) <= set("abcdefghijklmnopqrstuvwxyz0123456789-_.")
