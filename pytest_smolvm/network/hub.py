@@ -9,6 +9,9 @@ Layout of one run (every name carries the run's tag)::
     │   masquerade, input drop     │         │ sv<run><slot> 10.213.s.1/30 ── TAP ── VM│
     └──────────────────────────────┘         └───────────────────────────────────────┘
 
+Each VM's gateway address also serves DNS: a :class:`~.resolver.VMResolver` thread of the
+process that attached the VM, answering only that guest, by its policy (``resolver.py``).
+
 The namespace exists while a VM of the run holds a slot in it: the first lease creates it
 and the last release removes it (with the veth and the uplink table). Everything is done
 under one host-wide file lock (always with a timeout), so xdist workers and concurrent runs

@@ -358,7 +358,8 @@ def parse_dns_allowed(nft_json: str) -> dict[str, list[str]]:
 
 def egress_networks(policy: str, allow: tuple[str, ...]) -> list[str]:
     """Where a VM may send to through the uplink (IPv4, merged so the interval set takes
-    them): nothing, its allow list, or anywhere; never link-local 169.254.0.0/16 (cloud
+    them): nothing, the networks of its allow list (its names open only the addresses their
+    answers give, in ``dnsallow``), or anywhere; never link-local 169.254.0.0/16 (cloud
     metadata services) unless an allow CIDR lies inside it."""
     if policy != "nat":
         return []

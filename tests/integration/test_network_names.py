@@ -128,6 +128,10 @@ def test_a_name_allowlist_resolves_its_names_and_nothing_else(smolvm_factory: Fa
     assert "udp none" in direct and "tcp none" in direct, direct
     assert "direct.pkgs.test" not in zone.asked()
     assert {(ZONE_ADDR, 53, "udp"), (ZONE_ADDR, 53, "tcp")} <= set(vm.network.denied)
+    # DNS over TLS to an address no answer gave: dropped like everything else there.
+    r = vm.run(["python3", "-c", f"import socket; socket.create_connection(('{ZONE_ADDR}', 853), timeout=3)"],
+               timeout=60)
+    assert r.exit_code != 0 and (ZONE_ADDR, 853, "tcp") in vm.network.denied
     # ... nor through the guest's own nameserver line.
     vm.run(f"echo nameserver {ZONE_ADDR} > /etc/resolv.conf", check=True)
     assert lookup(vm, "own-line.pkgs.test")["own-line.pkgs.test"].startswith("ERR")
