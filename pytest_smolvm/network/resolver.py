@@ -135,8 +135,10 @@ class VMResolver:
                 for key, _ in sel.select(timeout=0.2):
                     try:
                         self._event(sel, key)
-                    except OSError as exc:
+                    except OSError as exc:  # e.g. a guest that does not read its TCP answers
                         log.debug("%s: DNS socket error: %s", self.vm, exc)
+                        if key.data == "conn":
+                            self._drop(sel, key.fd)
                     except Exception:  # one bad message must not stop the VM's DNS
                         log.exception("%s: a DNS message could not be handled", self.vm)
                         self.ledger.count_bad()
