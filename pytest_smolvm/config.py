@@ -8,7 +8,6 @@ e.g. ``invalid memory_mib=-1 from marker on test_x``.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import math
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -16,11 +15,17 @@ from typing import Any, Final
 
 from .cpumodel import check_cpu
 from .errors import ConfigError
+from .network.names import allow_entry, upstreams
+from .network.policy import (
+    DEFAULT_EGRESS_CONNS_PER_S,
+    DEFAULT_EGRESS_KIB_PER_S,
+    NETWORK_POLICIES,
+    network_rank,
+)
 from .reporting import redacted_repr
 from .timeouts import scaled
 from .volumes import Volume, check_volumes
 
-NETWORK_POLICIES: Final = ("none", "isolated", "nat")
 DISK_MODES: Final = ("isolated", "shared")
 ACCELS: Final = ("auto", "kvm", "hvf", "tcg")
 BACKENDS: Final = ("auto", "qemu", "firecracker")
@@ -29,9 +34,6 @@ DEFAULT_MAX_OUTPUT: Final = 16 * 1024 * 1024
 #: Seconds; both are multiplied by SMOLVM_TIMEOUT_SCALE (timeouts.py).
 DEFAULT_TIMEOUT: Final = 30.0
 DEFAULT_BOOT_TIMEOUT: Final = 90.0
-#: Egress caps of a networked VM: KiB/s through the uplink, new connections per second.
-DEFAULT_EGRESS_KIB_PER_S: Final = 10240
-DEFAULT_EGRESS_CONNS_PER_S: Final = 50
 
 
 class SecretEnv(Mapping[str, str]):
@@ -76,7 +78,9 @@ class VMConfig:
     ``lifetime`` caps the wall-clock seconds a VM may serve its user (from when it is handed
     over): then it is destroyed and every call raises GuestDied saying so. ``uplink`` is the
     network namespace ``nat`` traffic leaves through (None: the host's root namespace).
-    ``egress_kib_per_s`` and ``egress_conns_per_s`` cap what a networked VM sends through
+    ``allow`` entries are IPv4 networks or DNS names (``pypi.org``, ``*.pythonhosted.org``);
+    ``dns_upstream`` lists the ``IP:PORT`` resolvers the run's resolver forwards allowed names
+    to (empty: the host's). ``egress_kib_per_s`` and ``egress_conns_per_s`` cap what a networked VM sends through
     the uplink (KiB per second, new connections per second); beyond them packets are dropped.
     ``cpu`` is the guest CPU model under TCG (None: ``qemu64,+rdrand,+arat``); KVM and HVF
     guests always get the host's CPU. ``volumes`` are host directories or ext4 images mounted
@@ -105,6 +109,7 @@ class VMConfig:
     egress_conns_per_s: int = DEFAULT_EGRESS_CONNS_PER_S
     cpu: str | None = None
     volumes: tuple[Volume, ...] = ()
+    dns_upstream: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -144,15 +149,6 @@ class VMConfig:
 
 
 FIELD_NAMES: Final = frozenset(f.name for f in dataclasses.fields(VMConfig))
-
-
-def network_rank(network: str, allow: Iterable[str] = ()) -> int:
-    """Order of network policies: ``none`` 0 < ``isolated`` 1 < ``nat`` + allow 2 < ``nat`` 3."""
-    if network == "none":
-        return 0
-    if network == "isolated":
-        return 1
-    return 2 if tuple(allow) else 3
 
 
 def _bad(name: str, value: object, why: str) -> ConfigError:
@@ -209,13 +205,15 @@ def _allow(value: object) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [v for v in value.replace(",", " ").split() if v]
     if not isinstance(value, (list, tuple)):
-        raise _bad("allow", value, "expected a list of CIDRs such as ['198.51.100.0/24']")
+        raise _bad("allow", value, "expected a list of CIDRs and DNS names such as "
+                   "['198.51.100.0/24', 'pypi.org', '*.pythonhosted.org']")
     out = []
     for item in value:
-        try:
-            out.append(str(ipaddress.ip_network(str(item), strict=False)))
-        except ValueError:
-            raise _bad("allow", item, "not a network address (CIDR such as 198.51.100.0/24)") from None
+        if not isinstance(item, str):
+            raise _bad("allow", item, "expected a CIDR or a DNS name as a str")
+        entry = allow_entry(item)
+        if entry not in out:
+            out.append(entry)
     return tuple(out)
 
 
@@ -272,6 +270,7 @@ _CHECKS: Final[Mapping[str, Callable[[str, Any], Any]]] = {
     "egress_conns_per_s": lambda name, v: _int(name, v, 1),
     "cpu": lambda _, v: check_cpu(v),
     "volumes": lambda _, v: check_volumes(v),
+    "dns_upstream": lambda _, v: upstreams(v),
 }
 
 

@@ -302,6 +302,7 @@ class SmolVMPlugin:
         self.ensure_image(cfg.image)
         driver = self.config.hook.pytest_smolvm_make_driver(config=cfg, pytestconfig=self.config)
         vm = self._start_with_retry(request, cfg, driver, checkpoint)
+        vm.network.ceiling = self.ceiling  # vm.network.set() may not loosen past it either
         if self.config.option.capture == "no":  # -s: show each command's output as it runs
             redact = vm.redact
             vm.live_output = lambda label: LiveOutput(label, _terminal_write, redact)

@@ -30,11 +30,28 @@ def network_section(vm: SmolVM) -> str:
     head += (f"\negress caps {vm.config.egress_kib_per_s} KiB/s, {vm.config.egress_conns_per_s} new connections/s"
              + "".join(f"; {kind} cap hit ({n} packet(s) dropped)" for kind, n in capped.items() if n))
     more = f"\n  ... {unitemised} more denials not itemised (the denial ledger was full)" if unitemised else ""
+    lookups = _lookups(net.denied_name_counts(), net.dns)
     if not denied and not more:
-        return f"{head}\ndenied egress: none"
+        return f"{head}\ndenied egress: none" + lookups
     rows = [f"  {d.proto} {d.dest}" + (f":{d.port}" if d.port else "") + f"  ({d.packets} packet(s))"
             for d in denied]
-    return f"{head}\ndenied egress ({len(denied)}):\n" + "\n".join(rows) + more
+    return f"{head}\ndenied egress ({len(denied)}):\n" + "\n".join(rows) + more + lookups
+
+
+def _lookups(names: list[tuple[str, int]], counters: dict[str, int]) -> str:
+    """The resolver's part: the names it would not resolve, and what it refused uncounted."""
+    if not counters:
+        return ""
+    extra = "".join(f"\n  ... {n} {what}" for what, n in (
+        ("more denied lookups not itemised (the ledger was full)", counters.get("unitemised", 0)),
+        ("queries refused over the per-VM rate", counters.get("rate_refused", 0)),
+        ("malformed queries dropped", counters.get("malformed", 0))) if n)
+    if not names and not extra:
+        return "\ndenied lookups: none"
+    rows = [f"  {name}  ({count} time(s))" for name, count in names[:50]]
+    if len(names) > 50:
+        rows.append(f"  ... and {len(names) - 50} more names (vm.network.denied_names)")
+    return f"\ndenied lookups ({len(names)}):\n" + "\n".join(rows) + extra
 
 
 def host_lines(workers: dict[str, dict[str, Any]]) -> list[str]:

@@ -13,8 +13,9 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, Final
 
-from .config import check_field, network_rank
+from .config import check_field
 from .errors import ConfigError
+from .network.policy import network_rank
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +46,9 @@ OPTIONS: Final = (
     Option("uplink", "--smolvm-uplink", "smolvm_uplink", "SMOLVM_UPLINK",
            "network namespace that network='nat' traffic leaves through: 'root' (default, the host's "
            "own) or a namespace name (ip netns list)"),
+    Option("dns_upstream", "--smolvm-dns-upstream", "smolvm_dns_upstream", "SMOLVM_DNS_UPSTREAM",
+           "resolvers the run's resolver forwards allowed names to: IP[:PORT], comma-separated "
+           "(default: the host's, as it resolves)"),
     Option("snapshot", "--smolvm-snapshot", "smolvm_snapshot", "SMOLVM_SNAPSHOT",
            "start isolated-disk VMs as snapshot clones: true or false (default true); "
            "--smolvm-no-snapshot is false"),

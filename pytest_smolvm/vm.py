@@ -41,8 +41,8 @@ from .transfer import DEFAULT_GET_LIMIT, GET_TIMEOUT, Files
 
 __all__ = ["AttachNetwork", "NetworkState", "RunResult", "SmolVM", "VMState"]
 
-#: How a networked VM gets its NIC: ``network.hub.attach(vm, run_id, policy, allow, uplink, caps)``.
-AttachNetwork = Callable[[str, str, str, tuple[str, ...], str | None, Caps], VMNetwork]
+#: How a networked VM gets its NIC: ``network.hub.attach(vm, run_id, policy, allow, uplink, caps, dns_upstream)``.
+AttachNetwork = Callable[[str, str, str, tuple[str, ...], str | None, Caps, tuple[str, ...]], VMNetwork]
 #: Numbers VM names; the warm-pool thread and the test's thread both create VMs. The lock
 #: makes that safe without leaning on the GIL (which makes a bare next() atomic today, but
 #: not on a free-threaded build).
@@ -178,7 +178,7 @@ class SmolVM:
             if self.config.network != "none":
                 self._net = (self._attach_network or hub.attach)(
                     self.name, self.run_id, self.config.network, self.config.allow, self.config.uplink,
-                    Caps(self.config.egress_kib_per_s, self.config.egress_conns_per_s))
+                    Caps(self.config.egress_kib_per_s, self.config.egress_conns_per_s), self.config.dns_upstream)
                 self.network = NetworkState(self.config.network, self.config.allow, self.config.uplink, self._net)
             session = self._session = self._boot(driver, t0)
             self._commands.attach(session, self.image.name)

@@ -37,7 +37,8 @@ MEANINGS: dict[str, str] = {
                  "for trusted provisioning only)",
     "disk_size_mib": "the guest disk's size (None: the image's)",
     "network": "network policy: `none`, `isolated` or `nat` (see Networking)",
-    "allow": "with `nat`: the only IPv4 networks the guest may reach",
+    "allow": "with `nat`: the only IPv4 networks and DNS names (`pypi.org`, `*.pythonhosted.org`) "
+             "the guest may reach",
     "image": "image name (`default`, declared in pyproject.toml, or imported) or image directory",
     "timeout": "default seconds for each `run()` (scaled by `SMOLVM_TIMEOUT_SCALE`)",
     "env": "environment added to every `run()`; values are secrets, held in guest memory only",
@@ -53,6 +54,8 @@ MEANINGS: dict[str, str] = {
     "egress_kib_per_s": "cap on what a networked VM sends through the uplink, KiB per second",
     "egress_conns_per_s": "cap on new connections per second out of a networked VM",
     "cpu": "guest CPU model under TCG, as QEMU spells it (None: `qemu64,+rdrand,+arat`)",
+    "dns_upstream": "where the run's resolver forwards allowed names: `IP[:PORT]` entries (empty: the "
+                    "host's resolvers)",
     "volumes": "read-only host data: `{\"/guest/path\": \"host/path\"}` or `\"HOST:GUEST\"` strings",
 }
 

@@ -1419,6 +1419,20 @@ static int nic_requests(int sock, int index, const unsigned char mac[6], struct 
     return (*step = "set the default route", nl_talk(sock, &r, 4));
 }
 
+/* /etc/resolv.conf naming the run's resolver (the image has none of its own: the build drops
+ * the build host's). A symlink there (systemd's stub) is replaced, not followed. */
+static int write_resolv_conf(const char *ns_s, char *out, size_t outlen) {
+    struct in_addr ns;
+    char line[64];
+    if (!ns_s) return 0;
+    if (inet_pton(AF_INET, ns_s, &ns) != 1) return snprintf(out, outlen, "bad nameserver %.60s", ns_s), 1;
+    int n = snprintf(line, sizeof line, "nameserver %s\noptions edns0\n", inet_ntoa(ns));
+    if ((unlink("/etc/resolv.conf") && errno != ENOENT) ||
+        write_file("/etc/resolv.conf", line, (size_t)n, O_CREAT | O_TRUNC | O_EXCL | O_NOFOLLOW))
+        return snprintf(out, outlen, "writing /etc/resolv.conf: %s", strerror(errno)), 1;
+    return 0;
+}
+
 static int configure_nic(const struct jval *net, char *out, size_t outlen) {
     const char *mac_s = jstr(net, "mac"), *addr_s = jstr(net, "address"), *gw_s = jstr(net, "gateway");
     unsigned char mac[6];
@@ -1441,7 +1455,7 @@ static int configure_nic(const struct jval *net, char *out, size_t outlen) {
     int e = errno;
     close(sock);
     if (rc) return snprintf(out, outlen, "%s: could not %s: %s", ifname, step, strerror(e)), 1;
-    return 0;
+    return write_resolv_conf(jstr(net, "nameserver"), out, outlen);
 }
 
 /* ------------------------------------------------------------------ setup: root and volumes */

@@ -522,6 +522,10 @@ def _guest_python(root: Path) -> str | None:
 
 
 def _customise_rootfs(root: Path, out: Path) -> None:
+    """The image's identity files: a neutral hostname, an empty machine-id, no resolv.conf
+    (mmdebstrap copies the build host's, whose resolvers mean nothing in a guest: a networked
+    guest's is written at setup, naming the run's resolver)."""
+    (root / "etc/resolv.conf").unlink(missing_ok=True)  # a symlink too: the link goes, not its target
     (root / "etc/hostname").write_text("smolvm\n")
     (root / "etc/machine-id").write_text("")
     pub = root / "etc/ssh/ssh_host_ed25519_key.pub"

@@ -19,7 +19,9 @@ from typing import Final
 
 from ..errors import ConfigError
 
-BUILDER_VERSION: Final = 1
+#: Bumped when the builder makes different images from the same recipe. 2: the rootfs no
+#: longer carries the build host's /etc/resolv.conf (issue 23).
+BUILDER_VERSION: Final = 2
 
 #: Modules the initramfs loads, in dependency order (all are modules in Debian's cloud kernel).
 BOOT_MODULES: Final = ("virtio_ring", "virtio", "virtio_mmio", "virtio_blk", "virtio_console")

@@ -1,4 +1,4 @@
-"""Networking for VMs: addressing (pure), slot allocation across processes (filelock).
-
-TAP devices, the per-run network namespace and nftables policies build on these (issue 4).
+"""Networking for VMs: addressing (pure), slot allocation across processes (filelock), the
+run's namespace, TAPs and nftables policies (hub, netns, policy), names in ``allow`` and the
+run's resolver (names, dns, resolver), ``vm.network`` and its live changes (state).
 """

@@ -9,6 +9,9 @@ Layout of one run (every name carries the run's tag)::
     │   masquerade, input drop     │         │ sv<run><slot> 10.213.s.1/30 ── TAP ── VM│
     └──────────────────────────────┘         └───────────────────────────────────────┘
 
+Each VM's gateway address also serves DNS: a :class:`~.resolver.VMResolver` thread of the
+process that attached the VM, answering only that guest, by its policy (``resolver.py``).
+
 The namespace exists while a VM of the run holds a slot in it: the first lease creates it
 and the last release removes it (with the veth and the uplink table). Everything is done
 under one host-wide file lock (always with a timeout), so xdist workers and concurrent runs
@@ -30,14 +33,16 @@ import threading
 from pathlib import Path
 from typing import Final
 
-from ..config import DEFAULT_EGRESS_CONNS_PER_S, DEFAULT_EGRESS_KIB_PER_S
 from ..errors import NetworkError
 from ..host import host_name, stamp_alive
 from ..paths import default_runtime_dir, runtime_dir
 from . import netns, policy
 from .addressing import DEFAULT_BASE, Addressing, addressing, slot_count
 from .allocator import Lease, SlotTable, shared_lock
-from .policy import Caps, Denied
+from .dns import NamePolicy
+from .names import split_allow
+from .policy import DEFAULT_EGRESS_CONNS_PER_S, DEFAULT_EGRESS_KIB_PER_S, Caps, Denied
+from .resolver import VMResolver
 
 #: Link-local /30s for the uplink veth: never routed, so never one of the host's networks.
 UPLINK_BASE: Final = ipaddress.IPv4Network("169.254.0.0/16")
@@ -112,6 +117,8 @@ class VMNetwork:
     egress: list[str]
     caps: Caps
     mark: int
+    dns_upstream: tuple[str, ...] = ()
+    resolver: VMResolver | None = None
     final_denied: list[Denied] | None = None
     final_counters: dict[str, int] | None = None
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
@@ -123,7 +130,23 @@ class VMNetwork:
     def guest_setup(self) -> dict[str, object]:
         """What the guest agent needs to configure its NIC (the ``setup`` op's ``net``)."""
         return {"mac": self.addr.mac, "address": f"{self.addr.guest_ip}/{self.addr.subnet.prefixlen}",
-                "gateway": str(self.addr.host_ip)}
+                "gateway": str(self.addr.host_ip), "nameserver": str(self.addr.host_ip)}
+
+    def start_resolver(self) -> None:
+        """Serve DNS to the guest on its gateway (the run's resolver for this VM)."""
+        nets, names = split_allow(self.allow)
+        self.resolver = VMResolver(self.vm, self.netns, self.uplink, str(self.addr.host_ip), str(self.addr.guest_ip),
+                                   NamePolicy.of(self.policy, names, bool(nets)), self.dns_upstream,
+                                   self.allow_addresses)
+
+    def allow_addresses(self, addresses: dict[str, int]) -> None:
+        """Let the guest reach ``addresses`` (address -> seconds): a DNS answer allowed them."""
+        netns.run(self.netns, ["nft", "-f", "-"], input=policy.dns_allow_elements(self.addr.tap, addresses))
+
+    def dns_allowed(self) -> list[str]:
+        """Addresses the guest may reach because an allowed name resolved to them (live)."""
+        res = netns.run(self.netns, ["nft", "-j", "list", "set", "inet", policy.RUN_TABLE, "dnsallow"])
+        return policy.parse_dns_allowed(res.stdout).get(self.addr.tap, [])
 
     def denied(self) -> list[Denied]:
         """Egress attempts the policy dropped, read from the run's nft set (live)."""
@@ -155,6 +178,8 @@ class VMNetwork:
         with self._lock:
             if self.final_denied is not None:
                 return
+            if self.resolver is not None:
+                self.resolver.close()
             try:
                 self.final_denied = self.denied()
             except NetworkError:
@@ -184,14 +209,57 @@ class VMNetwork:
                                    f"(python -m pytest_smolvm reap removes what is left)")
 
 
+    def change(self, policy_name: str, allow: tuple[str, ...]) -> None:
+        """Move the live VM to ``policy_name``/``allow`` (validated by the caller, and held to
+        the run's ceiling there). New packets see the new policy at once; a tightening also
+        flushes the VM's conntrack entries, so an open connection is judged again by its next
+        packet, and forgets the addresses earlier answers allowed. ``none``: the TAP goes down
+        from the host side and the VM's lease is withdrawn (every packet dropped)."""
+        with self._lock:
+            if self.final_denied is not None:
+                raise NetworkError(f"{self.vm}: its network is closed")
+            old_rank, new_rank = policy.network_rank(self.policy, self.allow), policy.network_rank(policy_name, allow)
+            tighten = new_rank < old_rank or (new_rank == old_rank == 2 and not set(self.allow) <= set(allow))
+            if policy_name == "nat":
+                with slot_table(self.run_id).lock:
+                    _ensure_uplink(self.netns, self.run_id, self.uplink)
+            egress = policy.egress_networks(policy_name, allow)
+            nets, names = split_allow(allow)
+            if self.resolver is not None:  # first: no answer under the old policy comes after the flush
+                self.resolver.set_policy(NamePolicy.of(policy_name, names, bool(nets)))
+            if policy_name == "none":
+                _set_link(self.netns, self.addr.tap, up=False)
+            for attempt in (1, 2):  # an answer's element may expire between listing and deleting it
+                commands = policy.live_change(self.addr.tap, self.addr.guest_ip, self.addr.mac,
+                                              (self.policy, self.egress), (policy_name, egress),
+                                              self.dns_allowed() if tighten else (), tighten)
+                try:
+                    if commands:
+                        netns.run(self.netns, ["nft", "-f", "-"], input=commands)
+                    break
+                except NetworkError:
+                    if attempt == 2:
+                        raise
+            if tighten:
+                netns.flush_conntrack(self.netns, self.mark)
+            if self.policy == "none" and policy_name != "none":
+                _set_link(self.netns, self.addr.tap, up=True)
+            self.policy, self.allow, self.egress = policy_name, allow, egress
+
     def _forget_elements(self, denied: list[Denied]) -> list[str]:
         """Remove this VM's nft elements, counters and limits; returns what could not go.
         One transaction first; if it fails (something is already gone), each command alone,
         so one missing element never keeps the VM's lease or connection owner behind."""
         if not netns.exists(self.netns):
             return []
+        try:
+            allowed = self.dns_allowed()
+        except NetworkError:
+            allowed = []
         commands = policy.vm_removal(self.addr.tap, self.addr.host_ip, self.addr.guest_ip, self.addr.mac,
-                                     self.mark, self.egress, [d.as_tuple() for d in denied])
+                                     self.mark, self.egress, [d.as_tuple() for d in denied],
+                                     leased=self.policy != "none")
+        commands += policy.dns_forget_elements(self.addr.tap, allowed)
         try:
             netns.run(self.netns, ["nft", "-f", "-"], input=commands)
             return []
@@ -206,9 +274,10 @@ class VMNetwork:
 
 
 def attach(vm: str, run_id: str, policy_name: str, allow: tuple[str, ...], uplink: str | None,
-           caps: Caps = DEFAULT_CAPS) -> VMNetwork:
-    """Lease a slot for ``vm`` and give it a TAP with ``policy_name`` and ``caps`` in force.
-    On failure nothing is left behind (no lease, TAP, namespace or rules)."""
+           caps: Caps = DEFAULT_CAPS, dns_upstream: tuple[str, ...] = ()) -> VMNetwork:
+    """Lease a slot for ``vm`` and give it a TAP with ``policy_name`` and ``caps`` in force,
+    and its resolver (forwarding to ``dns_upstream``, or the host's resolvers). On failure
+    nothing is left behind (no lease, TAP, namespace, rules or resolver)."""
     if policy_name not in ("isolated", "nat"):
         raise NetworkError(f"invalid network={policy_name!r}: only 'isolated' and 'nat' have a NIC")
     if not sys.platform.startswith("linux"):
@@ -230,6 +299,7 @@ def attach(vm: str, run_id: str, policy_name: str, allow: tuple[str, ...], uplin
             lease = table.lease(vm, netns=ns, uplink=uplink or "")
             addr = addressing(lease.slot, run_tag(run_id))
             tap_fd = -1
+            net = None
             try:
                 if not netns.exists(ns):
                     _create_namespace(ns)
@@ -237,9 +307,14 @@ def attach(vm: str, run_id: str, policy_name: str, allow: tuple[str, ...], uplin
                     _ensure_uplink(ns, run_id, uplink)
                 tap_fd = netns.open_tap(ns, addr.tap)
                 _configure_tap(ns, addr)
+                net = VMNetwork(vm, run_id, policy_name, allow, uplink, ns, addr, lease, tap_fd, egress, caps, mark,
+                                dns_upstream)
+                net.start_resolver()  # before the VM's elements: nothing of them is left if it fails
                 netns.run(ns, ["nft", "-f", "-"], input=policy.vm_elements(
                     addr.tap, addr.host_ip, addr.guest_ip, addr.mac, mark, egress, caps))
             except BaseException:
+                if net is not None and net.resolver is not None:
+                    net.resolver.close()
                 if tap_fd >= 0:
                     os.close(tap_fd)
                 table.release(lease)
@@ -250,7 +325,7 @@ def attach(vm: str, run_id: str, policy_name: str, allow: tuple[str, ...], uplin
         raise
     except Exception as exc:  # filelock Timeout, pyroute2's errors
         raise NetworkError(f"{vm}: setting up network={policy_name!r} failed: {type(exc).__name__}: {exc}") from exc
-    return VMNetwork(vm, run_id, policy_name, allow, uplink, ns, addr, lease, tap_fd, egress, caps, mark)
+    return net
 
 
 def _create_namespace(ns: str) -> None:
@@ -277,6 +352,13 @@ def _configure_tap(ns: str, addr: Addressing) -> None:
         idx = ipr.link_lookup(ifname=addr.tap)[0]
         ipr.addr("add", index=idx, address=str(addr.host_ip), prefixlen=addr.subnet.prefixlen)
         ipr.link("set", index=idx, state="up")
+
+
+def _set_link(ns: str, ifname: str, *, up: bool) -> None:
+    from pyroute2 import IPRoute
+
+    with netns.entered(ns), IPRoute() as ipr:
+        ipr.link("set", index=ipr.link_lookup(ifname=ifname)[0], state="up" if up else "down")
 
 
 def _uplink_subnet(run_id: str, uplink: str | None, taken: set[ipaddress.IPv4Network]) -> ipaddress.IPv4Network:

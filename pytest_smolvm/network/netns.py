@@ -164,3 +164,20 @@ def write_sysctl(ns: str, key: str, value: str) -> None:
             Path("/proc/sys", *key.split(".")).write_text(value)
         except OSError as exc:
             raise NetworkError(f"cannot set sysctl {key}={value} in network namespace {ns!r}: {exc}") from exc
+
+
+def flush_conntrack(ns: str, mark: int) -> None:
+    """Delete the conntrack entries of ``ns`` whose mark is ``mark`` (one VM's connections).
+    pyroute2 opens its netlink socket lazily, at the first request: all of it runs inside."""
+    from pyroute2 import Conntrack
+
+    with entered(ns):
+        try:
+            ct = Conntrack()
+            try:
+                ct.flush(mark=mark)
+            finally:
+                ct.close()
+        except Exception as exc:  # pyroute2's NetlinkError; ENOENT when there is nothing to flush
+            if getattr(exc, "code", None) != 2:
+                raise NetworkError(f"cannot flush conntrack entries (mark {mark}) in {ns!r}: {exc}") from exc

@@ -18,17 +18,23 @@ Three tables, each named after its run:
   4. any other address of the namespace (another VM's gateway, the uplink), its broadcast
      and multicast (``255.255.255.255``, ``224.0.0.0/4``: else delivered to the namespace's
      own sockets) and the whole VM range (other VMs) are denied;
-  5. ``nat`` VMs may send to their ``@egress`` networks (TAP . CIDR, never link-local
-     169.254.0.0/16 unless an ``allow`` CIDR inside it names it);
-  6. everything else is denied.
+  5. DNS (UDP/TCP port 53) goes to the VM's own gateway (the run's resolver) or nowhere,
+     whatever the policy otherwise allows;
+  6. ``nat`` VMs may send to their ``@egress`` networks (TAP . CIDR, never link-local
+     169.254.0.0/16 unless an ``allow`` CIDR inside it names it), and to the addresses the
+     run's resolver allowed when it answered an allowed name (``@dnsallow``: TAP . address,
+     each element timing out with its answer's TTL);
+  7. everything else is denied.
 
   ``deny`` records the attempt in ``@denied`` (TAP . address . protocol . port, with a
   packet counter): that is ``vm.network.denied``. The ledger is telemetry only: when it
   cannot record (the set is full) the packet is counted in the TAP's ``unitemised`` counter
   instead, and dropped all the same.
 
-  ``forward`` lets TAP traffic out through the uplink only, re-checking the VM's source,
-  egress networks and connection owner, then its caps (named ``limit`` objects per TAP:
+  ``forward`` lets TAP traffic out through the uplink only, re-checking the VM's source and
+  connection owner, and for a new connection its egress networks and name-allowed addresses
+  (a connection, once accepted, lives on after its address's element times out, as in
+  Cilium; a live tightening flushes the VM's conntrack entries instead), then its caps (named ``limit`` objects per TAP:
   new connections per second, bytes per second; drops are counted per TAP). Replies come
   back only into the TAP that owns the connection.
 
@@ -53,7 +59,12 @@ from collections.abc import Iterable
 from typing import Any, Final
 
 from ..errors import NetworkError
+from .names import is_network
 
+NETWORK_POLICIES: Final = ("none", "isolated", "nat")
+#: Egress caps of a networked VM: KiB/s through the uplink, new connections per second.
+DEFAULT_EGRESS_KIB_PER_S: Final = 10240
+DEFAULT_EGRESS_CONNS_PER_S: Final = 50
 RUN_TABLE: Final = "smolvm"
 TAP_PREFIX: Final = "sv"
 UPLINK_IF: Final = "svup"
@@ -63,10 +74,22 @@ LINK_LOCAL: Final = ipaddress.IPv4Network("169.254.0.0/16")
 #: Per-TAP counters (named ``<kind>_<tap>``): denials the ledger could not itemise, and
 #: packets dropped by the bandwidth and the new-connection caps.
 COUNTERS: Final = {"unitemised": "nolog", "bandwidth": "bwhit", "connections": "cpshit"}
+#: Addresses DNS answers allowed, for every VM of a run (each VM's resolver holds its own
+#: share to ``resolver.MAX_ADDRESSES``); a full set makes answers SERVFAIL, never open.
+DNS_ALLOW_SET_SIZE: Final = 65536
 #: Connections a VM's guest may have tracked at once (gateway and egress alike): the
 #: conntrack table is shared with the host (``nf_conntrack_max``).
 MAX_CONNS: Final = 4096
 MIN_BURST_BYTES: Final = 128 * 1024  # above one GSO packet (64 KiB) at any rate, or TCP would stall
+
+
+def network_rank(network: str, allow: Iterable[str] = ()) -> int:
+    """Order of network policies: ``none`` 0 < ``isolated`` 1 < ``nat`` + allow 2 < ``nat`` 3."""
+    if network == "none":
+        return 0
+    if network == "isolated":
+        return 1
+    return 2 if tuple(allow) else 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +141,7 @@ def _run_sets(denied_size: int) -> str:
         "map cpscap { type ifname : limit; }",
         "map cpshit { type ifname : counter; }",
         "set conns { type ifname; flags dynamic; size 65536; }",
+        f"set dnsallow {{ type ifname . ipv4_addr; flags timeout; size {DNS_ALLOW_SET_SIZE}; }}",
         "set denied { type ifname . ipv4_addr . inet_proto . inet_service; flags dynamic; counter; "
         f"size {denied_size}; }}",
     ]
@@ -125,7 +149,7 @@ def _run_sets(denied_size: int) -> str:
 
 
 def _guard_chain(vm_range: ipaddress.IPv4Network) -> str:
-    """Steps 1-6 of the module docstring, in that order."""
+    """Steps 1-7 of the module docstring, in that order."""
     return _chain(
         "guard",
         "type filter hook prerouting priority -150; policy drop;",
@@ -138,10 +162,12 @@ def _guard_chain(vm_range: ipaddress.IPv4Network) -> str:
         "ct state != new goto deny",
         "ct mark set iifname map @tapmark",
         f"add @conns {{ iifname ct count over {MAX_CONNS} }} goto deny",
+        "meta l4proto { tcp, udp } th dport 53 iifname . ip daddr != @gateway goto deny",
         "iifname . ip daddr @gateway accept",
         "fib daddr type { local, broadcast, multicast } goto deny",
         f"ip daddr {vm_range} goto deny",
         "iifname . ip daddr @egress accept",
+        "iifname . ip daddr @dnsallow accept",
         "goto deny",
     )
 
@@ -178,8 +204,13 @@ def _forward_chains() -> list[str]:
                "ct state established,related oifname . ip daddr @source oifname . ct mark @owner accept"),
         _chain("egress_out",
                "iifname . ip saddr != @source drop",
-               "iifname . ip daddr != @egress drop",
                "iifname . ct mark != @owner drop",
+               "ct state established,related goto egress_caps",
+               "meta l4proto { tcp, udp } th dport 53 drop",
+               "iifname . ip daddr @egress goto egress_caps",
+               "iifname . ip daddr @dnsallow goto egress_caps",
+               "drop"),
+        _chain("egress_caps",
                "ct state new ct status ! confirmed limit name iifname map @cpscap "
                "counter name iifname map @cpshit drop",
                "limit name iifname map @bwcap counter name iifname map @bwhit drop",
@@ -257,25 +288,83 @@ def vm_elements(tap: str, gateway: ipaddress.IPv4Address, guest: ipaddress.IPv4A
 
 
 def vm_removal(tap: str, gateway: ipaddress.IPv4Address, guest: ipaddress.IPv4Address, mac: str, mark: int,
-               egress: Iterable[str], denied: Iterable[tuple[str, int, str]]) -> str:
-    """nft commands that forget one VM (so the next VM on its TAP starts clean)."""
+               egress: Iterable[str], denied: Iterable[tuple[str, int, str]], leased: bool = True) -> str:
+    """nft commands that forget one VM (so the next VM on its TAP starts clean); ``leased``
+    False: its lease is already gone (a live change to ``none`` withdrew it)."""
     t = f"inet {RUN_TABLE}"
     lines = [f"delete element {t} {name} {{ {elems} }}" for name, elems in
-             _vm_sets(tap, gateway, guest, mac, mark, egress)]
-    lines.append(f'delete element arp {RUN_TABLE} arplease {{ "{tap}" . {guest} . {mac} }}')
+             _vm_sets(tap, gateway, guest, mac, mark, egress) if leased or name != "lease"]
+    if leased:
+        lines.append(f'delete element arp {RUN_TABLE} arplease {{ "{tap}" . {guest} . {mac} }}')
     lines += [f"delete counter {t} {obj}_{tap}" for obj in COUNTERS.values()]
     lines += [f"delete limit {t} bw_{tap}", f"delete limit {t} cps_{tap}"]
     lines += [f'delete element {t} denied {{ "{tap}" . {addr} . {proto} . {port} }}' for addr, port, proto in denied]
     return "\n".join(lines) + "\n"
 
 
+def live_change(tap: str, guest: ipaddress.IPv4Address, mac: str, old: tuple[str, list[str]],
+                new: tuple[str, list[str]], dns_allowed: Iterable[str], tighten: bool) -> str:
+    """nft commands (one transaction) that move a live VM from ``old`` to ``new``, each a
+    ``(policy, egress networks)``: its egress networks follow; under ``none`` its lease goes
+    (every packet from the TAP is dropped before anything else, established ones too, and its
+    ARP); a tightening also forgets the addresses earlier DNS answers allowed
+    (``dns_allowed``): the guest resolves again under the new policy."""
+    t = f"inet {RUN_TABLE}"
+    (old_policy, old_nets), (new_policy, new_nets) = old, new
+    lines = []
+    gone = [n for n in old_nets if n not in new_nets]
+    added = [n for n in new_nets if n not in old_nets]
+    if gone:
+        lines.append(f"delete element {t} egress {{ {_elements((tap, n) for n in gone)} }}")
+    if added:
+        lines.append(f"add element {t} egress {{ {_elements((tap, n) for n in added)} }}")
+    lease = f'"{tap}" . {guest} . {mac}'
+    if old_policy != "none" and new_policy == "none":
+        lines += [f"delete element {t} lease {{ {lease} }}", f"delete element arp {RUN_TABLE} arplease {{ {lease} }}"]
+    elif old_policy == "none" and new_policy != "none":
+        lines += [f"add element {t} lease {{ {lease} }}", f"add element arp {RUN_TABLE} arplease {{ {lease} }}"]
+    out = "\n".join(lines) + "\n" if lines else ""
+    return out + (dns_forget_elements(tap, dns_allowed) if tighten else "")
+
+
+def dns_allow_elements(tap: str, addresses: dict[str, int]) -> str:
+    """nft commands that allow ``tap`` to reach each address for its timeout (seconds); an
+    element already there gets the new timeout."""
+    elems = ", ".join(f'"{tap}" . {ipaddress.IPv4Address(a)} timeout {int(t)}s' for a, t in sorted(addresses.items()))
+    return f"add element inet {RUN_TABLE} dnsallow {{ {elems} }}\n" if addresses else ""
+
+
+def dns_forget_elements(tap: str, addresses: Iterable[str]) -> str:
+    """nft commands that take ``addresses`` out of ``tap``'s name-allowed addresses."""
+    return "".join(f'delete element inet {RUN_TABLE} dnsallow {{ "{tap}" . {a} }}\n' for a in sorted(addresses))
+
+
+def parse_dns_allowed(nft_json: str) -> dict[str, list[str]]:
+    """``nft -j list set inet smolvm dnsallow`` → name-allowed addresses per TAP."""
+    try:
+        data = json.loads(nft_json)
+    except ValueError as exc:
+        raise NetworkError(f"nft printed something that is not JSON: {exc}") from exc
+    out: dict[str, list[str]] = {}
+    for item in data.get("nftables", []):
+        for elem in item.get("set", {}).get("elem", []):
+            if isinstance(elem, dict) and "elem" in elem:
+                elem = elem["elem"]["val"]
+            concat = elem.get("concat") if isinstance(elem, dict) else None
+            if concat and len(concat) == 2:
+                out.setdefault(str(concat[0]), []).append(str(concat[1]))
+    return out
+
+
 def egress_networks(policy: str, allow: tuple[str, ...]) -> list[str]:
     """Where a VM may send to through the uplink (IPv4, merged so the interval set takes
-    them): nothing, its allow list, or anywhere; never link-local 169.254.0.0/16 (cloud
+    them): nothing, the networks of its allow list (its names open only the addresses their
+    answers give, in ``dnsallow``), or anywhere; never link-local 169.254.0.0/16 (cloud
     metadata services) unless an allow CIDR lies inside it."""
     if policy != "nat":
         return []
-    wanted = [ipaddress.ip_network(n) for n in allow] if allow else [ipaddress.IPv4Network("0.0.0.0/0")]
+    cidrs = [n for n in allow if is_network(n)]  # names reach their answers' addresses only
+    wanted = [ipaddress.ip_network(n) for n in cidrs] if allow else [ipaddress.IPv4Network("0.0.0.0/0")]
     nets: list[ipaddress.IPv4Network] = []
     for net in wanted:
         if not isinstance(net, ipaddress.IPv4Network):

@@ -34,6 +34,27 @@ def test_bad_marker_value_is_usage_error_naming_test_and_value(fake: pytest.Pyte
     result.assert_outcomes()  # nothing ran: no test, so no VM
 
 
+def test_a_bad_name_in_allow_is_a_usage_error_before_any_vm(fake: pytest.Pytester) -> None:
+    fake.makepyfile("""
+        import pytest
+
+        def test_first(smolvm):
+            pass
+
+        @pytest.mark.smolvm(network="nat", allow=["pypi.org", "files.*.example"])
+        def test_wild(smolvm):
+            pass
+    """)
+    from fake_driver import LAUNCHES
+
+    before = len(LAUNCHES)
+    result = fake.runpytest()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*::test_wild*invalid allow='files.?.example'*only as a leading*"
+                                 "(from marker on *test_wild)*"])
+    assert len(LAUNCHES) == before
+
+
 def test_unknown_marker_keyword_is_usage_error(fake: pytest.Pytester) -> None:
     fake.makepyfile("""
         import pytest

@@ -146,12 +146,12 @@ def test_bad_values_name_field_and_value(field: str, bad: object, shown: str) ->
     assert shown in str(info.value)
 
 
-def test_allow_bad_cidr_names_item() -> None:
+def test_allow_bad_entry_names_item() -> None:
     with pytest.raises(ConfigError) as info:
-        VMConfig(network="nat", allow=["not-a-cidr"])  # type: ignore[arg-type]
+        VMConfig(network="nat", allow=["not a cidr!"])  # type: ignore[arg-type]
     msg = str(info.value)
     assert "allow=" in msg
-    assert "not-a-cidr" in msg
+    assert "not a cidr!" in msg
 
 
 def test_allow_not_a_list() -> None:
@@ -328,7 +328,8 @@ def test_check_field_normalises(field: str, raw: object, expected: object) -> No
         ("disk_mode", "x", "invalid disk_mode='x': expected one of isolated, shared"),
         ("disk_size_mib", 10, "invalid disk_size_mib=10: must be >= 64"),
         ("network", "wifi", "invalid network='wifi': expected one of none, isolated, nat"),
-        ("allow", 42, "invalid allow=42: expected a list of CIDRs such as ['198.51.100.0/24']"),
+        ("allow", 42, "invalid allow=42: expected a list of CIDRs and DNS names such as "
+                  "['198.51.100.0/24', 'pypi.org', '*.pythonhosted.org']"),
         ("image", "", "invalid image='': expected an image name (e.g. 'default') or a path to an image directory"),
         ("timeout", 0, "invalid timeout=0: must be > 0"),
         ("boot_timeout", "x", "invalid boot_timeout='x': expected a number of seconds"),
@@ -348,9 +349,17 @@ def test_check_field_normalises(field: str, raw: object, expected: object) -> No
         ("uplink", 3, "invalid uplink=3: expected 'root' or the name of a network namespace (ip netns list)"),
         ("egress_kib_per_s", 0, "invalid egress_kib_per_s=0: must be >= 1"),
         ("egress_conns_per_s", "many", "invalid egress_conns_per_s='many': expected an integer"),
+        ("dns_upstream", "resolver.example", "invalid dns_upstream entry 'resolver.example': expected an IPv4 "
+                                             "address with an optional port, such as 192.0.2.53 or 192.0.2.53:5353"),
+        ("dns_upstream", "192.0.2.1:0", "invalid dns_upstream entry '192.0.2.1:0': port 0 is out of range"),
+        ("allow", ["a.*.example"], "invalid allow='a.*.example': not a network (198.51.100.0/24) or a DNS name "
+                                   "(pypi.org, *.pythonhosted.org); a wildcard is allowed only as a leading '*.'"),
+        ("allow", ["*.org"], "invalid allow='*.org': a wildcard must name a domain with a dot "
+                             "('*.example.org', not '*.org')"),
         ("colour", "red", "unknown setting 'colour'; known: accel, allow, aslr, backend, boot_timeout, cpu, disk_mode, "
-                          "disk_size_mib, egress_conns_per_s, egress_kib_per_s, env, image, lifetime, max_output, "
-                          "memory_mib, network, retain_disk_on_delete, snapshot, timeout, uplink, vcpus, volumes"),
+                          "disk_size_mib, dns_upstream, egress_conns_per_s, egress_kib_per_s, env, image, lifetime, "
+                          "max_output, memory_mib, network, retain_disk_on_delete, snapshot, timeout, uplink, vcpus, "
+                          "volumes"),
     ],
 )
 def test_check_field_messages(field: str, bad: object, message: str) -> None:

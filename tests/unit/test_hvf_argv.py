@@ -15,9 +15,11 @@ from pytest_smolvm.drivers.qemu import CONTROL_PORT
 from pytest_smolvm.drivers.spec import MachineSpec, RamFile
 from pytest_smolvm.errors import ConfigError
 from pytest_smolvm.images import Image
+from pytest_smolvm.images import recipe as recipe_mod
 from pytest_smolvm.images.recipe import KERNEL_PACKAGES, Recipe, arm64_recipe, stage1_init
 
-#: Recipe().digest() before the ``arch`` field existed (computed from the previous recipe.py).
+#: Recipe().digest() before the ``arch`` field existed (computed from the previous recipe.py),
+#: with the builder version of then (1).
 DEFAULT_DIGEST_BEFORE_ARCH = "9b043e654da5590b"
 
 
@@ -131,7 +133,8 @@ def test_hvf_status_is_not_applicable_off_macos(monkeypatch: pytest.MonkeyPatch)
 # ---------------------------------------------------------------- arm64 recipe
 
 
-def test_default_recipe_digest_is_unchanged_by_the_arch_field() -> None:
+def test_default_recipe_digest_is_unchanged_by_the_arch_field(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(recipe_mod, "BUILDER_VERSION", 1)
     assert Recipe().arch == "amd64"
     assert Recipe().digest() == DEFAULT_DIGEST_BEFORE_ARCH
     assert Recipe(arch="amd64").digest() == DEFAULT_DIGEST_BEFORE_ARCH

@@ -164,6 +164,7 @@ table inet smolvm {
   map cpscap { type ifname : limit; }
   map cpshit { type ifname : counter; }
   set conns { type ifname; flags dynamic; size 65536; }
+  set dnsallow { type ifname . ipv4_addr; flags timeout; size 65536; }
   set denied { type ifname . ipv4_addr . inet_proto . inet_service; flags dynamic; counter; size $denied_size; }
   chain guard {
     type filter hook prerouting priority -150; policy drop;
@@ -176,10 +177,12 @@ table inet smolvm {
     ct state != new goto deny
     ct mark set iifname map @tapmark
     add @conns { iifname ct count over 4096 } goto deny
+    meta l4proto { tcp, udp } th dport 53 iifname . ip daddr != @gateway goto deny
     iifname . ip daddr @gateway accept
     fib daddr type { local, broadcast, multicast } goto deny
     ip daddr $vm_range goto deny
     iifname . ip daddr @egress accept
+    iifname . ip daddr @dnsallow accept
     goto deny
   }
   chain deny {
@@ -204,8 +207,14 @@ table inet smolvm {
   }
   chain egress_out {
     iifname . ip saddr != @source drop
-    iifname . ip daddr != @egress drop
     iifname . ct mark != @owner drop
+    ct state established,related goto egress_caps
+    meta l4proto { tcp, udp } th dport 53 drop
+    iifname . ip daddr @egress goto egress_caps
+    iifname . ip daddr @dnsallow goto egress_caps
+    drop
+  }
+  chain egress_caps {
     ct state new ct status ! confirmed limit name iifname map @cpscap counter name iifname map @cpshit drop
     limit name iifname map @bwcap counter name iifname map @bwhit drop
     accept

@@ -67,12 +67,14 @@ def test_layers_are_lowest_precedence_first() -> None:
 
 def test_every_option_is_readable_from_env() -> None:
     good = {"network": "isolated", "vcpus": "2", "memory_mib": "300", "accel": "tcg",
-            "backend": "qemu", "image": "other", "snapshot": "false", "lifetime": "60", "uplink": "inet0"}
+            "backend": "qemu", "image": "other", "snapshot": "false", "lifetime": "60", "uplink": "inet0",
+            "dns_upstream": "192.0.2.53, 192.0.2.54:5353"}
     assert {o.field for o in OPTIONS} == set(good)
     env = {o.env: good[o.field] for o in OPTIONS}
     cfg = build(env=env)
     assert (cfg.network, cfg.vcpus, cfg.memory_mib, cfg.accel, cfg.backend, cfg.image, cfg.snapshot,
             cfg.lifetime, cfg.uplink) == ("isolated", 2, 300, "tcg", "qemu", "other", False, 60.0, "inet0")
+    assert cfg.dns_upstream == ("192.0.2.53:53", "192.0.2.54:5353")
 
 
 # ---------------------------------------------------------------- errors name their source
