@@ -22,10 +22,25 @@ import pytest
 pytest_plugins = ["pytester"]
 sys.path.insert(0, str(Path(__file__).parent / "tests"))  # tests/fake_driver.py, tests/helpers.py
 REAL_VM_DIRS = {"integration", "examples"}
+#: Where a VM's resolver forwards when its test names no upstream: a closed port on loopback,
+#: never the host's real resolvers (tests send nothing past loopback and their own namespaces).
+TEST_DNS_UPSTREAM = "127.0.0.1:9"
+os.environ.setdefault("SMOLVM_DNS_UPSTREAM", TEST_DNS_UPSTREAM)  # pytester's runs, and workers
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "smolvm_optional(reason): may skip even under SMOLVM_REQUIRE_VMS=1")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_real_dns_upstream() -> Generator[None, None, None]:
+    """VMs the tests make with the engine directly (no plugin layers, so no environment) get
+    the same loopback upstream by default."""
+    from pytest_smolvm.network import resolver
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(resolver, "default_upstreams", lambda: (TEST_DNS_UPSTREAM,))
+        yield
 
 
 @pytest.fixture(autouse=True, scope="session")
