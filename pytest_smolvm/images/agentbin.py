@@ -157,13 +157,9 @@ def compiler_version(compiler: str = COMPILER) -> str:
     """First line of ``compiler --version`` (part of the binary's cache key)."""
     exe = compiler_path(compiler)
     try:
-        res = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise ImageError(f"cannot run {exe} --version: {exc}; {INSTALL_HINT}") from exc
-    lines = res.stdout.splitlines()
-    if res.returncode != 0 or not lines:
-        raise ImageError(f"{exe} --version failed (exit {res.returncode}): {res.stderr.strip()[-500:]}")
-    return lines[0].strip()
+        return _version_line((exe,))
+    except ImageError as exc:
+        raise ImageError(f"{exc}; {INSTALL_HINT}") from None
 
 
 def agent_digest(arch: str | None = None) -> str:

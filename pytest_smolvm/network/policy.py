@@ -339,20 +339,32 @@ def dns_forget_elements(tap: str, addresses: Iterable[str]) -> str:
     return "".join(f'delete element inet {RUN_TABLE} dnsallow {{ "{tap}" . {a} }}\n' for a in sorted(addresses))
 
 
-def parse_dns_allowed(nft_json: str) -> dict[str, list[str]]:
-    """``nft -j list set inet smolvm dnsallow`` → name-allowed addresses per TAP."""
+def _set_elements(nft_json: str) -> list[tuple[list[Any], int]]:
+    """The concatenated elements of ``nft -j list set ...`` output, each with its packet
+    counter (0 without one); elements that are not concatenations are skipped."""
     try:
         data = json.loads(nft_json)
     except ValueError as exc:
         raise NetworkError(f"nft printed something that is not JSON: {exc}") from exc
-    out: dict[str, list[str]] = {}
+    found = []
     for item in data.get("nftables", []):
         for elem in item.get("set", {}).get("elem", []):
+            packets = 0
             if isinstance(elem, dict) and "elem" in elem:
+                packets = int((elem["elem"].get("counter") or {}).get("packets", 0))
                 elem = elem["elem"]["val"]
             concat = elem.get("concat") if isinstance(elem, dict) else None
-            if concat and len(concat) == 2:
-                out.setdefault(str(concat[0]), []).append(str(concat[1]))
+            if concat:
+                found.append((concat, packets))
+    return found
+
+
+def parse_dns_allowed(nft_json: str) -> dict[str, list[str]]:
+    """``nft -j list set inet smolvm dnsallow`` → name-allowed addresses per TAP."""
+    out: dict[str, list[str]] = {}
+    for concat, _ in _set_elements(nft_json):
+        if len(concat) == 2:
+            out.setdefault(str(concat[0]), []).append(str(concat[1]))
     return out
 
 
@@ -429,20 +441,9 @@ def _proto_name(value: Any) -> str:
 
 def parse_denied(nft_json: str) -> dict[str, list[Denied]]:
     """``nft -j list set inet smolvm denied`` → denied attempts per TAP."""
-    try:
-        data = json.loads(nft_json)
-    except ValueError as exc:
-        raise NetworkError(f"nft printed something that is not JSON: {exc}") from exc
     out: dict[str, list[Denied]] = {}
-    for item in data.get("nftables", []):
-        for elem in item.get("set", {}).get("elem", []):
-            packets = 0
-            if isinstance(elem, dict) and "elem" in elem:
-                packets = int((elem["elem"].get("counter") or {}).get("packets", 0))
-                elem = elem["elem"]["val"]
-            concat = elem.get("concat") if isinstance(elem, dict) else None
-            if not concat or len(concat) != 4:
-                continue
+    for concat, packets in _set_elements(nft_json):
+        if len(concat) == 4:
             tap, dest, proto, port = concat
             out.setdefault(str(tap), []).append(Denied(str(dest), int(port), _proto_name(proto), packets))
     for rows in out.values():
