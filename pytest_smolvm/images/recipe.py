@@ -97,7 +97,7 @@ def arm64_recipe(name: str = "default-arm64", **changes: object) -> Recipe:
 #: engine's runtime dependencies from Debian, QEMU, the network tools, and kvm_amd.
 KVM_HOST_PACKAGES: Final = (
     "qemu-system-x86", "qemu-utils", "python3-pytest", "python3-pygments", "python3-filelock", "python3-paramiko",
-    "python3-pyroute2", "python3-psutil", "python3-dnslib", "nftables", "kmod",
+    "python3-pyroute2", "python3-psutil", "python3-dnslib", "python3-idna", "nftables", "kmod",
 )
 
 
