@@ -444,7 +444,7 @@ def _bootstrap_rootfs(b: _Build) -> None:
           f"--aptopt={optfile}", *fmt, recipe.suite, str(target), *sources], "mmdebstrap", b.progress)
     if rootless:
         b.tree = _tree_from_tar(target, b.rootfs_dir)
-    _customise_rootfs(b.rootfs_dir, b.out)
+    _customise_rootfs(b.rootfs_dir, b.out, b.tree)
     install_modules(b.kernel_root, b.kernel_release, b.rootfs_dir, recipe.rootfs_modules)
     b.guest_python = _guest_python(b.rootfs_dir)
 
@@ -521,11 +521,15 @@ def _guest_python(root: Path) -> str | None:
     return ver if ver.replace(".", "").isdigit() else None
 
 
-def _customise_rootfs(root: Path, out: Path) -> None:
+def _customise_rootfs(root: Path, out: Path, tree: layers.Tree | None = None) -> None:
     """The image's identity files: a neutral hostname, an empty machine-id, no resolv.conf
     (mmdebstrap copies the build host's, whose resolvers mean nothing in a guest: a networked
-    guest's is written at setup, naming the run's resolver)."""
-    (root / "etc/resolv.conf").unlink(missing_ok=True)  # a symlink too: the link goes, not its target
+    guest's is written at setup, naming the run's resolver). ``tree``: a rootless build's,
+    which must forget what is removed (its owners are written into the ext4 entry by entry)."""
+    if tree is not None:
+        tree.remove("etc/resolv.conf")
+    else:
+        (root / "etc/resolv.conf").unlink(missing_ok=True)  # a symlink too: the link goes, not its target
     (root / "etc/hostname").write_text("smolvm\n")
     (root / "etc/machine-id").write_text("")
     pub = root / "etc/ssh/ssh_host_ed25519_key.pub"

@@ -145,6 +145,11 @@ class Tree:
             parts = [p for p in parts if p not in ("", ".")]
         return None
 
+    def remove(self, rel: str) -> None:
+        """Remove whatever is at ``rel`` (never following a symlink) and forget its metadata,
+        so the ext4 written from the tree has no entry for it."""
+        self._clear(rel)
+
     def _clear(self, rel: str) -> None:
         """Remove whatever is at ``rel`` (never following a symlink) and forget its metadata."""
         path = self._abs(rel.split("/"))

@@ -29,3 +29,34 @@ def test_the_build_hosts_resolv_conf_is_dropped(tmp_path: Path, kind: str) -> No
     assert host_file.read_text() == "nameserver 127.0.0.53\n"  # a link's target is never touched
     assert (root / "etc/hostname").read_text() == "smolvm\n"
     assert (root / "etc/machine-id").read_text() == ""
+
+
+def test_a_rootless_builds_tree_forgets_the_dropped_file(tmp_path: Path) -> None:
+    """A rootless build applies mmdebstrap's tarball to a tree whose owners are stamped into
+    the ext4 entry by entry: a file removed from the directory but not from the tree made
+    that step fail ("/etc/resolv.conf: File not found by ext2_lookup")."""
+    import io
+    import tarfile
+
+    from pytest_smolvm.images import layers, tarstream
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in (("etc", None), ("etc/resolv.conf", b"nameserver 10.1.2.3\n"), ("etc/hostname", b"b\n"),
+                           ("etc/machine-id", b"x\n"), ("run", None)):
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                tar.addfile(info)
+            else:
+                info.size, info.uid, info.mode = len(data), 0, 0o644
+                tar.addfile(info, io.BytesIO(data))
+    buf.seek(0)
+    root, out = tmp_path / "root", tmp_path / "out"
+    root.mkdir(mode=0o700)
+    out.mkdir()
+    tree = layers.Tree(root)
+    tree.apply(tarstream.Counted(buf, tarstream.Budget(1 << 20, 100), "test tar"), "test tar")
+    _customise_rootfs(root, out, tree)
+    assert "etc/resolv.conf" not in tree.meta and not (root / "etc/resolv.conf").exists()
+    layers.write_ext4(tree, tmp_path / "rootfs.ext4", 64)  # raised ImageError before
