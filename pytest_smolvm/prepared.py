@@ -346,7 +346,22 @@ class PreparedStore:
                 continue
             if self.remove(e.digest):
                 removed.append(e)
+        self._drop_stale_locks()
         return removed
+
+    def _drop_stale_locks(self) -> None:
+        """``<digest>.lock``/``.use`` files of entries that are gone, when no one holds them
+        (a waiter on an unlinked lock at worst builds beside another: publish keeps one)."""
+        for f in [*self.root.glob("*.lock"), *self.root.glob("*.use")]:
+            digest = f.name.rpartition(".")[0]
+            if not _DIGEST_RE.fullmatch(digest) or self.path(digest).exists() or self.in_use(digest):
+                continue
+            try:
+                with FileLock(str(self.root / f"{digest}.lock"), timeout=0):
+                    f.unlink(missing_ok=True)
+                    (self.root / f"{digest}.use").unlink(missing_ok=True)
+            except (Timeout, OSError):
+                continue
 
     def enforce_cap(self, keep: str | None = None, max_bytes: int | None = None) -> list[Entry]:
         """Remove least recently used entries (never ``keep`` or one in use) while the cache
