@@ -147,8 +147,15 @@ class PreparedStore:
             if digest in self._held:
                 os.utime(self.use_path(digest))
                 return
-            fd = os.open(self.use_path(digest), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-            fcntl.flock(fd, fcntl.LOCK_SH)  # waits while an rm/prune of it holds LOCK_EX
+            while True:
+                fd = os.open(self.use_path(digest), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+                fcntl.flock(fd, fcntl.LOCK_SH)  # waits while an rm/prune of it holds LOCK_EX
+                try:  # an rm that held it unlinks the file: hold the one now there
+                    if os.stat(self.use_path(digest), follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+                        break
+                except FileNotFoundError:
+                    pass
+                os.close(fd)
             os.utime(fd)
             self._held[digest] = fd
 
