@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import threading
@@ -482,6 +483,7 @@ def prepare(key: str, setup: Callable[[Any], object], config: VMConfig | None = 
     image = images.resolve(config.image)
 
     def start(cfg: VMConfig) -> SmolVM:
-        return SmolVM(cfg, driver=driver, name=f"prep-{key[:40]}").start()
+        # A name of its own each build: a run's checkpoint paths are named after the VM.
+        return SmolVM(cfg, driver=driver, name=f"prep-{key[:40]}-{secrets.token_hex(3)}").start()
 
     return (store or default_store()).get(key, setup, config, driver=driver, image=image, start=start)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,6 +26,9 @@ from pytest_smolvm.cli import main as cli
 from pytest_smolvm.prepared import PreparedStore, default_store, prepare, release_all
 
 REPO = Path(__file__).resolve().parents[2]
+#: These tests prune and remove entries of the shared cache (never held ones): under
+#: ``--dist loadgroup`` they run in one worker, one after another.
+pytestmark = pytest.mark.xdist_group("smolvm-prepared-cache")
 
 
 @pytest.fixture
@@ -202,15 +206,34 @@ def test_kill_during_build_leaves_nothing_used_and_live_users_are_left_alone(
         assert cp.path.is_dir() and store.match(key)[0].in_use
         assert clone.run("cat /root/state").stdout == "prepared\n"
     release_all()
-    res = subprocess.run([sys.executable, "-m", "pytest_smolvm", "checkpoint", "prune", "--older-than", "0"],
+    res = subprocess.run([sys.executable, "-m", "pytest_smolvm", "checkpoint", "rm", key],
                          env=env, capture_output=True, text=True)
-    assert key in res.stdout and not cp.path.exists()
+    assert res.returncode == 0 and not cp.path.exists()  # once no one holds it
 
 
-def test_cache_cap_evicts_least_recently_used_but_not_the_held(tmp_path: Path, key: str) -> None:
-    store = default_store()
-    cp = prepare(key, _setup, VMConfig(memory_mib=256))
+def test_cache_cap_and_image_prune_leave_the_held_and_take_the_rest(key: str) -> None:
+    root = Path(REAL_CACHE) / f"checkpoints-{key}"  # a store of its own: the cap removes all it may
+    root.mkdir(mode=0o700)
+    try:
+        _cap_and_orphans(PreparedStore(root), key)
+    finally:
+        PreparedStore(root).release_all()
+        shutil.rmtree(root)
+
+
+def _cap_and_orphans(store: PreparedStore, key: str) -> None:
+    cp = prepare(key, _setup, VMConfig(memory_mib=256), store=store)
     assert store.enforce_cap(max_bytes=0) == [] and cp.path.is_dir()  # held by this process
-    release_all()
+    # image prune's part: entries whose image is gone (here: their manifest says it moved away)
+    meta = json.loads((cp.path / "manifest.json").read_text())
+    (cp.path / "manifest.json").write_text(json.dumps({**meta, "image_rootfs": "/nonexistent/rootfs.img"}))
+    assert key not in [e.key for e in store.prune(orphans_only=True)] and cp.path.is_dir()  # held
+    store.release_all()
+    (cp.path / "manifest.json").write_text(json.dumps(meta))
+    assert key not in [e.key for e in store.prune(orphans_only=True)]  # its image is there
     assert [e.key for e in store.enforce_cap(max_bytes=0, keep=None) if e.key == key] == [key]
     assert not cp.path.exists() and isinstance(store, PreparedStore)
+    again = prepare(key, _setup, VMConfig(memory_mib=256), store=store)
+    (again.path / "manifest.json").write_text(json.dumps({**meta, "image_rootfs": "/nonexistent/rootfs.img"}))
+    store.release_all()
+    assert [e.key for e in store.prune(orphans_only=True) if e.key == key] == [key]
