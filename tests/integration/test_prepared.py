@@ -123,6 +123,8 @@ def test_export_rm_import_reuse_and_refusals(tmp_path_factory: pytest.TempPathFa
     out = Path(REAL_CACHE) / f"export-{key}.tgz"  # our cache: never a path in /tmp we trust
     try:
         cp = prepare(key, _setup, VMConfig(memory_mib=256))
+        with pytest.raises(CheckpointError, match=r"belongs to the prepared-state cache.*checkpoint rm"):
+            cp.remove()  # the cache owns it, not this run
         assert cli(["checkpoint", "export", key, str(out)]) == 0
         assert out.stat().st_size < 64 << 20  # the sparse RAM file stays small
         release_all()
