@@ -3,6 +3,7 @@
 ratios printed last.
 
     python benchmarks/checkpoint.py [--tests 30] [--clones 10] [--memory 256,512] [--no-xdist]
+                                    [--prepared-only]
 
 - checkpoint(): how long the prepared VM is paused, and the whole call, per guest memory size
 - clone of a checkpoint -> first run("true") vs clone of the golden snapshot -> first run("true")
@@ -12,16 +13,22 @@ ratios printed last.
   server: ``smolvm`` doing the set-up in every test vs a session fixture that sets up once and
   returns ``vm.checkpoint()`` with each test a clone (``smolvm_factory(checkpoint=...)``);
   and the checkpoint suite under ``-n 2`` (each xdist worker prepares its own checkpoint)
+- prepared state that lasts (``smolvm_prepared``, a fresh key each invocation): run 1 (builds)
+  vs run 2 (reuses; the set-up's host-side marker proves it never ran), ``-n 2`` vs ``-n 0``
+  sharing the cached checkpoint (run 1 under ``-n 2`` builds once for both workers), and the
+  size of ``checkpoint export`` of it (``--prepared-only``: just these)
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 from pytest_smolvm import SmolVM, VMConfig
@@ -74,6 +81,24 @@ def prepared(smolvm_session):
 def test_each(prepared, smolvm_factory, n):
     smolvm_factory(checkpoint=prepared).run(CHECK, check=True)
 '''
+SUITE_PREPARED = '''
+import os, pytest
+SETUP = {setup!r}
+CHECK = {check!r}
+
+def install(vm):
+    vm.run(SETUP, check=True, timeout=600)
+    with open(os.environ["BENCH_MARKER"], "a") as f:
+        f.write("setup\\n")
+
+@pytest.fixture(scope="session")
+def prepared(smolvm_prepared):
+    return smolvm_prepared(os.environ["BENCH_KEY"], setup=install)
+
+@pytest.mark.parametrize("n", range({n}))
+def test_each(prepared, smolvm_factory, n):
+    smolvm_factory(checkpoint=prepared).run(CHECK, check=True)
+'''
 
 
 def pss_mib(pid: int) -> float:
@@ -83,12 +108,13 @@ def pss_mib(pid: int) -> float:
     return float("nan")
 
 
-def suite_seconds(template: str, n: int, extra: list[str]) -> float:
+def suite_seconds(template: str, n: int, extra: list[str], env: dict[str, str] | None = None) -> float:
     with tempfile.TemporaryDirectory() as d:
         Path(d, "test_bench_cp.py").write_text(template.format(setup=SETUP, check=CHECK, n=n))
         t0 = time.perf_counter()
         res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
-                              *extra, d], capture_output=True, text=True)
+                              *extra, d], capture_output=True, text=True, env=None if env is None else
+                             {**os.environ, **env})
         took = time.perf_counter() - t0
         if res.returncode != 0:
             raise SystemExit(f"benchmark suite failed:\n{res.stdout[-3000:]}")
@@ -111,13 +137,57 @@ def checkpoint_costs(memory_mib: int, driver: object, rounds: int) -> tuple[floa
                 cp.remove()
 
 
+def prepared_numbers(n: int) -> None:
+    """Run 1 vs run 2 of a smolvm_prepared suite, -n 2 vs -n 0 on the shared checkpoint, and
+    the exported size; prints one line each. Removes its cache entries afterwards."""
+    from pytest_smolvm.cli import main as cli
+    from pytest_smolvm.paths import cache_dir
+    from pytest_smolvm.prepared import default_store
+
+    key = f"bench-{uuid.uuid4().hex[:8]}"
+    marker = cache_dir() / f"{key}.setups"
+    env = {"BENCH_KEY": key, "BENCH_MARKER": str(marker)}
+    setups = lambda: len(marker.read_text().splitlines()) if marker.exists() else 0  # noqa: E731
+    try:
+        run1 = suite_seconds(SUITE_PREPARED, n, [], env)
+        after1 = setups()
+        run2 = suite_seconds(SUITE_PREPARED, n, [], env)
+        run2_n2 = suite_seconds(SUITE_PREPARED, n, ["-n", "2"], env)
+        after2 = setups()
+        env["BENCH_KEY"] = f"{key}-x"
+        run1_n2 = suite_seconds(SUITE_PREPARED, n, ["-n", "2"], env)
+        after3 = setups()
+        out = cache_dir() / f"{key}.tgz"
+        t0 = time.perf_counter()
+        cli(["checkpoint", "export", key, str(out)])
+        exported = time.perf_counter() - t0
+        size = out.stat().st_size
+        ram = sum((e.path / "mem").stat().st_blocks * 512 for e in default_store().match(key))
+        out.unlink()
+    finally:
+        marker.unlink(missing_ok=True)
+        for k in (key, f"{key}-x"):
+            cli(["checkpoint", "rm", k])
+    print(f"smolvm_prepared, {n} tests: run 1 (builds) {run1:.1f} s, run 2 (reuses) {run2:.1f} s; set-ups run: "
+          f"{after1} in run 1, {after2 - after1} in run 2 and its -n 2 rerun")
+    print(f"smolvm_prepared, shared checkpoint: -n 0 {run2:.1f} s, -n 2 {run2_n2:.1f} s; run 1 under -n 2 "
+          f"{run1_n2:.1f} s with {after3 - after2} set-up for both workers")
+    print(f"checkpoint export: {size / 2**20:.1f} MiB (tar.gz; RAM file {ram / 2**20:.0f} MiB on disk), "
+          f"{exported:.1f} s")
+    print(f"run 2 / run 1: {run2 / run1:.2f}x; shared checkpoint -n 2 / -n 0: {run2_n2 / run2:.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--tests", type=int, default=30)
     ap.add_argument("--clones", type=int, default=10)
     ap.add_argument("--memory", default="256,512", help="guest sizes (MiB) to time checkpoint() for")
     ap.add_argument("--no-xdist", action="store_true", help="skip the -n 2 checkpoint suite")
+    ap.add_argument("--prepared-only", action="store_true", help="only the smolvm_prepared numbers")
     args = ap.parse_args()
+    if args.prepared_only:
+        prepared_numbers(args.tests)
+        return
     cfg = VMConfig()
     driver = default_driver(cfg)
     med = statistics.median
@@ -166,6 +236,7 @@ def main() -> None:
     print(f"suite, set-up in each test / checkpoint clones: {each / once:.1f}x")
     if once_n2 is not None:
         print(f"checkpoint suite, -n 2 / -n 0: {once_n2 / once:.2f}x")
+    prepared_numbers(args.tests)
 
 
 if __name__ == "__main__":

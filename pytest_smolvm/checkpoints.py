@@ -91,6 +91,8 @@ class Checkpoint:
     taken_s: float = 0.0
     #: The checkpoint whose disk layer this one's sits on (its layer names that file), if any.
     parent: Checkpoint | None = dataclasses.field(default=None, repr=False)
+    #: The prepared-state cache owns it (``smolvm_prepared``): no run removes it.
+    cached: bool = False
 
     def __repr__(self) -> str:
         return f"<Checkpoint {self.name} {self.config.describe()}{'' if self.exists else ' (removed)'}>"
@@ -119,7 +121,13 @@ class Checkpoint:
     def remove(self) -> None:
         """Remove the checkpoint: no clone can start from it any more. Idempotent. Its files
         go now, or, while a running VM or a later checkpoint sits on its disk layer, when the
-        last of those goes. Clones already running are unaffected."""
+        last of those goes. Clones already running are unaffected. A cached checkpoint
+        (``smolvm_prepared``) belongs to the cache, not to a run: remove it with
+        ``python -m pytest_smolvm checkpoint rm KEY``."""
+        if self.cached:
+            raise CheckpointError(f"checkpoint {self.name} belongs to the prepared-state cache ({self.path}), "
+                                  f"not to this run; remove it with: python -m pytest_smolvm checkpoint rm "
+                                  f"{self.name.removeprefix('prepared-')}")
         _registry.remove(self)
 
     def _delete(self) -> None:

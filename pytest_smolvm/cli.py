@@ -1,4 +1,5 @@
-"""``python -m pytest_smolvm``: image build|list|prune, doctor, reap, shell. No pytest here."""
+"""``python -m pytest_smolvm``: image build|list|prune, checkpoint list|prune|rm|export|import,
+doctor, reap, shell. No pytest here."""
 
 from __future__ import annotations
 
@@ -115,8 +116,13 @@ def _cmd_image_prune(args: argparse.Namespace) -> int:
     if not args.dry_run:
         store.prune()
     print(f"{len(snaps)} snapshot(s) {'would be ' if args.dry_run else ''}removed (rebuilt on demand)")
+    from .prepared import default_store as prepared_store
     from .volumes import prune_images
 
+    orphans = [e for e in prepared_store().entries() if not Path(str(e.manifest.get("image_rootfs", ""))).is_file()]
+    if not args.dry_run:
+        orphans = prepared_store().prune(orphans_only=True)
+    print(f"{len(orphans)} cached checkpoint(s) of removed images {'would be ' if args.dry_run else ''}removed")
     n = prune_images(dry_run=args.dry_run)
     print(f"{n} volume image(s) {'would be ' if args.dry_run else ''}removed (rebuilt on demand)")
     from .images.kernel import prune_kernels
@@ -211,6 +217,98 @@ def _cmd_shell(args: argparse.Namespace) -> int:
     return 1
 
 
+def _cmd_checkpoint_list(args: argparse.Namespace) -> int:
+    import time
+
+    from .prepared import default_store
+
+    entries = default_store().entries()
+    for e in reversed(entries):  # most recently used first
+        age = (time.time() - e.last_used) / 86400
+        print(f"{e.digest[:16]}  {e.key:<24} image={e.manifest.get('image_name', '?')} "
+              f"{e.disk_usage / 2**20:7.1f} MiB  used {age:5.1f} d ago{'  in use' if e.in_use else ''}")
+    total = sum(e.disk_usage for e in entries)
+    print(f"{len(entries)} cached checkpoint(s), {total / 2**20:.1f} MiB in {default_store().root}")
+    return 0
+
+
+def _cmd_checkpoint_prune(args: argparse.Namespace) -> int:
+    from .prepared import default_store
+
+    store = default_store()
+    before = {e.digest for e in store.entries()}
+    removed = store.prune(older_than_days=args.older_than)
+    for e in removed:
+        print(f"removed {e.digest[:16]} {e.key}")
+    kept_in_use = [e for e in store.entries() if e.in_use and e.digest in before]
+    print(f"{len(removed)} cached checkpoint(s) removed; {len(kept_in_use)} in use left alone")
+    return 0
+
+
+def _cmd_checkpoint_rm(args: argparse.Namespace) -> int:
+    from .prepared import default_store
+
+    store = default_store()
+    found = store.match(args.key)
+    if not found:
+        print(f"error: no cached checkpoint with key or digest {args.key!r}", file=sys.stderr)
+        return 1
+    busy = [e for e in found if not store.remove(e.digest)]
+    for e in busy:
+        print(f"error: {e.digest[:16]} ({e.key}) is in use by a running process; not removed", file=sys.stderr)
+    print(f"{len(found) - len(busy)} cached checkpoint(s) removed")
+    return 1 if busy else 0
+
+
+def _one_entry(key: str) -> str:
+    from .errors import SmolVMError
+    from .prepared import default_store
+
+    found = default_store().match(key)
+    if len(found) != 1:
+        raise SmolVMError(f"{len(found)} cached checkpoints match {key!r}"
+                          f"{': ' + ', '.join(e.digest[:16] for e in found) if found else ''}; "
+                          f"name one by its digest (python -m pytest_smolvm checkpoint list)")
+    return found[0].digest
+
+
+def _cmd_checkpoint_export(args: argparse.Namespace) -> int:
+    from .prepared import default_store
+    from .prepared_archive import export
+
+    size = export(default_store(), _one_entry(args.key), Path(args.file))
+    print(f"exported {args.key} to {args.file} ({size / 2**20:.1f} MiB)")
+    return 0
+
+
+def _cmd_checkpoint_import(args: argparse.Namespace) -> int:
+    from .prepared import default_store
+    from .prepared_archive import import_archive
+
+    key, digest = import_archive(default_store(), Path(args.file))
+    print(f"imported {key} ({digest[:16]}) from {args.file}")
+    return 0
+
+
+def _checkpoint_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    cp = sub.add_parser("checkpoint", help="list, prune, remove, export or import cached prepared state "
+                                           "(smolvm_prepared)").add_subparsers(dest="sub", required=True)
+    cp.add_parser("list", help="list cached checkpoints").set_defaults(func=_cmd_checkpoint_list)
+    pr = cp.add_parser("prune", help="remove cached checkpoints no running process uses")
+    pr.add_argument("--older-than", type=float, metavar="DAYS", help="only those unused for DAYS days")
+    pr.set_defaults(func=_cmd_checkpoint_prune)
+    rm = cp.add_parser("rm", help="remove the cached checkpoints of KEY (or one digest)")
+    rm.add_argument("key", metavar="KEY")
+    rm.set_defaults(func=_cmd_checkpoint_rm)
+    ex = cp.add_parser("export", help="write the cached checkpoint KEY to FILE (one tar.gz, for CI caches)")
+    ex.add_argument("key", metavar="KEY")
+    ex.add_argument("file", metavar="FILE")
+    ex.set_defaults(func=_cmd_checkpoint_export)
+    im = cp.add_parser("import", help="verify FILE and add it to the cache (refused unless it matches this host)")
+    im.add_argument("file", metavar="FILE")
+    im.set_defaults(func=_cmd_checkpoint_import)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pytest_smolvm", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -249,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr = img.add_parser("prune", help="remove image builds no recipe points at")
     pr.add_argument("--dry-run", action="store_true")
     pr.set_defaults(func=_cmd_image_prune)
+    _checkpoint_parser(sub)
     doc = sub.add_parser("doctor", help="what works on this host, and why not")
     doc.add_argument("--image", default="default", help="image the canary boots (default: default)")
     doc.set_defaults(func=_cmd_doctor)

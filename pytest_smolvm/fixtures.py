@@ -1,4 +1,5 @@
-"""The fixtures: ``smolvm``, ``smolvm_session``, ``smolvm_factory``, ``smolvm_config``."""
+"""The fixtures: ``smolvm``, ``smolvm_session``, ``smolvm_factory``, ``smolvm_config``,
+``smolvm_prepared``."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import pytest
 
 from .checkpoints import Checkpoint
 from .config import VMConfig, config_from_layers
+from .drivers import Driver
 from .errors import ConfigError
+from .prepared import prepare
 from .vm import SmolVM
 
 #: The name the plugin's per-session state is registered under (plugin.py registers it;
@@ -27,6 +30,7 @@ class SessionState(Protocol):
     def start_vm(self, request: pytest.FixtureRequest, cfg: VMConfig,
                  checkpoint: Checkpoint | None = None) -> SmolVM: ...
     def finish_vm(self, request: pytest.FixtureRequest, vm: SmolVM) -> None: ...
+    def driver_for(self, cfg: VMConfig) -> Driver: ...
 
 
 def _plugin(config: pytest.Config) -> SessionState:
@@ -114,3 +118,26 @@ def smolvm_session(request: pytest.FixtureRequest) -> Iterator[SmolVM]:
     vm = plugin.start_vm(request, cfg)
     yield vm
     plugin.finish_vm(request, vm)
+
+
+@pytest.fixture(scope="session")
+def smolvm_prepared(request: pytest.FixtureRequest) -> Callable[..., Checkpoint]:
+    """``smolvm_prepared(key, setup=fn, **overrides)`` returns a
+    :class:`~pytest_smolvm.checkpoints.Checkpoint` of a VM (the session config plus
+    ``overrides``) on which ``setup(vm)`` ran, cached across runs in
+    ``<cache>/checkpoints``: ``setup`` runs only when no valid entry for ``key`` and this
+    host's VM shape exists, once for all xdist workers and concurrent runs. Start clones with
+    ``smolvm_factory(checkpoint=cp)``. Change ``key`` when what ``setup`` does changes (its
+    source is not hashed)."""
+    plugin = _plugin(request.config)
+
+    def make(key: str, *, setup: Callable[[SmolVM], object], **overrides: Any) -> Checkpoint:
+        base = apply_configure_hook(request, plugin.session_config())
+        fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(VMConfig)}
+        cfg = config_from_layers([("smolvm session config", fields), (f"smolvm_prepared({key!r})", overrides)])
+        reason = plugin.ceiling_violation(cfg)
+        if reason:
+            pytest.skip(reason)
+        return prepare(key, setup, cfg, driver=plugin.driver_for(cfg))
+
+    return make

@@ -20,13 +20,14 @@ from .checkpoints import remove_all as remove_checkpoints
 from .config import VMConfig, config_from_layers
 from .drivers import Driver, default_driver
 from .errors import BootError, ConfigError, ImageError, SmolVMError
-from .fixtures import PLUGIN_NAME, smolvm, smolvm_config, smolvm_factory, smolvm_session
+from .fixtures import PLUGIN_NAME, smolvm, smolvm_config, smolvm_factory, smolvm_prepared, smolvm_session
 from .host import host_name
 from .images.declared import load as load_declared
 from .images.provision import default_built
 from .markers import MARKER_DOC, marker_layers
 from .paths import runtime_dir
 from .pool import VMPool, shape_group
+from .prepared import release_all as release_prepared
 from .reaper import Leftover, reap
 from .reporting import LiveOutput, sanitize
 from .reports import host_lines, redact_all, vm_sections
@@ -34,7 +35,7 @@ from .runs import current_run_id, set_run_id
 from .settings import OPTIONS, POOL, exceeds_ceiling, network_ceiling, pool_size, session_layers
 from .vm import SmolVM
 
-__all__ = ["smolvm", "smolvm_config", "smolvm_factory", "smolvm_session"]
+__all__ = ["smolvm", "smolvm_config", "smolvm_factory", "smolvm_prepared", "smolvm_session"]
 
 VM_FIXTURES = frozenset({"smolvm", "smolvm_factory", "smolvm_config"})
 CONFIG_KEY = pytest.StashKey[VMConfig]()
@@ -299,8 +300,7 @@ class SmolVMPlugin:
         reason = self.ceiling_violation(cfg)
         if reason:
             pytest.skip(f"{reason} (the config after smolvm_config overrides and pytest_smolvm_configure hooks)")
-        self.ensure_image(cfg.image)
-        driver = self.config.hook.pytest_smolvm_make_driver(config=cfg, pytestconfig=self.config)
+        driver = self.driver_for(cfg)
         vm = self._start_with_retry(request, cfg, driver, checkpoint)
         vm.network.ceiling = self.ceiling  # vm.network.set() may not loosen past it either
         if self.config.option.capture == "no":  # -s: show each command's output as it runs
@@ -314,6 +314,12 @@ class SmolVMPlugin:
             vm.close()
             raise
         return vm
+
+    def driver_for(self, cfg: VMConfig) -> Driver:
+        """The driver for ``cfg``, its image built first if it is ours to build."""
+        self.ensure_image(cfg.image)
+        driver: Driver = self.config.hook.pytest_smolvm_make_driver(config=cfg, pytestconfig=self.config)
+        return driver
 
     def _start_with_retry(self, request: pytest.FixtureRequest, cfg: VMConfig, driver: Driver,
                           checkpoint: Checkpoint | None = None) -> SmolVM:
@@ -420,6 +426,7 @@ class SmolVMPlugin:
     def pytest_sessionfinish(self) -> None:
         self.pool.close()
         remove_checkpoints()  # session fixtures are torn down by now: no clone can want them
+        release_prepared()  # cached ones stay, for the next run; prune may remove them now
         workeroutput = getattr(self.config, "workeroutput", None)
         if workeroutput is not None:  # an xdist worker: tell the controller (pytest_testnodedown)
             workeroutput["smolvm"] = self.summary()

@@ -214,7 +214,8 @@ def find_partial_snapshots(snapshots_root: Path | None = None) -> list[Leftover]
         m = _SNAPSHOT_BUILD.fullmatch(d.name)
         if (m and d.is_dir() and not d.is_symlink() and not process_alive(int(m[2]), None)
                 and not _build_in_progress(base, m[1])):
-            found.append(Leftover(d, "-", None, False, f"snapshot build by dead pid {m[2]}"))
+            what = "checkpoint" if base.name == "checkpoints" else "snapshot"
+            found.append(Leftover(d, "-", None, False, f"{what} build by dead pid {m[2]}"))
     return found
 
 
@@ -287,6 +288,10 @@ def reap(*, include_kept: bool = False, dry_run: bool = False, root: Path | None
     base = root or runtime_dir()
     items = find_leftovers(include_kept=include_kept, root=base)
     snapshots = find_partial_snapshots(snapshots_root) if root is None or snapshots_root is not None else []
+    if root is None and snapshots_root is None:
+        # Half-built prepared checkpoints (same naming and build lock as snapshots). Published
+        # ones belong to the cache, not to a run: never reaped (checkpoint prune/rm remove them).
+        snapshots += find_partial_snapshots(cache_dir() / "checkpoints")
     if dry_run:
         return items + snapshots + (_network_leftovers(dry_run=True) if root is None else [])
     for item in items:

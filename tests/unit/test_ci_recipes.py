@@ -120,8 +120,17 @@ def test_gitlab_job_is_parallel_tcg_and_caches_the_image_directory() -> None:
     assert ci["variables"]["SMOLVM_ACCEL"] == "tcg"
     job = ci["vm-tests"]
     assert isinstance(job["parallel"], int) and job["parallel"] > 1
-    assert ".smolvm-cache/images" in job["cache"]["paths"]
+    caches = job["cache"] if isinstance(job["cache"], list) else [job["cache"]]
+    assert any(".smolvm-cache/images" in c["paths"] for c in caches)
+    assert any("smolvm-prepared.tgz" in c["paths"] for c in caches)  # prepared state, as one export
     assert ci["variables"]["SMOLVM_CACHE_DIR"].endswith("/.smolvm-cache")
     script = " ".join(job["script"])
     assert '--splits "$CI_NODE_TOTAL" --group "$CI_NODE_INDEX"' in script
     assert "junit" in job["artifacts"]["reports"]
+
+
+@pytest.mark.parametrize("name", ["github-actions.yml", "gitlab-ci.yml"])
+def test_prepared_state_travels_as_one_export_file(name: str) -> None:
+    commands = smolvm_commands(name)
+    assert ["checkpoint", "import", "smolvm-prepared.tgz"] in commands
+    assert ["checkpoint", "export", "app-v3", "smolvm-prepared.tgz"] in commands
