@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Iterable, Mapping
+import threading
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final
 
 from ..errors import ConfigError
@@ -18,6 +19,8 @@ from .names import allow_name, name_allowed, split_allow
 _ENV_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 MAX_VALUE: Final = 8192
 PLACEHOLDER_PREFIX: Final = "smolvm-secret-"
+#: Lines a VM's secrets ledger keeps (``vm.network.secret_events``); more are only counted.
+LEDGER_SIZE: Final = 256
 
 
 class Secret:
@@ -130,3 +133,65 @@ def unreachable(secrets_: Mapping[str, Secret], network: str, allow: Iterable[st
 def placeholders(names: Iterable[str]) -> dict[str, str]:
     """A fresh random placeholder per secret name (one VM's are useless in another)."""
     return {name: f"{PLACEHOLDER_PREFIX}{secrets.token_hex(16)}" for name in names}
+
+
+class SecretBook:
+    """One VM's secrets, its placeholders, and what its proxy did with them (thread-safe)."""
+
+    def __init__(self, secrets_: Mapping[str, Secret], placeholders_: Mapping[str, str]) -> None:
+        self._secrets = dict(secrets_)
+        self.placeholders = dict(placeholders_)
+        self.hosts = frozenset(h for s in self._secrets.values() for h in s.hosts)
+        self.ledger: list[str] = []
+        self.counts = {"forwarded": 0, "refused": 0, "failed": 0, "rate_refused": 0, "conns_refused": 0}
+        self._lock = threading.Lock()
+
+    def record(self, line: str, kind: str = "refused") -> None:
+        """Count one ``kind`` event and keep ``line`` in the ledger (once, while there is room)."""
+        with self._lock:
+            self.counts[kind] = self.counts.get(kind, 0) + 1
+            if line and len(self.ledger) < LEDGER_SIZE and line not in self.ledger:
+                self.ledger.append(line)
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {"ledger": list(self.ledger), **self.counts}
+
+    def carried(self, text: str) -> set[str]:
+        """The secret names whose placeholder ``text`` carries."""
+        return {name for name, ph in self.placeholders.items() if ph in text}
+
+    def substitute(self, value: str, host: str) -> str:
+        """``value`` with the placeholders of ``host``'s own secrets replaced by their values."""
+        for name, ph in self.placeholders.items():
+            if ph in value and host in self._secrets[name].hosts:
+                value = value.replace(ph, self._secrets[name].reveal())
+        return value
+
+    def belongs(self, name: str, host: str) -> bool:
+        return host in self._secrets[name].hosts
+
+
+def judge(book: SecretBook, host: str, target: bytes, headers: Sequence[tuple[bytes, bytes]]) -> tuple[int, str] | None:
+    """Why a request over TLS to ``host`` may not go out (HTTP status, reason), or None.
+    Every byte is the guest's: the ``Host`` header must be the TLS name; a placeholder of a
+    secret that does not belong to ``host`` (in any header or the target), or any placeholder
+    in the target (only headers are rewritten), refuses it and is recorded."""
+    named = [v.decode("latin-1").strip().lower() for n, v in headers if n.lower() == b"host"]
+    in_target = book.carried(target.decode("latin-1"))
+    carried = in_target.union(*(book.carried(v.decode("latin-1")) for _, v in headers))
+    if len(named) != 1 or named[0].removesuffix(":443").rstrip(".") != host:
+        shown = named[0][:64] if named else "none"
+        for name in sorted(carried):
+            book.record(f"secret {name} sent to Host {shown!r} over TLS to {host}: refused")
+        if not carried:
+            book.record("", "refused")
+        return 421, f"the Host header must name {host}, the TLS server name"
+    wrong = {name for name in carried if not book.belongs(name, host)}
+    for name in sorted(wrong):
+        book.record(f"secret {name} sent to {host}: refused")
+    for name in sorted(in_target - wrong):
+        book.record(f"secret {name} in the request target to {host}: refused (only headers carry secrets)")
+    if wrong or in_target:
+        return 403, "a secret's placeholder is accepted only in headers of requests to its own hosts"
+    return None

@@ -41,11 +41,11 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 from ..errors import NetworkError
 from . import netns
-from .credentials import Secret
+from .credentials import Secret, SecretBook
 from .policy import SECRETS_PROXY_PORT as PORT
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,6 @@ BURST: Final = 40
 MAX_HEAD: Final = 16 * 1024
 IDLE: Final = 30.0
 CONNECT_TIMEOUT: Final = 10.0
-LEDGER_SIZE: Final = 256
 MAX_LEAVES: Final = 256
 SO_ORIGINAL_DST: Final = 80
 CHUNK: Final = 65536
@@ -176,13 +175,10 @@ class SecretProxy:
                  secrets: Mapping[str, Secret], placeholders: Mapping[str, str], handler: Handler) -> None:
         self.vm, self.ns, self.uplink, self.gateway, self.guest = vm, ns, uplink, gateway, guest
         self._handler = handler
-        self._secrets = dict(secrets)
-        self.placeholders = dict(placeholders)
-        self.hosts = frozenset(h for s in self._secrets.values() for h in s.hosts)
+        self.book = SecretBook(secrets, placeholders)
+        self.hosts = self.book.hosts
         self.ca = run_ca()
         self.upstream_ctx = upstream_context()
-        self.ledger: list[str] = []
-        self.counts = {"forwarded": 0, "refused": 0, "rate_refused": 0, "conns_refused": 0, "failed": 0}
         self._addresses: dict[str, float] = {}  # address -> expiry (monotonic)
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(MAX_CONNS)
@@ -215,12 +211,6 @@ class SecretProxy:
         with self._lock:
             return self._addresses.get(address, 0) > time.monotonic()
 
-    def record(self, line: str, kind: str = "refused") -> None:
-        with self._lock:
-            self.counts[kind] = self.counts.get(kind, 0) + 1
-            if line and len(self.ledger) < LEDGER_SIZE and line not in self.ledger:
-                self.ledger.append(line)
-
     def close(self) -> None:
         self._stop.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
@@ -247,7 +237,7 @@ class SecretProxy:
                 continue
             if peer[0] != self.guest or not self._slots.acquire(blocking=False):
                 if peer[0] == self.guest:
-                    self.count("conns_refused")
+                    self.book.record("", "conns_refused")
                 sock.close()
                 continue
             with self._lock:
@@ -264,10 +254,6 @@ class SecretProxy:
                 sock.close()
             else:
                 self._open.discard(sock)
-
-    def count(self, kind: str) -> None:
-        with self._lock:
-            self.counts[kind] += 1
 
     def _serve(self, sock: socket.socket) -> None:
         try:
@@ -292,19 +278,6 @@ class SecretProxy:
             return None
         return address
 
-    def secrets_in(self, value: str) -> list[str]:
-        """The secret names whose placeholder ``value`` carries."""
-        return [name for name, ph in self.placeholders.items() if ph in value]
-
-    def substitute(self, value: str, host: str) -> str:
-        for name, ph in self.placeholders.items():
-            if ph in value and host in self._secrets[name].hosts:
-                value = value.replace(ph, self._secrets[name].reveal())
-        return value
-
-    def belongs(self, name: str, host: str) -> bool:
-        return host in self._secrets[name].hosts
-
     def take_request(self) -> bool:
         return self._rate.take()
 
@@ -321,7 +294,3 @@ class SecretProxy:
             raise
         tls.settimeout(IDLE)
         return tls
-
-    def snapshot(self) -> dict[str, Any]:
-        with self._lock:
-            return {"ledger": list(self.ledger), **self.counts}

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import socket
 import ssl
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import h11
 
 from ..errors import ConfigError
+from .credentials import judge
 from .names import allow_name
 from .proxy import CHUNK, CONNECT_TIMEOUT, IDLE, MAX_HEAD, SecretProxy
-
-if TYPE_CHECKING:
-    from collections.abc import Sequence
 
 
 def _sni_host(server_name: str | None) -> str | None:
@@ -34,15 +32,15 @@ def _handshake(proxy: SecretProxy, sock: socket.socket, dest: str) -> tuple[ssl.
     def on_sni(conn: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, _ctx: ssl.SSLContext) -> int | None:
         host = _sni_host(server_name)
         if host is None:
-            proxy.record(f"TLS without a valid server name (SNI {str(server_name)[:64]!r}) to {dest}: refused")
+            proxy.book.record(f"TLS without a valid server name (SNI {str(server_name)[:64]!r}) to {dest}: refused")
             return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
         try:
             found["up"] = proxy.upstream(dest, host)
         except ssl.SSLCertVerificationError as exc:
-            proxy.record(f"{host} at {dest}: certificate not verified ({exc.verify_message}): refused", "failed")
+            proxy.book.record(f"{host} at {dest}: certificate not verified ({exc.verify_message}): refused", "failed")
             return ssl.ALERT_DESCRIPTION_HANDSHAKE_FAILURE
         except (OSError, ssl.SSLError) as exc:
-            proxy.record(f"{host} at {dest}: unreachable ({type(exc).__name__}): refused", "failed")
+            proxy.book.record(f"{host} at {dest}: unreachable ({type(exc).__name__}): refused", "failed")
             return ssl.ALERT_DESCRIPTION_HANDSHAKE_FAILURE
         found["host"] = host
         conn.context = proxy.ca.context_for(host)
@@ -107,42 +105,20 @@ def _refuse(tls: ssl.SSLSocket, guest: h11.Connection, status: int, why: str) ->
         pass
 
 
-def judge(proxy: SecretProxy, host: str, target: bytes,
-          headers: Sequence[tuple[bytes, bytes]]) -> tuple[int, str] | None:
-    """Why a request may not go out (status, reason), or None; records refused secrets."""
-    named = [v.decode("latin-1").strip().lower() for n, v in headers if n.lower() == b"host"]
-    carried = {name for _, v in headers for name in proxy.secrets_in(v.decode("latin-1"))}
-    carried |= set(proxy.secrets_in(target.decode("latin-1")))
-    if len(named) != 1 or named[0].removesuffix(":443").rstrip(".") != host:
-        shown = named[0][:64] if named else "none"
-        for name in sorted(carried):
-            proxy.record(f"secret {name} sent to {shown!r} over a TLS connection to {host}: refused")
-        return 421, f"the Host header must name {host}, the TLS server name"
-    wrong = sorted(name for name in carried if not proxy.belongs(name, host))
-    in_target = set(proxy.secrets_in(target.decode("latin-1")))
-    for name in wrong:
-        proxy.record(f"secret {name} sent to {host}: refused")
-    for name in sorted(in_target - set(wrong)):
-        proxy.record(f"secret {name} in the request target to {host}: refused (headers only)")
-    if wrong or in_target:
-        return 403, "a secret's placeholder is only accepted in headers of requests to its own hosts"
-    if not proxy.take_request():
-        proxy.count("rate_refused")
-        return 429, "too many requests from this VM"
-    return None
-
-
 def _one_request(proxy: SecretProxy, host: str, tls: ssl.SSLSocket, guest: h11.Connection,
                  up: ssl.SSLSocket, real: h11.Connection) -> bool:
     """Relay one request and its response; True if both connections may carry another."""
     request = _next(guest, tls)
     if not isinstance(request, h11.Request):
         return False
-    verdict = judge(proxy, host, request.target, request.headers)
+    verdict = judge(proxy.book, host, request.target, request.headers)
+    if verdict is None and not proxy.take_request():
+        proxy.book.record("", "rate_refused")
+        verdict = 429, "too many requests from this VM"
     if verdict is not None:
         _refuse(tls, guest, *verdict)
         return False
-    headers = [(n, proxy.substitute(v.decode("latin-1"), host).encode("latin-1")) for n, v in request.headers]
+    headers = [(n, proxy.book.substitute(v.decode("latin-1"), host).encode("latin-1")) for n, v in request.headers]
     up.sendall(real.send(h11.Request(method=request.method, target=request.target, headers=headers)) or b"")
     while not isinstance(event := _next(guest, tls), h11.EndOfMessage):
         if not isinstance(event, h11.Data):
@@ -150,7 +126,7 @@ def _one_request(proxy: SecretProxy, host: str, tls: ssl.SSLSocket, guest: h11.C
         up.sendall(real.send(event) or b"")
     up.sendall(real.send(event) or b"")
     _relay_response(real, up, guest, tls)
-    proxy.count("forwarded")
+    proxy.book.record("", "forwarded")
     return guest.our_state is h11.DONE and real.our_state is h11.DONE and real.their_state is h11.DONE
 
 

@@ -127,7 +127,7 @@ class NetworkState:
         """What the VM's secrets proxy refused (``secret API_KEY sent to other.test: refused``,
         a real host whose certificate did not verify, ...), in order; at most ``proxy.LEDGER_SIZE``."""
         proxy = self._net.proxy if self._net else None
-        return list(proxy.snapshot()["ledger"]) if proxy else []
+        return list(proxy.book.snapshot()["ledger"]) if proxy else []
 
     @property
     def secrets_proxy(self) -> dict[str, int]:
@@ -136,4 +136,4 @@ class NetworkState:
         proxy = self._net.proxy if self._net else None
         if proxy is None:
             return {}
-        return {k: v for k, v in proxy.snapshot().items() if k != "ledger"}
+        return {k: v for k, v in proxy.book.snapshot().items() if k != "ledger"}
