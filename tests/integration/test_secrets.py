@@ -1,21 +1,12 @@
 """Secrets that never enter the guest (``secrets=``, the run's egress proxy), in real microVMs.
 
-"The internet" is tests/nettopo.py's pair of namespaces; inside its internet namespace this
-module adds an authoritative zone (tests/dnszone.py) and HTTPS servers with certificates of
-this module's own test CA, which the proxy trusts through ``SMOLVM_UPSTREAM_CA_BUNDLE``:
-
-- ``api.example.test`` and ``other.test`` share one address (one server, two names);
-- ``bad.example.test`` presents a certificate of a CA nobody trusts.
-
-Each server logs the ``Authorization`` header of every request it gets. No packet leaves
-namespaces this module makes.
+"The real hosts" are tests/tlsworld.py's HTTPS servers in tests/nettopo.py's test internet,
+with certificates of their own test CA, which the proxy trusts through
+``SMOLVM_UPSTREAM_CA_BUNDLE``. No packet leaves namespaces this module makes.
 """
 
 from __future__ import annotations
 
-import datetime
-import subprocess
-import sys
 import textwrap
 import time
 from collections.abc import Callable, Iterator
@@ -23,43 +14,14 @@ from pathlib import Path
 
 import pytest
 from dnszone import Zone
+from helpers import REAL_CACHE
 from nettopo import Internet
+from tlsworld import HOSTS, TLSWorld
 
 from pytest_smolvm import Secret, SmolVM
 
 Factory = Callable[..., SmolVM]
-ZONE_ADDR = "192.0.2.53"
-API_ADDR = "192.0.2.44"
-BAD_ADDR = "192.0.2.45"
 VALUE = "sk-live-" + "7f3a9c1e5b2d4860" * 2  # what must never reach the guest
-HOSTS = ["api.example.test", "other.test", "bad.example.test"]
-
-#: An HTTPS server on ``argv[1]``:443 with cert+key ``argv[2]``; appends "<host> <authorization>"
-#: of each request to ``argv[3]`` and answers "ok".
-HTTPS_SERVER = textwrap.dedent("""
-    import http.server, socketserver, ssl, sys
-    addr, chain, log = sys.argv[1:4]
-    class H(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        def do_GET(self):
-            with open(log, "a") as f:
-                f.write("%s %s\\n" % (self.headers.get("Host"), self.headers.get("Authorization")))
-            self.send_response(200)
-            self.send_header("Content-Length", "2")
-            self.end_headers()
-            self.wfile.write(b"ok")
-        def log_message(self, *a):
-            pass
-    class S(http.server.ThreadingHTTPServer):
-        def server_bind(self):
-            socketserver.TCPServer.server_bind(self)
-            self.server_name, self.server_port = self.server_address[:2]
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(chain)
-    s = S((addr, 443), H)
-    s.socket = ctx.wrap_socket(s.socket, server_side=True)
-    s.serve_forever()
-""")
 
 #: GET ``argv[1]`` with ``Authorization: Bearer $API_KEY``; prints the body or ERR.
 CALL = textwrap.dedent("""
@@ -85,60 +47,11 @@ FLOOD = textwrap.dedent("""
 """)
 
 
-def _cert(name: str, sans: list[str], issuer: tuple[object, object] | None) -> tuple[bytes, bytes, object, object]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    ikey, iname = issuer if issuer else (key, subject)
-    now = datetime.datetime.now(datetime.UTC)
-    b = (x509.CertificateBuilder().subject_name(subject).issuer_name(iname).public_key(key.public_key())
-         .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
-         .not_valid_after(now + datetime.timedelta(days=1)))
-    if issuer is None:
-        b = b.add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-    else:
-        b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName(s) for s in sans]), critical=False)
-    cert = b.sign(ikey, hashes.SHA256())  # type: ignore[arg-type]
-    pem = cert.public_bytes(serialization.Encoding.PEM)
-    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-    return pem, key_pem, key, subject
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Internet, Zone, Path]]:
-    root = tmp_path_factory.mktemp("secrets")
-    ca_pem, _, ca_key, ca_name = _cert("smolvm test CA", [], None)
-    _, _, rogue_key, rogue_name = _cert("rogue CA", [], None)
-    (root / "ca.pem").write_bytes(ca_pem)
-    api_pem, api_key, _, _ = _cert("api.example.test", ["api.example.test", "other.test"], (ca_key, ca_name))
-    bad_pem, bad_key, _, _ = _cert("bad.example.test", ["bad.example.test"], (rogue_key, rogue_name))
-    (root / "api.pem").write_bytes(api_pem + api_key)
-    (root / "bad.pem").write_bytes(bad_pem + bad_key)
-    net = Internet.create(root / "inet")
-    zone = None
-    try:
-        for addr in (ZONE_ADDR, API_ADDR, BAD_ADDR):
-            subprocess.run(["ip", "-n", net.inet_ns, "addr", "add", f"{addr}/32", "dev", "lo"], check=True)
-        for addr, chain, log in ((API_ADDR, "api.pem", "api.log"), (BAD_ADDR, "bad.pem", "bad.log")):
-            (root / log).write_text("")
-            net.servers.append(subprocess.Popen(["ip", "netns", "exec", net.inet_ns, sys.executable, "-c",
-                                                 HTTPS_SERVER, addr, str(root / chain), str(root / log)],
-                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        zone = Zone(net.inet_ns, ZONE_ADDR, {"api.example.test": API_ADDR, "other.test": API_ADDR,
-                                             "bad.example.test": BAD_ADDR})
-        zone.wait_serving()
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("SMOLVM_UPSTREAM_CA_BUNDLE", str(root / "ca.pem"))
-            yield net, zone, root
-    finally:
-        if zone is not None:
-            zone.close()
-        net.destroy()
+    with TLSWorld.create(tmp_path_factory.mktemp("secrets")) as w, pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SMOLVM_UPSTREAM_CA_BUNDLE", str(w.root / "ca.pem"))
+        yield w.net, w.zone, w.root
 
 
 def _vm(factory: Factory, net: Internet, zone: Zone) -> SmolVM:
@@ -206,3 +119,29 @@ def test_a_connection_flood_from_one_vm_leaves_the_proxy_serving_another(smolvm_
     assert call(other, "https://api.example.test/other") == "ok"
     assert f"api.example.test Bearer {VALUE}" in (root / "api.log").read_text()
     flood.kill()
+
+
+def test_a_failed_test_report_and_junit_never_hold_the_value(pytester: pytest.Pytester,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             world: tuple[Internet, Zone, Path]) -> None:
+    net, zone, _ = world
+    monkeypatch.setenv("SMOLVM_CACHE_DIR", str(REAL_CACHE))
+    pytester.makepyfile(f"""
+        import pytest
+        from pytest_smolvm import Secret
+
+        KEY = Secret({VALUE!r}, hosts=["api.example.test"])
+
+        @pytest.mark.smolvm(network="nat", allow={HOSTS!r}, uplink={net.uplink!r},
+                            dns_upstream=[{zone.upstream!r}], secrets={{"API_KEY": KEY}})
+        def test_fails(smolvm):
+            seen = smolvm.run("printenv API_KEY").stdout
+            print("guest sees", seen, smolvm.config)
+            assert smolvm.config.secrets == {{"API_KEY": seen}}
+    """)
+    xml = pytester.path / "junit.xml"
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-l", "-vv", f"--junitxml={xml}")
+    result.assert_outcomes(failed=1)
+    out = result.stdout.str() + result.stderr.str()
+    assert "guest sees smolvm-secret-" in out and "secrets proxy: 0 request(s) forwarded" in out
+    assert VALUE not in out and VALUE not in xml.read_text()

@@ -131,3 +131,13 @@ def _serve_once(ctx: ssl.SSLContext, sock: socket.socket) -> None:
             pass
     except (ssl.SSLError, OSError):
         pass
+
+
+def test_the_package_imports_without_the_proxy_dependencies() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, pytest_smolvm, pytest_smolvm.plugin; "
+            "print(sorted(m for m in ('h11', 'cryptography') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
