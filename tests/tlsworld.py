@@ -4,8 +4,9 @@ tests/nettopo.py's namespaces, plus in its internet namespace an authoritative z
 (tests/dnszone.py) and HTTPS servers whose certificates come from a test CA made here
 (``root/ca.pem``), each logging "<Host> <Authorization>" of every request it gets:
 
-- ``api.example.test``, ``other.test`` and ``direct.example.test`` share ``API_ADDR`` (one
-  server, three names; log ``root/api.log``);
+- ``api.example.test`` and ``other.test`` share ``API_ADDR`` (one server, two names; log
+  ``root/api.log``); ``direct.example.test`` is the same certificate at ``DIRECT_ADDR``
+  (log ``root/direct.log``), an address no secret's host shares;
 - ``bad.example.test`` at ``BAD_ADDR`` presents a certificate of a CA nobody trusts
   (log ``root/bad.log``).
 
@@ -31,8 +32,9 @@ from pytest_smolvm.network import netns
 ZONE_ADDR = "192.0.2.53"
 API_ADDR = "192.0.2.44"
 BAD_ADDR = "192.0.2.45"
+DIRECT_ADDR = "192.0.2.46"
 HOSTS = ["api.example.test", "other.test", "bad.example.test"]
-RECORDS = {"api.example.test": API_ADDR, "other.test": API_ADDR, "direct.example.test": API_ADDR,
+RECORDS = {"api.example.test": API_ADDR, "other.test": API_ADDR, "direct.example.test": DIRECT_ADDR,
            "bad.example.test": BAD_ADDR}
 
 #: An HTTPS server on ``argv[1]``:443 with cert+key ``argv[2]``; appends "<host> <authorization>"
@@ -98,21 +100,22 @@ class TLSWorld:
         ca_pem, _, ca_key, ca_name = _cert("smolvm test CA", [], None)
         _, _, rogue_key, rogue_name = _cert("rogue CA", [], None)
         (root / "ca.pem").write_bytes(ca_pem)
-        api_pem, api_key, _, _ = _cert("api.example.test", [n for n, a in RECORDS.items() if a == API_ADDR],
+        api_pem, api_key, _, _ = _cert("api.example.test", ["api.example.test", "other.test", "direct.example.test"],
                                        (ca_key, ca_name))
         bad_pem, bad_key, _, _ = _cert("bad.example.test", ["bad.example.test"], (rogue_key, rogue_name))
         (root / "api.pem").write_bytes(api_pem + api_key)
         (root / "bad.pem").write_bytes(bad_pem + bad_key)
         net = Internet.create(root / "inet")
         try:
-            for addr in (ZONE_ADDR, API_ADDR, BAD_ADDR):
+            for addr in (ZONE_ADDR, API_ADDR, BAD_ADDR, DIRECT_ADDR):
                 subprocess.run(["ip", "-n", net.inet_ns, "addr", "add", f"{addr}/32", "dev", "lo"], check=True)
-            for addr, chain, log in ((API_ADDR, "api.pem", "api.log"), (BAD_ADDR, "bad.pem", "bad.log")):
+            for addr, chain, log in ((API_ADDR, "api.pem", "api.log"), (BAD_ADDR, "bad.pem", "bad.log"),
+                                     (DIRECT_ADDR, "api.pem", "direct.log")):
                 (root / log).write_text("")
                 net.servers.append(subprocess.Popen(["ip", "netns", "exec", net.inet_ns, sys.executable, "-c",
                                                      HTTPS_SERVER, addr, str(root / chain), str(root / log)],
                                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-            for addr in (API_ADDR, BAD_ADDR):
+            for addr in (API_ADDR, BAD_ADDR, DIRECT_ADDR):
                 _wait_listening(net.inet_ns, addr)
             zone = Zone(net.inet_ns, ZONE_ADDR, RECORDS)
             zone.wait_serving()
