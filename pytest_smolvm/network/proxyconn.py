@@ -51,13 +51,16 @@ def _handshake(proxy: SecretProxy, sock: socket.socket, dest: str) -> tuple[ssl.
     ctx.set_alpn_protocols(["http/1.1"])
     ctx.sni_callback = on_sni
     sock.settimeout(CONNECT_TIMEOUT)
+    tls = ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+    proxy.track(tls)  # from now on (the handshake included) the proxy's close() reaches it
     try:
-        tls = ctx.wrap_socket(sock, server_side=True)
+        tls.do_handshake()
     except (OSError, ssl.SSLError):
         if "up" in found:
             found["up"].close()
+        proxy.track(tls, add=False)
+        tls.close()
         return None
-    proxy.track(tls)
     proxy.track(found["up"])
     tls.settimeout(IDLE)
     return tls, found["up"], found["host"]

@@ -8,6 +8,7 @@ with certificates of their own test CA, which the proxy trusts through
 from __future__ import annotations
 
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,6 +20,8 @@ from nettopo import Internet
 from tlsworld import HOSTS, TLSWorld
 
 from pytest_smolvm import Secret, SmolVM
+from pytest_smolvm.paths import runtime_dir
+from pytest_smolvm.runs import current_run_id
 
 Factory = Callable[..., SmolVM]
 VALUE = "sk-live-" + "7f3a9c1e5b2d4860" * 2  # what must never reach the guest
@@ -52,6 +55,25 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Internet, 
     with TLSWorld.create(tmp_path_factory.mktemp("secrets")) as w, pytest.MonkeyPatch.context() as mp:
         mp.setenv("SMOLVM_UPSTREAM_CA_BUNDLE", str(w.root / "ca.pem"))
         yield w.net, w.zone, w.root
+
+
+def _orphan_proxy_threads() -> list[str]:
+    """Proxy threads whose VM is gone (its workdir removed); the warm pool's spares live on."""
+    run = runtime_dir() / current_run_id()
+    alive = {p.name for p in run.iterdir()} if run.is_dir() else set()
+    return [t.name for t in threading.enumerate()
+            if t.name.startswith("smolvm-proxy-") and t.name.removeprefix("smolvm-proxy-").split("-conn")[0]
+            not in alive]
+
+
+@pytest.fixture(autouse=True)
+def no_proxy_left() -> Iterator[None]:
+    """Runs its teardown after smolvm_factory's: the proxy threads of this test's VMs end."""
+    yield
+    deadline = time.monotonic() + 15
+    while left := _orphan_proxy_threads():
+        assert time.monotonic() < deadline, f"proxy threads left: {left}"
+        time.sleep(0.2)
 
 
 def _vm(factory: Factory, net: Internet, zone: Zone) -> SmolVM:
