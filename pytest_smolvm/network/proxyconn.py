@@ -97,6 +97,21 @@ def _next(conn: h11.Connection, sock: ssl.SSLSocket) -> Any:
         conn.receive_data(sock.recv(CHUNK))
 
 
+def _next_request(conn: h11.Connection, sock: ssl.SSLSocket) -> Any:
+    """The guest's next request head, read MAX_HEAD + 1 bytes at most (h11 bounds only an
+    *incomplete* head: a larger one arriving in one read would pass); then 431."""
+    fed = 0
+    while True:
+        event = conn.next_event()
+        if event is not h11.NEED_DATA:
+            return event
+        if fed > MAX_HEAD:
+            raise h11.RemoteProtocolError("request head too large", error_status_hint=431)
+        data = sock.recv(MAX_HEAD + 1 - fed)
+        fed += len(data)
+        conn.receive_data(data)
+
+
 def _refuse(tls: ssl.SSLSocket, guest: h11.Connection, status: int, why: str) -> None:
     body = f"pytest-smolvm secrets proxy: {why}\n".encode()
     try:
@@ -111,7 +126,7 @@ def _refuse(tls: ssl.SSLSocket, guest: h11.Connection, status: int, why: str) ->
 def _one_request(proxy: SecretProxy, host: str, tls: ssl.SSLSocket, guest: h11.Connection,
                  up: ssl.SSLSocket, real: h11.Connection) -> bool:
     """Relay one request and its response; True if both connections may carry another."""
-    request = _next(guest, tls)
+    request = _next_request(guest, tls)
     if not isinstance(request, h11.Request):
         return False
     verdict = judge(proxy.book, host, request.target, request.headers)

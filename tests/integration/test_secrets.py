@@ -7,6 +7,7 @@ with certificates of their own test CA, which the proxy trusts through
 
 from __future__ import annotations
 
+import json
 import textwrap
 import threading
 import time
@@ -26,10 +27,12 @@ from pytest_smolvm.runs import current_run_id
 Factory = Callable[..., SmolVM]
 VALUE = "sk-live-" + "7f3a9c1e5b2d4860" * 2  # what must never reach the guest
 
-#: GET ``argv[1]`` with ``Authorization: Bearer $API_KEY``; prints the body or ERR.
+#: GET ``argv[1]`` with ``Authorization: Bearer $API_KEY`` and the headers of JSON ``argv[2]``;
+#: prints the body or ERR.
 CALL = textwrap.dedent("""
-    import os, sys, urllib.request
-    req = urllib.request.Request(sys.argv[1], headers={"Authorization": "Bearer " + os.environ["API_KEY"]})
+    import json, os, sys, urllib.request
+    extra = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
+    req = urllib.request.Request(sys.argv[1], headers={"Authorization": "Bearer " + os.environ["API_KEY"], **extra})
     try:
         print(urllib.request.urlopen(req, timeout=30).read().decode())
     except Exception as exc:
@@ -81,8 +84,8 @@ def _vm(factory: Factory, net: Internet, zone: Zone) -> SmolVM:
                    secrets={"API_KEY": Secret(VALUE, hosts=["api.example.test", "bad.example.test"])})
 
 
-def call(vm: SmolVM, url: str) -> str:
-    return vm.run(["python3", "-c", CALL, url], timeout=90).stdout.strip()
+def call(vm: SmolVM, url: str, **headers: str) -> str:
+    return vm.run(["python3", "-c", CALL, url, json.dumps(headers)], timeout=90).stdout.strip()
 
 
 def test_the_value_reaches_its_host_only_and_never_the_guest(smolvm_factory: Factory,
@@ -98,6 +101,12 @@ def test_the_value_reaches_its_host_only_and_never_the_guest(smolvm_factory: Fac
     assert out.startswith("ERR HTTPError") and "403" in out, out
     assert "secret API_KEY sent to other.test: refused" in vm.network.secret_events
     assert not [line for line in (root / "api.log").read_text().splitlines() if line.startswith("other.test")]
+    # Host must be the TLS name; a request head over 16 KiB is refused; neither reaches the host.
+    out = call(vm, "https://api.example.test/v1", Host="other.test")
+    assert "421" in out, out
+    assert "secret API_KEY sent to Host 'other.test' over TLS to api.example.test: refused" in vm.network.secret_events
+    assert "431" in call(vm, "https://api.example.test/v1", X_Big="a" * 20000)
+    assert len((root / "api.log").read_text().splitlines()) == 1
     # A host whose certificate does not verify: the guest's handshake fails, nothing is sent.
     out = call(vm, "https://bad.example.test/v1")
     assert out.startswith("ERR") and "SSL" in out, out
