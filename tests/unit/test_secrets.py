@@ -141,3 +141,10 @@ def test_the_package_imports_without_the_proxy_dependencies() -> None:
             "print(sorted(m for m in ('h11', 'cryptography') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_request_rate_bucket() -> None:
+    from pytest_smolvm.network.proxy import _Bucket
+
+    bucket = _Bucket(rate=0.001, burst=3)
+    assert [bucket.take() for _ in range(4)] == [True, True, True, False]
