@@ -25,6 +25,7 @@ from .errors import (
     ProtocolError,
     SmolVMError,
 )
+from .network.credentials import Secret
 from .process import Process
 from .results import RunResult
 from .snapshots import SnapshotWarning
@@ -47,6 +48,7 @@ __all__ = [
     "Process",
     "ProtocolError",
     "RunResult",
+    "Secret",
     "SmolVM",
     "SmolVMError",
     "SnapshotWarning",

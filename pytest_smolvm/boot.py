@@ -24,6 +24,7 @@ from .drivers.base import TEMPLATE_MAC, CheckpointDriver, Nic, SnapshotDriver
 from .drivers.consolelog import read_bounded
 from .errors import BootError, GuestError, NetworkError
 from .guest.client import GuestClient, exec_body_limit
+from .guest.replies import ExecReply
 from .images import Image
 from .network.hub import VMNetwork
 from .session import GuestSession
@@ -46,6 +47,9 @@ PRIME_TIMEOUT = 60.0
 #: Run in a checkpoint's clone (busybox sh, ``$1`` the prepared VM's address/prefix): the
 #: agent's setup added the clone's lease but the saved NIC still holds the old address,
 #: which the host's policy would drop as spoofed.
+#: Appends stdin (the run CA) to the guest's system trust bundle, once per CA.
+TRUST_CA = ('umask 022; mkdir -p /etc/ssl/certs; ca=$(cat); b=/etc/ssl/certs/ca-certificates.crt; '
+            'grep -qF "$(printf %s "$ca" | sed -n 2p)" "$b" 2>/dev/null || printf "%s\\n" "$ca" >> "$b"')
 DROP_ADDRESS = ('for d in /sys/class/net/*; do n=${d##*/}; '
                 '[ "$n" = lo ] || ip addr del "$1" dev "$n" 2>/dev/null; done; true')
 
@@ -213,6 +217,17 @@ class Boot:
                 GuestClient.exec, argv=argv, timeout=PRIME_TIMEOUT, wait=scaled(PRIME_TIMEOUT) + 30, max_output=4096))
         session.call("sync", lambda guest: guest.sync(timeout=60))
 
+    def _trust_run_ca(self, session: GuestSession) -> None:
+        """Append the run CA's certificate (public; its key never leaves the host) to the
+        guest's system bundle, which SSL_CERT_FILE/REQUESTS_CA_BUNDLE also name."""
+        assert self.net is not None and self.net.proxy is not None
+        pem = self.net.proxy.ca.pem.encode()
+        reply = session.call("trusting the run CA", functools.partial(
+            GuestClient.exec, argv=["/bin/sh", "-c", TRUST_CA], timeout=30, wait=scaled(30.0) + 30, max_output=4096,
+            stdin=pem))
+        if not isinstance(reply, ExecReply) or reply.exit_code:
+            raise BootError(f"{self.name}: installing the run CA for secrets failed: {reply}", session.console_tail())
+
     def _setup(self, session: GuestSession, *, grow_root: bool) -> None:
         """Make the guest current and unique: clock, RNG reseed, hostname, machine-id (and
         grow the root filesystem on a cold boot). Clones of one snapshot share RAM up to here."""
@@ -227,6 +242,8 @@ class Boot:
         if self.net is not None and (not nic or nic.exit_code):
             raise NetworkError(f"{self.name}: configuring the guest's NIC failed: "
                                f"{nic.output if nic else 'the agent did not configure it'}")
+        if self.net is not None and self.net.proxy is not None:
+            self._trust_run_ca(session)
         if self.config.volumes:
             check_mounted(reply.volumes, self.config.volumes, self.name)
         resize = reply.resize

@@ -89,6 +89,8 @@ class Commands:
         self.config = config
         self.transcript = transcript
         self.image = config.image
+        #: Added to every command's env under the config's: a networked VM's secret placeholders.
+        self.guest_env: dict[str, str] = {}
         self._session: GuestSession | None = None
 
     def attach(self, session: GuestSession, image: str) -> None:
@@ -141,6 +143,7 @@ class Commands:
         if not (isinstance(cap, int) and cap > 0):
             raise ConfigError(f"invalid max_output={max_output!r} for {what}({shown!r}): expected bytes > 0")
         merged_env = WireEnv(self.config.env)
+        merged_env.update(self.guest_env)
         if env:
             merged_env.update(check_field("env", env))
             self.transcript.secrets.update(merged_env.values())

@@ -15,6 +15,7 @@ from typing import Any, Final
 
 from .cpumodel import check_cpu
 from .errors import ConfigError
+from .network.credentials import Secret, SecretMap, check_secrets, unreachable
 from .network.names import allow_entry, upstreams
 from .network.policy import (
     DEFAULT_EGRESS_CONNS_PER_S,
@@ -85,6 +86,9 @@ class VMConfig:
     ``cpu`` is the guest CPU model under TCG (None: ``qemu64,+rdrand,+arat``); KVM and HVF
     guests always get the host's CPU. ``volumes`` are host directories or ext4 images mounted
     read-only in the guest (``{"/guest/path": "host/path"}``; see :mod:`.volumes`).
+    ``secrets`` maps env names to :class:`~pytest_smolvm.Secret`: the guest's env gets a random
+    per-VM placeholder, and the run's egress proxy puts the value into HTTPS request headers
+    bound for the secret's hosts only (docs/secrets.md); needs ``network="nat"``.
     """
 
     vcpus: int = 1
@@ -110,6 +114,7 @@ class VMConfig:
     cpu: str | None = None
     volumes: tuple[Volume, ...] = ()
     dns_upstream: tuple[str, ...] = ()
+    secrets: Mapping[str, Secret] = dataclasses.field(default_factory=SecretMap)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -123,6 +128,9 @@ class VMConfig:
                 f"invalid allow={list(self.allow)!r}: allow only applies to network='nat' "
                 f"(network={self.network!r}) (in VMConfig)"
             )
+        why = unreachable(self.secrets, self.network, self.allow)
+        if why:
+            raise ConfigError(f"invalid secrets: {why} (in VMConfig)")
 
     def replace(self, **changes: Any) -> VMConfig:
         """Return a copy with ``changes`` applied (validated)."""
@@ -271,6 +279,7 @@ _CHECKS: Final[Mapping[str, Callable[[str, Any], Any]]] = {
     "cpu": lambda _, v: check_cpu(v),
     "volumes": lambda _, v: check_volumes(v),
     "dns_upstream": lambda _, v: upstreams(v),
+    "secrets": lambda _, v: check_secrets(v),
 }
 
 
@@ -311,4 +320,8 @@ def config_from_layers(layers: Iterable[tuple[str, Mapping[str, Any]]]) -> VMCon
             f"to network='nat', but network={merged.get('network', 'none')!r}"
             + (f" (from {origin['network']})" if "network" in origin else " (the default)")
         )
+    why = unreachable(merged.get("secrets") or {}, merged.get("network", "none"), merged.get("allow", ()))
+    if why:
+        where = ", ".join(f"{k} from {origin[k]}" for k in ("secrets", "network", "allow") if k in origin)
+        raise ConfigError(f"invalid secrets: {why} ({where})")
     return VMConfig(**merged)

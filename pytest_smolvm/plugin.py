@@ -32,7 +32,16 @@ from .reaper import Leftover, reap
 from .reporting import LiveOutput, sanitize
 from .reports import host_lines, redact_all, vm_sections
 from .runs import current_run_id, set_run_id
-from .settings import OPTIONS, POOL, exceeds_ceiling, network_ceiling, pool_size, session_layers
+from .settings import (
+    OPTIONS,
+    POOL,
+    UPSTREAM_CA,
+    exceeds_ceiling,
+    network_ceiling,
+    pool_size,
+    session_layers,
+    upstream_ca_bundle,
+)
 from .vm import SmolVM
 
 __all__ = ["smolvm", "smolvm_config", "smolvm_factory", "smolvm_prepared", "smolvm_session"]
@@ -56,6 +65,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(POOL.cli, dest="smolvm_pool", default=None, metavar="N",
                     help=f"{POOL.help} [env {POOL.env}, ini {POOL.ini}]")
     parser.addini(POOL.ini, help=POOL.help, default="")
+    group.addoption(UPSTREAM_CA.cli, dest="smolvm_upstream_ca_bundle", default=None, metavar="PEM",
+                    help=f"{UPSTREAM_CA.help} [env {UPSTREAM_CA.env}, ini {UPSTREAM_CA.ini}]")
+    parser.addini(UPSTREAM_CA.ini, help=UPSTREAM_CA.help, default="")
     group.addoption("--smolvm-keep-failed", action="store_true", default=None, dest="smolvm_keep_failed",
                     help="keep a failed test's VM running and print how to reach it [ini smolvm_keep_failed]")
     parser.addini("smolvm_keep_failed", type="bool", default=False,
@@ -204,6 +216,10 @@ class SmolVMPlugin:
         keep = config.getoption("smolvm_keep_failed")
         self.keep_failed = bool(keep if keep is not None else config.getini("smolvm_keep_failed"))
         self.drivers: dict[str, Driver] = {}
+        bundle = upstream_ca_bundle({"upstream_ca_bundle": config.getoption("smolvm_upstream_ca_bundle")},
+                                    os.environ, {"upstream_ca_bundle": config.getini(UPSTREAM_CA.ini)})
+        if bundle:  # the proxy (and xdist workers, started later) read it from the environment
+            os.environ[UPSTREAM_CA.env] = bundle
         self.pool = VMPool(size=pool_size({"pool": config.getoption("smolvm_pool")}, os.environ,
                                           {"pool": config.getini(POOL.ini)}))
         self.kept: list[tuple[str, SmolVM]] = []

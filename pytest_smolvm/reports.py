@@ -30,7 +30,7 @@ def network_section(vm: SmolVM) -> str:
     head += (f"\negress caps {vm.config.egress_kib_per_s} KiB/s, {vm.config.egress_conns_per_s} new connections/s"
              + "".join(f"; {kind} cap hit ({n} packet(s) dropped)" for kind, n in capped.items() if n))
     more = f"\n  ... {unitemised} more denials not itemised (the denial ledger was full)" if unitemised else ""
-    lookups = _lookups(net.denied_name_counts(), net.dns)
+    lookups = _lookups(net.denied_name_counts(), net.dns) + _secrets(net.secret_events, net.secrets_proxy)
     if not denied and not more:
         return f"{head}\ndenied egress: none" + lookups
     rows = [f"  {d.proto} {d.dest}" + (f":{d.port}" if d.port else "") + f"  ({d.packets} packet(s))"
@@ -52,6 +52,15 @@ def _lookups(names: list[tuple[str, int]], counters: dict[str, int]) -> str:
     if len(names) > 50:
         rows.append(f"  ... and {len(names) - 50} more names (vm.network.denied_names)")
     return f"\ndenied lookups ({len(names)}):\n" + "\n".join(rows) + extra
+
+
+def _secrets(events: list[str], counters: dict[str, int]) -> str:
+    """The secrets proxy's part (VMs with secrets only): what it forwarded and refused."""
+    if not counters:
+        return ""
+    head = (f"\nsecrets proxy: {counters.get('forwarded', 0)} request(s) forwarded, "
+            + ", ".join(f"{n} {what}" for what, n in counters.items() if what != "forwarded" and n)).rstrip(", ")
+    return head + "".join(f"\n  {line}" for line in events[:50])
 
 
 def host_lines(workers: dict[str, dict[str, Any]]) -> list[str]:

@@ -10,6 +10,7 @@ environment) is a *ceiling* that markers may lower but not raise, ordered
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -101,6 +102,25 @@ def pool_size(cli: Mapping[str, Any], env: Mapping[str, str], ini: Mapping[str, 
         if size < 0:
             raise ConfigError(f"invalid pool size {raw!r} (from {source}): expected an integer >= 0")
     return size
+
+
+#: Not a VM setting: the PEM bundle the secrets proxy verifies real hosts against.
+UPSTREAM_CA: Final = Option("upstream_ca_bundle", "--smolvm-upstream-ca-bundle", "smolvm_upstream_ca_bundle",
+                            "SMOLVM_UPSTREAM_CA_BUNDLE", "PEM bundle the secrets proxy verifies real hosts' "
+                            "certificates against (default: the host's trust store)")
+
+
+def upstream_ca_bundle(cli: Mapping[str, Any], env: Mapping[str, str], ini: Mapping[str, Any]) -> str | None:
+    """The secrets proxy's trust bundle, by the same precedence as every other option (the
+    winner only is read); an unreadable file is a ConfigError naming where it was given."""
+    given = _given(UPSTREAM_CA, cli, env, ini)
+    if not given:
+        return None
+    raw, source = given[-1]
+    path = str(raw).strip()
+    if not os.path.isfile(path) or not os.access(path, os.R_OK):
+        raise ConfigError(f"invalid upstream CA bundle {path!r} (from {source}): not a readable file")
+    return path
 
 
 def network_ceiling(layers: list[tuple[str, dict[str, Any]]]) -> tuple[str, str] | None:

@@ -27,6 +27,7 @@ from .drivers import Accel, Driver, default_driver
 from .errors import BootError, ConfigError, GuestDied, NetworkError, ProtocolError, SmolVMError
 from .guest.ssh import SSHKeys
 from .network import hub
+from .network.credentials import Secret
 from .network.forward import PortForward
 from .network.hub import VMNetwork
 from .network.policy import Caps
@@ -41,8 +42,10 @@ from .transfer import DEFAULT_GET_LIMIT, GET_TIMEOUT, Files
 
 __all__ = ["AttachNetwork", "NetworkState", "RunResult", "SmolVM", "VMState"]
 
-#: How a networked VM gets its NIC: ``network.hub.attach(vm, run_id, policy, allow, uplink, caps, dns_upstream)``.
-AttachNetwork = Callable[[str, str, str, tuple[str, ...], str | None, Caps, tuple[str, ...]], VMNetwork]
+#: How a networked VM gets its NIC: ``network.hub.attach(vm, run_id, policy, allow, uplink, caps, dns_upstream,
+#: secrets)``.
+AttachNetwork = Callable[[str, str, str, tuple[str, ...], str | None, Caps, tuple[str, ...], dict[str, Secret]],
+                         VMNetwork]
 #: Numbers VM names; the warm-pool thread and the test's thread both create VMs. The lock
 #: makes that safe without leaning on the GIL (which makes a bare next() atomic today, but
 #: not on a free-threaded build).
@@ -178,7 +181,9 @@ class SmolVM:
             if self.config.network != "none":
                 self._net = (self._attach_network or hub.attach)(
                     self.name, self.run_id, self.config.network, self.config.allow, self.config.uplink,
-                    Caps(self.config.egress_kib_per_s, self.config.egress_conns_per_s), self.config.dns_upstream)
+                    Caps(self.config.egress_kib_per_s, self.config.egress_conns_per_s), self.config.dns_upstream,
+                    dict(self.config.secrets))
+                self._commands.guest_env = self._net.guest_env()
                 self.network = NetworkState(self.config.network, self.config.allow, self.config.uplink, self._net)
             session = self._session = self._boot(driver, t0)
             self._commands.attach(session, self.image.name)

@@ -54,6 +54,8 @@ MEANINGS: dict[str, str] = {
     "egress_kib_per_s": "cap on what a networked VM sends through the uplink, KiB per second",
     "egress_conns_per_s": "cap on new connections per second out of a networked VM",
     "cpu": "guest CPU model under TCG, as QEMU spells it (None: `qemu64,+rdrand,+arat`)",
+    "secrets": "env name -> `Secret(value, hosts=[...])`: the guest sees a per-VM placeholder; the run's "
+               "egress proxy adds the value to HTTPS request headers for those hosts only (docs/secrets.md)",
     "dns_upstream": "where the run's resolver forwards allowed names: `IP[:PORT]` entries (empty: the "
                     "host's resolvers)",
     "volumes": "read-only host data: `{\"/guest/path\": \"host/path\"}` or `\"HOST:GUEST\"` strings",

@@ -31,7 +31,7 @@ import socket
 import sys
 import threading
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from ..errors import NetworkError
 from ..host import host_name, stamp_alive
@@ -39,12 +39,18 @@ from ..paths import default_runtime_dir, runtime_dir
 from . import netns, policy
 from .addressing import DEFAULT_BASE, Addressing, addressing, slot_count
 from .allocator import Lease, SlotTable, shared_lock
+from .credentials import Secret, placeholders
 from .dns import NamePolicy
 from .names import split_allow
 from .policy import DEFAULT_EGRESS_CONNS_PER_S, DEFAULT_EGRESS_KIB_PER_S, Caps, Denied
 from .resolver import VMResolver
 
+if TYPE_CHECKING:
+    from .proxy import SecretProxy
+
 #: Link-local /30s for the uplink veth: never routed, so never one of the host's networks.
+#: Where the guest's setup puts the run CA (and the system bundle it is appended to).
+GUEST_CA_BUNDLE: Final = "/etc/ssl/certs/ca-certificates.crt"
 UPLINK_BASE: Final = ipaddress.IPv4Network("169.254.0.0/16")
 UPLINK_AVOID: Final = ipaddress.IPv4Network("169.254.169.0/24")  # cloud metadata services
 NETNS_PREFIX: Final = "smolvm-"
@@ -119,6 +125,10 @@ class VMNetwork:
     mark: int
     dns_upstream: tuple[str, ...] = ()
     resolver: VMResolver | None = None
+    #: env name -> Secret, and the guest's placeholders for them (fresh per VM).
+    secrets: dict[str, Secret] = dataclasses.field(default_factory=dict, repr=False)
+    placeholders: dict[str, str] = dataclasses.field(default_factory=dict, repr=False)
+    proxy: SecretProxy | None = None
     final_denied: list[Denied] | None = None
     final_counters: dict[str, int] | None = None
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
@@ -133,11 +143,35 @@ class VMNetwork:
                 "gateway": str(self.addr.host_ip), "nameserver": str(self.addr.host_ip)}
 
     def start_resolver(self) -> None:
-        """Serve DNS to the guest on its gateway (the run's resolver for this VM)."""
+        """Serve DNS to the guest on its gateway (the run's resolver for this VM), and with
+        secrets, its secrets proxy (``proxy.py``; h11 is imported only then)."""
+        if self.secrets:
+            try:
+                from .proxyconn import serve_connection
+            except ImportError as exc:
+                raise NetworkError(f"{self.vm}: secrets need the h11 package (Debian: python3-h11): {exc}") from exc
+            from .proxy import SecretProxy as Proxy
+
+            self.placeholders = placeholders(self.secrets)
+            self.proxy = Proxy(self.vm, self.netns, self.uplink, str(self.addr.host_ip), str(self.addr.guest_ip),
+                               self.secrets, self.placeholders, serve_connection)
         nets, names = split_allow(self.allow)
+        hosts = self.proxy.hosts if self.proxy else frozenset()
         self.resolver = VMResolver(self.vm, self.netns, self.uplink, str(self.addr.host_ip), str(self.addr.guest_ip),
                                    NamePolicy.of(self.policy, names, bool(nets)), self.dns_upstream,
-                                   self.allow_addresses)
+                                   self.allow_addresses, hosts, self.redirect_https if self.proxy else None)
+
+    def guest_env(self) -> dict[str, str]:
+        """What the guest's commands get: the placeholders, and the run CA for Python clients."""
+        if not self.placeholders:
+            return {}
+        return {**self.placeholders, "SSL_CERT_FILE": GUEST_CA_BUNDLE, "REQUESTS_CA_BUNDLE": GUEST_CA_BUNDLE}
+
+    def redirect_https(self, addresses: dict[str, int]) -> None:
+        """Send the guest's HTTPS to ``addresses`` (a secret's host) to its secrets proxy."""
+        if self.proxy is not None:
+            self.proxy.redirect(addresses)
+        netns.run(self.netns, ["nft", "-f", "-"], input=policy.secret_redirect_elements(self.addr.tap, addresses))
 
     def allow_addresses(self, addresses: dict[str, int]) -> None:
         """Let the guest reach ``addresses`` (address -> seconds): a DNS answer allowed them."""
@@ -180,6 +214,8 @@ class VMNetwork:
                 return
             if self.resolver is not None:
                 self.resolver.close()
+            if self.proxy is not None:
+                self.proxy.close()
             try:
                 self.final_denied = self.denied()
             except NetworkError:
@@ -260,6 +296,13 @@ class VMNetwork:
                                      self.mark, self.egress, [d.as_tuple() for d in denied],
                                      leased=self.policy != "none")
         commands += policy.dns_forget_elements(self.addr.tap, allowed)
+        if self.proxy is not None:
+            try:
+                res = netns.run(self.netns, ["nft", "-j", "list", "set", "inet", policy.RUN_TABLE, "secretdst"])
+                redirected = policy.parse_dns_allowed(res.stdout).get(self.addr.tap, [])
+            except NetworkError:
+                redirected = []
+            commands += policy.dns_forget_elements(self.addr.tap, redirected).replace(" dnsallow ", " secretdst ")
         try:
             netns.run(self.netns, ["nft", "-f", "-"], input=commands)
             return []
@@ -274,7 +317,8 @@ class VMNetwork:
 
 
 def attach(vm: str, run_id: str, policy_name: str, allow: tuple[str, ...], uplink: str | None,
-           caps: Caps = DEFAULT_CAPS, dns_upstream: tuple[str, ...] = ()) -> VMNetwork:
+           caps: Caps = DEFAULT_CAPS, dns_upstream: tuple[str, ...] = (),
+           secret_map: dict[str, Secret] | None = None) -> VMNetwork:
     """Lease a slot for ``vm`` and give it a TAP with ``policy_name`` and ``caps`` in force,
     and its resolver (forwarding to ``dns_upstream``, or the host's resolvers). On failure
     nothing is left behind (no lease, TAP, namespace, rules or resolver)."""
@@ -308,13 +352,15 @@ def attach(vm: str, run_id: str, policy_name: str, allow: tuple[str, ...], uplin
                 tap_fd = netns.open_tap(ns, addr.tap)
                 _configure_tap(ns, addr)
                 net = VMNetwork(vm, run_id, policy_name, allow, uplink, ns, addr, lease, tap_fd, egress, caps, mark,
-                                dns_upstream)
+                                dns_upstream, secrets=dict(secret_map or {}))
                 net.start_resolver()  # before the VM's elements: nothing of them is left if it fails
                 netns.run(ns, ["nft", "-f", "-"], input=policy.vm_elements(
                     addr.tap, addr.host_ip, addr.guest_ip, addr.mac, mark, egress, caps))
             except BaseException:
                 if net is not None and net.resolver is not None:
                     net.resolver.close()
+                if net is not None and net.proxy is not None:
+                    net.proxy.close()
                 if tap_fd >= 0:
                     os.close(tap_fd)
                 table.release(lease)

@@ -80,6 +80,8 @@ DNS_ALLOW_SET_SIZE: Final = 65536
 #: Connections a VM's guest may have tracked at once (gateway and egress alike): the
 #: conntrack table is shared with the host (``nf_conntrack_max``).
 MAX_CONNS: Final = 4096
+#: Where nft redirects a VM's HTTPS to its secrets' hosts: the proxy on the VM's gateway.
+SECRETS_PROXY_PORT: Final = 15443
 MIN_BURST_BYTES: Final = 128 * 1024  # above one GSO packet (64 KiB) at any rate, or TCP would stall
 
 
@@ -117,7 +119,9 @@ def run_ruleset(vm_range: ipaddress.IPv4Network, denied_size: int = DENIED_SET_S
     """The run namespace's tables (created once, with the namespace)."""
     inet = [_run_sets(denied_size), _guard_chain(vm_range), _deny_chain(), _output_chain(), *_forward_chains(),
             _chain("postrouting", "type nat hook postrouting priority srcnat; policy accept;",
-                   f'oifname "{UPLINK_IF}" masquerade')]
+                   f'oifname "{UPLINK_IF}" masquerade'),
+            _chain("prerouting", "type nat hook prerouting priority dstnat; policy accept;",
+                   f"meta nfproto ipv4 tcp dport 443 iifname . ip daddr @secretdst redirect to :{SECRETS_PROXY_PORT}")]
     return f"table inet {RUN_TABLE} {{\n" + "".join(inet) + "}\n" + _arp_table()
 
 
@@ -142,6 +146,7 @@ def _run_sets(denied_size: int) -> str:
         "map cpshit { type ifname : counter; }",
         "set conns { type ifname; flags dynamic; size 65536; }",
         f"set dnsallow {{ type ifname . ipv4_addr; flags timeout; size {DNS_ALLOW_SET_SIZE}; }}",
+        f"set secretdst {{ type ifname . ipv4_addr; flags timeout; size {DNS_ALLOW_SET_SIZE}; }}",
         "set denied { type ifname . ipv4_addr . inet_proto . inet_service; flags dynamic; counter; "
         f"size {denied_size}; }}",
     ]
@@ -332,6 +337,13 @@ def dns_allow_elements(tap: str, addresses: dict[str, int]) -> str:
     element already there gets the new timeout."""
     elems = ", ".join(f'"{tap}" . {ipaddress.IPv4Address(a)} timeout {int(t)}s' for a, t in sorted(addresses.items()))
     return f"add element inet {RUN_TABLE} dnsallow {{ {elems} }}\n" if addresses else ""
+
+
+def secret_redirect_elements(tap: str, addresses: dict[str, int]) -> str:
+    """nft commands that send ``tap``'s HTTPS to each address (a secret's host) to the
+    secrets proxy for its timeout (seconds)."""
+    elems = ", ".join(f'"{tap}" . {ipaddress.IPv4Address(a)} timeout {int(t)}s' for a, t in sorted(addresses.items()))
+    return f"add element inet {RUN_TABLE} secretdst {{ {elems} }}\n" if addresses else ""
 
 
 def dns_forget_elements(tap: str, addresses: Iterable[str]) -> str:

@@ -77,11 +77,14 @@ class VMResolver:
     """The resolver of one VM; :meth:`close` stops it (idempotent)."""
 
     def __init__(self, vm: str, ns: str, uplink: str | None, gateway: str, guest: str, policy: dns.NamePolicy,
-                 upstreams: tuple[str, ...], allow_addresses: AllowAddresses) -> None:
+                 upstreams: tuple[str, ...], allow_addresses: AllowAddresses,
+                 secret_hosts: frozenset[str] = frozenset(), redirect: AllowAddresses | None = None) -> None:
         self.vm, self.ns, self.uplink, self.gateway, self.guest = vm, ns, uplink, gateway, guest
         self.policy = policy
         self.upstreams = upstreams or default_upstreams()
         self.allow_addresses = allow_addresses
+        #: Names whose answers' addresses get the VM's HTTPS sent to its secrets proxy.
+        self.secret_hosts, self.redirect = secret_hosts, redirect
         self.ledger = dns.Ledger()
         self.rate = dns.RateLimit()
         self.answered = 0
@@ -216,7 +219,7 @@ class VMResolver:
         if decision.verdict is not dns.Verdict.FORWARD:
             return bytes(dns.reply(request, decision.verdict).pack())
         answer = self._answer(request, decision.name, tcp)
-        if answer is None or not self._allow(answer, policy):
+        if answer is None or not self._allow(answer, policy) or not self._redirect(decision.name, answer):
             self.ledger.count_failure()
             failed = request.reply()
             failed.header.rcode = RCODE.SERVFAIL
@@ -248,6 +251,19 @@ class VMResolver:
             log.warning("%s: %s", self.vm, exc)
             return False
         self._allowed.update({a: now + t for a, t in fresh.items()})
+        return True
+
+    def _redirect(self, name: str, answer: DNSRecord) -> bool:
+        """A secret's host: its addresses go to the secrets proxy before the guest learns
+        them (else its first connection would leave without the proxy). Fails closed."""
+        if name not in self.secret_hosts or self.redirect is None:
+            return True
+        wanted = {a: dns.element_timeout(ttl) for a, ttl in dns.answer_addresses(answer).items()}
+        try:
+            self.redirect(wanted)
+        except NetworkError as exc:
+            log.warning("%s: %s", self.vm, exc)
+            return False
         return True
 
     def _answer(self, request: DNSRecord, name: str, tcp: bool) -> DNSRecord | None:

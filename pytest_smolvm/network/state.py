@@ -121,3 +121,19 @@ class NetworkState:
         """Packets the egress caps dropped: ``bandwidth`` and new ``connections``."""
         found = self._net.counters() if self._net else {}
         return {"bandwidth": found.get("bandwidth", 0), "connections": found.get("connections", 0)}
+
+    @property
+    def secret_events(self) -> list[str]:
+        """What the VM's secrets proxy refused (``secret API_KEY sent to other.test: refused``,
+        a real host whose certificate did not verify, ...), in order; at most ``proxy.LEDGER_SIZE``."""
+        proxy = self._net.proxy if self._net else None
+        return list(proxy.book.snapshot()["ledger"]) if proxy else []
+
+    @property
+    def secrets_proxy(self) -> dict[str, int]:
+        """The secrets proxy's counters: ``forwarded`` requests, ``refused`` ones, ``failed``
+        upstreams, ``rate_refused`` requests and ``conns_refused`` connections (over the caps)."""
+        proxy = self._net.proxy if self._net else None
+        if proxy is None:
+            return {}
+        return {k: v for k, v in proxy.book.snapshot().items() if k != "ledger"}

@@ -358,8 +358,8 @@ def test_check_field_normalises(field: str, raw: object, expected: object) -> No
                              "('*.example.org', not '*.org')"),
         ("colour", "red", "unknown setting 'colour'; known: accel, allow, aslr, backend, boot_timeout, cpu, disk_mode, "
                           "disk_size_mib, dns_upstream, egress_conns_per_s, egress_kib_per_s, env, image, lifetime, "
-                          "max_output, memory_mib, network, retain_disk_on_delete, snapshot, timeout, uplink, vcpus, "
-                          "volumes"),
+                          "max_output, memory_mib, network, retain_disk_on_delete, secrets, snapshot, timeout, uplink, "
+                          "vcpus, volumes"),
     ],
 )
 def test_check_field_messages(field: str, bad: object, message: str) -> None:

@@ -165,6 +165,7 @@ table inet smolvm {
   map cpshit { type ifname : counter; }
   set conns { type ifname; flags dynamic; size 65536; }
   set dnsallow { type ifname . ipv4_addr; flags timeout; size 65536; }
+  set secretdst { type ifname . ipv4_addr; flags timeout; size 65536; }
   set denied { type ifname . ipv4_addr . inet_proto . inet_service; flags dynamic; counter; size $denied_size; }
   chain guard {
     type filter hook prerouting priority -150; policy drop;
@@ -222,6 +223,10 @@ table inet smolvm {
   chain postrouting {
     type nat hook postrouting priority srcnat; policy accept;
     oifname "svup" masquerade
+  }
+  chain prerouting {
+    type nat hook prerouting priority dstnat; policy accept;
+    meta nfproto ipv4 tcp dport 443 iifname . ip daddr @secretdst redirect to :15443
   }
 }
 table arp smolvm {
