@@ -113,7 +113,6 @@ def test_a_vm_with_no_network_runs_and_a_networked_one_is_refused(tmp_path: Path
     """The engine on a simulated Mac, with the fake driver (the host's agent process) for QEMU."""
     import fake_driver
 
-    mac.setattr(fake_driver, "LAUNCHES", [])  # the plugin tests read the module's launches
     runtime = tmp_path / "rt"
     runtime.mkdir(mode=0o700)
     img = image(tmp_path)
