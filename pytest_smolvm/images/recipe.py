@@ -105,7 +105,7 @@ KVM_HOST_PACKAGES: Final = (
 #: expressions of network/policy.py); Debian's cloud kernel builds them all as modules.
 KVM_HOST_MODULES: Final = (
     "kvm_amd", "tun", "veth", "nf_tables", "nft_ct", "nft_connlimit", "nft_limit", "nft_masq", "nft_nat",
-    "nft_chain_nat", "nft_fib_inet", "nft_fib_ipv4", "nft_reject_inet", "nft_objref",
+    "nft_chain_nat", "nft_fib_inet", "nft_fib_ipv4", "nft_reject_inet", "nft_objref", "nft_redir",
 )
 
 

@@ -212,3 +212,27 @@ def test_init_scripts_are_valid_shell() -> None:
     for script in (stage1_init().decode(), STAGE2_INIT):
         res = subprocess.run(args, input=script, capture_output=True, text=True)
         assert res.returncode == 0, res.stderr
+
+
+#: The nftables expressions the network layer writes, and the module each needs when the
+#: kernel builds it as a module (Debian's cloud kernel does): L1 of the nested KVM stage
+#: loads exactly KVM_HOST_MODULES, so a new expression without its module fails only there.
+_EXPRESSION_MODULES = {
+    " redirect to ": "nft_redir", " masquerade": "nft_masq", "limit name ": "nft_limit",
+    "ct count ": "nft_connlimit", " fib ": "nft_fib_inet", "counter name ": "nft_objref",
+    "ct state ": "nft_ct", " reject": "nft_reject_inet", " dnat ": "nft_nat", " snat ": "nft_nat",
+    " quota ": "nft_quota", " tproxy ": "nft_tproxy", " numgen ": "nft_numgen", " jhash ": "nft_hash",
+}
+
+
+def test_kvm_host_image_loads_a_module_for_every_nft_expression_the_network_layer_writes() -> None:
+    import ipaddress
+
+    from pytest_smolvm.images.recipe import KVM_HOST_MODULES
+    from pytest_smolvm.network import policy
+
+    written = policy.run_ruleset(ipaddress.IPv4Network("10.200.0.0/16")) + policy.uplink_ruleset(
+        "t", "veth0", ipaddress.IPv4Address("10.255.0.2"))
+    needed = {module for expression, module in _EXPRESSION_MODULES.items() if expression in written}
+    assert {"nft_redir", "nft_masq", "nft_ct"} <= needed  # the table above still matches the rules
+    assert needed - set(KVM_HOST_MODULES) == set()
