@@ -453,3 +453,29 @@ class EvidenceProbe:
             return []
         asked = set(candidates)  # a lying guest may name only what we asked about
         return [p for p in out.decode(errors="replace").split("\0") if p in asked][:MAX_FILES]
+
+
+#: How a test's VMs' figures combine into one (JUnit): peaks take the largest, the rest add up.
+_PEAKS = frozenset({"vmm_peak_rss_bytes", "guest_memory_peak_bytes", "wall_s"})
+
+
+def combined_properties(evidence: Iterable[Evidence]) -> list[tuple[str, float | int]]:
+    """One test's resource figures over all its VMs, named ``smolvm_<figure>``, plus ``smolvm_vms``."""
+    total: dict[str, float | int] = {}
+    count = 0
+    for ev in evidence:
+        count += 1
+        for key, value in ev.properties():
+            total[key] = max(total.get(key, value), value) if key in _PEAKS else total.get(key, 0) + value
+    return [("smolvm_vms", count)] + [(f"smolvm_{k}", round(v, 3) if isinstance(v, float) else v)
+                                      for k, v in total.items()] if count else []
+
+
+def safe_file_name(nodeid: str) -> str:
+    """A file name for a test's evidence: its node id with anything but ``[A-Za-z0-9._-]``
+    made ``_``, cut, and a digest of the full id (two ids never share a name)."""
+    import hashlib
+    import re
+
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", nodeid).strip("._")[:120] or "test"
+    return f"{stem}-{hashlib.sha256(nodeid.encode()).hexdigest()[:10]}.json"
