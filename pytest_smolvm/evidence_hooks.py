@@ -69,6 +69,8 @@ class EvidenceHooks:
     def finish(self, item: pytest.Item, vm: SmolVM) -> None:
         """Just before ``vm`` is closed: its final host-measured figures (the guest part, if
         the report gathered one, is kept) and the test's JUnit properties."""
+        if self.mode == "none" and self.directory is None:
+            return  # evidence off: not even the host's figures
         found = item.stash.setdefault(EVIDENCE_KEY, {})
         try:
             host = vm.evidence(guest=False).host_measured
