@@ -25,6 +25,7 @@ from .errors import (
     ProtocolError,
     SmolVMError,
 )
+from .evidence import Evidence
 from .network.credentials import Secret
 from .process import Process
 from .results import RunResult
@@ -39,6 +40,7 @@ __all__ = [
     "CommandFailed",
     "CommandTimeout",
     "ConfigError",
+    "Evidence",
     "GuestDied",
     "GuestError",
     "GuestFileError",

@@ -128,6 +128,19 @@ class Commands:
         self.transcript.record(call.shown, f"spawned, pid {proc.pid}" if proc.pid else "spawn failed", 0.0, b"", b"")
         return proc
 
+    def quiet(self, argv: list[str], stdin: bytes = b"", *, timeout: float = 20.0,
+              max_output: int = 256 * 1024) -> bytes:
+        """Run ``argv`` for the engine itself (:mod:`.evidence`): not in the transcript, no
+        live output, no env but the config's. Its stdout (cut at ``max_output``, or what it
+        printed before ``timeout`` killed it), or :class:`SmolVMError`."""
+        wait = scaled(timeout)
+        parsed = self.session.call("gather evidence", lambda guest: guest.exec(
+            argv, timeout=wait, wait=wait + scaled(REPLY_GRACE), max_output=max_output, env=WireEnv(self.config.env),
+            stdin=stdin))
+        if isinstance(parsed, replies.AgentError):
+            raise GuestError(f"{self.name}: the guest agent could not gather evidence: {parsed.message}")
+        return parsed.stdout
+
     def exec_call(self, command: str | Sequence[str], *, timeout: float | None, env: Mapping[str, str] | None,
                   cwd: str | None, input: bytes | str | None, max_output: int | None,
                   on_output: object = None, what: str = "run") -> ExecCall:

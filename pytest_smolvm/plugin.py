@@ -20,6 +20,7 @@ from .checkpoints import remove_all as remove_checkpoints
 from .config import VMConfig, config_from_layers
 from .drivers import Driver, default_driver
 from .errors import BootError, ConfigError, ImageError, SmolVMError
+from .evidence_hooks import EvidenceHooks
 from .fixtures import PLUGIN_NAME, smolvm, smolvm_config, smolvm_factory, smolvm_prepared, smolvm_session
 from .host import host_name
 from .images.declared import load as load_declared
@@ -33,9 +34,12 @@ from .reporting import LiveOutput, sanitize
 from .reports import host_lines, redact_all, vm_sections
 from .runs import current_run_id, set_run_id
 from .settings import (
+    EVIDENCE,
+    EVIDENCE_DIR,
     OPTIONS,
     POOL,
     UPSTREAM_CA,
+    evidence_settings,
     exceeds_ceiling,
     network_ceiling,
     pool_size,
@@ -68,6 +72,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(UPSTREAM_CA.cli, dest="smolvm_upstream_ca_bundle", default=None, metavar="PEM",
                     help=f"{UPSTREAM_CA.help} [env {UPSTREAM_CA.env}, ini {UPSTREAM_CA.ini}]")
     parser.addini(UPSTREAM_CA.ini, help=UPSTREAM_CA.help, default="")
+    for opt, metavar in ((EVIDENCE, "MODE"), (EVIDENCE_DIR, "DIR")):
+        group.addoption(opt.cli, dest=f"smolvm_{opt.field}", default=None, metavar=metavar,
+                        help=f"{opt.help} [env {opt.env}, ini {opt.ini}]")
+        parser.addini(opt.ini, help=opt.help, default="")
     group.addoption("--smolvm-keep-failed", action="store_true", default=None, dest="smolvm_keep_failed",
                     help="keep a failed test's VM running and print how to reach it [ini smolvm_keep_failed]")
     parser.addini("smolvm_keep_failed", type="bool", default=False,
@@ -104,6 +112,7 @@ def pytest_configure(config: pytest.Config) -> None:
         except ConfigError as exc:  # an unsafe runtime directory: stop before using it
             raise pytest.UsageError(f"pytest-smolvm: {exc}") from None
     config.pluginmanager.register(state, PLUGIN_NAME)
+    config.pluginmanager.register(state.evidence, "smolvm-evidence")
     state.signals.install()
     if state.group_by_shape:
         config.pluginmanager.register(_ShapeGrouping(state), "smolvm-shape-groups")
@@ -226,6 +235,10 @@ class SmolVMPlugin:
         self.reaped: list[Leftover] = []
         self.session_cfg = config_from_layers(self.layers)
         self.signals = SignalUnwinder()
+        ev_opts = (EVIDENCE, EVIDENCE_DIR)
+        mode, where = evidence_settings({o.field: config.getoption(f"smolvm_{o.field}") for o in ev_opts},
+                                        os.environ, {o.field: config.getini(o.ini) for o in ev_opts})
+        self.evidence = EvidenceHooks(mode, where, writer=getattr(config, "workerinput", None) is None)
         # Declared images are checked now (a bad table stops the run before any test) and
         # built on first use; `ensured` holds the names this process has made sure of.
         self.pyproject = config.rootpath / "pyproject.toml"
@@ -324,6 +337,7 @@ class SmolVMPlugin:
             vm.live_output = lambda label: LiveOutput(label, _terminal_write, redact)
         if request.scope == "function":
             request.node.stash.setdefault(VMS_KEY, []).append((vm, 0))
+            self.evidence.track(request.node, vm)
         try:
             self.config.hook.pytest_smolvm_ready(vm=vm, request=request)
         except BaseException:
@@ -356,6 +370,8 @@ class SmolVMPlugin:
         raise AssertionError("unreachable")
 
     def finish_vm(self, request: pytest.FixtureRequest, vm: SmolVM) -> None:
+        if request.scope == "function":
+            self.evidence.finish(request.node, vm)  # the end of its use: host figures, JUnit properties
         if self.keep_failed and request.scope == "function" and _failed(request.node) and vm.alive:
             vm.detach()
             self.kept.append((request.node.nodeid, vm))
@@ -387,6 +403,7 @@ class SmolVMPlugin:
         if report.failed:
             for vm, start in vms.values():
                 report.sections.extend(vm_sections(vm, start, CONSOLE_TAIL_LINES))
+        self.evidence.on_report(item, report, _failed(item))
         if vms:
             _scrub(report, lambda text: sanitize(redact_all(text, [vm for vm, _ in vms.values()])))
         return report

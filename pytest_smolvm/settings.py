@@ -141,3 +141,32 @@ def exceeds_ceiling(network: str, allow: tuple[str, ...], ceiling: tuple[str, st
         return None
     asked = f"network={network!r}" + (f" with allow={list(allow)}" if allow else "")
     return f"test asks for {asked} but {source}={cap} caps network policy at {cap!r}"
+
+
+#: Not VM settings: which tests' reports get an evidence section, and where JSON goes.
+EVIDENCE: Final = Option("evidence", "--smolvm-evidence", "smolvm_evidence", "SMOLVM_EVIDENCE",
+                         "which VM tests get an 'smolvm evidence' report section (what the guest did: files, "
+                         "processes, network, resources): failed, all or none (default failed)")
+EVIDENCE_DIR: Final = Option("evidence_dir", "--smolvm-evidence-dir", "smolvm_evidence_dir", "SMOLVM_EVIDENCE_DIR",
+                             "write one JSON file of evidence per VM test into this directory (default: none)")
+EVIDENCE_MODES: Final = ("failed", "all", "none")
+
+
+def evidence_settings(cli: Mapping[str, Any], env: Mapping[str, str],
+                      ini: Mapping[str, Any]) -> tuple[str, str | None]:
+    """``(mode, directory)`` by the same precedence as every other option; a bad mode is a
+    ConfigError naming the value and where it was given."""
+    mode = "failed"
+    for raw, source in _given(EVIDENCE, cli, env, ini):
+        mode = str(raw).strip().lower()
+        if mode not in EVIDENCE_MODES:
+            raise ConfigError(f"invalid evidence mode {raw!r} (from {source}): expected one of "
+                              f"{', '.join(EVIDENCE_MODES)}")
+    given = _given(EVIDENCE_DIR, cli, env, ini)
+    if not given:
+        return mode, None
+    raw, source = given[-1]
+    path = str(raw).strip()
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"invalid evidence directory {path!r} (from {source}): exists and is not a directory")
+    return mode, path

@@ -25,6 +25,7 @@ from .commands import Commands, Transcript
 from .config import VMConfig
 from .drivers import Accel, Driver, default_driver
 from .errors import BootError, ConfigError, GuestDied, NetworkError, ProtocolError, SmolVMError
+from .evidence import Evidence, EvidenceProbe
 from .guest.ssh import SSHKeys
 from .network import hub
 from .network.credentials import Secret
@@ -119,6 +120,7 @@ class SmolVM:
         self._session: GuestSession | None = None  # the running guest, once booted
         self._commands = Commands(self.name, self.config, self._transcript)
         self._files = Files(self.name)
+        self._probe = EvidenceProbe(self.name)
         self._state = VMState.NEW
         self._lock = threading.Lock()
         self._lifetime_timer: threading.Timer | None = None
@@ -200,9 +202,10 @@ class SmolVM:
 
     def arm_lifetime(self) -> None:
         """(Re)start the ``config.lifetime`` clock: the pool calls this when it hands a
-        pre-started VM to a test, so time spent waiting as a spare does not count. When it
-        runs out the VMM is destroyed; calls in flight and later ones raise GuestDied naming
-        the limit."""
+        pre-started VM to a test, so time spent waiting as a spare does not count (nor in
+        :meth:`evidence`). When it runs out the VMM is destroyed; calls in flight and later
+        ones raise GuestDied naming the limit."""
+        self._probe.attach(self.pid, self.disk_path)
         if self._lifetime_timer is not None:
             self._lifetime_timer.cancel()
         if self.config.lifetime is not None and self._state == VMState.RUNNING and self._session is not None:
@@ -321,6 +324,13 @@ class SmolVM:
         runs.untrack(self)
         if net_error is not None:
             raise net_error
+
+    def evidence(self, *, guest: bool = True) -> Evidence:
+        """What this VM did since it was handed over (:class:`~pytest_smolvm.evidence.Evidence`):
+        the host-measured part always (cheap); with ``guest`` and a running VM, what the guest reports."""
+        return self._probe.gather(pid=self.pid, disk=self.disk_path, net=self._net, transcript=self._transcript,
+                                  run=self._commands.quiet if guest and self.alive else None,
+                                  rootfs=self.image.rootfs if self.image else None)
 
     @property
     def console_log(self) -> str:

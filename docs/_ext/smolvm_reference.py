@@ -193,10 +193,10 @@ def _strip_where(help_text: str) -> str:
 
 
 def option_rows() -> list[list[str]]:
-    from pytest_smolvm.settings import OPTIONS, POOL
+    from pytest_smolvm.settings import EVIDENCE, EVIDENCE_DIR, OPTIONS, POOL
 
-    env_of = {f"smolvm_{o.field}": o.env for o in (*OPTIONS, POOL)}
-    ini_of = {f"smolvm_{o.field}": o.ini for o in (*OPTIONS, POOL)}
+    env_of = {f"smolvm_{o.field}": o.env for o in (*OPTIONS, POOL, EVIDENCE, EVIDENCE_DIR)}
+    ini_of = {f"smolvm_{o.field}": o.ini for o in (*OPTIONS, POOL, EVIDENCE, EVIDENCE_DIR)}
     recorded = recorded_options()
     by_dest: dict[str, list[tuple[tuple[str, ...], dict[str, Any]]]] = {}
     for names, attrs in recorded.options:
