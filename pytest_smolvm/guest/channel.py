@@ -96,6 +96,9 @@ class Channel:
     def close(self) -> None:
         """Hang up. Waiters still in flight get :class:`ChannelClosed`."""
         self._fail(ChannelClosed, "the control channel was closed")
+        self._hang_up()
+
+    def _hang_up(self) -> None:
         for s in (self.sock, self._wsock):
             try:
                 s.shutdown(socket.SHUT_RDWR)
@@ -168,12 +171,12 @@ class Channel:
             self._fail(ChannelClosed, str(exc))
         except protocol.FrameError as exc:
             self._broken = self._broken or str(exc)
+            self._hang_up()  # before waking the waiters: whoever sees the error finds it closed
             self._fail(ProtocolError, f"guest agent sent an invalid frame: {exc}")
-            self.close()
         except ProtocolError as exc:  # an on_frame handler found a malformed frame
             self._broken = self._broken or str(exc)
+            self._hang_up()
             self._fail(ProtocolError, str(exc))
-            self.close()
         except BaseException as exc:  # a bug: never leave waiters hanging on a dead reader
             self._fail(ChannelClosed, f"the channel's reader failed: {exc!r}")
             raise
