@@ -3,7 +3,7 @@
 reads the host-measured figures just before the VM closes) against ``none`` (close only),
 side by side on alternating VMs of one run; and, for information, ``all`` (the guest part too).
 
-    python -P benchmarks/evidence.py [--rounds 6]   (-P: benchmarks/secrets.py would shadow the stdlib)
+    python benchmarks/evidence.py [--rounds 6]
 
 Prints the median teardown time of each mode and the ratio failed/none (issue 25: <= 1.10).
 """

@@ -10,7 +10,7 @@ median per request of:
 - a new connection per request (TCP + TLS handshake + one GET), as ``urllib`` does;
 - requests on one kept-alive connection (``http.client``), after its handshake.
 
-    python benchmarks/secrets.py [N]
+    python benchmarks/secret_proxy.py [N]
 """
 
 from __future__ import annotations
