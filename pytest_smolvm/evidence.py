@@ -131,6 +131,7 @@ class HostMeasured:
     net_packets_out: int | None = None
     net_bytes_in: int | None = None
     net_packets_in: int | None = None
+    connections_opened: int | None = None  # new connections the policy let out through the uplink
     denied: tuple[str, ...] = ()  # "tcp 192.0.2.1:80 (3 packets)"
     denied_unitemised: int = 0
     caps_hit: tuple[tuple[str, int], ...] = ()
@@ -175,6 +176,7 @@ class Evidence:
             ("wall_s", h.wall_s), ("vmm_cpu_user_s", h.vmm_cpu_user_s), ("vmm_cpu_system_s", h.vmm_cpu_system_s),
             ("vmm_peak_rss_bytes", h.vmm_peak_rss_bytes), ("disk_written_bytes", h.disk_written_bytes),
             ("net_bytes_out", h.net_bytes_out), ("net_bytes_in", h.net_bytes_in),
+            ("net_connections_opened", h.connections_opened),
             ("net_denied", len(h.denied) + h.denied_unitemised if h.net_bytes_out is not None else None)]
         if g is not None:
             pairs += [("guest_memory_peak_bytes", g.memory_peak_bytes), ("guest_cpu_user_s", g.cpu_user_s),
@@ -187,7 +189,9 @@ class Evidence:
         lines = ["host-measured: " + _resources(h)]
         if h.net_bytes_out is not None:
             lines.append(f"  network: out {_size(h.net_bytes_out)} / {h.net_packets_out} pkts, in "
-                         f"{_size(h.net_bytes_in)} / {h.net_packets_in} pkts; denied {len(h.denied)}"
+                         f"{_size(h.net_bytes_in)} / {h.net_packets_in} pkts; "
+                         f"{'?' if h.connections_opened is None else h.connections_opened} connection(s) opened; "
+                         f"denied {len(h.denied)}"
                          + (f" (+{h.denied_unitemised} not itemised)" if h.denied_unitemised else "")
                          + "".join(f"; {k} cap hit {n}x" for k, n in h.caps_hit))
             lines += [f"    denied {d}" for d in h.denied[:5]]
@@ -277,6 +281,7 @@ def _net_figures(net: VMNetwork) -> dict[str, Any]:
         return out
     out["denied"] = tuple(f"{d.proto} {d.dest}" + (f":{d.port}" if d.port else "") + f" ({d.packets} packets)"
                           for d in denied[:MAX_DENIED])
+    out["connections_opened"] = counters.get("opened", 0)
     out["denied_unitemised"] = counters.get("unitemised", 0) + max(0, len(denied) - MAX_DENIED)
     out["caps_hit"] = tuple((k, counters.get(k, 0)) for k in ("bandwidth", "connections") if counters.get(k, 0))
     return out

@@ -35,7 +35,8 @@ Three tables, each named after its run:
   connection owner, and for a new connection its egress networks and name-allowed addresses
   (a connection, once accepted, lives on after its address's element times out, as in
   Cilium; a live tightening flushes the VM's conntrack entries instead), then its caps (named ``limit`` objects per TAP:
-  new connections per second, bytes per second; drops are counted per TAP). Replies come
+  new connections per second, bytes per second; drops are counted per TAP, and so are the new
+  connections let out, ``opened``). Replies come
   back only into the TAP that owns the connection.
 
 - ``arp smolvm`` in the run namespace: ARP from a TAP whose sender address and MAC are not
@@ -72,8 +73,8 @@ UPLINK_IF: Final = "svup"
 DENIED_SET_SIZE: Final = 65536
 LINK_LOCAL: Final = ipaddress.IPv4Network("169.254.0.0/16")
 #: Per-TAP counters (named ``<kind>_<tap>``): denials the ledger could not itemise, and
-#: packets dropped by the bandwidth and the new-connection caps.
-COUNTERS: Final = {"unitemised": "nolog", "bandwidth": "bwhit", "connections": "cpshit"}
+#: packets dropped by the bandwidth and the new-connection caps, and the new connections let out.
+COUNTERS: Final = {"unitemised": "nolog", "bandwidth": "bwhit", "connections": "cpshit", "opened": "opened"}
 #: Addresses DNS answers allowed, for every VM of a run (each VM's resolver holds its own
 #: share to ``resolver.MAX_ADDRESSES``); a full set makes answers SERVFAIL, never open.
 DNS_ALLOW_SET_SIZE: Final = 65536
@@ -144,6 +145,7 @@ def _run_sets(denied_size: int) -> str:
         "map bwhit { type ifname : counter; }",
         "map cpscap { type ifname : limit; }",
         "map cpshit { type ifname : counter; }",
+        "map opened { type ifname : counter; }",
         "set conns { type ifname; flags dynamic; size 65536; }",
         f"set dnsallow {{ type ifname . ipv4_addr; flags timeout; size {DNS_ALLOW_SET_SIZE}; }}",
         f"set secretdst {{ type ifname . ipv4_addr; flags timeout; size {DNS_ALLOW_SET_SIZE}; }}",
@@ -218,6 +220,7 @@ def _forward_chains() -> list[str]:
         _chain("egress_caps",
                "ct state new ct status ! confirmed limit name iifname map @cpscap "
                "counter name iifname map @cpshit drop",
+               "ct state new ct status ! confirmed counter name iifname map @opened",
                "limit name iifname map @bwcap counter name iifname map @bwhit drop",
                "accept"),
     ]
@@ -270,7 +273,8 @@ def _vm_sets(tap: str, gateway: ipaddress.IPv4Address, guest: ipaddress.IPv4Addr
            ("tapmark", f'"{tap}" : {mark}'),
            ("owner", f'"{tap}" . {mark}')]
     out += [(m, f'"{tap}" : "{obj}_{tap}"') for m, obj in
-            (("unitemised", "nolog"), ("bwcap", "bw"), ("bwhit", "bwhit"), ("cpscap", "cps"), ("cpshit", "cpshit"))]
+            (("unitemised", "nolog"), ("bwcap", "bw"), ("bwhit", "bwhit"), ("cpscap", "cps"), ("cpshit", "cpshit"),
+             ("opened", "opened"))]
     nets = list(egress)
     if nets:
         out.append(("egress", _elements((tap, n) for n in nets)))

@@ -93,6 +93,7 @@ def test_the_report_junit_and_json_name_what_the_guest_did(pytester: pytest.Pyte
     assert int(failed["smolvm_guest_memory_peak_bytes"]) >= 200 * MIB
     assert int(failed["smolvm_net_bytes_out"]) >= 100 * 1000
     assert int(failed["smolvm_net_denied"]) >= 1
+    assert int(failed["smolvm_net_connections_opened"]) == 1  # 100 datagrams of one flow; the blocked one not
     for p in (failed, passed):  # every VM test: host-measured figures
         assert float(p["smolvm_vmm_cpu_user_s"]) > 0 and int(p["smolvm_vmm_peak_rss_bytes"]) > 10 * MIB
         assert float(p["smolvm_wall_s"]) > 0 and "smolvm_disk_written_bytes" in p

@@ -163,6 +163,7 @@ table inet smolvm {
   map bwhit { type ifname : counter; }
   map cpscap { type ifname : limit; }
   map cpshit { type ifname : counter; }
+  map opened { type ifname : counter; }
   set conns { type ifname; flags dynamic; size 65536; }
   set dnsallow { type ifname . ipv4_addr; flags timeout; size 65536; }
   set secretdst { type ifname . ipv4_addr; flags timeout; size 65536; }
@@ -217,6 +218,7 @@ table inet smolvm {
   }
   chain egress_caps {
     ct state new ct status ! confirmed limit name iifname map @cpscap counter name iifname map @cpshit drop
+    ct state new ct status ! confirmed counter name iifname map @opened
     limit name iifname map @bwcap counter name iifname map @bwhit drop
     accept
   }
