@@ -74,6 +74,9 @@ echo "@files"
 find / -xdev -cnewer /run/smolvm/smolvm-agent -printf '%y %m %s %p\0' 2>/dev/null | head -z -n __SCAN__
 """.replace("__MAXP__", str(MAX_PROCESSES)).replace("__SCAN__", str(SCAN_LIMIT + 1))
 
+#: The listed files (NUL-separated on stdin) as a tar on stdout, cut at __LIMIT__ bytes.
+ARCHIVE_SCRIPT = "tar --null --no-recursion --ignore-failed-read -T - -cf - 2>/dev/null | head -c __LIMIT__"
+
 #: Which of the candidates (NUL-separated on stdin) no longer exist.
 GONE_SCRIPT = r"""xargs -0 -r sh -c 'for p; do [ -e "$p" ] || [ -L "$p" ] || printf "%s\0" "$p"; done' sh"""
 
@@ -164,10 +167,15 @@ class Evidence:
     vm: str
     host_measured: HostMeasured
     guest_reported: GuestReported | None  # None: not gathered (the host part alone is cheap)
+    #: The changed regular files as a tar the *guest* made (``archive_limit``): hostile
+    #: content, cut at the limit, never extracted by us; not part of :meth:`to_dict`.
+    archive: bytes | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able data (tuples become lists)."""
-        return dataclasses.asdict(self)
+        """Plain JSON-able data (tuples become lists), without ``archive``."""
+        data = dataclasses.asdict(dataclasses.replace(self, archive=None))
+        del data["archive"]
+        return data
 
     def properties(self) -> list[tuple[str, float | int]]:
         """Resource figures as ``(name, number)`` (JUnit ``<property>``), missing ones left out."""
@@ -405,11 +413,13 @@ class EvidenceProbe:
         self.cpu_at_start = _vmm_figures(pid)[:2]
 
     def gather(self, *, pid: int | None, disk: Path | None, net: VMNetwork | None, transcript: Transcript,
-               run: Callable[[list[str], bytes], bytes] | None, rootfs: Path | None) -> Evidence:
+               run: Callable[[list[str], bytes], bytes] | None, rootfs: Path | None,
+               archive_limit: int = 0) -> Evidence:
         """The host part always; the guest part when ``run`` (a quiet command in the guest:
-        argv and stdin → stdout) is given. The guest part goes first: it syncs the guest's
+        argv and stdin → stdout) is given, and with ``archive_limit`` the changed regular files
+        as a tar of at most that many bytes. The guest part goes first: it syncs the guest's
         page cache, so the disk figure then includes what was only cached."""
-        guest = None if run is None else self._guest(run, rootfs)
+        guest, archive = (None, None) if run is None else self._guest(run, rootfs, archive_limit)
         user, system, rss = _vmm_figures(pid)
         user, system = (None if now is None or then is None else round(now - then, 3)
                         for now, then in ((user, self.cpu_at_start[0]), (system, self.cpu_at_start[1])))
@@ -421,13 +431,14 @@ class EvidenceProbe:
             wall_s=None if self.started is None else round(time.monotonic() - self.started, 3),
             vmm_cpu_user_s=user, vmm_cpu_system_s=system, vmm_peak_rss_bytes=rss, disk_written_bytes=written,
             commands=figures, **(_net_figures(net) if net is not None else {}))
-        return Evidence(self.name, host, guest)
+        return Evidence(self.name, host, guest, archive)
 
-    def _guest(self, run: Callable[[list[str], bytes], bytes], rootfs: Path | None) -> GuestReported:
+    def _guest(self, run: Callable[[list[str], bytes], bytes], rootfs: Path | None,
+               archive_limit: int) -> tuple[GuestReported, bytes | None]:
         try:
             out = run(["/bin/sh", "-c", GUEST_SCRIPT], b"")
         except SmolVMError as exc:
-            return GuestReported(error=clip(str(exc), 500))
+            return GuestReported(error=clip(str(exc), 500)), None
         guest, entries = parse_guest(out)
         more = len(entries) > SCAN_LIMIT
         entries = entries[:SCAN_LIMIT]
@@ -446,7 +457,22 @@ class EvidenceProbe:
         # Files before directories (a directory's change is its entries'), then by kind.
         rows.sort(key=lambda r: (r[2] == "d", order.get(r[1], 4), r[0]))
         files = tuple(FileChange(_text(p), c, _text(k), _text(m), s) for p, c, k, m, s in rows[:MAX_FILES])
-        return dataclasses.replace(guest, files=files, files_more=more or len(rows) > MAX_FILES)
+        archive = None
+        if archive_limit > 0:
+            regular = [p for p, c, k, _, _ in rows[:MAX_FILES] if k == "f" and c != "deleted"]
+            archive = self._archive(run, regular, archive_limit)
+        return dataclasses.replace(guest, files=files, files_more=more or len(rows) > MAX_FILES), archive
+
+    @staticmethod
+    def _archive(run: Callable[[list[str], bytes], bytes], paths: list[str], limit: int) -> bytes | None:
+        if not paths:
+            return None
+        script = ARCHIVE_SCRIPT.replace("__LIMIT__", str(int(limit)))
+        try:
+            out = run(["/bin/sh", "-c", script], b"\0".join(p.encode() for p in paths) + b"\0")
+        except SmolVMError:
+            return None
+        return out[:limit]  # the command's output cap may be larger than the archive's
 
     @staticmethod
     def _gone(run: Callable[[list[str], bytes], bytes], candidates: list[str]) -> list[str]:

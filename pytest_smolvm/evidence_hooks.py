@@ -8,12 +8,17 @@ properties and the JSON files (``--smolvm-evidence``, ``--smolvm-evidence-dir``)
   report shows it: a failing test's call (``failed``, the default), every test (``all``).
 - The JSON of a test rides on its teardown report (``report.smolvm_evidence``, which xdist
   serialises), and the process that logs reports (the controller under xdist) writes it.
+- ``--smolvm-evidence-files``: with the guest part, the guest tars the changed regular files
+  (at most :data:`ARCHIVE_LIMIT` bytes); the tar rides on the report too (base64) and is
+  written beside the JSON as ``<name>.<vm>.tar``. It is the guest's bytes: never extracted.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,14 +34,18 @@ if TYPE_CHECKING:
 #: The function-scoped VMs of a test, and their evidence by VM name.
 EVIDENCE_VMS = pytest.StashKey[list["SmolVM"]]()
 EVIDENCE_KEY = pytest.StashKey[dict[str, Evidence]]()
+EVIDENCE_ARCHIVES = pytest.StashKey[dict[str, bytes]]()
 REPORT_ATTR = "smolvm_evidence"
+#: Bytes of one VM's changed-files archive (``--smolvm-evidence-files``); beyond, it is cut.
+ARCHIVE_LIMIT = 8 * 1024 * 1024
 
 
 class EvidenceHooks:
     """Registered by the plugin; ``mode`` is ``failed``, ``all`` or ``none``."""
 
-    def __init__(self, mode: str, directory: str | None, writer: bool) -> None:
+    def __init__(self, mode: str, directory: str | None, writer: bool, files: bool = False) -> None:
         self.mode = mode
+        self.files = files and directory is not None
         self.directory = Path(directory) if directory else None
         self.writer = writer  # not an xdist worker: this process writes the files
         self.written = 0
@@ -50,8 +59,11 @@ class EvidenceHooks:
         if report.when == "teardown":
             found = item.stash.get(EVIDENCE_KEY, {})
             if found and (self.directory is not None or self.mode != "none"):
+                archives = item.stash.get(EVIDENCE_ARCHIVES, {})
                 setattr(report, REPORT_ATTR, {"nodeid": item.nodeid, "outcome": "failed" if failed else "passed",
-                                              "vms": [ev.to_dict() for ev in found.values()]})
+                                              "vms": [ev.to_dict() for ev in found.values()],
+                                              "archives": {vm: base64.b64encode(blob).decode()
+                                                           for vm, blob in archives.items()}})
             return
         if self.mode == "none" or not (report.failed or (self.mode == "all" and report.when == "call")):
             return
@@ -59,11 +71,13 @@ class EvidenceHooks:
             if not vm.alive:
                 continue
             try:
-                ev = vm.evidence()
+                ev = vm.evidence(archive_limit=ARCHIVE_LIMIT if self.files else 0)
             except SmolVMError as exc:
                 report.sections.append((f"smolvm evidence {vm.name}", f"not gathered: {exc}"))
                 continue
             item.stash.setdefault(EVIDENCE_KEY, {})[vm.name] = ev
+            if ev.archive:
+                item.stash.setdefault(EVIDENCE_ARCHIVES, {})[vm.name] = ev.archive
             report.sections.append((f"smolvm evidence {vm.name}", ev.render()))
 
     def finish(self, item: pytest.Item, vm: SmolVM) -> None:
@@ -87,11 +101,22 @@ class EvidenceHooks:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
         target = self.directory / safe_file_name(str(data.get("nodeid", report.nodeid)))
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-        os.replace(tmp, target)  # readers never see half a file
+        archives = data.pop("archives", None)
+        if isinstance(archives, dict) and archives:
+            data["archives"] = {}
+            for vm, text in list(archives.items())[:16]:
+                name = f"{target.stem}.{re.sub(r'[^A-Za-z0-9._-]', '_', str(vm))[:60]}.tar"
+                blob = base64.b64decode(str(text), validate=False)[:ARCHIVE_LIMIT]
+                self._write(self.directory / name, blob)
+                data["archives"][str(vm)] = {"file": name, "bytes": len(blob), "cut": len(blob) >= ARCHIVE_LIMIT}
+        self._write(target, json.dumps(data, indent=1, sort_keys=True).encode())
         self.written += 1
+
+    def _write(self, target: Path, data: bytes) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, target)  # readers never see half a file
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if self.written and self.directory is not None:

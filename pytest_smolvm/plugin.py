@@ -76,6 +76,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         group.addoption(opt.cli, dest=f"smolvm_{opt.field}", default=None, metavar=metavar,
                         help=f"{opt.help} [env {opt.env}, ini {opt.ini}]")
         parser.addini(opt.ini, help=opt.help, default="")
+    group.addoption("--smolvm-evidence-files", action="store_true", default=None, dest="smolvm_evidence_files",
+                    help="with --smolvm-evidence-dir: also the changed files of each VM whose guest part was "
+                         "gathered, as a tar the guest makes (hostile content, never extracted; at most "
+                         "8 MiB a VM) [ini smolvm_evidence_files]")
+    parser.addini("smolvm_evidence_files", type="bool", default=False, help="see --smolvm-evidence-files")
     group.addoption("--smolvm-keep-failed", action="store_true", default=None, dest="smolvm_keep_failed",
                     help="keep a failed test's VM running and print how to reach it [ini smolvm_keep_failed]")
     parser.addini("smolvm_keep_failed", type="bool", default=False,
@@ -238,7 +243,12 @@ class SmolVMPlugin:
         ev_opts = (EVIDENCE, EVIDENCE_DIR)
         mode, where = evidence_settings({o.field: config.getoption(f"smolvm_{o.field}") for o in ev_opts},
                                         os.environ, {o.field: config.getini(o.ini) for o in ev_opts})
-        self.evidence = EvidenceHooks(mode, where, writer=getattr(config, "workerinput", None) is None)
+        files = config.getoption("smolvm_evidence_files")
+        files = bool(files if files is not None else config.getini("smolvm_evidence_files"))
+        if files and where is None:
+            raise pytest.UsageError("pytest-smolvm: --smolvm-evidence-files (or ini smolvm_evidence_files) needs "
+                                    "--smolvm-evidence-dir: the directory the archives go to")
+        self.evidence = EvidenceHooks(mode, where, writer=getattr(config, "workerinput", None) is None, files=files)
         # Declared images are checked now (a bad table stops the run before any test) and
         # built on first use; `ensured` holds the names this process has made sure of.
         self.pyproject = config.rootpath / "pyproject.toml"

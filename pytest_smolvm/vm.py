@@ -5,6 +5,7 @@ of their own; the handle delegates to them in a line each. Usable without pytest
 from __future__ import annotations
 
 import enum
+import functools
 import itertools
 import json
 import os
@@ -325,11 +326,11 @@ class SmolVM:
         if net_error is not None:
             raise net_error
 
-    def evidence(self, *, guest: bool = True) -> Evidence:
-        """What this VM did since it was handed over (:class:`~pytest_smolvm.evidence.Evidence`):
-        the host-measured part always (cheap); with ``guest`` and a running VM, what the guest reports."""
+    def evidence(self, *, guest: bool = True, archive_limit: int = 0) -> Evidence:
+        """What this VM did since it was handed over (an :class:`Evidence`; ``archive_limit``: its files as a tar)."""
+        run = functools.partial(self._commands.quiet, max_output=max(256 * 1024, archive_limit))
         return self._probe.gather(pid=self.pid, disk=self.disk_path, net=self._net, transcript=self._transcript,
-                                  run=self._commands.quiet if guest and self.alive else None,
+                                  run=run if guest and self.alive else None, archive_limit=archive_limit,
                                   rootfs=self.image.rootfs if self.image else None)
 
     @property

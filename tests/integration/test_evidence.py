@@ -6,6 +6,7 @@ Network traffic goes only into namespaces the test creates (tests/nettopo.py).""
 from __future__ import annotations
 
 import json
+import tarfile
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -79,7 +80,7 @@ def _props(junit: Path) -> dict[str, dict[str, str]]:
 def test_the_report_junit_and_json_name_what_the_guest_did(pytester: pytest.Pytester,
                                                            monkeypatch: pytest.MonkeyPatch,
                                                            internet: Internet) -> None:
-    result, out, junit = _inner_run(pytester, monkeypatch, internet, "-n", "0")
+    result, out, junit = _inner_run(pytester, monkeypatch, internet, "-n", "0", "--smolvm-evidence-files")
     result.assert_outcomes(passed=1, failed=1)
     text = result.stdout.str()
     section = text[text.index("smolvm evidence"):]
@@ -113,6 +114,15 @@ def test_the_report_junit_and_json_name_what_the_guest_did(pytester: pytest.Pyte
     assert any(d.startswith(f"udp {OTHER_HOST}:9") for d in vm["host_measured"]["denied"])
     good = files["test_passes"]
     assert good["outcome"] == "passed" and good["vms"][0]["guest_reported"] is None
+    # --smolvm-evidence-files: the failed test's changed files as the guest's tar, read here in
+    # memory (never extracted); the passing test has none (its guest part was not gathered).
+    (archive,) = bad["archives"].values()
+    assert not good.get("archives")
+    with tarfile.open(out / archive["file"]) as tar:
+        assert {"root/created.txt", "etc/motd"} <= set(tar.getnames())
+        created = tar.extractfile("root/created.txt")
+        assert created is not None and created.read() == b"new\n"
+    assert archive["bytes"] == (out / archive["file"]).stat().st_size and not archive["cut"]
 
 
 def test_xdist_writes_the_same_files_as_one_process(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch,

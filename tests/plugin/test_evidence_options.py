@@ -54,6 +54,13 @@ def test_an_evidence_dir_that_is_a_file_is_a_usage_error(fake: pytest.Pytester) 
     result.stderr.fnmatch_lines(["*invalid evidence directory 'taken' (from command line --smolvm-evidence-dir)*"])
 
 
+def test_evidence_files_without_an_evidence_dir_is_a_usage_error(fake: pytest.Pytester) -> None:
+    fake.makepyfile("def test_x(): pass")
+    result = fake.runpytest("--smolvm-evidence-files")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--smolvm-evidence-files*needs --smolvm-evidence-dir*"])
+
+
 def test_every_vm_test_gets_junit_properties_and_a_json_file(fake: pytest.Pytester) -> None:
     fake.makepyfile(TESTS)
     result = fake.runpytest("--smolvm-evidence-dir=ev", "--junitxml=j.xml")
