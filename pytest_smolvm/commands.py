@@ -42,6 +42,7 @@ class TranscriptEntry:
     duration: float
     stdout_head: str
     stderr_head: str
+    usage: replies.GuestUsage | None = None  # guest-reported (the agent's wait4)
 
     def render(self) -> str:
         lines = [f"$ {self.command}    [{self.outcome}, {self.duration * 1000:.0f} ms]"]
@@ -63,11 +64,12 @@ class Transcript:
         """``text`` with the secrets masked as ``***``."""
         return redact(text, self.secrets)
 
-    def record(self, shown: str, outcome: str, duration: float, out: bytes, err: bytes) -> None:
+    def record(self, shown: str, outcome: str, duration: float, out: bytes, err: bytes,
+               usage: replies.GuestUsage | None = None) -> None:
         self.entries.append(TranscriptEntry(
             self.redact(shown), outcome, duration,
             self.redact(out[:TRANSCRIPT_HEAD].decode(errors="replace")),
-            self.redact(err[:TRANSCRIPT_HEAD].decode(errors="replace"))))
+            self.redact(err[:TRANSCRIPT_HEAD].decode(errors="replace")), usage))
 
 
 def command_argv(command: object) -> tuple[list[str], str]:
@@ -213,7 +215,7 @@ class Commands:
             raise GuestError(redact(f"{self.name}: the guest agent could not run {shown!r}: {parsed.message}"))
         out_b, err_b = parsed.stdout, parsed.stderr
         if parsed.timed_out:
-            self.transcript.record(shown, f"timeout after {limit:g}s", duration, out_b, err_b)
+            self.transcript.record(shown, f"timeout after {limit:g}s", duration, out_b, err_b, parsed.usage)
             raise CommandTimeout(
                 redact(f"{self.name}: run({shown!r}) timed out after {limit:g}s; its process group was killed"),
                 command=shown, timeout=limit,
@@ -225,7 +227,7 @@ class Commands:
             stdout_truncated=parsed.stdout_truncated, stderr_truncated=parsed.stderr_truncated,
         )
         self.transcript.record(shown, f"exit {result.exit_code}" + (", truncated" if result.truncated else ""),
-                               duration, out_b, err_b)
+                               duration, out_b, err_b, parsed.usage)
         if check and result.exit_code != 0:
             raise CommandFailed(result, secrets=self.transcript.secrets)
         return result

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from .commands import Transcript
     from .network.hub import VMNetwork
 
-__all__ = ["Evidence", "EvidenceProbe", "FileChange", "GuestReported", "HostMeasured", "LeftProcess"]
+__all__ = ["CommandUsage", "Evidence", "EvidenceProbe", "FileChange", "GuestReported", "HostMeasured", "LeftProcess"]
 
 #: Caps on what the guest may put into evidence (a report must stay readable and small).
 MAX_FILES = 200
@@ -122,6 +122,17 @@ class CommandFigure:
 
 
 @dataclasses.dataclass(frozen=True)
+class CommandUsage:
+    """One command's resources as the guest agent's ``wait4`` reported them (the command and
+    every descendant it waited for): guest-reported, free to gather (it rides on the reply)."""
+
+    command: str
+    cpu_user_s: float
+    cpu_system_s: float
+    peak_rss_bytes: int  # the largest resident set of one process of its tree
+
+
+@dataclasses.dataclass(frozen=True)
 class HostMeasured:
     """What the host measured; the guest cannot change any of it."""
 
@@ -167,6 +178,8 @@ class Evidence:
     vm: str
     host_measured: HostMeasured
     guest_reported: GuestReported | None  # None: not gathered (the host part alone is cheap)
+    #: Each command's usage as the guest reported it (the last ``MAX_COMMANDS``).
+    guest_reported_commands: tuple[CommandUsage, ...] = ()
     #: The changed regular files as a tar the *guest* made (``archive_limit``): hostile
     #: content, cut at the limit, never extracted by us; not part of :meth:`to_dict`.
     archive: bytes | None = dataclasses.field(default=None, repr=False, compare=False)
@@ -186,6 +199,9 @@ class Evidence:
             ("net_bytes_out", h.net_bytes_out), ("net_bytes_in", h.net_bytes_in),
             ("net_connections_opened", h.connections_opened),
             ("net_denied", len(h.denied) + h.denied_unitemised if h.net_bytes_out is not None else None)]
+        if usage := self.guest_reported_commands:
+            pairs += [("guest_commands_cpu_s", sum(c.cpu_user_s + c.cpu_system_s for c in usage)),
+                      ("guest_commands_peak_rss_bytes", max(c.peak_rss_bytes for c in usage))]
         if g is not None:
             pairs += [("guest_memory_peak_bytes", g.memory_peak_bytes), ("guest_cpu_user_s", g.cpu_user_s),
                       ("guest_cpu_system_s", g.cpu_system_s), ("guest_oom_kills", g.oom_kills)]
@@ -203,6 +219,14 @@ class Evidence:
                          + (f" (+{h.denied_unitemised} not itemised)" if h.denied_unitemised else "")
                          + "".join(f"; {k} cap hit {n}x" for k, n in h.caps_hit))
             lines += [f"    denied {d}" for d in h.denied[:5]]
+        usage = self.guest_reported_commands
+        if usage:
+            top = max(usage, key=lambda c: c.cpu_user_s + c.cpu_system_s)
+            shown = top.command.replace("\\n", " ").strip()[:60]  # _text showed its newlines as \n
+            lines.append(f"guest-reported per command (wait4): {len(usage)} command(s), CPU "
+                         f"{_secs(sum(c.cpu_user_s + c.cpu_system_s for c in usage))} in all, largest process "
+                         f"{_size(max(c.peak_rss_bytes for c in usage))}; most CPU: {shown} "
+                         f"({_secs(top.cpu_user_s + top.cpu_system_s)})")
         if g is None:
             return "\n".join([*lines, "guest-reported: not gathered"])
         lines.append("guest-reported (cgroup smolvm): " + _guest_resources(g))
@@ -431,7 +455,10 @@ class EvidenceProbe:
             wall_s=None if self.started is None else round(time.monotonic() - self.started, 3),
             vmm_cpu_user_s=user, vmm_cpu_system_s=system, vmm_peak_rss_bytes=rss, disk_written_bytes=written,
             commands=figures, **(_net_figures(net) if net is not None else {}))
-        return Evidence(self.name, host, guest, archive)
+        usage = tuple(CommandUsage(_text(e.command), round(e.usage.cpu_user_s, 3), round(e.usage.cpu_system_s, 3),
+                                   e.usage.peak_rss_bytes)
+                      for e in transcript.entries[-MAX_COMMANDS:] if e.usage is not None)
+        return Evidence(self.name, host, guest, usage, archive)
 
     def _guest(self, run: Callable[[list[str], bytes], bytes], rootfs: Path | None,
                archive_limit: int) -> tuple[GuestReported, bytes | None]:
@@ -487,7 +514,7 @@ class EvidenceProbe:
 
 
 #: How a test's VMs' figures combine into one (JUnit): peaks take the largest, the rest add up.
-_PEAKS = frozenset({"vmm_peak_rss_bytes", "guest_memory_peak_bytes", "wall_s"})
+_PEAKS = frozenset({"vmm_peak_rss_bytes", "guest_memory_peak_bytes", "guest_commands_peak_rss_bytes", "wall_s"})
 
 
 def combined_properties(evidence: Iterable[Evidence]) -> list[tuple[str, float | int]]:

@@ -16,6 +16,7 @@ properties and the JSON files (``--smolvm-evidence``, ``--smolvm-evidence-dir``)
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import os
 import re
@@ -87,11 +88,11 @@ class EvidenceHooks:
             return  # evidence off: not even the host's figures
         found = item.stash.setdefault(EVIDENCE_KEY, {})
         try:
-            host = vm.evidence(guest=False).host_measured
+            now = vm.evidence(guest=False)
         except SmolVMError:
             return
         earlier = found.get(vm.name)
-        found[vm.name] = Evidence(vm.name, host, earlier.guest_reported if earlier else None)
+        found[vm.name] = dataclasses.replace(now, guest_reported=earlier.guest_reported if earlier else None)
         props = dict(combined_properties(found.values()))
         item.user_properties[:] = [(k, v) for k, v in item.user_properties if k not in props] + list(props.items())
 

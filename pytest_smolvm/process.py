@@ -138,7 +138,7 @@ class Output:
                 exit_code=reply.exit_code, timed_out=reply.timed_out,
                 stdout=bytes(self.data["stdout"]) + reply.stdout, stderr=bytes(self.data["stderr"]) + reply.stderr,
                 stdout_truncated=reply.stdout_truncated or self.truncated["stdout"],
-                stderr_truncated=reply.stderr_truncated or self.truncated["stderr"])
+                stderr_truncated=reply.stderr_truncated or self.truncated["stderr"], usage=reply.usage)
 
 
 class Deliverer:

@@ -1086,10 +1086,14 @@ static void exec_reply(struct execution *x) {
         flush_stream(x, &x->err);
     }
     int status = 0;
-    while (waitpid(x->pid, &status, 0) < 0 && errno == EINTR) {}
+    struct rusage ru = {0}; /* the command and every descendant it waited for */
+    while (wait4(x->pid, &status, 0, &ru) < 0 && errno == EINTR) {}
     struct buf b = {0};
     reply_start(&b, "result", x->id);
     field_int(&b, "exit_code", exit_code(status));
+    field_int(&b, "cpu_user_us", (long long)ru.ru_utime.tv_sec * 1000000 + ru.ru_utime.tv_usec);
+    field_int(&b, "cpu_system_us", (long long)ru.ru_stime.tv_sec * 1000000 + ru.ru_stime.tv_usec);
+    field_int(&b, "peak_rss_kib", (long long)ru.ru_maxrss);
     field_bool(&b, "timed_out", x->timed_out);
     field_int(&b, "stdout_len", (long long)x->out.data.len);
     field_bool(&b, "stdout_truncated", x->out.truncated);

@@ -19,6 +19,16 @@ MAX_ERROR = 2000
 
 
 @dataclasses.dataclass(frozen=True)
+class GuestUsage:
+    """What the agent's ``wait4`` said a command used (it and every descendant it waited for).
+    Guest-reported: telemetry, never a decision; a value a guest could not have sent is None."""
+
+    cpu_user_s: float
+    cpu_system_s: float
+    peak_rss_bytes: int  # the largest resident set of one process of the command's tree
+
+
+@dataclasses.dataclass(frozen=True)
 class ExecReply:
     exit_code: int
     timed_out: bool
@@ -26,6 +36,7 @@ class ExecReply:
     stderr: bytes
     stdout_truncated: bool
     stderr_truncated: bool
+    usage: GuestUsage | None = None  # agents before evidence (issue 25) do not send it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +93,18 @@ def parse_exec(header: dict[str, Any], body: bytes) -> ExecReply | AgentError:
         stdout=body[:split], stderr=body[split:],
         stdout_truncated=_flag(header, "exec", "stdout_truncated"),
         stderr_truncated=_flag(header, "exec", "stderr_truncated"),
+        usage=_usage(header),
     )
+
+
+def _usage(header: dict[str, Any]) -> GuestUsage | None:
+    """The ``exec`` result's resource figures, or None when any is absent or not a sane
+    integer: they are evidence only, so a lie drops them instead of failing the command."""
+    values = [header.get(k) for k in ("cpu_user_us", "cpu_system_us", "peak_rss_kib")]
+    if not all(type(v) is int and 0 <= v < 1 << 53 for v in values):
+        return None
+    user, system, rss = (int(v) for v in values)  # type: ignore[arg-type]
+    return GuestUsage(user / 1e6, system / 1e6, rss * 1024)
 
 
 #: The two streams an ``out`` frame may name.

@@ -110,6 +110,9 @@ def test_the_report_junit_and_json_name_what_the_guest_did(pytester: pytest.Pyte
     assert {("created", "/root/created.txt"), ("changed", "/etc/motd"), ("deleted", "/etc/issue")} <= changes
     assert any("sleep 1000" in p["argv"] for p in vm["guest_reported"]["processes"])
     assert vm["guest_reported"]["memory_peak_bytes"] >= 200 * MIB
+    (usage,) = vm["guest_reported_commands"]  # the one run(): its tree's largest process held the 200 MiB
+    assert usage["peak_rss_bytes"] >= 200 * MIB and usage["cpu_user_s"] + usage["cpu_system_s"] > 0
+    assert int(failed["smolvm_guest_commands_peak_rss_bytes"]) >= 200 * MIB
     assert vm["host_measured"]["net_bytes_out"] >= 100 * 1000
     assert any(d.startswith(f"udp {OTHER_HOST}:9") for d in vm["host_measured"]["denied"])
     good = files["test_passes"]

@@ -75,7 +75,7 @@ def test_every_vm_test_gets_junit_properties_and_a_json_file(fake: pytest.Pytest
     assert len(files) == 3
     data = json.loads(files[0].read_text())
     assert data["outcome"] == "passed" and data["vms"][0]["guest_reported"] is None
-    assert set(data["vms"][0]) == {"vm", "host_measured", "guest_reported"}
+    assert set(data["vms"][0]) == {"vm", "host_measured", "guest_reported", "guest_reported_commands"}
     result.stdout.fnmatch_lines(["smolvm: evidence of 3 test(s) written to ev"])
 
 

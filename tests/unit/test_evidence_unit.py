@@ -79,3 +79,23 @@ def test_settings_precedence_and_errors() -> None:
     assert evidence_settings({"evidence": "all"}, {"SMOLVM_EVIDENCE": "none"}, {"evidence": "failed"})[0] == "all"
     with pytest.raises(ConfigError, match=r"invalid evidence mode 'x' \(from environment variable SMOLVM_EVIDENCE\)"):
         evidence_settings({}, {"SMOLVM_EVIDENCE": "x"}, {})
+
+
+@pytest.mark.parametrize(("fields", "expected"), [
+    ({"cpu_user_us": 1_500_000, "cpu_system_us": 250_000, "peak_rss_kib": 2048}, (1.5, 0.25, 2 * 1024 * 1024)),
+    ({}, None),  # an agent from before evidence
+    ({"cpu_user_us": -1, "cpu_system_us": 0, "peak_rss_kib": 0}, None),
+    ({"cpu_user_us": 1 << 60, "cpu_system_us": 0, "peak_rss_kib": 0}, None),
+    ({"cpu_user_us": 1.5, "cpu_system_us": 0, "peak_rss_kib": 0}, None),
+    ({"cpu_user_us": True, "cpu_system_us": 0, "peak_rss_kib": 0}, None),
+    ({"cpu_user_us": "9", "cpu_system_us": 0, "peak_rss_kib": 0}, None),
+])
+def test_a_commands_usage_is_believed_only_when_sane_and_never_fails_the_command(
+        fields: dict[str, object], expected: tuple[float, float, int] | None) -> None:
+    from pytest_smolvm.guest import replies
+
+    reply = replies.parse_exec({"op": "result", "exit_code": 0, "timed_out": False, "stdout_len": 2,
+                                "stdout_truncated": False, "stderr_truncated": False, **fields}, b"ok")
+    assert isinstance(reply, replies.ExecReply) and reply.exit_code == 0 and reply.stdout == b"ok"
+    usage = reply.usage
+    assert (None if usage is None else (usage.cpu_user_s, usage.cpu_system_s, usage.peak_rss_bytes)) == expected
