@@ -3,7 +3,10 @@
 reads the host-measured figures just before the VM closes) against ``none`` (close only),
 side by side on alternating VMs of one run; and, for information, ``all`` (the guest part too).
 
-    python benchmarks/evidence.py [--rounds 6]
+    python benchmarks/evidence.py [--rounds 6] [--network isolated]
+
+``--network isolated`` measures networked VMs: their host part also reads the TAP's counters
+and the policy's ledger (netlink and two ``nft`` calls in the run's namespace).
 
 Prints the median teardown time of each mode and the ratio failed/none (issue 25: <= 1.10).
 """
@@ -17,8 +20,8 @@ import time
 from pytest_smolvm import SmolVM, VMConfig
 
 
-def teardown(mode: str) -> float:
-    vm = SmolVM(VMConfig(memory_mib=256)).start()
+def teardown(mode: str, network: str) -> float:
+    vm = SmolVM(VMConfig(memory_mib=256, network=network)).start()
     try:
         vm.run("echo work > /root/f && head -c 1000000 /dev/zero > /root/g", check=True)
         t0 = time.monotonic()
@@ -33,13 +36,14 @@ def teardown(mode: str) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--network", default="none", choices=("none", "isolated"))
     args = ap.parse_args()
     times: dict[str, list[float]] = {"none": [], "failed": [], "all": []}
-    teardown("none")  # warm the snapshot and page cache before measuring
+    teardown("none", args.network)  # warm the snapshot and page cache before measuring
     for i in range(args.rounds):
         order = ["none", "failed", "all"] if i % 2 == 0 else ["all", "failed", "none"]
         for mode in order:
-            times[mode].append(teardown(mode))
+            times[mode].append(teardown(mode, args.network))
     med = {mode: statistics.median(ts) for mode, ts in times.items()}
     for mode, m in med.items():
         print(f"{mode:>6}: median teardown {m * 1000:7.1f} ms over {len(times[mode])} VMs")
