@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Final
 from ..errors import NetworkError
 from ..host import host_name, stamp_alive
 from ..paths import default_runtime_dir, runtime_dir
-from . import netns, policy
+from . import netns, policy, userns
 from .addressing import DEFAULT_BASE, Addressing, addressing, slot_count
 from .allocator import Lease, SlotTable, shared_lock
 from .credentials import Secret, placeholders
@@ -328,6 +328,11 @@ def attach(vm: str, run_id: str, policy_name: str, allow: tuple[str, ...], uplin
         raise NetworkError(f"{vm}: network={policy_name!r} needs Linux (its policies are network namespaces, "
                            f"nftables and TAP devices), and this host is {sys.platform}; use network='none' "
                            f"(the default) here, and run networked tests on Linux")
+    if userns.rootless():
+        userns.check(policy_name)  # NetworkUnavailable: the pytest layer skips, with the fix
+        if uplink:
+            raise NetworkError(f"uplink={uplink!r} needs root: without root, nat's uplink is pasta, "
+                               f"connected to the network namespace this process runs in")
     if uplink and not netns.exists(uplink):
         raise NetworkError(f"invalid uplink={uplink!r}: no network namespace of that name "
                            f"(ip netns list shows the existing ones)")
@@ -375,16 +380,13 @@ def attach(vm: str, run_id: str, policy_name: str, allow: tuple[str, ...], uplin
 
 
 def _create_namespace(ns: str) -> None:
-    from pyroute2 import IPRoute
-
     netns.create(ns)
     try:
         # Before any interface exists, so TAPs and the veth never get IPv6 addresses.
         netns.write_sysctl(ns, "net.ipv6.conf.default.disable_ipv6", "1")
         netns.write_sysctl(ns, "net.ipv6.conf.all.disable_ipv6", "1")
         netns.write_sysctl(ns, "net.ipv4.ip_forward", "1")
-        with netns.entered(ns), IPRoute() as ipr:
-            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+        netns.set_link(ns, "lo")
         netns.run(ns, ["nft", "-f", "-"], input=policy.run_ruleset(DEFAULT_BASE))
     except BaseException:
         netns.remove(ns)
@@ -392,19 +394,11 @@ def _create_namespace(ns: str) -> None:
 
 
 def _configure_tap(ns: str, addr: Addressing) -> None:
-    from pyroute2 import IPRoute
-
-    with netns.entered(ns), IPRoute() as ipr:
-        idx = ipr.link_lookup(ifname=addr.tap)[0]
-        ipr.addr("add", index=idx, address=str(addr.host_ip), prefixlen=addr.subnet.prefixlen)
-        ipr.link("set", index=idx, state="up")
+    netns.set_link(ns, addr.tap, address=str(addr.host_ip), prefixlen=addr.subnet.prefixlen)
 
 
 def _set_link(ns: str, ifname: str, *, up: bool) -> None:
-    from pyroute2 import IPRoute
-
-    with netns.entered(ns), IPRoute() as ipr:
-        ipr.link("set", index=ipr.link_lookup(ifname=ifname)[0], state="up" if up else "down")
+    netns.set_link(ns, ifname, up=up)
 
 
 def _uplink_subnet(run_id: str, uplink: str | None, taken: set[ipaddress.IPv4Network]) -> ipaddress.IPv4Network:
@@ -424,6 +418,9 @@ def _ensure_uplink(ns: str, run_id: str, uplink: str | None) -> None:
     uplink namespace; pytest-smolvm never turns it on there itself."""
     from pyroute2 import IPRoute
 
+    if userns.rootless():  # pasta's tap is the uplink (userns.py); the run ruleset masquerades
+        userns.start_pasta(ns)
+        return
     with netns.entered(ns), IPRoute() as ipr:
         if ipr.link_lookup(ifname=policy.UPLINK_IF):
             return
@@ -470,6 +467,8 @@ def _remove_uplink(run_id: str, uplink: str | None) -> list[str]:
 
     errors: list[str] = []
     veth, table = uplink_names(run_id, uplink)
+    if userns.rootless():
+        return errors  # pasta, the uplink, dies with the namespace (netns.remove)
     if uplink and not netns.exists(uplink):
         return errors  # the uplink namespace is gone, and everything of ours in it
     try:
@@ -574,12 +573,14 @@ def reap_networks(*, dry_run: bool = False) -> list[StaleNetwork]:
         stale = {tag: run_id for tag, run_id in tables.items() if tag not in live}
         for ns in netns.names(NETNS_PREFIX):
             tag, _, utag = ns[len(NETNS_PREFIX):].rpartition("-")
-            if tag not in stale:
-                continue
-            found.append(StaleNetwork(f"network namespace {ns}", stale[tag], "no live VM holds a slot in it"))
+            if tag not in stale and not (userns.rootless() and tag not in live):
+                continue  # a rootless holder's record is in our runtime directory: ours to judge
+            found.append(StaleNetwork(f"network namespace {ns}", stale.get(tag, tag), "no live VM holds a slot in it"))
             if not dry_run:
                 uplink = uplinks.get(ns) if utag != "root" else None
-                if utag == "root" or uplink:
+                if userns.rootless():
+                    netns.remove(ns)
+                elif utag == "root" or uplink:
                     remove_namespace(stale[tag], uplink)
                 else:  # its uplink is unknown: the namespace alone (the uplink's own goes with it)
                     netns.remove(ns)
