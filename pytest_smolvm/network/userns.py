@@ -108,6 +108,21 @@ def unavailable(policy: str) -> str | None:
     return None
 
 
+def describe() -> list[str]:
+    """The doctor's network lines: which mode this user gets, and per policy why not."""
+    if not sys.platform.startswith("linux"):
+        return ["network: only 'none' on this host (isolated and nat need Linux)"]
+    if not rootless():
+        return ["network: root mode (run namespaces with ip netns, a veth + masquerade uplink): "
+                "isolated and nat available"]
+    lines = [f"network: rootless mode (uid {os.getuid()}: an unprivileged user namespace holds the run "
+             f"namespace; nat's uplink is pasta)"]
+    for policy in ("isolated", "nat"):
+        reason = unavailable(policy)
+        lines.append(f"network {policy}: {'works' if reason is None else 'skipped: ' + reason}")
+    return lines
+
+
 def check(policy: str) -> None:
     reason = unavailable(policy)
     if reason:
