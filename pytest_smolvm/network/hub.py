@@ -322,20 +322,7 @@ def attach(vm: str, run_id: str, policy_name: str, allow: tuple[str, ...], uplin
     """Lease a slot for ``vm`` and give it a TAP with ``policy_name`` and ``caps`` in force,
     and its resolver (forwarding to ``dns_upstream``, or the host's resolvers). On failure
     nothing is left behind (no lease, TAP, namespace, rules or resolver)."""
-    if policy_name not in ("isolated", "nat"):
-        raise NetworkError(f"invalid network={policy_name!r}: only 'isolated' and 'nat' have a NIC")
-    if not sys.platform.startswith("linux"):
-        raise NetworkError(f"{vm}: network={policy_name!r} needs Linux (its policies are network namespaces, "
-                           f"nftables and TAP devices), and this host is {sys.platform}; use network='none' "
-                           f"(the default) here, and run networked tests on Linux")
-    if userns.rootless():
-        userns.check(policy_name)  # NetworkUnavailable: the pytest layer skips, with the fix
-        if uplink:
-            raise NetworkError(f"uplink={uplink!r} needs root: without root, nat's uplink is pasta, "
-                               f"connected to the network namespace this process runs in")
-    if uplink and not netns.exists(uplink):
-        raise NetworkError(f"invalid uplink={uplink!r}: no network namespace of that name "
-                           f"(ip netns list shows the existing ones)")
+    _check_host(vm, policy_name, uplink)
     ns = namespace_name(run_id, uplink)
     table = slot_table(run_id)
     _forget_at_exit.add(run_id)
@@ -377,6 +364,23 @@ def attach(vm: str, run_id: str, policy_name: str, allow: tuple[str, ...], uplin
     except Exception as exc:  # filelock Timeout, pyroute2's errors
         raise NetworkError(f"{vm}: setting up network={policy_name!r} failed: {type(exc).__name__}: {exc}") from exc
     return net
+
+
+def _check_host(vm: str, policy_name: str, uplink: str | None) -> None:
+    if policy_name not in ("isolated", "nat"):
+        raise NetworkError(f"invalid network={policy_name!r}: only 'isolated' and 'nat' have a NIC")
+    if not sys.platform.startswith("linux"):
+        raise NetworkError(f"{vm}: network={policy_name!r} needs Linux (its policies are network namespaces, "
+                           f"nftables and TAP devices), and this host is {sys.platform}; use network='none' "
+                           f"(the default) here, and run networked tests on Linux")
+    if userns.rootless():
+        userns.check(policy_name)  # NetworkUnavailable: the pytest layer skips, with the fix
+        if uplink:
+            raise NetworkError(f"uplink={uplink!r} needs root: without root, nat's uplink is pasta, "
+                               f"connected to the network namespace this process runs in")
+    if uplink and not netns.exists(uplink):
+        raise NetworkError(f"invalid uplink={uplink!r}: no network namespace of that name "
+                           f"(ip netns list shows the existing ones)")
 
 
 def _create_namespace(ns: str) -> None:
