@@ -3,8 +3,8 @@
 An ordinary user cannot ``ip netns add``, but may create a user namespace and a network
 namespace owned by it, and has every capability in both. So the rootless run namespace is
 the same run namespace (same TAPs, addresses and nftables policy, ``policy.py``), held by a
-*holder*: ``python -m pytest_smolvm.network.userns NAME``, which unshares itself into a new
-user + network namespace, maps our uid to root there, and serves requests on a socket in the
+*holder* (``holder.py``, a standard-library script), which unshares itself into a new user +
+network namespace, maps our uid to root there, and serves requests on a socket in the
 private runtime directory (``<runtime>/userns/NAME.sock``). ``setns`` into a user namespace
 is refused to a multithreaded process (the engine is one), so whatever must be *created*
 inside (a TAP, a listening or connecting socket, an ``nft`` run, a netlink request) is done
@@ -22,8 +22,6 @@ record names (pid, start time, command line); TAPs, nft tables and routes go wit
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import fcntl
 import json
 import os
 import shutil
@@ -34,25 +32,19 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
 from ..errors import NetworkError, NetworkUnavailable
 from ..host import process_start_time
-from ..paths import runtime_dir
+from ..paths import check_socket_path, runtime_dir
+from .holder import recv, send
 
-CLONE_NEWUSER: Final = 0x10000000
-CLONE_NEWNET: Final = 0x40000000
-TUNSETIFF: Final = 0x400454CA
-TAP_FLAGS: Final = 0x0002 | 0x1000 | 0x4000  # IFF_TAP | IFF_NO_PI | IFF_VNET_HDR
 #: Forces rootless mode for a root user (to try it, or test it, as root).
 FORCE_ENV: Final = "SMOLVM_ROOTLESS_NET"
-MODULE: Final = "pytest_smolvm.network.userns"
+HOLDER: Final = str(Path(__file__).with_name("holder.py"))
 PASTA_IF: Final = "svup"  # policy.UPLINK_IF: the policy's uplink is pasta's tap
 START_TIMEOUT: Final = 30.0
-#: Commands the holder runs for a client: only these (argv[0]).
-COMMANDS: Final = frozenset({"nft"})
 
 
 def rootless() -> bool:
@@ -171,7 +163,7 @@ def _is_holder(name: str, rec: dict[str, Any]) -> bool:
     if not isinstance(pid, int) or pid <= 1 or process_start_time(pid) != started:
         return False
     argv = _cmdline(pid)
-    if MODULE not in argv or name not in argv:
+    if HOLDER not in argv or name not in argv:
         return False
     try:
         return os.readlink(f"/proc/{pid}/ns/user") != os.readlink("/proc/self/ns/user")
@@ -205,11 +197,11 @@ def exists(name: str) -> bool:
 def create(name: str) -> None:
     """Start the holder of namespace ``name`` and wait until it serves."""
     records_dir().mkdir(mode=0o700, parents=True, exist_ok=True)
-    argv = [sys.executable, "-m", MODULE, name, str(records_dir())]
-    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    check_socket_path(sock_path(name), "rootless namespace holder")
+    argv = [sys.executable, "-I", "-B", HOLDER, name, str(records_dir())]
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                start_new_session=True, env=env)
+                                start_new_session=True)
     except OSError as exc:
         raise NetworkError(f"cannot start the namespace holder for {name!r}: {exc}") from exc
     assert proc.stdout is not None and proc.stderr is not None
@@ -226,6 +218,7 @@ def create(name: str) -> None:
         raise NetworkError(f"cannot create the rootless network namespace {name!r}: {line or err or 'no answer'}")
     proc.stdout.close()
     proc.stderr.close()
+    _write_record(name, {"pid": proc.pid, "start": process_start_time(proc.pid), "name": name})
     # The holder runs on in its own session; the reap/remove path ends it.
     _reap_later(proc)
 
@@ -301,33 +294,6 @@ def start_pasta(name: str) -> None:
 
 # ------------------------------------------------------------------ client
 
-def _send(sock: socket.socket, obj: dict[str, Any], fds: Sequence[int] = ()) -> None:
-    data = json.dumps(obj).encode()
-    socket.send_fds(sock, [struct.pack("!I", len(data))], list(fds))
-    sock.sendall(data)
-
-
-def _recv(sock: socket.socket, maxfds: int = 1) -> tuple[dict[str, Any], list[int]]:
-    head, fds, _, _ = socket.recv_fds(sock, 4, maxfds)
-    while head and len(head) < 4:
-        more = sock.recv(4 - len(head))
-        if not more:
-            break
-        head += more
-    if len(head) < 4:
-        for fd in fds:
-            os.close(fd)
-        raise NetworkError("the namespace holder closed the connection")
-    (size,) = struct.unpack("!I", head)
-    buf = b""
-    while len(buf) < size:
-        more = sock.recv(size - len(buf))
-        if not more:
-            raise NetworkError("the namespace holder closed the connection mid-reply")
-        buf += more
-    return json.loads(buf), fds
-
-
 def call(name: str, op: str, *, timeout: float = 60.0, **args: Any) -> tuple[dict[str, Any], list[int]]:
     """One request to the holder of ``name``: (reply, descriptors)."""
     rec = _read_record(name)
@@ -341,8 +307,8 @@ def call(name: str, op: str, *, timeout: float = 60.0, **args: Any) -> tuple[dic
             if pid != rec.get("pid") or not _is_holder(name, rec):
                 raise NetworkError(f"the socket of rootless namespace {name!r} is not served by its holder "
                                    f"(peer pid {pid}, recorded {rec.get('pid')}): refusing it")
-            _send(sock, {"op": op, **args})
-            reply, fds = _recv(sock)
+            send(sock, {"op": op, **args})
+            reply, fds = recv(sock)
         except OSError as exc:
             raise NetworkError(f"rootless network namespace {name!r}: {op} failed: {exc}") from exc
     if "error" in reply:
@@ -360,138 +326,3 @@ def one_fd(name: str, op: str, **args: Any) -> int:
         raise NetworkError(f"rootless network namespace {name!r}: {op} returned no descriptor")
     os.set_inheritable(fds[0], False)
     return fds[0]
-
-
-# ------------------------------------------------------------------ holder (server side)
-
-def _op_run(req: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
-    argv = [str(a) for a in req["argv"]]
-    if not argv or argv[0] not in COMMANDS:
-        return {"error": f"command {argv[:1]} is not one the holder runs"}, []
-    try:
-        res = subprocess.run(argv, input=req.get("input"), capture_output=True, text=True,
-                             timeout=float(req.get("timeout", 30.0)), check=False)
-    except (OSError, subprocess.SubprocessError) as exc:
-        return {"error": f"{argv[0]} failed: {exc}"}, []
-    return {"rc": res.returncode, "stdout": res.stdout, "stderr": res.stderr}, []
-
-
-def _op_sysctl(req: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
-    key = str(req["key"])
-    if not key.startswith("net.") or ".." in key or "/" in key:
-        return {"error": f"sysctl {key} is not a network one"}, []
-    p = Path("/proc/sys", *key.split("."))
-    if req.get("value") is not None:
-        p.write_text(str(req["value"]))
-    return {"value": p.read_text().strip()}, []
-
-
-def _op_tap(req: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
-    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
-    try:
-        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", str(req["ifname"]).encode(), TAP_FLAGS))
-    except OSError:
-        os.close(fd)
-        raise
-    return {}, [fd]
-
-
-def _op_socket(req: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
-    s = socket.socket(int(req["family"]), int(req["type"]))
-    return {}, [s.detach()]
-
-
-def _op_link(req: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
-    from pyroute2 import IPRoute
-
-    with IPRoute() as ipr:
-        idx = ipr.link_lookup(ifname=str(req["ifname"]))[0]
-        if req.get("address"):
-            ipr.addr("add", index=idx, address=str(req["address"]), prefixlen=int(req["prefixlen"]))
-        ipr.link("set", index=idx, state="up" if req.get("up", True) else "down")
-    return {}, []
-
-
-def _op_conntrack(req: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
-    from pyroute2 import Conntrack
-
-    ct = Conntrack()
-    try:
-        ct.flush(mark=int(req["mark"]))
-    except Exception as exc:
-        if getattr(exc, "code", None) != 2:
-            raise
-    finally:
-        ct.close()
-    return {}, []
-
-
-OPS: Final = {"run": _op_run, "sysctl": _op_sysctl, "tap": _op_tap, "socket": _op_socket,
-              "link": _op_link, "conntrack": _op_conntrack}
-
-
-def _serve_one(conn: socket.socket) -> None:
-    fds: list[int] = []
-    try:
-        _, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-        if uid != os.getuid():
-            return
-        req, _ = _recv(conn, 0)
-        op = OPS.get(str(req.get("op")))
-        if op is None:
-            _send(conn, {"error": f"unknown op {req.get('op')!r}"})
-            return
-        try:
-            reply, fds = op(req)
-        except Exception as exc:  # anything the kernel or pyroute2 refused: the client's error
-            reply = {"error": f"{req.get('op')}: {type(exc).__name__}: {exc}"}
-        _send(conn, reply, fds)
-    except (OSError, ValueError, NetworkError):
-        pass
-    finally:
-        for fd in fds:
-            os.close(fd)
-        conn.close()
-
-
-def _enter_new_namespaces() -> None:
-    uid, gid = os.getuid(), os.getgid()
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.unshare(CLONE_NEWUSER | CLONE_NEWNET) != 0:
-        raise OSError(ctypes.get_errno(), f"unshare(user, net): {os.strerror(ctypes.get_errno())}")
-    Path("/proc/self/setgroups").write_text("deny")
-    Path("/proc/self/uid_map").write_text(f"0 {uid} 1")
-    Path("/proc/self/gid_map").write_text(f"0 {gid} 1")
-
-
-def hold(name: str, directory: Path) -> int:
-    """The holder's main: unshare, serve until killed."""
-    try:
-        _enter_new_namespaces()
-        sock_file = directory / f"{name}.sock"
-        sock_file.unlink(missing_ok=True)
-        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)
-        try:
-            server.bind(str(sock_file))
-        finally:
-            os.umask(old)
-        server.listen(64)
-        rec = {"pid": os.getpid(), "start": process_start_time(os.getpid()), "name": name}
-        tmp = directory / f"{name}.tmp"
-        tmp.write_text(json.dumps(rec))
-        os.replace(tmp, directory / f"{name}.json")
-    except OSError as exc:
-        print(f"cannot create a user + network namespace: {exc}", flush=True)
-        return 1
-    print("ready", flush=True)
-    null = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(null, 1)
-    os.dup2(null, 2)
-    while True:
-        conn, _ = server.accept()
-        threading.Thread(target=_serve_one, args=(conn,), daemon=True).start()
-
-
-if __name__ == "__main__":
-    sys.exit(hold(sys.argv[1], Path(sys.argv[2])))
