@@ -423,7 +423,8 @@ def _ensure_uplink(ns: str, run_id: str, uplink: str | None) -> None:
     from pyroute2 import IPRoute
 
     if userns.rootless():  # pasta's tap is the uplink (userns.py); the run ruleset masquerades
-        userns.start_pasta(ns)
+        if userns.start_pasta(ns):
+            netns.run(ns, ["nft", "-f", "-"], input=policy.pasta_guard_ruleset(userns.host_addresses()))
         return
     with netns.entered(ns), IPRoute() as ipr:
         if ipr.link_lookup(ifname=policy.UPLINK_IF):

@@ -262,13 +262,21 @@ def remove(name: str) -> list[str]:
     return errors
 
 
-def start_pasta(name: str) -> None:
-    """Connect ``name`` to this process's network namespace through pasta (once)."""
+def host_addresses() -> list[str]:
+    """This process's network namespace's IPv4 addresses (where pasta's traffic leaves)."""
+    import psutil
+
+    return sorted({a.address for addrs in psutil.net_if_addrs().values() for a in addrs
+                   if a.family == socket.AF_INET})
+
+
+def start_pasta(name: str) -> bool:
+    """Connect ``name`` to this process's network namespace through pasta; False if it was."""
     rec = _read_record(name)
     if rec is None or not _is_holder(name, rec):
         raise NetworkError(f"rootless network namespace {name!r} has no live holder")
     if rec.get("pasta") and _is_pasta(rec):
-        return
+        return False
     pidfile = records_dir() / f"{name}.pasta.pid"
     pidfile.unlink(missing_ok=True)
     pid = rec["pid"]
@@ -290,6 +298,7 @@ def start_pasta(name: str) -> None:
         errs: list[str] = []
         _kill_verified(ppid, _is_pasta(rec), "pasta", errs)
         raise NetworkError(f"pasta failed to connect {name!r} (exit {res.returncode}): {res.stderr.strip()[-500:]}")
+    return True
 
 
 # ------------------------------------------------------------------ client

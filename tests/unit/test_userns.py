@@ -87,3 +87,12 @@ def test_doctor_lines_say_the_mode(monkeypatch: pytest.MonkeyPatch) -> None:
     lines = userns.describe()
     assert lines[0].startswith("network: rootless mode")
     assert lines[1:] == ["network isolated: works", "network nat: skipped: no pasta"]
+
+
+def test_pastas_guard_keeps_vms_off_the_hosts_own_addresses() -> None:
+    from pytest_smolvm.network.policy import pasta_guard_ruleset
+
+    rules = pasta_guard_ruleset(["192.0.2.2", "127.0.0.1", "10.0.0.5"])
+    assert 'oifname "svup" ip daddr { 10.0.0.5/32, 127.0.0.0/8, 192.0.2.2/32, 224.0.0.0/4, 255.255.255.255 } drop' \
+        in rules
+    assert "hook forward" in rules  # a drop in any base chain of the hook is final
