@@ -97,7 +97,10 @@ def _op_tap(req: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
 
 
 def _op_socket(req: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
-    s = socket.socket(int(req["family"]), int(req["type"]))
+    kind = int(req["type"])
+    if int(req["family"]) != socket.AF_INET or kind not in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+        return {"error": "only IPv4 TCP and UDP sockets"}, []
+    s = socket.socket(socket.AF_INET, kind)
     return {}, [s.detach()]
 
 

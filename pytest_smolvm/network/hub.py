@@ -559,6 +559,38 @@ def _uplink_tables() -> dict[str, str]:
     return policy.parse_uplink_tables(res.stdout) if res.returncode == 0 and res.stdout.strip() else {}
 
 
+def _reap_namespaces(stale: dict[str, str], uplinks: dict[str, str | None], *,
+                     dry_run: bool) -> list[StaleNetwork]:
+    """Named run namespaces (``ip netns``) of gone runs, and their uplink's veth and table."""
+    found = []
+    for ns in netns.names(NETNS_PREFIX):
+        tag, _, utag = ns[len(NETNS_PREFIX):].rpartition("-")
+        if tag not in stale:
+            continue
+        found.append(StaleNetwork(f"network namespace {ns}", stale[tag], "no live VM holds a slot in it"))
+        if not dry_run:
+            uplink = uplinks.get(ns) if utag != "root" else None
+            if utag == "root" or uplink:
+                remove_namespace(stale[tag], uplink)
+            else:  # its uplink is unknown: the namespace alone (the uplink's own goes with it)
+                netns.remove(ns)
+    return found
+
+
+def _reap_holders(live: set[str], stale: dict[str, str], *, dry_run: bool) -> list[StaleNetwork]:
+    """Rootless run namespaces (their holders and pasta) of runs not live. Their records are in
+    this runtime directory, so they are ours to judge even without a slot table."""
+    found = []
+    for ns in userns.names(NETNS_PREFIX):
+        tag = ns[len(NETNS_PREFIX):].rpartition("-")[0]
+        if tag in live:
+            continue
+        found.append(StaleNetwork(f"network namespace {ns}", stale.get(tag, tag), "no live VM holds a slot in it"))
+        if not dry_run:
+            userns.remove(ns)
+    return found
+
+
 def reap_networks(*, dry_run: bool = False) -> list[StaleNetwork]:
     """Remove run namespaces, uplink veths/tables and slot tables of this runtime directory's
     runs with no live VM holding a slot and no kept VM (never a live run's: a lease names its
@@ -576,19 +608,9 @@ def reap_networks(*, dry_run: bool = False) -> list[StaleNetwork]:
         tables = _tables()
         live, uplinks = _live_runs(tables)
         stale = {tag: run_id for tag, run_id in tables.items() if tag not in live}
-        for ns in netns.names(NETNS_PREFIX):
-            tag, _, utag = ns[len(NETNS_PREFIX):].rpartition("-")
-            if tag not in stale and not (userns.rootless() and tag not in live):
-                continue  # a rootless holder's record is in our runtime directory: ours to judge
-            found.append(StaleNetwork(f"network namespace {ns}", stale.get(tag, tag), "no live VM holds a slot in it"))
-            if not dry_run:
-                uplink = uplinks.get(ns) if utag != "root" else None
-                if userns.rootless():
-                    netns.remove(ns)
-                elif utag == "root" or uplink:
-                    remove_namespace(stale[tag], uplink)
-                else:  # its uplink is unknown: the namespace alone (the uplink's own goes with it)
-                    netns.remove(ns)
+        if not userns.rootless():
+            found += _reap_namespaces(stale, uplinks, dry_run=dry_run)
+        found += _reap_holders(live, stale, dry_run=dry_run)
         # Root-namespace uplink tables and veths whose run is gone. Only asked when a run is
         # gone: an ordinary user running network="none" VMs may have no nft on PATH at all.
         uplink_tables = _uplink_tables() if stale else {}

@@ -96,3 +96,15 @@ def test_pastas_guard_keeps_vms_off_the_hosts_own_addresses() -> None:
     assert 'oifname "svup" ip daddr { 10.0.0.5/32, 127.0.0.0/8, 192.0.2.2/32, 224.0.0.0/4, 255.255.255.255 } drop' \
         in rules
     assert "hook forward" in rules  # a drop in any base chain of the hook is final
+
+
+def test_reap_judges_holder_records_of_gone_runs(rootless: Path) -> None:
+    from pytest_smolvm.network import hub
+
+    me = os.getpid()
+    _record(rootless, "smolvm-gone1234-root", pid=me, start=userns.process_start_time(me))
+    found = hub.reap_networks(dry_run=True)
+    assert [f.what for f in found] == ["network namespace smolvm-gone1234-root"]
+    assert (rootless / "userns" / "smolvm-gone1234-root.json").exists()
+    hub.reap_networks()
+    assert not (rootless / "userns" / "smolvm-gone1234-root.json").exists()  # and we were not killed
