@@ -27,8 +27,17 @@ CLONE_NEWUSER: Final = 0x10000000
 CLONE_NEWNET: Final = 0x40000000
 TUNSETIFF: Final = 0x400454CA
 TAP_FLAGS: Final = 0x0002 | 0x1000 | 0x4000  # IFF_TAP | IFF_NO_PI | IFF_VNET_HDR
-#: Commands the holder runs for a client: only these (argv[0]).
+#: Commands the holder runs for a client: only these (argv[0]). An ordinary user's PATH often
+#: lacks the sbin directories, where Debian puts nft.
 COMMANDS: Final = frozenset({"nft"})
+SBIN: Final = "/usr/local/sbin:/usr/sbin:/sbin"
+
+
+def find(command: str) -> str | None:
+    """``command`` on PATH, or in the sbin directories."""
+    import shutil
+
+    return shutil.which(command) or shutil.which(command, path=SBIN)
 MAX_REQUEST: Final = 16 << 20
 #: The engine writes the holder's record once it said ``ready``; a holder whose engine died
 #: before that (so no reap would ever find it) ends itself after this long.
@@ -68,6 +77,7 @@ def _op_run(req: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
     argv = [str(a) for a in req["argv"]]
     if not argv or argv[0] not in COMMANDS:
         return {"error": f"command {argv[:1]} is not one the holder runs"}, []
+    argv[0] = find(argv[0]) or argv[0]
     try:
         res = subprocess.run(argv, input=req.get("input"), capture_output=True, text=True,
                              timeout=float(req.get("timeout", 30.0)), check=False)

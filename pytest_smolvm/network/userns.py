@@ -38,7 +38,7 @@ from typing import Any, Final
 from ..errors import NetworkError, NetworkUnavailable
 from ..host import process_start_time
 from ..paths import check_socket_path, runtime_dir
-from .holder import recv, send
+from .holder import find, recv, send
 
 #: Forces rootless mode for a root user (to try it, or test it, as root).
 FORCE_ENV: Final = "SMOLVM_ROOTLESS_NET"
@@ -87,7 +87,7 @@ def unavailable(policy: str) -> str | None:
     if policy not in ("isolated", "nat") or not rootless() or not sys.platform.startswith("linux"):
         return None
     where = f"network={policy!r} without root"
-    if not shutil.which("nft"):
+    if not find("nft"):
         return f"{where} needs nft (fix: apt install nftables)"
     refused = _userns_refused()
     if refused:

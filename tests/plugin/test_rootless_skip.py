@@ -47,7 +47,7 @@ def test_a_host_without_user_namespaces_skips_networked_tests_with_the_fix(
     monkeypatch.setattr(userns, "rootless", lambda: True)
     monkeypatch.setattr(userns, "_sysctl_is_zero", lambda path: path.endswith("unprivileged_userns_clone"))
     monkeypatch.setattr(userns, "_probe_cache", {})
-    monkeypatch.setattr(userns.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(userns.shutil, "which", lambda name, **kw: f"/usr/bin/{name}")
     fake.makeconftest(CONFTEST)
     fake.makepyfile(TESTS)
     result = fake.runpytest("--smolvm-pool=0", "-rs")
@@ -63,7 +63,7 @@ def test_a_host_without_user_namespaces_skips_networked_tests_with_the_fix(
 def test_no_pasta_skips_nat_only(fake: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(userns, "rootless", lambda: True)
     monkeypatch.setattr(userns, "_probe_cache", {"userns": None})
-    monkeypatch.setattr(userns.shutil, "which", lambda name: None if name == "pasta" else f"/usr/bin/{name}")
+    monkeypatch.setattr(userns.shutil, "which", lambda name, **kw: None if name == "pasta" else f"/usr/bin/{name}")
     monkeypatch.setattr(userns.os, "access", lambda path, mode: True)
     fake.makeconftest(CONFTEST)
     fake.makepyfile(TESTS.split("def test_none")[0])

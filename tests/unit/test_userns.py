@@ -16,7 +16,7 @@ from pytest_smolvm.network import netns, userns
 def rootless(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     monkeypatch.setattr(userns, "rootless", lambda: True)
     monkeypatch.setattr(userns, "_probe_cache", {"userns": None})
-    monkeypatch.setattr(userns.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(userns.shutil, "which", lambda name, **kw: f"/usr/bin/{name}")
     monkeypatch.setattr(userns.os, "access", lambda path, mode: True)
     run = tmp_path / "run"
     run.mkdir(mode=0o700)
@@ -41,12 +41,12 @@ def test_each_missing_piece_names_its_fix(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(userns.os, "access", lambda path, mode: False)
     assert "chmod 0666 /dev/net/tun" in (userns.unavailable("isolated") or "")
     monkeypatch.setattr(userns.os, "access", lambda path, mode: True)
-    monkeypatch.setattr(userns.shutil, "which", lambda name: None if name == "pasta" else "/usr/bin/x")
+    monkeypatch.setattr(userns.shutil, "which", lambda name, **kw: None if name == "pasta" else "/usr/bin/x")
     assert userns.unavailable("isolated") is None
     assert "apt install passt" in (userns.unavailable("nat") or "")
-    monkeypatch.setattr(userns.shutil, "which", lambda name: None if name == "nft" else "/usr/bin/x")
+    monkeypatch.setattr(userns.shutil, "which", lambda name, **kw: None if name == "nft" else "/usr/bin/x")
     assert "apt install nftables" in (userns.unavailable("isolated") or "")
-    monkeypatch.setattr(userns.shutil, "which", lambda name: "/usr/bin/x")
+    monkeypatch.setattr(userns.shutil, "which", lambda name, **kw: "/usr/bin/x")
     monkeypatch.setattr(userns, "_probe_cache", {})
     monkeypatch.setattr(userns, "_sysctl_is_zero", lambda path: path.endswith("max_user_namespaces"))
     reason = userns.unavailable("nat") or ""
