@@ -22,6 +22,7 @@ from .errors import (
     GuestTimeout,
     ImageError,
     NetworkError,
+    NetworkUnavailable,
     ProtocolError,
     SmolVMError,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "GuestTimeout",
     "ImageError",
     "NetworkError",
+    "NetworkUnavailable",
     "Process",
     "ProtocolError",
     "RunResult",

@@ -41,6 +41,7 @@ class Probes:
     firecracker_version: str = ""
     guest_vsock: tuple[bool, str] = (False, "not checked")
     builder_missing: tuple[str, ...] = ()
+    network: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +174,7 @@ def collect(image_name: str = "default") -> Probes:
     from .drivers.firecracker import firecracker_version, guest_vsock_support
     from .images import resolve
     from .images.build import missing_tools
+    from .network.userns import describe as describe_network
 
     qemu = host.qemu_binary()
     try:
@@ -195,7 +197,7 @@ def collect(image_name: str = "default") -> Probes:
         kvm_device=kvm_device, kvm_module=host.kvm_module(), kvm_canary=kvm_canary, tcg_canary=tcg,
         hvf=host.hvf_status(qemu), firecracker=fc, firecracker_version=firecracker_version(fc) if fc else "",
         guest_vsock=guest_vsock_support(image) if image is not None else (False, image_error),
-        builder_missing=tuple(missing_tools()),
+        builder_missing=tuple(missing_tools()), network=tuple(describe_network()),
     )
 
 
@@ -206,6 +208,7 @@ def report(p: Probes) -> tuple[list[str], bool]:
     lines.append("image builder tools: all present" if not p.builder_missing else
                  f"image builder tools: missing {', '.join(p.builder_missing)}; fix: apt-get install -y "
                  f"{' '.join(p.builder_missing)}")
+    lines += p.network
     vs = verdicts(p)
     lines += [v.render() for v in vs]
     return lines, bool(vs[-1].works)

@@ -14,6 +14,8 @@
     │   ├── GuestFileError     put()/get() failed inside the guest (missing file, permissions)
     │   └── ProtocolError      the guest broke the control protocol (malformed/oversize frame)
     └── NetworkError       a network policy could not be applied
+        └── NetworkUnavailable   this host or user cannot have that policy (the pytest
+                                 layer skips the test with its one-line reason)
 
 Third-party exceptions are mapped at the boundary with ``raise ... from exc``. Messages of
 the errors a guest can influence are sanitised and bounded here, in their constructors
@@ -140,3 +142,8 @@ class ProtocolError(GuestError):
 
 class NetworkError(SmolVMError):
     """A network policy could not be set up or torn down."""
+
+
+class NetworkUnavailable(NetworkError):
+    """This host does not let this user have the network policy asked for (e.g. no
+    unprivileged user namespaces, no pasta): the message is one line naming the fix."""

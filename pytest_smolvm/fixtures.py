@@ -13,6 +13,7 @@ from .checkpoints import Checkpoint
 from .config import VMConfig, config_from_layers
 from .drivers import Driver
 from .errors import ConfigError
+from .network.userns import unavailable as network_unavailable
 from .prepared import prepare
 from .vm import SmolVM
 
@@ -135,7 +136,7 @@ def smolvm_prepared(request: pytest.FixtureRequest) -> Callable[..., Checkpoint]
         base = apply_configure_hook(request, plugin.session_config())
         fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(VMConfig)}
         cfg = config_from_layers([("smolvm session config", fields), (f"smolvm_prepared({key!r})", overrides)])
-        reason = plugin.ceiling_violation(cfg)
+        reason = plugin.ceiling_violation(cfg) or network_unavailable(cfg.network)
         if reason:
             pytest.skip(reason)
         return prepare(key, setup, cfg, driver=plugin.driver_for(cfg))

@@ -26,6 +26,7 @@ from .host import host_name
 from .images.declared import load as load_declared
 from .images.provision import default_built
 from .markers import MARKER_DOC, marker_layers
+from .network.userns import unavailable as network_unavailable
 from .paths import runtime_dir
 from .pool import VMPool, shape_group
 from .prepared import release_all as release_prepared
@@ -339,6 +340,9 @@ class SmolVMPlugin:
         reason = self.ceiling_violation(cfg)
         if reason:
             pytest.skip(f"{reason} (the config after smolvm_config overrides and pytest_smolvm_configure hooks)")
+        unavailable = network_unavailable(cfg.network)  # e.g. no user namespaces for a non-root user
+        if unavailable:
+            pytest.skip(unavailable)
         driver = self.driver_for(cfg)
         vm = self._start_with_retry(request, cfg, driver, checkpoint)
         vm.network.ceiling = self.ceiling  # vm.network.set() may not loosen past it either

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Final
 from ..errors import NetworkError
 from ..host import host_name, stamp_alive
 from ..paths import default_runtime_dir, runtime_dir
-from . import netns, policy
+from . import netns, policy, userns
 from .addressing import DEFAULT_BASE, Addressing, addressing, slot_count
 from .allocator import Lease, SlotTable, shared_lock
 from .credentials import Secret, placeholders
@@ -322,15 +322,7 @@ def attach(vm: str, run_id: str, policy_name: str, allow: tuple[str, ...], uplin
     """Lease a slot for ``vm`` and give it a TAP with ``policy_name`` and ``caps`` in force,
     and its resolver (forwarding to ``dns_upstream``, or the host's resolvers). On failure
     nothing is left behind (no lease, TAP, namespace, rules or resolver)."""
-    if policy_name not in ("isolated", "nat"):
-        raise NetworkError(f"invalid network={policy_name!r}: only 'isolated' and 'nat' have a NIC")
-    if not sys.platform.startswith("linux"):
-        raise NetworkError(f"{vm}: network={policy_name!r} needs Linux (its policies are network namespaces, "
-                           f"nftables and TAP devices), and this host is {sys.platform}; use network='none' "
-                           f"(the default) here, and run networked tests on Linux")
-    if uplink and not netns.exists(uplink):
-        raise NetworkError(f"invalid uplink={uplink!r}: no network namespace of that name "
-                           f"(ip netns list shows the existing ones)")
+    _check_host(vm, policy_name, uplink)
     ns = namespace_name(run_id, uplink)
     table = slot_table(run_id)
     _forget_at_exit.add(run_id)
@@ -374,17 +366,31 @@ def attach(vm: str, run_id: str, policy_name: str, allow: tuple[str, ...], uplin
     return net
 
 
-def _create_namespace(ns: str) -> None:
-    from pyroute2 import IPRoute
+def _check_host(vm: str, policy_name: str, uplink: str | None) -> None:
+    if policy_name not in ("isolated", "nat"):
+        raise NetworkError(f"invalid network={policy_name!r}: only 'isolated' and 'nat' have a NIC")
+    if not sys.platform.startswith("linux"):
+        raise NetworkError(f"{vm}: network={policy_name!r} needs Linux (its policies are network namespaces, "
+                           f"nftables and TAP devices), and this host is {sys.platform}; use network='none' "
+                           f"(the default) here, and run networked tests on Linux")
+    if userns.rootless():
+        userns.check(policy_name)  # NetworkUnavailable: the pytest layer skips, with the fix
+        if uplink:
+            raise NetworkError(f"uplink={uplink!r} needs root: without root, nat's uplink is pasta, "
+                               f"connected to the network namespace this process runs in")
+    if uplink and not netns.exists(uplink):
+        raise NetworkError(f"invalid uplink={uplink!r}: no network namespace of that name "
+                           f"(ip netns list shows the existing ones)")
 
+
+def _create_namespace(ns: str) -> None:
     netns.create(ns)
     try:
         # Before any interface exists, so TAPs and the veth never get IPv6 addresses.
         netns.write_sysctl(ns, "net.ipv6.conf.default.disable_ipv6", "1")
         netns.write_sysctl(ns, "net.ipv6.conf.all.disable_ipv6", "1")
         netns.write_sysctl(ns, "net.ipv4.ip_forward", "1")
-        with netns.entered(ns), IPRoute() as ipr:
-            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+        netns.set_link(ns, "lo")
         netns.run(ns, ["nft", "-f", "-"], input=policy.run_ruleset(DEFAULT_BASE))
     except BaseException:
         netns.remove(ns)
@@ -392,19 +398,11 @@ def _create_namespace(ns: str) -> None:
 
 
 def _configure_tap(ns: str, addr: Addressing) -> None:
-    from pyroute2 import IPRoute
-
-    with netns.entered(ns), IPRoute() as ipr:
-        idx = ipr.link_lookup(ifname=addr.tap)[0]
-        ipr.addr("add", index=idx, address=str(addr.host_ip), prefixlen=addr.subnet.prefixlen)
-        ipr.link("set", index=idx, state="up")
+    netns.set_link(ns, addr.tap, address=str(addr.host_ip), prefixlen=addr.subnet.prefixlen)
 
 
 def _set_link(ns: str, ifname: str, *, up: bool) -> None:
-    from pyroute2 import IPRoute
-
-    with netns.entered(ns), IPRoute() as ipr:
-        ipr.link("set", index=ipr.link_lookup(ifname=ifname)[0], state="up" if up else "down")
+    netns.set_link(ns, ifname, up=up)
 
 
 def _uplink_subnet(run_id: str, uplink: str | None, taken: set[ipaddress.IPv4Network]) -> ipaddress.IPv4Network:
@@ -424,6 +422,10 @@ def _ensure_uplink(ns: str, run_id: str, uplink: str | None) -> None:
     uplink namespace; pytest-smolvm never turns it on there itself."""
     from pyroute2 import IPRoute
 
+    if userns.rootless():  # pasta's tap is the uplink (userns.py); the run ruleset masquerades
+        if userns.start_pasta(ns):
+            netns.run(ns, ["nft", "-f", "-"], input=policy.pasta_guard_ruleset(userns.host_addresses()))
+        return
     with netns.entered(ns), IPRoute() as ipr:
         if ipr.link_lookup(ifname=policy.UPLINK_IF):
             return
@@ -470,6 +472,8 @@ def _remove_uplink(run_id: str, uplink: str | None) -> list[str]:
 
     errors: list[str] = []
     veth, table = uplink_names(run_id, uplink)
+    if userns.rootless():
+        return errors  # pasta, the uplink, dies with the namespace (netns.remove)
     if uplink and not netns.exists(uplink):
         return errors  # the uplink namespace is gone, and everything of ours in it
     try:
@@ -555,6 +559,38 @@ def _uplink_tables() -> dict[str, str]:
     return policy.parse_uplink_tables(res.stdout) if res.returncode == 0 and res.stdout.strip() else {}
 
 
+def _reap_namespaces(stale: dict[str, str], uplinks: dict[str, str | None], *,
+                     dry_run: bool) -> list[StaleNetwork]:
+    """Named run namespaces (``ip netns``) of gone runs, and their uplink's veth and table."""
+    found = []
+    for ns in netns.names(NETNS_PREFIX):
+        tag, _, utag = ns[len(NETNS_PREFIX):].rpartition("-")
+        if tag not in stale:
+            continue
+        found.append(StaleNetwork(f"network namespace {ns}", stale[tag], "no live VM holds a slot in it"))
+        if not dry_run:
+            uplink = uplinks.get(ns) if utag != "root" else None
+            if utag == "root" or uplink:
+                remove_namespace(stale[tag], uplink)
+            else:  # its uplink is unknown: the namespace alone (the uplink's own goes with it)
+                netns.remove(ns)
+    return found
+
+
+def _reap_holders(live: set[str], stale: dict[str, str], *, dry_run: bool) -> list[StaleNetwork]:
+    """Rootless run namespaces (their holders and pasta) of runs not live. Their records are in
+    this runtime directory, so they are ours to judge even without a slot table."""
+    found = []
+    for ns in userns.names(NETNS_PREFIX):
+        tag = ns[len(NETNS_PREFIX):].rpartition("-")[0]
+        if tag in live:
+            continue
+        found.append(StaleNetwork(f"network namespace {ns}", stale.get(tag, tag), "no live VM holds a slot in it"))
+        if not dry_run:
+            userns.remove(ns)
+    return found
+
+
 def reap_networks(*, dry_run: bool = False) -> list[StaleNetwork]:
     """Remove run namespaces, uplink veths/tables and slot tables of this runtime directory's
     runs with no live VM holding a slot and no kept VM (never a live run's: a lease names its
@@ -572,17 +608,9 @@ def reap_networks(*, dry_run: bool = False) -> list[StaleNetwork]:
         tables = _tables()
         live, uplinks = _live_runs(tables)
         stale = {tag: run_id for tag, run_id in tables.items() if tag not in live}
-        for ns in netns.names(NETNS_PREFIX):
-            tag, _, utag = ns[len(NETNS_PREFIX):].rpartition("-")
-            if tag not in stale:
-                continue
-            found.append(StaleNetwork(f"network namespace {ns}", stale[tag], "no live VM holds a slot in it"))
-            if not dry_run:
-                uplink = uplinks.get(ns) if utag != "root" else None
-                if utag == "root" or uplink:
-                    remove_namespace(stale[tag], uplink)
-                else:  # its uplink is unknown: the namespace alone (the uplink's own goes with it)
-                    netns.remove(ns)
+        if not userns.rootless():
+            found += _reap_namespaces(stale, uplinks, dry_run=dry_run)
+        found += _reap_holders(live, stale, dry_run=dry_run)
         # Root-namespace uplink tables and veths whose run is gone. Only asked when a run is
         # gone: an ordinary user running network="none" VMs may have no nft on PATH at all.
         uplink_tables = _uplink_tables() if stale else {}

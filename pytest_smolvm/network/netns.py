@@ -4,6 +4,12 @@
 context manager that enters a namespace and always comes back. Anything created inside it
 stays in that namespace: netlink sockets (pyroute2), TAP devices opened through
 ``/dev/net/tun``, TCP sockets, and child processes spawned from that thread (``nft``).
+
+Without root (``userns.rootless()``), a run namespace is held by an unprivileged user
+namespace that no thread of ours may enter: every function here taking a namespace name
+then asks that namespace's holder (``userns.py``) instead, and gets back the same thing (a
+TAP or socket descriptor bound to the namespace, a command's result). Callers never enter
+a run namespace themselves; ``None`` always means "where this thread is".
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from pathlib import Path
 from typing import Final
 
 from ..errors import NetworkError
+from . import userns
 
 CLONE_NEWNET: Final = 0x40000000
 NETNS_DIR: Final = Path("/run/netns")
@@ -37,12 +44,22 @@ def path(name: str) -> Path:
     return NETNS_DIR / name
 
 
+def _held(name: str | None) -> bool:
+    """Whether ``name`` is a rootless run namespace (one a holder owns)."""
+    return name is not None and userns.rootless() and name.startswith("smolvm-")
+
+
 def exists(name: str) -> bool:
+    if _held(name):
+        return userns.exists(name)
     return path(name).exists()
 
 
 def names(prefix: str = "") -> list[str]:
-    """Named network namespaces (``ip netns list``) starting with ``prefix``."""
+    """Named network namespaces (``ip netns list``) starting with ``prefix``; without root,
+    the rootless ones of this runtime directory."""
+    if userns.rootless() and prefix.startswith("smolvm-"):
+        return userns.names(prefix)
     try:
         return sorted(n for n in os.listdir(NETNS_DIR) if n.startswith(prefix))
     except FileNotFoundError:
@@ -50,9 +67,12 @@ def names(prefix: str = "") -> list[str]:
 
 
 def create(name: str) -> None:
-    """Create the named namespace ``name`` (as ``ip netns add`` does)."""
+    """Create the named namespace ``name`` (as ``ip netns add`` does; rootless: its holder)."""
     from pyroute2 import netns as p2netns
 
+    if _held(name):
+        userns.create(name)
+        return
     try:
         p2netns.create(name)
     except Exception as exc:  # pyroute2 raises OSError or its own errors
@@ -63,6 +83,11 @@ def remove(name: str) -> None:
     """Remove the named namespace; its interfaces (TAPs, veth ends) and nft tables go with it."""
     from pyroute2 import netns as p2netns
 
+    if _held(name):
+        errors = userns.remove(name)
+        if errors:
+            raise NetworkError(f"cannot remove rootless network namespace {name!r}: {'; '.join(errors)}")
+        return
     if not exists(name):
         return
     try:
@@ -85,6 +110,8 @@ def entered(name: str | None) -> Iterator[None]:
     if name is None or getattr(_entered, "name", None) == name:
         yield
         return
+    if _held(name):
+        raise NetworkError(f"rootless network namespace {name!r} cannot be entered by a thread (ask its holder)")
     try:
         target = os.open(path(name), os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -110,6 +137,8 @@ def open_tap(ns: str, ifname: str) -> int:
     The TAP is not persistent: it disappears when the last descriptor (ours, and the VMM's
     copy) is closed, so a crashed run cannot leave it behind.
     """
+    if _held(ns):
+        return userns.one_fd(ns, "tap", ifname=ifname)
     with entered(ns):
         fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
         try:
@@ -120,10 +149,18 @@ def open_tap(ns: str, ifname: str) -> int:
     return fd
 
 
+def new_socket(ns: str | None, kind: int = socket.SOCK_STREAM) -> socket.socket:
+    """An IPv4 socket of namespace ``ns`` (it stays bound to it wherever it is used)."""
+    if _held(ns):
+        assert ns is not None
+        return socket.socket(fileno=userns.one_fd(ns, "socket", family=socket.AF_INET, type=kind))
+    with entered(ns):
+        return socket.socket(socket.AF_INET, kind)
+
+
 def connect(ns: str, address: tuple[str, int], timeout: float) -> socket.socket:
     """A TCP connection made from inside ``ns`` (the socket stays bound to that namespace)."""
-    with entered(ns):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock = new_socket(ns)
     sock.settimeout(timeout)
     try:
         sock.connect(address)
@@ -137,11 +174,16 @@ def connect(ns: str, address: tuple[str, int], timeout: float) -> socket.socket:
 def run(ns: str | None, argv: Sequence[str], *, input: str | None = None, check: bool = True,
         timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
     """Run ``argv`` inside ``ns`` (the child inherits this thread's namespace)."""
-    with entered(ns):
-        try:
-            res = subprocess.run(list(argv), input=input, capture_output=True, text=True, timeout=timeout)
-        except (OSError, subprocess.SubprocessError) as exc:
-            raise NetworkError(f"{argv[0]} failed in network namespace {ns or 'root'!r}: {exc}") from exc
+    if _held(ns):
+        assert ns is not None
+        reply, _ = userns.call(ns, "run", argv=list(argv), input=input, timeout=timeout)
+        res = subprocess.CompletedProcess(list(argv), reply["rc"], reply["stdout"], reply["stderr"])
+    else:
+        with entered(ns):
+            try:
+                res = subprocess.run(list(argv), input=input, capture_output=True, text=True, timeout=timeout)
+            except (OSError, subprocess.SubprocessError) as exc:
+                raise NetworkError(f"{argv[0]} failed in network namespace {ns or 'root'!r}: {exc}") from exc
     if check and res.returncode != 0:
         raise NetworkError(f"{' '.join(argv[:3])} failed in network namespace {ns or 'root'!r} "
                            f"(exit {res.returncode}): {res.stderr.strip()[:1000]}")
@@ -150,6 +192,9 @@ def run(ns: str | None, argv: Sequence[str], *, input: str | None = None, check:
 
 def read_sysctl(ns: str | None, key: str) -> str:
     """A namespaced sysctl (``net.*``) as seen from inside ``ns``."""
+    if _held(ns):
+        assert ns is not None
+        return str(userns.call(ns, "sysctl", key=key)[0]["value"])
     with entered(ns):
         try:
             return Path("/proc/sys", *key.split(".")).read_text().strip()
@@ -159,6 +204,9 @@ def read_sysctl(ns: str | None, key: str) -> str:
 
 def write_sysctl(ns: str, key: str, value: str) -> None:
     """Set a namespaced sysctl inside ``ns`` (only ever our own namespaces)."""
+    if _held(ns):
+        userns.call(ns, "sysctl", key=key, value=value)
+        return
     with entered(ns):
         try:
             Path("/proc/sys", *key.split(".")).write_text(value)
@@ -171,6 +219,9 @@ def flush_conntrack(ns: str, mark: int) -> None:
     pyroute2 opens its netlink socket lazily, at the first request: all of it runs inside."""
     from pyroute2 import Conntrack
 
+    if _held(ns):
+        userns.call(ns, "conntrack", mark=mark)
+        return
     with entered(ns):
         try:
             ct = Conntrack()
@@ -181,3 +232,19 @@ def flush_conntrack(ns: str, mark: int) -> None:
         except Exception as exc:  # pyroute2's NetlinkError; ENOENT when there is nothing to flush
             if getattr(exc, "code", None) != 2:
                 raise NetworkError(f"cannot flush conntrack entries (mark {mark}) in {ns!r}: {exc}") from exc
+
+
+def set_link(ns: str | None, ifname: str, *, up: bool = True, address: str | None = None,
+             prefixlen: int = 32) -> None:
+    """Bring ``ifname`` of ``ns`` up or down, giving it ``address/prefixlen`` first if asked."""
+    from pyroute2 import IPRoute
+
+    if _held(ns):
+        assert ns is not None
+        userns.call(ns, "link", ifname=ifname, up=up, address=address, prefixlen=prefixlen)
+        return
+    with entered(ns), IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname=ifname)[0]
+        if address:
+            ipr.addr("add", index=idx, address=address, prefixlen=prefixlen)
+        ipr.link("set", index=idx, state="up" if up else "down")

@@ -260,6 +260,25 @@ def uplink_ruleset(run_tag: str, veth: str, run_side_ip: ipaddress.IPv4Address) 
 """
 
 
+PASTA_GUARD_TABLE: Final = "smolvm_uplink"
+
+
+def pasta_guard_ruleset(host_addresses: Iterable[str]) -> str:
+    """Without root, the uplink is pasta, whose traffic leaves from the user's own sockets in the
+    namespace pasta runs in (the host's): keep the run's VMs away from that namespace's own
+    addresses (as ``uplink_ruleset`` does for root), and from broadcast and multicast."""
+    nets = [ipaddress.IPv4Network(a) for a in host_addresses] + [ipaddress.IPv4Network("127.0.0.0/8"),
+                                                                  ipaddress.IPv4Network("224.0.0.0/4")]
+    addrs = [str(n) for n in ipaddress.collapse_addresses(nets)] + ["255.255.255.255"]
+    return f"""table ip {PASTA_GUARD_TABLE} {{
+  chain forward {{
+    type filter hook forward priority -10; policy accept;
+    oifname "{UPLINK_IF}" ip daddr {{ {", ".join(addrs)} }} drop
+  }}
+}}
+"""
+
+
 def _elements(pairs: Iterable[tuple[str, str]]) -> str:
     return ", ".join(f'"{a}" . {b}' for a, b in pairs)
 

@@ -185,8 +185,7 @@ class SecretProxy:
         self._rate = _Bucket(RATE, BURST)
         self._stop = threading.Event()
         self._open: set[socket.socket] = set()
-        with netns.entered(ns):
-            self._listen = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listen = netns.new_socket(ns, socket.SOCK_STREAM)
         try:
             self._listen.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             self._listen.bind((gateway, PORT))

@@ -92,9 +92,12 @@ class VMResolver:
         self._stop = threading.Event()
         self._busy = threading.Lock()  # one query at a time, and never across a policy change
         self._conns: dict[int, _Conn] = {}
-        with netns.entered(ns):
-            self._udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            self._tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._udp = netns.new_socket(ns, socket.SOCK_DGRAM)
+        try:
+            self._tcp = netns.new_socket(ns, socket.SOCK_STREAM)
+        except BaseException:
+            self._udp.close()
+            raise
         try:
             for s in (self._udp, self._tcp):
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

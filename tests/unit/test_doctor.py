@@ -205,3 +205,9 @@ def test_real_doctor_on_this_host() -> None:
     assert line("firecracker: ").startswith("firecracker: binary not found on PATH; fix: ")
     assert line("qemu + hvf: ") == "qemu + hvf: not applicable (macOS only)"
     assert line("backend auto: ") == "backend auto: works (uses qemu + tcg)"
+
+
+def test_the_report_says_which_network_mode_this_user_gets() -> None:
+    lines, _ = report(dataclasses.replace(HERE, network=("network: rootless mode (uid 1001: ...)",
+                                                         "network nat: skipped: no pasta (fix: apt install passt)")))
+    assert "network nat: skipped: no pasta (fix: apt install passt)" in lines
