@@ -12,7 +12,7 @@ holder + pasta, forced with ``SMOLVM_ROOTLESS_NET=1``, the code path an ordinary
 Run as root (it builds the test internet of ``tests/nettopo.py`` and runs itself inside its
 "host" namespace, so nothing leaves the namespaces it made):
 
-    PYTHONPATH=.:tests python -P benchmarks/rootless.py [N]   (-P: benchmarks/secrets.py is not the stdlib)
+    PYTHONPATH=.:tests python benchmarks/rootless.py [N]
 """
 
 from __future__ import annotations

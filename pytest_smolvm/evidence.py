@@ -4,7 +4,8 @@ Every figure is in one of two parts, and the part says who vouches for it:
 
 - ``host_measured`` (:class:`HostMeasured`): read by the host from things the guest cannot
   write: the VMM process (``/proc/<pid>``), the overlay disk's allocated size, the TAP's
-  counters and the policy's denial ledger (nftables), the wall clock, ``run()`` durations.
+  counters (``/proc/net/dev`` of the run's namespace) and the policy's denial ledger
+  (nftables), the wall clock, ``run()`` durations.
 - ``guest_reported`` (:class:`GuestReported`): what one command run in the guest printed:
   the ``smolvm`` cgroup's files, the processes left in it, the files changed since boot.
   A hostile guest can make all of it up, so every string is sanitised and cut, every list
@@ -292,20 +293,16 @@ def allocated(path: Path | None) -> int | None:
 
 def _net_figures(net: VMNetwork) -> dict[str, Any]:
     """The TAP's counters (host side: its rx is the guest's out) and the policy's ledger."""
-    from pyroute2 import IPRoute
-
     from .network import netns
 
     out: dict[str, Any] = {}
     try:
-        with netns.entered(net.netns), IPRoute() as ipr:
-            links = ipr.get_links(ifname=net.addr.tap)
-        stats = links[0].get_attr("IFLA_STATS64") if links else None
-        if stats:
-            out.update(net_bytes_out=stats["rx_bytes"], net_packets_out=stats["rx_packets"],
-                       net_bytes_in=stats["tx_bytes"], net_packets_in=stats["tx_packets"])
-    except Exception:  # pyroute2 raises its own errors; a gone TAP means no figures, not a failure
-        pass
+        stats = netns.link_counters(net.netns, net.addr.tap)
+    except SmolVMError:  # a gone namespace means no figures, not a failure
+        stats = None
+    if stats:
+        out.update(net_bytes_out=stats["rx_bytes"], net_packets_out=stats["rx_packets"],
+                   net_bytes_in=stats["tx_bytes"], net_packets_in=stats["tx_packets"])
     try:
         denied = net.denied()
         counters = net.counters()

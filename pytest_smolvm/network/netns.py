@@ -248,3 +248,31 @@ def set_link(ns: str | None, ifname: str, *, up: bool = True, address: str | Non
         if address:
             ipr.addr("add", index=idx, address=address, prefixlen=prefixlen)
         ipr.link("set", index=idx, state="up" if up else "down")
+
+
+def link_counters(ns: str | None, ifname: str) -> dict[str, int] | None:
+    """``ifname``'s counters in ``ns`` as its own side sees them (``rx_bytes``, ``rx_packets``,
+    ``tx_bytes``, ``tx_packets``), from ``/proc/net/dev`` of the namespace; None if it has no
+    such interface. Rootless: read through the holder's ``/proc`` entry."""
+    if _held(ns):
+        assert ns is not None
+        text = userns.net_dev(ns)
+    else:
+        with entered(ns):
+            try:
+                text = Path("/proc/thread-self/net/dev").read_text()
+            except OSError as exc:
+                raise NetworkError(f"cannot read the interfaces of network namespace {ns or 'root'!r}: {exc}") from exc
+    return parse_net_dev(text).get(ifname)
+
+
+def parse_net_dev(text: str) -> dict[str, dict[str, int]]:
+    """``/proc/net/dev`` by interface (names cannot hold ``:``; counters may touch it)."""
+    found = {}
+    for line in text.splitlines()[2:]:
+        name, sep, rest = line.partition(":")
+        fields = rest.split()
+        if sep and len(fields) >= 10 and all(f.isdigit() for f in fields[:10]):
+            found[name.strip()] = {"rx_bytes": int(fields[0]), "rx_packets": int(fields[1]),
+                                   "tx_bytes": int(fields[8]), "tx_packets": int(fields[9])}
+    return found

@@ -171,6 +171,18 @@ def _is_holder(name: str, rec: dict[str, Any]) -> bool:
         return False
 
 
+def net_dev(name: str) -> str:
+    """``/proc/net/dev`` as namespace ``name`` sees it: through its verified holder's ``/proc``
+    entry (a process of ours), so reading interface counters needs no request to it."""
+    rec = _read_record(name)
+    if rec is None or not _is_holder(name, rec):
+        raise NetworkError(f"rootless network namespace {name!r} has no live holder")
+    try:
+        return Path(f"/proc/{rec['pid']}/net/dev").read_text()
+    except OSError as exc:
+        raise NetworkError(f"cannot read the interfaces of rootless network namespace {name!r}: {exc}") from exc
+
+
 def _is_pasta(rec: dict[str, Any]) -> bool:
     pasta = rec.get("pasta") or {}
     pid = pasta.get("pid")

@@ -99,3 +99,15 @@ def test_a_commands_usage_is_believed_only_when_sane_and_never_fails_the_command
     assert isinstance(reply, replies.ExecReply) and reply.exit_code == 0 and reply.stdout == b"ok"
     usage = reply.usage
     assert (None if usage is None else (usage.cpu_user_s, usage.cpu_system_s, usage.peak_rss_bytes)) == expected
+
+
+def test_proc_net_dev_parses_by_interface_even_when_a_counter_touches_the_colon() -> None:
+    from pytest_smolvm.network.netns import parse_net_dev
+
+    text = ("Inter-|   Receive |  Transmit\n face |bytes packets ...\n"
+            "    lo:       0       0    0    0    0     0          0         0        0       0    0    0    0 0 0 0\n"
+            "sv1a2:12345678901 120 0 0 0 0 0 0 3582 7 0 0 0 0 0 0\n"
+            "junk: x y\n")
+    found = parse_net_dev(text)
+    assert found["sv1a2"] == {"rx_bytes": 12345678901, "rx_packets": 120, "tx_bytes": 3582, "tx_packets": 7}
+    assert set(found) == {"lo", "sv1a2"}
