@@ -31,6 +31,10 @@ TAP_FLAGS: Final = 0x0002 | 0x1000 | 0x4000  # IFF_TAP | IFF_NO_PI | IFF_VNET_HD
 #: lacks the sbin directories, where Debian puts nft.
 COMMANDS: Final = frozenset({"nft"})
 SBIN: Final = "/usr/local/sbin:/usr/sbin:/sbin"
+MAX_REQUEST: Final = 16 << 20
+#: The engine writes the holder's record once it said ``ready``; a holder whose engine died
+#: before that (so no reap would ever find it) ends itself after this long.
+RECORD_GRACE: Final = 30.0
 
 
 def find(command: str) -> str | None:
@@ -38,10 +42,6 @@ def find(command: str) -> str | None:
     import shutil
 
     return shutil.which(command) or shutil.which(command, path=SBIN)
-MAX_REQUEST: Final = 16 << 20
-#: The engine writes the holder's record once it said ``ready``; a holder whose engine died
-#: before that (so no reap would ever find it) ends itself after this long.
-RECORD_GRACE: Final = 30.0
 
 
 def send(sock: socket.socket, obj: dict[str, Any], fds: Sequence[int] = ()) -> None:
