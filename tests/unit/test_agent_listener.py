@@ -26,11 +26,15 @@ def test_listener_serves_one_host_after_another(tmp_path: Path) -> None:
     proc = subprocess.Popen([str(agent_under_test()), "--listen-unix", str(path)], stdin=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 10
-        while not path.exists() and time.monotonic() < deadline:
-            time.sleep(0.01)
         for _ in range(2):  # the host disconnects and connects again
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.connect(str(path))
+            while True:  # the socket file exists from bind(), a moment before listen()
+                try:
+                    sock.connect(str(path))
+                    break
+                except (FileNotFoundError, ConnectionRefusedError):
+                    assert time.monotonic() < deadline, "the agent never listened"
+                    time.sleep(0.01)
             chan = Channel(sock, lambda: True, max_body=1 << 20)
             reply, _ = chan.call({"op": "ping"}, timeout=10)
             assert reply["op"] == "pong"
