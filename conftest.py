@@ -43,6 +43,15 @@ def _no_real_dns_upstream() -> Generator[None, None, None]:
         yield
 
 
+@pytest.fixture(autouse=True)
+def _no_shared_images_for_units(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unit and plugin tests build their image caches themselves: an ``SMOLVM_IMAGE_PATH`` in
+    the caller's environment (a helper's worktree, a CI host with a shared cache) would let
+    them find real images and test something else."""
+    if not REAL_VM_DIRS & set(request.node.path.parts):
+        monkeypatch.delenv("SMOLVM_IMAGE_PATH", raising=False)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _smolvm_test_image() -> Generator[None, None, None]:
     name = os.environ.get("SMOLVM_TEST_IMAGE", "").strip()
