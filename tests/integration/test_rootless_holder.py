@@ -20,14 +20,19 @@ from pytest_smolvm.network import netns, userns
 NAME = "smolvm-holdtest-root"
 
 
-@pytest.fixture
-def holder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[str]:
+def _forced_rootless(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Rootless mode for this root process, with a runtime directory of the test's own."""
     if userns.unavailable("isolated"):
         pytest.skip(userns.unavailable("isolated") or "")
     run = tmp_path / "run"
     run.mkdir(mode=0o700)
     monkeypatch.setenv("SMOLVM_RUNTIME_DIR", str(run))
     monkeypatch.setenv(userns.FORCE_ENV, "1")
+
+
+@pytest.fixture
+def holder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[str]:
+    _forced_rootless(monkeypatch, tmp_path)
     netns.create(NAME)
     try:
         yield NAME
@@ -77,12 +82,7 @@ def test_a_socket_not_served_by_the_recorded_pid_is_refused(holder: str) -> None
 
 
 def test_removing_it_leaves_nothing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    if userns.unavailable("isolated"):
-        pytest.skip(userns.unavailable("isolated") or "")
-    run = tmp_path / "run"
-    run.mkdir(mode=0o700)
-    monkeypatch.setenv("SMOLVM_RUNTIME_DIR", str(run))
-    monkeypatch.setenv(userns.FORCE_ENV, "1")
+    _forced_rootless(monkeypatch, tmp_path)
     netns.create(NAME)
     pid = json.loads((userns.records_dir() / f"{NAME}.json").read_text())["pid"]
     netns.remove(NAME)
