@@ -61,8 +61,9 @@ class EvidenceHooks:
             found = item.stash.get(EVIDENCE_KEY, {})
             if found and (self.directory is not None or self.mode != "none"):
                 archives = item.stash.get(EVIDENCE_ARCHIVES, {})
+                vms = item.stash.get(EVIDENCE_VMS, [])
                 setattr(report, REPORT_ATTR, {"nodeid": item.nodeid, "outcome": "failed" if failed else "passed",
-                                              "vms": [ev.to_dict() for ev in found.values()],
+                                              "vms": [_redacted(ev.to_dict(), vms) for ev in found.values()],
                                               "archives": {vm: base64.b64encode(blob).decode()
                                                            for vm, blob in archives.items()}})
             return
@@ -123,3 +124,16 @@ class EvidenceHooks:
         if self.written and self.directory is not None:
             terminalreporter.write_line(f"smolvm: evidence of {self.written} test(s) written to {self.directory}")
 
+
+def _redacted(data: Any, vms: list[SmolVM]) -> Any:
+    """``data`` with the VMs' env secrets masked in every string (as in the report's text):
+    a leftover process's argv or a path may hold one."""
+    if isinstance(data, str):
+        for vm in vms:
+            data = vm.redact(data)
+        return data
+    if isinstance(data, dict):
+        return {k: _redacted(v, vms) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):  # dataclasses.asdict keeps tuples
+        return [_redacted(v, vms) for v in data]
+    return data

@@ -29,6 +29,7 @@ echo new > /root/created.txt
 echo more >> /etc/motd
 rm /etc/issue
 setsid sleep 1000 </dev/null >/dev/null 2>&1 &
+setsid sh -c 'sleep 999' "$TOKEN" </dev/null >/dev/null 2>&1 &
 python3 -c "b = bytearray(200 * 1024 * 1024); b[::4096] = b'x' * len(b[::4096])"
 python3 -c "
 import socket, time
@@ -38,7 +39,8 @@ s.sendto(b'y', ('{other}', 9))
 "
 '''
 
-@pytest.mark.smolvm(network="nat", allow=["{net}"], uplink=os.environ["EV_UPLINK"], memory_mib=512)
+@pytest.mark.smolvm(network="nat", allow=["{net}"], uplink=os.environ["EV_UPLINK"], memory_mib=512,
+                    env={"TOKEN": "tok-sekrit-4711"})
 def test_does_things_and_fails(smolvm):
     smolvm.run(DOES, check=True)
     assert False, "failing on purpose"
@@ -109,6 +111,9 @@ def test_the_report_junit_and_json_name_what_the_guest_did(pytester: pytest.Pyte
     changes = {(f["change"], f["path"]) for f in vm["guest_reported"]["files"]}
     assert {("created", "/root/created.txt"), ("changed", "/etc/motd"), ("deleted", "/etc/issue")} <= changes
     assert any("sleep 1000" in p["argv"] for p in vm["guest_reported"]["processes"])
+    # An env secret in a leftover process's argv is masked, in the JSON as in the report.
+    assert any(p["argv"].endswith("sleep 999 ***") for p in vm["guest_reported"]["processes"]), vm["guest_reported"]["processes"]
+    assert "tok-sekrit-4711" not in "".join(f.read_text() for f in out.glob("*.json")) + text
     assert vm["guest_reported"]["memory_peak_bytes"] >= 200 * MIB
     (usage,) = vm["guest_reported_commands"]  # the one run(): its tree's largest process held the 200 MiB
     assert usage["peak_rss_bytes"] >= 200 * MIB and usage["cpu_user_s"] + usage["cpu_system_s"] > 0
