@@ -112,7 +112,8 @@ def test_the_report_junit_and_json_name_what_the_guest_did(pytester: pytest.Pyte
     assert {("created", "/root/created.txt"), ("changed", "/etc/motd"), ("deleted", "/etc/issue")} <= changes
     assert any("sleep 1000" in p["argv"] for p in vm["guest_reported"]["processes"])
     # An env secret in a leftover process's argv is masked, in the JSON as in the report.
-    assert any(p["argv"].endswith("sleep 999 ***") for p in vm["guest_reported"]["processes"]), vm["guest_reported"]["processes"]
+    left = vm["guest_reported"]["processes"]
+    assert any(p["argv"].endswith("sleep 999 ***") for p in left), left
     assert "tok-sekrit-4711" not in "".join(f.read_text() for f in out.glob("*.json")) + text
     assert vm["guest_reported"]["memory_peak_bytes"] >= 200 * MIB
     (usage,) = vm["guest_reported_commands"]  # the one run(): its tree's largest process held the 200 MiB
