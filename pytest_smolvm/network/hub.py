@@ -264,7 +264,7 @@ class VMNetwork:
             if self.resolver is not None:  # first: no answer under the old policy comes after the flush
                 self.resolver.set_policy(NamePolicy.of(policy_name, names, bool(nets)))
             if policy_name == "none":
-                _set_link(self.netns, self.addr.tap, up=False)
+                netns.set_link(self.netns, self.addr.tap, up=False)
             for attempt in (1, 2):  # an answer's element may expire between listing and deleting it
                 commands = policy.live_change(self.addr.tap, self.addr.guest_ip, self.addr.mac,
                                               (self.policy, self.egress), (policy_name, egress),
@@ -279,7 +279,7 @@ class VMNetwork:
             if tighten:
                 netns.flush_conntrack(self.netns, self.mark)
             if self.policy == "none" and policy_name != "none":
-                _set_link(self.netns, self.addr.tap, up=True)
+                netns.set_link(self.netns, self.addr.tap, up=True)
             self.policy, self.allow, self.egress = policy_name, allow, egress
 
     def _forget_elements(self, denied: list[Denied]) -> list[str]:
@@ -342,7 +342,7 @@ def attach(vm: str, run_id: str, policy_name: str, allow: tuple[str, ...], uplin
                 if policy_name == "nat":
                     _ensure_uplink(ns, run_id, uplink)
                 tap_fd = netns.open_tap(ns, addr.tap)
-                _configure_tap(ns, addr)
+                netns.set_link(ns, addr.tap, address=str(addr.host_ip), prefixlen=addr.subnet.prefixlen)
                 net = VMNetwork(vm, run_id, policy_name, allow, uplink, ns, addr, lease, tap_fd, egress, caps, mark,
                                 dns_upstream, secrets=dict(secret_map or {}))
                 net.start_resolver()  # before the VM's elements: nothing of them is left if it fails
@@ -395,14 +395,6 @@ def _create_namespace(ns: str) -> None:
     except BaseException:
         netns.remove(ns)
         raise
-
-
-def _configure_tap(ns: str, addr: Addressing) -> None:
-    netns.set_link(ns, addr.tap, address=str(addr.host_ip), prefixlen=addr.subnet.prefixlen)
-
-
-def _set_link(ns: str, ifname: str, *, up: bool) -> None:
-    netns.set_link(ns, ifname, up=up)
 
 
 def _uplink_subnet(run_id: str, uplink: str | None, taken: set[ipaddress.IPv4Network]) -> ipaddress.IPv4Network:
