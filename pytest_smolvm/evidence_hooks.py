@@ -28,6 +28,7 @@ import pytest
 
 from .errors import SmolVMError
 from .evidence import Evidence, combined_properties, safe_file_name
+from .reports import redact_all
 
 if TYPE_CHECKING:
     from .vm import SmolVM
@@ -129,9 +130,7 @@ def _redacted(data: Any, vms: list[SmolVM]) -> Any:
     """``data`` with the VMs' env secrets masked in every string (as in the report's text):
     a leftover process's argv or a path may hold one."""
     if isinstance(data, str):
-        for vm in vms:
-            data = vm.redact(data)
-        return data
+        return redact_all(data, vms)
     if isinstance(data, dict):
         return {k: _redacted(v, vms) for k, v in data.items()}
     if isinstance(data, (list, tuple)):  # dataclasses.asdict keeps tuples
